@@ -1,0 +1,80 @@
+"""What the data plane sends to the engine and what comes back. Plain data, no heavy imports.
+
+The driver tokenizes and renders prompts (it owns templates and truncation); the engine receives
+token ids. A request is one document: a shared prefix (instructions + document) and one or more
+suffixes (one per question; a single empty suffix for summarisation). The engine prefills the
+prefix once and reuses its KV cache for every suffix, and returns one result per suffix.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+# error_type values a result can carry.
+PROMPT_TOO_LONG = "prompt_too_long"
+OUT_OF_MEMORY = "out_of_memory"
+WONT_FIT = "wont_fit"  # the memory planner predicts it cannot fit (never started)
+REPLICA_FAILED = "replica_failed"  # retries on other replicas ran out
+INVALID_INPUT = "invalid_input"
+INTERNAL = "internal_error"
+
+
+@dataclass(frozen=True, kw_only=True)
+class SamplingParams:
+    # Greedy by default: reproducible batch output.
+    do_sample: bool = False
+    temperature: float = 1.0
+    top_p: float = 1.0
+    seed: int | None = None
+    max_new_tokens: int = 256
+    # Generation stops at the first of these strings (the string is cut from the output).
+    stop: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True, kw_only=True)
+class GenerationRequest:
+    request_id: str
+    prefix_ids: list[int]
+    # One entry per output row; [[]] means "generate right after the prefix".
+    suffix_ids: list[list[int]] = field(default_factory=lambda: [[]])
+    sampling: SamplingParams = field(default_factory=SamplingParams)
+
+    @property
+    def prompt_tokens(self) -> int:
+        """Tokens of the longest prompt of this request (prefix + longest suffix)."""
+        return len(self.prefix_ids) + max((len(s) for s in self.suffix_ids), default=0)
+
+
+@dataclass(kw_only=True)
+class GenerationResult:
+    request_id: str
+    suffix_index: int = 0
+    status: str = "ok"  # "ok" | "error"
+    output: str | None = None
+    error_type: str | None = None
+    error_message: str | None = None
+    prompt_tokens: int = 0
+    output_tokens: int = 0
+    # Time to first token (prefix prefill, or its reused share, plus the suffix prefill).
+    prefill_s: float | None = None
+    decode_s: float | None = None
+    # From CUDA events, max over ranks; None on CPU (never a CPU figure labelled GPU).
+    gpu_time_s: float | None = None
+    # Wall clock of the request on rank 0.
+    wall_time_s: float | None = None
+    # Max over ranks; what it measures is in memory_kind.
+    peak_memory_bytes: int | None = None
+    # "cuda_max_allocated" (allocator peak, reset per request) or "cpu_peak_rss" (process RSS).
+    memory_kind: str | None = None
+    peak_memory_per_rank: list[int] = field(default_factory=list)
+    # Seconds of device time summed over ranks (GPU-seconds on CUDA, wall-seconds x ranks on CPU).
+    device_seconds_all_ranks: float | None = None
+    replica: str | None = None
+    attempts: int = 1
+
+    @classmethod
+    def error(cls, request_id: str, suffix_index: int, error_type: str, message: str, **kw) -> GenerationResult:
+        return cls(
+            request_id=request_id, suffix_index=suffix_index, status="error",
+            error_type=error_type, error_message=message, **kw,
+        )
