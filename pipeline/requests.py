@@ -71,6 +71,11 @@ class GenerationResult:
     device_seconds_all_ranks: float | None = None
     replica: str | None = None
     attempts: int = 1
+    # The generated token ids (eos excluded; tokens after a stop string included).
+    output_ids: list[int] = field(default_factory=list)
+    # Requests with several suffixes: seconds of the one prefix prefill they all share (each
+    # result's prefill_s counts 1/len(suffix_ids) of it). None for single-suffix requests.
+    prefix_prefill_s: float | None = None
 
     @classmethod
     def error(cls, request_id: str, suffix_index: int, error_type: str, message: str, **kw) -> GenerationResult:
