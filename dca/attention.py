@@ -174,10 +174,11 @@ def _dense(q, k, v, q_idx, k_idx, rope: RopeTable, scale: torch.Tensor) -> torch
     b, hq, tq, d = q.shape
     hkv = k.shape[1]
     rel = positions.relation(q_idx, k_idx, config)[:, None]  # (B, 1, Tq, Tk)
-    kf = k.float().transpose(-1, -2)  # (B, Hkv, D, Tk)
+    acc = kernels.accumulation_dtype(q.dtype)
+    kf = k.to(acc).transpose(-1, -2)  # (B, Hkv, D, Tk)
 
     def scores(ids):
-        qr = rope.rotate(q, ids).float().reshape(b, hkv, (hq // hkv) * tq, d)
+        qr = rope.rotate(q, ids).to(acc).reshape(b, hkv, (hq // hkv) * tq, d)
         return torch.matmul(qr, kf).reshape(b, hq, tq, -1)  # (B, Hq, Tq, Tk)
 
     s = scores(positions.intra_query_ids(q_idx, config))
@@ -186,5 +187,5 @@ def _dense(q, k, v, q_idx, k_idx, rope: RopeTable, scale: torch.Tensor) -> torch
     s = s * scale.view(b, 1, 1, 1)
     s = s.masked_fill(rel < 0, float("-inf"))
     p = torch.softmax(s, dim=-1).nan_to_num(0.0)  # all-pad query rows -> 0
-    out = torch.matmul(p.reshape(b, hkv, -1, s.shape[-1]), v.float())  # (B, Hkv, g*Tq, D)
+    out = torch.matmul(p.reshape(b, hkv, -1, s.shape[-1]), v.to(acc))  # (B, Hkv, g*Tq, D)
     return out.reshape(b, hq, tq, d)

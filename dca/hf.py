@@ -3,9 +3,10 @@
 The only module of `dca` that knows transformers. It swaps the attention module of every decoder
 layer of THIS instance for a `DCAAttention` that reuses the layer's own q/k/v/o projections (no
 copy), and gives the instance a private copy of its config whose attention implementation is
-"dca". That name is not in transformers' mask registry, so the model hands the raw 2D padding
-mask (or None) to the layers instead of building a (B, 1, n, n) mask: nothing n x n is ever
-allocated. No transformers class or global registry is touched.
+"dca". That name is not in transformers' mask registry, so the model builds no (B, 1, n, n)
+mask at all: nothing n x n is ever allocated. The 2D padding mask reaches the layers through a
+forward pre-hook on this instance's base model. No transformers class or global registry is
+touched.
 """
 
 from __future__ import annotations
@@ -51,6 +52,11 @@ def apply_dca(model: nn.Module, config: DCAConfig) -> nn.Module:
         return cos[0], sin[0]
 
     state = _DCAState(config, RopeTable(config, build))
+    old_state = getattr(base, "_dca_state", None)
+    if old_state is not None:
+        old_state.hook.remove()
+    state.hook = base.register_forward_pre_hook(state.capture_padding_mask, with_kwargs=True)
+    base._dca_state = state
 
     own_config = copy.deepcopy(model.config)
     own_config._attn_implementation = DCA_ATTN_IMPLEMENTATION
@@ -91,6 +97,14 @@ class _DCAState:
         self.config = config
         self.rope = rope
         self._backends: dict = {}
+        self.hook = None
+        # The 2D (B, keys) padding mask of the forward in progress, or None.
+        self.padding_mask: torch.Tensor | None = None
+
+    def capture_padding_mask(self, module, args, kwargs):
+        # Base model forward(input_ids, attention_mask, ...): the mask may come positionally.
+        mask = kwargs.get("attention_mask", args[1] if len(args) > 1 else None)
+        self.padding_mask = mask if isinstance(mask, torch.Tensor) else None
 
     def backend(self, device: torch.device, dtype: torch.dtype) -> str:
         key = (device, dtype)
@@ -150,7 +164,9 @@ class DCAAttention(nn.Module):
         value = self.v_proj(hidden_states).view(hidden_shape).transpose(1, 2)
 
         past = cache.get_seq_length(self.layer_idx) if cache is not None else 0
-        query_index, key_index = _token_indices(attention_mask, position_ids, bsz, q_len, past, hidden_states.device)
+        query_index, key_index = _token_indices(
+            state.padding_mask, position_ids, bsz, q_len, past, hidden_states.device
+        )
 
         key = rotate_keys(key, key_index[:, -q_len:], state.rope)
         if cache is not None:
@@ -199,15 +215,19 @@ def _prompt_length(cache, past, key_index):
     return stored
 
 
+_ABSOLUTE_POSITION_MODULES = ("wpe", "embed_positions", "position_embeddings")
+
+
 def _base_model(model: nn.Module) -> nn.Module:
+    model_type = getattr(getattr(model, "config", None), "model_type", type(model).__name__)
+    for name, _ in model.named_modules():
+        if name.rsplit(".", 1)[-1] in _ABSOLUTE_POSITION_MODULES:
+            raise ValueError(
+                f"model type {model_type!r} uses absolute position embeddings ({name}); DCA remaps "
+                "rotary (RoPE) positions and cannot apply to it"
+            )
     base = getattr(model, "model", model)
     if not hasattr(base, "layers") or not hasattr(base, "rotary_emb"):
-        model_type = getattr(getattr(model, "config", None), "model_type", type(model).__name__)
-        if hasattr(base, "wpe") or hasattr(base, "embed_positions") or hasattr(base, "position_embeddings"):
-            raise ValueError(
-                f"model type {model_type!r} uses absolute position embeddings; DCA remaps rotary "
-                "(RoPE) positions and cannot apply to it"
-            )
         raise ValueError(
             f"model type {model_type!r} is not supported by apply_dca (supported: {', '.join(SUPPORTED_MODEL_TYPES)})"
         )

@@ -8,8 +8,8 @@ Contract of every kernel (the flash-attn convention):
 
     attend(q, k, v, scale, causal) -> (out, lse)
     q:   (B, Hq, Tq, D)    k, v: (B, Hkv, Tk, D), Hq a multiple of Hkv (head h uses kv head h // (Hq/Hkv))
-    out: (B, Hq, Tq, D) float32
-    lse: (B, Hq, Tq)    float32, natural log of sum_j exp(scale * q.k_j)
+    out: (B, Hq, Tq, D) float32 (float64 for float64 inputs)
+    lse: (B, Hq, Tq)    same dtype, natural log of sum_j exp(scale * q.k_j)
     causal: bottom-right aligned, query t sees keys j <= Tk - Tq + t (needs Tq <= Tk).
 
 Why hand-written: torch's public scaled_dot_product_attention does not return the LSE. The torch
@@ -54,6 +54,11 @@ def resolve_backend(requested: str, device: torch.device, dtype: torch.dtype) ->
     raise ValueError(f"unknown DCA backend {requested!r}")
 
 
+def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Partial outputs and their merge run in float32 at least (never in bf16/fp16)."""
+    return torch.promote_types(dtype, torch.float32)
+
+
 def attend(q, k, v, scale: float, causal: bool, backend: str):
     if backend == "flash":
         return _flash(q, k, v, scale, causal)
@@ -63,7 +68,7 @@ def attend(q, k, v, scale: float, causal: bool, backend: str):
 def merge(parts):
     """Joins partial attentions over disjoint key sets into one softmax, in float32.
 
-    parts: list of (out (B, H, T, D) float32, lse (B, H, T) float32). Returns (out, lse).
+    parts: list of (out (B, H, T, D), lse (B, H, T)) in the accumulation dtype. Returns (out, lse).
     """
     if len(parts) == 1:
         return parts[0]
@@ -73,7 +78,7 @@ def merge(parts):
     weights = torch.exp(lse - top)  # (P, B, H, T)
     total = weights.sum(dim=0)
     out = sum(w[..., None] * p[0] for w, p in zip(weights, parts))
-    return out / total.clamp(min=torch.finfo(torch.float32).tiny)[..., None], top + torch.log(total)
+    return out / total.clamp(min=torch.finfo(total.dtype).tiny)[..., None], top + torch.log(total)
 
 
 # --- torch backend -----------------------------------------------------------------------------
@@ -109,25 +114,28 @@ def _torch_kernel(q, k, v, scale, causal):
         out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
             q.contiguous(), k.contiguous(), v.contiguous(), 0.0, causal, scale=scale
         )
-        return out.float(), lse.float()
+        acc = accumulation_dtype(q.dtype)
+        return out.to(acc), lse.to(acc)
     if q.device.type == "cuda" and q.shape[-1] <= 256:
         out, lse, _, _ = torch.ops.aten._scaled_dot_product_efficient_attention(
             q.contiguous(), k.contiguous(), v.contiguous(), None, True, 0.0, causal, scale=scale
         )
         # The kernel pads the LSE's query dim to a multiple of its block size.
-        return out.float(), lse[..., : q.shape[2]].float()
+        acc = accumulation_dtype(q.dtype)
+        return out.to(acc), lse[..., : q.shape[2]].to(acc)
     return _math(q, k, v, scale, causal)
 
 
 def _math(q, k, v, scale, causal):
-    """Blocked exact attention in float32 for devices without an LSE-returning kernel."""
+    """Blocked exact attention for devices without an LSE-returning kernel."""
     b, h, tq, d = q.shape
     tk = k.shape[2]
     rows = max(1, _MATH_BLOCK_ELEMENTS // max(1, b * h * tk))
     outs, lses = [], []
-    kf, vf = k.float(), v.float()
+    acc = accumulation_dtype(q.dtype)
+    kf, vf = k.to(acc), v.to(acc)
     for start in range(0, tq, rows):
-        qb = q[:, :, start : start + rows].float()
+        qb = q[:, :, start : start + rows].to(acc)
         s = torch.matmul(qb, kf.transpose(-1, -2)) * scale  # (B, H, rows, Tk)
         if causal:
             qpos = torch.arange(start, start + qb.shape[2], device=q.device)[:, None] + (tk - tq)

@@ -1,0 +1,139 @@
+"""DCA against the naive float64 reference of tests/dca/reference.py (spec sections 2-5)."""
+
+import copy
+
+import pytest
+import torch
+from torch.testing import assert_close
+
+from dca import DCAConfig, apply_dca
+from tests.dca.conftest import TINY_DCA, tiny_model
+from tests.dca.reference import reference_logits
+
+TOL = dict(rtol=1e-9, atol=1e-9)
+
+
+def patched(model, config=TINY_DCA):
+    return apply_dca(copy.deepcopy(model), config)
+
+
+def ids(length, batch=1, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(1, 101, (batch, length), generator=g)
+
+
+@pytest.mark.parametrize("length", [1, 7, 20, 24, 25])
+def test_equals_plain_model_up_to_chunk_size_plus_one(length):
+    model = tiny_model()
+    x = ids(length)
+    assert_close(patched(model)(x).logits, model(x).logits, **TOL)
+
+
+def test_first_differing_row_is_chunk_size_plus_one():
+    model = tiny_model()
+    x = ids(40)
+    diff = (patched(model)(x).logits - model(x).logits).abs().amax(-1)[0]
+    S = TINY_DCA.chunk_size
+    assert diff[: S + 1].max() < 1e-9
+    assert diff[S + 1] > 1e-6
+
+
+@pytest.mark.parametrize("model_type", ["llama", "mistral", "qwen2", "qwen3"])
+@pytest.mark.parametrize("alpha", [0.0, 0.3])
+def test_matches_reference_beyond_four_chunks(model_type, alpha):
+    # 87 tokens, L = 20: chunks 0-3 full, chunk 4 partial; 4 query heads over 2 KV heads (GQA).
+    config = DCAConfig(32, chunk_size=24, local_window=4, temperature_alpha=alpha)
+    model = tiny_model(model_type)
+    x = ids(87)
+    assert_close(patched(model, config)(x).logits, reference_logits(model, config, x), **TOL)
+
+
+def test_matches_reference_with_many_kv_groups_and_short_chunks():
+    # L = 5 < W: successive ids cap at S for a > W rows, inter id = 2L - 1 < S.
+    config = DCAConfig(16, chunk_size=16, local_window=11)
+    model = tiny_model(heads=6, kv_heads=1)
+    x = ids(33)
+    assert_close(patched(model, config)(x).logits, reference_logits(model, config, x), **TOL)
+
+
+def test_linear_rope_scaling_is_honoured():
+    model = tiny_model(rope_parameters={"rope_type": "linear", "factor": 2.0, "rope_theta": 10000.0})
+    x = ids(70)
+    assert_close(patched(model)(x).logits, reference_logits(model, TINY_DCA, x), **TOL)
+    # and the scaling matters: the unscaled reference differs
+    plain = tiny_model()
+    assert not torch.allclose(reference_logits(plain, TINY_DCA, x), reference_logits(model, TINY_DCA, x))
+
+
+@pytest.mark.parametrize("alpha", [0.0, 0.3])
+def test_decode_steps_equal_full_recompute(alpha):
+    config = DCAConfig(32, chunk_size=24, local_window=4, temperature_alpha=alpha)
+    model = tiny_model()
+    dca = patched(model, config)
+    prompt, steps = 37, 48  # decoding crosses chunk boundaries at 40, 60, 80
+    x = ids(prompt + steps)
+    out = dca(x[:, :prompt], use_cache=True)
+    cache = out.past_key_values
+    # The temperature's n stays the prompt length for every decode step (spec section 5).
+    full = reference_logits(model, config, x, prompt_length=prompt)
+    assert_close(out.logits[:, -1], full[:, prompt - 1], **TOL)
+    for t in range(prompt, prompt + steps):
+        step = dca(x[:, t : t + 1], cache=cache, use_cache=True)
+        assert_close(step.logits[:, -1], full[:, t], **TOL)
+
+
+def test_several_new_tokens_with_cache_each_in_its_own_chunk():
+    model = tiny_model()
+    dca = patched(model)
+    x = ids(95)
+    full = reference_logits(model, TINY_DCA, x)
+    out = dca(x[:, :13], use_cache=True)
+    cache = out.past_key_values
+    # blocks that straddle chunk boundaries (20, 40, 60, 80) and one that spans 3 chunks
+    for start, stop in [(13, 27), (27, 45), (45, 88), (88, 95)]:
+        block = dca(x[:, start:stop], cache=cache, use_cache=True)
+        assert_close(block.logits, full[:, start:stop], **TOL)
+
+
+def test_left_padded_batch_equals_each_row_alone():
+    model = tiny_model()
+    dca = patched(model)
+    lengths = [87, 50, 23]
+    rows = [ids(n, seed=n) for n in lengths]
+    width = max(lengths)
+    batch = torch.zeros(len(rows), width, dtype=torch.long)
+    mask = torch.zeros(len(rows), width, dtype=torch.long)
+    for r, (row, n) in enumerate(zip(rows, lengths)):
+        batch[r, width - n :] = row[0]
+        mask[r, width - n :] = 1
+    logits = dca(batch, attention_mask=mask).logits
+    for r, (row, n) in enumerate(zip(rows, lengths)):
+        assert_close(logits[r, width - n :], dca(row).logits[0], **TOL)
+
+
+def test_left_padded_generate_equals_each_row_alone():
+    model = tiny_model()
+    dca = patched(model)
+    lengths = [45, 18]
+    rows = [ids(n, seed=n) for n in lengths]
+    batch = torch.zeros(2, 45, dtype=torch.long)
+    mask = torch.zeros(2, 45, dtype=torch.long)
+    for r, (row, n) in enumerate(zip(rows, lengths)):
+        batch[r, 45 - n :] = row[0]
+        mask[r, 45 - n :] = 1
+    kw = dict(max_new_tokens=30, do_sample=False, pad_token_id=0, eos_token_id=None, output_scores=True,
+              return_dict_in_generate=True)
+    together = dca.generate(batch, attention_mask=mask, **kw)
+    for r, row in enumerate(rows):
+        alone = dca.generate(row, **kw)
+        assert torch.equal(together.sequences[r, 45:], alone.sequences[0, row.shape[1]:])
+        for s_together, s_alone in zip(together.scores, alone.scores):
+            assert_close(s_together[r], s_alone[0], rtol=1e-7, atol=1e-7)
+
+
+def test_padded_prefill_large_enough_for_the_row_by_row_path(monkeypatch):
+    # Force the row-by-row chunked path (used for long padded prompts) on a small input.
+    import dca.attention as attention
+
+    monkeypatch.setattr(attention, "_DENSE_PAD_ELEMENTS", 0)
+    test_left_padded_batch_equals_each_row_alone()
