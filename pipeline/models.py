@@ -125,23 +125,19 @@ def dca_config_for(spec: ModelSpec, model_config):
     return DCAConfig.from_dict(values)
 
 
-def load_model(spec: ModelSpec, device: str | None = None):
-    """Loads the model on `device` (default: cuda if available, else cpu) and applies DCA.
-
-    Weights are read on CPU (a tensor-parallel caller shards them before moving to the GPU).
-    """
+def _load_on_cpu(spec: ModelSpec, device_type: str):
+    """The model in the dtype meant for `device_type`, still on CPU, with DCA applied."""
     import torch
     from transformers import AutoModelForCausalLM
 
     from dca import apply_dca
 
-    if device is None:
-        device = "cuda" if torch.cuda.is_available() else "cpu"
     directory, gguf = locate_model(spec.model)
-    dtype = resolve_dtype(spec.dtype, torch.device(device).type)
+    dtype = resolve_dtype(spec.dtype, device_type)
     kwargs = {"gguf_file": gguf} if gguf else {}
     model = AutoModelForCausalLM.from_pretrained(
-        directory, dtype=dtype, attn_implementation=spec.attn_implementation, trust_remote_code=False, **kwargs
+        directory, dtype=dtype, attn_implementation=spec.attn_implementation, trust_remote_code=False,
+        device_map="cpu", **kwargs,
     )
     if model.dtype != dtype:  # GGUF is dequantised to float32
         model = model.to(dtype)
@@ -149,4 +145,31 @@ def load_model(spec: ModelSpec, device: str | None = None):
     config = dca_config_for(spec, model.config)
     if config is not None:
         apply_dca(model, config)
-    return model.to(device)
+    return model
+
+
+def load_model(spec: ModelSpec, device: str | None = None):
+    """Loads the model on `device` (default: cuda if available, else cpu) and applies DCA.
+
+    Weights are read on CPU and moved once. For tensor parallelism use `load_model_for_tp`.
+    """
+    import torch
+
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    return _load_on_cpu(spec, torch.device(device).type).to(device)
+
+
+def load_model_for_tp(spec: ModelSpec, device_type: str):
+    """The model for one tensor-parallel rank: on CPU, in the dtype for `device_type`, DCA applied.
+
+    Nothing goes to the GPU here: `deepspeed.init_inference` (AutoTP) slices q/k/v/o and the MLP
+    and moves only this rank's shards (plus the small unsplit layers) to the device, so a 70B
+    checkpoint never sits whole in one GPU's memory. Safetensors are memory-mapped when their
+    dtype is the target dtype, so the ranks of one node share the page cache while they load.
+    DCA is applied before sharding: it keeps the q_proj/k_proj/v_proj/o_proj names AutoTP
+    looks for and reads head counts from tensor shapes, so uneven head splits work.
+    """
+    if device_type not in ("cpu", "cuda"):
+        raise ValueError(f"device_type must be 'cpu' or 'cuda', got {device_type!r}")
+    return _load_on_cpu(spec, device_type)
