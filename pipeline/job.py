@@ -1,0 +1,538 @@
+"""The batch job driver: Parquet corpus -> prompts -> replica pool -> committed Parquet output.
+
+    config = JobConfig(task="summarize", input_path="/data/corpus", output_dir="/data/out")
+    summary = run_job(config)
+
+Order of work, so that mistakes cost seconds, not GPU hours:
+1. check the schema of every input file and that the model exists;
+2. open the output (resume / refuse a different job / --overwrite);
+3. load the tokenizer, start the replicas, stream documents through them.
+
+Scheduling: documents are read as a stream; each window of `schedule_window` prompts is sent
+longest first (long documents do not trail at the end of the job), and at most `max_in_flight`
+requests are inside the engine at any time (backpressure: the reader waits for the engine). The
+engine batches short prompts together inside a replica.
+
+Exactly once: a document's rows are committed together by the output writer; a rerun skips
+committed documents. The engine retries requests of a failed replica on another one and returns
+one result list per request; the driver also drops a second answer for the same request.
+
+Driver-side: no torch/deepspeed at import; transformers is imported when the tokenizer loads.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import os
+import threading
+import time
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
+
+from pipeline.io import INVALID_INPUT, Document, InputSpec, check_input, iter_documents
+from pipeline.job_metrics import JobMetrics
+from pipeline.models import ModelSpec
+from pipeline.output import OutputWriter
+from pipeline.prompts import TASKS, TRUNCATION_POLICIES, PromptBuilder, PromptError, load_templates
+from pipeline.requests import INTERNAL, PROMPT_TOO_LONG, GenerationRequest, GenerationResult, SamplingParams
+
+log = logging.getLogger("pipeline.job")
+
+
+class JobFailed(RuntimeError):
+    """The job stopped before finishing (failure budget, engine failure); committed output is kept."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class JobConfig:
+    """Everything a batch job needs. Loadable from a YAML/JSON file via jobs.common."""
+
+    # "summarize" | "qa".
+    task: str
+    # Parquet file, directory or glob (local or s3://, gs://...).
+    input_path: str
+    # Local (or mounted shared) directory; must be absolute (jobs.common resolves CLI paths).
+    output_dir: str
+    # Input column names. question_column: QA only; "question" (string) or "questions" (list<string>).
+    id_column: str = "id"
+    text_column: str = "text"
+    question_column: str | None = None
+    # Which model, dtype and DCA settings (pipeline.models.ModelSpec).
+    model_spec: ModelSpec = field(default_factory=ModelSpec)
+    # Ranks per replica (tensor parallelism) and number of replicas.
+    tp: int = 1
+    replicas: int = 1
+    # Longest prompt sent to the model (tokens): longer documents are truncated (see truncation).
+    max_input_tokens: int = 8192
+    # Tokens generated per output row at most.
+    max_new_tokens: int = 256
+    # "middle": keep beginning and end of the document; "end": keep the beginning only.
+    truncation: str = "middle"
+    # YAML/JSON file overriding the prompt templates (pipeline.prompts.DEFAULT_TEMPLATES).
+    templates_file: str | None = None
+    # None: the tokenizer's chat template when it has one; False: always the base template.
+    use_chat_template: bool | None = None
+    # Sampling: greedy unless do_sample; seed makes sampling reproducible.
+    do_sample: bool = False
+    temperature: float = 1.0
+    top_p: float = 1.0
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+    # Requests inside the engine at once (backpressure) and the longest-first reordering window.
+    max_in_flight: int | None = None  # None: 4 per replica
+    schedule_window: int | None = None  # None: 4 x max_in_flight
+    # Engine limits (None: the engine's defaults).
+    max_batch_tokens: int | None = None
+    max_batch_size: int | None = None
+    max_restarts: int | None = None
+    request_retries: int | None = None
+    device: str | None = None
+    # Failure budget: stop when error documents exceed this fraction of max(done, budget_min_documents).
+    max_error_fraction: float = 0.1
+    budget_min_documents: int = 20
+    # Output commit cadence: a part every part_rows rows or part_seconds seconds, whichever first.
+    part_rows: int = 256
+    part_seconds: float = 30.0
+    # Replace an output directory that holds another job's results.
+    overwrite: bool = False
+    # Label written to every row; None: "<task>-<fingerprint>" (stable across resumes).
+    job_id: str | None = None
+    # Progress bar on stderr (documents done/total, tokens/s, ETA).
+    progress: bool = True
+    # Ray: None = RAY_ADDRESS if set (ray job submit sets it), else start a local Ray.
+    ray_address: str | None = None
+    # Rows per input record batch.
+    input_batch_rows: int = 64
+
+    def __post_init__(self) -> None:
+        if self.task not in TASKS:
+            raise ValueError(f"task must be one of {TASKS}, got {self.task!r}")
+        if self.truncation not in TRUNCATION_POLICIES:
+            raise ValueError(f"truncation must be one of {TRUNCATION_POLICIES}, got {self.truncation!r}")
+        for name in ("tp", "replicas", "max_input_tokens", "max_new_tokens", "budget_min_documents", "part_rows"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        for name in ("max_in_flight", "schedule_window"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, int) or value < 1):
+                raise ValueError(f"{name} must be a positive integer or None, got {value!r}")
+        if not 0.0 <= self.max_error_fraction <= 1.0:
+            raise ValueError(f"max_error_fraction must be in [0, 1], got {self.max_error_fraction}")
+        if self.task == "qa" and not self.question_column:
+            object.__setattr__(self, "question_column", "questions")
+        if self.task == "summarize" and self.question_column:
+            raise ValueError("question_column is only for the qa task")
+        if isinstance(self.stop, list):
+            object.__setattr__(self, "stop", tuple(self.stop))
+        if isinstance(self.model_spec, dict):
+            object.__setattr__(self, "model_spec", ModelSpec.from_dict(self.model_spec))
+
+    @property
+    def in_flight(self) -> int:
+        return self.max_in_flight or 4 * self.replicas
+
+    @property
+    def window(self) -> int:
+        return self.schedule_window or 4 * self.in_flight
+
+    def sampling(self) -> SamplingParams:
+        return SamplingParams(
+            do_sample=self.do_sample, temperature=self.temperature, top_p=self.top_p, seed=self.seed,
+            max_new_tokens=self.max_new_tokens, stop=self.stop,
+        )
+
+    def to_dict(self) -> dict:
+        values = dataclasses.asdict(self)
+        values["model_spec"] = self.model_spec.to_dict()
+        values["stop"] = list(self.stop)
+        return values
+
+
+def _hash(value) -> str:
+    return hashlib.sha256(json.dumps(value, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def config_hash(config: JobConfig, templates: dict, template_kind: str) -> str:
+    """What determines a document's output besides its text: model, prompt, generation settings."""
+    return _hash({
+        "task": config.task, "model_spec": config.model_spec.to_dict(), "templates": templates[config.task],
+        "template_kind": template_kind, "max_input_tokens": config.max_input_tokens,
+        "truncation": config.truncation, "sampling": dataclasses.asdict(config.sampling()),
+    })[:16]
+
+
+def job_fingerprint(config: JobConfig, cfg_hash: str) -> str:
+    """Identity of a job's output: the config hash plus which input (resume only the same job)."""
+    return _hash({
+        "config_hash": cfg_hash, "input": config.input_path, "id": config.id_column,
+        "text": config.text_column, "question": config.question_column,
+    })[:16]
+
+
+def dca_columns(spec: ModelSpec) -> dict:
+    """The resolved DCA settings as output columns (reads the model's config, not its weights)."""
+    cols = {"dca_enabled": spec.dca is not None, "dca_pretraining_length": None, "dca_chunk_size": None,
+            "dca_local_window": None, "dca_temperature_alpha": None}
+    if spec.dca is None:
+        return cols
+    from transformers import AutoConfig
+
+    from pipeline.models import dca_config_for, locate_model
+
+    directory, gguf = locate_model(spec.model)
+    model_config = AutoConfig.from_pretrained(directory, **({"gguf_file": gguf} if gguf else {}))
+    dca = dca_config_for(spec, model_config)
+    cols.update(dca_pretraining_length=dca.pretraining_length, dca_chunk_size=dca.chunk_size,
+                dca_local_window=dca.local_window, dca_temperature_alpha=dca.temperature_alpha)
+    return cols
+
+
+def ensure_ray(config: JobConfig) -> None:
+    """Connects to the cluster in --ray-address / RAY_ADDRESS (set by `ray job submit`), else
+    starts a local Ray sized so that tp x replicas ranks fit on this machine."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    address = config.ray_address or os.environ.get("RAY_ADDRESS") or None
+    if address and address != "local":
+        ray.init(address=address, log_to_driver=True)
+        return
+    ranks = config.tp * config.replicas
+    ray.init(address="local", num_cpus=max(os.cpu_count() or 1, ranks), include_dashboard=False, log_to_driver=True)
+
+
+# ------------------------------------------------------------------------------------- driver
+
+
+@dataclass
+class _Pending:
+    doc: Document
+    question_indices: list[int]  # output question_index of each suffix sent
+    invalid_rows: list[dict]  # QA rows for questions that were not sent
+    truncated_tokens: int
+    prompt_tokens_sent: int
+
+
+class _Driver:
+    def __init__(self, config: JobConfig, *, builder: PromptBuilder, writer: OutputWriter, metrics: JobMetrics,
+                 base_row: dict, skip: Callable[[Document], bool] | None, progress) -> None:
+        self.config = config
+        self.builder = builder
+        self.writer = writer
+        self.metrics = metrics
+        self.base_row = base_row
+        self.skip = skip
+        self.progress = progress
+        self.pending: dict[str, _Pending] = {}
+        self.answered: set[str] = set()
+        self.lock = threading.Lock()
+        self.stop_reason: str | None = None
+        self.sampling = config.sampling()
+
+    # -- rows
+
+    def _row(self, doc: Document, **values) -> dict:
+        row = dict(self.base_row)
+        row.update(id=doc.id, content_hash=doc.content_hash, status="ok", question_index=None, question=None)
+        row.update(values)
+        return row
+
+    def _error_rows(self, doc: Document, error_type: str, message: str, **values) -> list[dict]:
+        questions = doc.questions if self.config.task == "qa" and doc.questions else [None]
+        return [
+            self._row(doc, status="error", error_type=error_type, error_message=message,
+                      question_index=i if self.config.task == "qa" else None, question=q, **values)
+            for i, q in enumerate(questions)
+        ]
+
+    def _emit(self, rows: list[dict], results: list[GenerationResult] | None = None, prompt_tokens: int = 0) -> None:
+        with self.lock:
+            self.writer.add_document(rows)
+            self.metrics.add_document(rows, results, prompt_tokens)
+            self._update_progress()
+            self._check_budget()
+
+    def _update_progress(self) -> None:
+        if self.progress is None:
+            return
+        self.progress.update(1)
+        wall = max(self.metrics.wall_s, 1e-9)
+        self.progress.set_postfix(
+            ok=self.metrics.documents_ok, err=self.metrics.documents_error,
+            tok_s=f"{(self.metrics.prompt_tokens + self.metrics.output_tokens) / wall:.0f}",
+            out_tok_s=f"{self.metrics.output_tokens / wall:.1f}", refresh=False,
+        )
+
+    def _check_budget(self) -> None:
+        m = self.metrics
+        allowed = self.config.max_error_fraction * max(m.documents_done, self.config.budget_min_documents)
+        if self.stop_reason is None and m.documents_error > allowed:
+            common = m.error_types.most_common(3)
+            detail = "; ".join(f"{t} x{n} (e.g. {m.first_errors.get(t, '')[:200]})" for t, n in common)
+            self.stop_reason = (
+                f"failure budget exceeded: {m.documents_error} of {m.documents_done} documents failed "
+                f"(max_error_fraction {self.config.max_error_fraction:g} of at least "
+                f"{self.config.budget_min_documents} documents). Most common: {detail}. Committed results are "
+                "kept; fix the input (or raise --max-error-fraction) and rerun the same command to resume."
+            )
+
+    # -- requests
+
+    def requests(self, documents: Iterable[Document]) -> Iterator[GenerationRequest]:
+        """Prompts in windows, longest first; error rows go straight to the writer."""
+        window: list[tuple[GenerationRequest, _Pending]] = []
+        for doc in documents:
+            if self.stop_reason:
+                return
+            if self.skip is not None and self.skip(doc):
+                with self.lock:
+                    self.metrics.documents_skipped += 1
+                    if self.progress is not None:
+                        self.progress.update(1)
+                continue
+            item = self._prepare(doc)
+            if item is None:
+                continue
+            window.append(item)
+            if len(window) >= self.config.window:
+                yield from self._release(window)
+                window = []
+        yield from self._release(window)
+
+    def _release(self, window) -> Iterator[GenerationRequest]:
+        window.sort(key=lambda item: item[0].prompt_tokens, reverse=True)
+        for request, pending in window:
+            if self.stop_reason:
+                return
+            with self.lock:
+                self.pending[request.request_id] = pending
+            yield request
+
+    def _prepare(self, doc: Document):
+        if doc.error_type:
+            self._emit(self._error_rows(doc, doc.error_type, doc.error_message))
+            return None
+        questions = doc.questions if self.config.task == "qa" else None
+        valid = [i for i, e in enumerate(doc.question_errors) if e is None] if questions else []
+        invalid_rows = [
+            self._row(doc, status="error", error_type=INVALID_INPUT, error_message=f"{doc.source}: {e}",
+                      question_index=i, question=questions[i])
+            for i, e in enumerate(doc.question_errors) if e is not None
+        ] if questions else []
+        if self.config.task == "qa" and not valid:
+            self._emit(invalid_rows)
+            return None
+        try:
+            prompt = self.builder.build(doc.text, [questions[i] for i in valid] if questions else None)
+        except PromptError as e:
+            self._emit(self._error_rows(doc, PROMPT_TOO_LONG, f"{doc.source}: {e}"))
+            return None
+        request = GenerationRequest(
+            request_id=doc.id, prefix_ids=prompt.prefix_ids, suffix_ids=prompt.suffix_ids, sampling=self.sampling,
+        )
+        sent = len(prompt.prefix_ids) + sum(len(s) for s in prompt.suffix_ids)
+        return request, _Pending(doc, valid if questions else [None], invalid_rows, prompt.truncated_tokens, sent)
+
+    # -- results
+
+    def on_results(self, results: list[GenerationResult]) -> None:
+        if not results:
+            return
+        request_id = results[0].request_id
+        with self.lock:
+            if request_id in self.answered:  # never twice into the output
+                log.warning("dropping a second answer for request %s", request_id)
+                return
+            pending = self.pending.pop(request_id, None)
+            if pending is None:
+                log.warning("dropping an answer for unknown request %s", request_id)
+                return
+            self.answered.add(request_id)
+        doc = pending.doc
+        by_suffix = {r.suffix_index: r for r in results}
+        rows = list(pending.invalid_rows)
+        for suffix_index, question_index in enumerate(pending.question_indices):
+            result = by_suffix.get(suffix_index)
+            question = doc.questions[question_index] if question_index is not None else None
+            if result is None:
+                rows.append(self._row(doc, status="error", error_type=INTERNAL, question_index=question_index,
+                                      question=question, truncated_tokens=pending.truncated_tokens,
+                                      error_message=f"the engine returned no result for suffix {suffix_index}"))
+                continue
+            rows.append(self._row(
+                doc, question_index=question_index, question=question,
+                output=result.output if result.status == "ok" else None,
+                status=result.status, error_type=result.error_type,
+                error_message=(f"{doc.source}: {result.error_message}" if result.error_message else None),
+                prompt_tokens=result.prompt_tokens, output_tokens=result.output_tokens,
+                truncated_tokens=pending.truncated_tokens, prefill_s=result.prefill_s, decode_s=result.decode_s,
+                latency_s=result.wall_time_s, gpu_time_s=result.gpu_time_s,
+                peak_memory_bytes=result.peak_memory_bytes, memory_kind=result.memory_kind,
+                replica=result.replica, attempts=result.attempts,
+            ))
+        rows.sort(key=lambda r: -1 if r["question_index"] is None else r["question_index"])
+        self._emit(rows, results, pending.prompt_tokens_sent)
+
+
+def _progress_bar(config: JobConfig, total: int):
+    if not config.progress:
+        return None
+    from tqdm import tqdm
+
+    return tqdm(total=total, unit="doc", desc=config.task, mininterval=1.0, smoothing=0.1, dynamic_ncols=True)
+
+
+def make_pool(config: JobConfig):
+    """A started ReplicaPool for this job (the engine of pipeline.engine)."""
+    from pipeline.engine import EngineConfig, ReplicaPool
+
+    engine_kwargs = {k: getattr(config, k) for k in (
+        "max_batch_tokens", "max_batch_size", "max_restarts", "request_retries", "device") if getattr(config, k) is not None}
+    engine_config = EngineConfig(
+        model_spec=config.model_spec, tp_size=config.tp, replicas=config.replicas,
+        max_input_tokens=config.max_input_tokens, **engine_kwargs,
+    )
+    pool = ReplicaPool(engine_config)
+    pool.start()
+    return pool
+
+
+def run_job(
+    config: JobConfig, *, pool_factory: Callable[[JobConfig], object] | None = None, tokenizer=None,
+    skip_factory: Callable[[str], Callable[[Document], bool]] | None = None, extra_summary: dict | None = None,
+) -> dict:
+    """Runs (or resumes) one job and returns its metrics summary. Raises JobFailed when it stops
+    early; InputError / OutputError / FileNotFoundError before any model work on bad input.
+
+    skip_factory(config_hash) -> predicate: documents to leave out (nightly: already summarised).
+    """
+    metrics_extra = dict(extra_summary or {})
+    plan = check_input(InputSpec(
+        path=config.input_path, id_column=config.id_column, text_column=config.text_column,
+        question_column=config.question_column, batch_rows=config.input_batch_rows,
+    ))
+    config.model_spec.check_exists()
+    templates = load_templates(config.templates_file)
+    if tokenizer is None:
+        from pipeline.models import load_tokenizer
+
+        tokenizer = load_tokenizer(config.model_spec)
+    builder = PromptBuilder(tokenizer, task=config.task, templates=templates, max_input_tokens=config.max_input_tokens,
+                          truncation=config.truncation, use_chat_template=config.use_chat_template)
+    cfg_hash = config_hash(config, templates, builder.template_kind)
+    fingerprint = job_fingerprint(config, cfg_hash)
+    job_id = config.job_id or f"{config.task}-{fingerprint[:12]}"
+    writer = OutputWriter(
+        config.output_dir, job_id=job_id, fingerprint=fingerprint, config=config.to_dict(),
+        overwrite=config.overwrite, part_rows=config.part_rows, part_seconds=config.part_seconds,
+    )
+    metrics = JobMetrics(job_id=job_id, task=config.task, config=config.to_dict(), total_input_rows=plan.num_rows)
+    metrics_extra.update(template_kind=builder.template_kind, config_hash=cfg_hash, output_dir=config.output_dir,
+                         resumed_from_committed_rows=len(writer.committed) if writer.resumed else 0)
+    base_row = {"task": config.task, "model": config.model_spec.model, "config_hash": cfg_hash, "job_id": job_id,
+                **dca_columns(config.model_spec)}
+
+    committed = writer.committed
+    skip = skip_factory(cfg_hash) if skip_factory is not None else None
+
+    def skip_doc(doc: Document) -> bool:
+        return committed.is_committed(doc.id, doc.occurrence) or (skip is not None and skip(doc))
+
+    progress = _progress_bar(config, plan.num_rows)
+    driver = _Driver(config, builder=builder, writer=writer, metrics=metrics, base_row=base_row,
+                     skip=skip_doc, progress=progress)
+    pool = None
+    status, message, engine_stats = "failed", None, None
+    try:
+        if pool_factory is None:
+            ensure_ray(config)
+            pool = make_pool(config)
+        else:
+            pool = pool_factory(config)
+        for results in pool.run(driver.requests(iter_documents(plan)), config.in_flight):
+            driver.on_results(results)
+            if driver.stop_reason:
+                break
+        if driver.stop_reason:
+            message = driver.stop_reason
+        elif driver.pending:
+            message = f"the engine finished without answering {len(driver.pending)} request(s)"
+        else:
+            status = "complete"
+    except BaseException as e:  # record what happened, keep what is committed, then re-raise
+        message = f"{type(e).__name__}: {e}"
+        raise
+    finally:
+        if progress is not None:
+            progress.close()
+        try:
+            engine_stats = pool.stats() if pool is not None and hasattr(pool, "stats") else None
+        except Exception as e:  # stats are best effort when the pool is broken
+            engine_stats = {"error": str(e)}
+        if pool is not None and hasattr(pool, "shutdown"):
+            try:
+                pool.shutdown()
+            except Exception:
+                log.exception("pool shutdown failed")
+        summary = metrics.summary(status=status, message=message, engine_stats=engine_stats, extra=metrics_extra)
+        writer.close(complete=status == "complete", summary={
+            k: summary[k] for k in ("status", "message", "wall_s", "documents", "started_at")})
+        summary["metrics_files"] = metrics.write(config.output_dir, summary)
+    if status != "complete":
+        raise JobFailed(message)
+    return summary
+
+
+# ------------------------------------------------------------------------------------ nightly
+
+
+def nightly_submission_id(input_path: str, run_date: str) -> str:
+    """Deterministic id of the nightly run of one corpus on one date (a Ray submission id)."""
+    return f"nightly-{hashlib.sha256(input_path.encode()).hexdigest()[:10]}-{run_date}"
+
+
+def nightly_partition(output_root: str, run_date: str) -> str:
+    return os.path.join(output_root, f"run_date={run_date}")
+
+
+def summarised_before(output_root: str, run_date: str, cfg_hash: str) -> set[tuple[str, str]]:
+    """(id, content_hash) of documents summarised OK in earlier partitions with this config hash."""
+    import pyarrow.compute as pc
+
+    from pipeline.output import committed_parts, read_output
+
+    done: set[tuple[str, str]] = set()
+    if not os.path.isdir(output_root):
+        return done
+    for name in sorted(os.listdir(output_root)):
+        if not name.startswith("run_date=") or name >= f"run_date={run_date}":
+            continue
+        directory = os.path.join(output_root, name)
+        if not committed_parts(directory):
+            continue
+        table = read_output(directory, columns=["id", "content_hash", "config_hash", "status"])
+        keep = pc.and_(pc.equal(table["status"], "ok"), pc.equal(table["config_hash"], cfg_hash))
+        table = table.filter(keep)
+        done.update(zip(table["id"].to_pylist(), table["content_hash"].to_pylist()))
+    return done
+
+
+def run_nightly(config: JobConfig, *, output_root: str, run_date: str, **kwargs) -> dict:
+    """Incremental summarisation into OUTPUT_ROOT/run_date=DATE: documents already summarised
+    (same id, same content hash, same model/prompt/generation config) in an earlier partition
+    are skipped. Rerunning on the same date resumes that date's partition."""
+    def skip_factory(cfg_hash: str):
+        done = summarised_before(output_root, run_date, cfg_hash)
+        return lambda doc: (doc.id, doc.content_hash) in done
+
+    config = dataclasses.replace(
+        config, output_dir=nightly_partition(output_root, run_date),
+        job_id=config.job_id or nightly_submission_id(config.input_path, run_date),
+    )
+    return run_job(config, skip_factory=skip_factory,
+                   extra_summary={"run_date": run_date, "output_root": output_root}, **kwargs)

@@ -1,0 +1,223 @@
+"""Per-job metrics: totals, latency by prompt-length bucket, peak memory per rank, and a plot.
+
+Written next to the output as `_metrics.json` and `_metrics.png` (names starting with `_` so
+pyarrow.dataset readers of the output skip them). Figures come from the engine's per-request
+measurements; on CPU there is no GPU time: device seconds are wall-seconds x ranks and are
+labelled `cpu`, never `gpu`.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from collections import Counter, defaultdict
+
+# Prompt-length buckets (upper bounds, tokens): powers of two from 1k to 128k, then everything above.
+BUCKET_BOUNDS = (1024, 2048, 4096, 8192, 16384, 32768, 65536, 131072)
+
+
+def bucket_of(prompt_tokens: int) -> str:
+    lo = 0
+    for hi in BUCKET_BOUNDS:
+        if prompt_tokens < hi:
+            return f"{_k(lo)}-{_k(hi)}"
+        lo = hi
+    return f">={_k(lo)}"
+
+
+def _k(n: int) -> str:
+    return f"{n // 1024}k" if n else "0"
+
+
+def percentile(values: list[float], q: float) -> float | None:
+    """Nearest-rank percentile (q in [0, 100]); None for no values."""
+    if not values:
+        return None
+    ordered = sorted(values)
+    rank = max(1, math.ceil(q / 100 * len(ordered)))
+    return ordered[rank - 1]
+
+
+class JobMetrics:
+    """Accumulates one run's measurements (the rows this run wrote, not rows resumed from disk)."""
+
+    def __init__(self, *, job_id: str, task: str, config: dict, total_input_rows: int) -> None:
+        self.job_id = job_id
+        self.task = task
+        self.config = config
+        self.total_input_rows = total_input_rows
+        self.started_at = time.time()
+        self._t0 = time.monotonic()
+        self.documents_ok = 0
+        self.documents_error = 0
+        self.documents_skipped = 0  # already committed (resume) or unchanged (nightly)
+        self.rows_ok = 0
+        self.rows_error = 0
+        self.error_types: Counter = Counter()
+        self.first_errors: dict[str, str] = {}
+        self.prompt_tokens = 0
+        self.output_tokens = 0
+        self.truncated_tokens = 0
+        self.documents_truncated = 0
+        self.device_seconds = 0.0
+        self.gpu_seconds = 0.0
+        self.device_kinds: set[str] = set()
+        self.peak_memory_per_rank: dict[str, int] = {}
+        self.memory_kinds: set[str] = set()
+        self.points: list[tuple[int, float, float | None, int | None]] = []  # (prompt, latency, prefill, mem)
+
+    @property
+    def wall_s(self) -> float:
+        return time.monotonic() - self._t0
+
+    @property
+    def documents_done(self) -> int:
+        return self.documents_ok + self.documents_error
+
+    def add_document(self, rows: list[dict], results: list | None = None, prompt_tokens: int = 0) -> None:
+        """One document's output rows, the engine results behind them (None: rejected before the
+        engine) and the prompt tokens sent (shared prefix once + every suffix)."""
+        self.prompt_tokens += prompt_tokens
+        failed = any(r["status"] != "ok" for r in rows)
+        self.documents_error += failed
+        self.documents_ok += not failed
+        truncated = max((r.get("truncated_tokens") or 0) for r in rows)
+        self.truncated_tokens += truncated
+        self.documents_truncated += truncated > 0
+        for row in rows:
+            if row["status"] == "ok":
+                self.rows_ok += 1
+            else:
+                self.rows_error += 1
+                self.error_types[row["error_type"]] += 1
+                self.first_errors.setdefault(row["error_type"], row.get("error_message") or "")
+            self.output_tokens += row.get("output_tokens") or 0
+            if row.get("latency_s") is not None and row.get("prompt_tokens"):
+                self.points.append(
+                    (row["prompt_tokens"], row["latency_s"], row.get("prefill_s"), row.get("peak_memory_bytes"))
+                )
+        for result in results or ():
+            self._add_result(result)
+
+    def _add_result(self, result) -> None:
+        if result.device_seconds_all_ranks is not None:
+            self.device_seconds += result.device_seconds_all_ranks
+        if result.gpu_time_s is not None:
+            self.gpu_seconds += result.gpu_time_s
+        kind = result.memory_kind or "unknown"
+        self.device_kinds.add("cuda" if kind.startswith("cuda") else "cpu" if kind.startswith("cpu") else kind)
+        if result.memory_kind:
+            self.memory_kinds.add(result.memory_kind)
+        per_rank = list(result.peak_memory_per_rank or [])
+        if not per_rank and result.peak_memory_bytes is not None:
+            per_rank = [result.peak_memory_bytes]
+        for rank, value in enumerate(per_rank):
+            key = f"{result.replica or 'replica'}/rank{rank}"
+            if value is not None:
+                self.peak_memory_per_rank[key] = max(self.peak_memory_per_rank.get(key, 0), int(value))
+
+    def latency_by_bucket(self) -> list[dict]:
+        groups: dict[str, list] = defaultdict(list)
+        for point in self.points:
+            groups[bucket_of(point[0])].append(point)
+        out = []
+        for name in sorted(groups, key=lambda b: min(p[0] for p in groups[b])):
+            pts = groups[name]
+            latencies = [p[1] for p in pts]
+            prefills = [p[2] for p in pts if p[2] is not None]
+            out.append({
+                "prompt_tokens": name, "rows": len(pts),
+                "latency_p50_s": percentile(latencies, 50), "latency_p95_s": percentile(latencies, 95),
+                "prefill_p50_s": percentile(prefills, 50), "prefill_p95_s": percentile(prefills, 95),
+            })
+        return out
+
+    def summary(self, *, status: str, message: str | None = None, engine_stats: dict | None = None,
+                extra: dict | None = None) -> dict:
+        wall = self.wall_s
+        on_gpu = "cuda" in self.device_kinds
+        device = {
+            "kind": "cuda" if on_gpu else ("cpu" if self.device_kinds else None),
+            # GPU-seconds summed over all ranks of all replicas (CUDA only; null on CPU).
+            "gpu_seconds_all_ranks": round(self.device_seconds, 3) if on_gpu else None,
+            # On CPU: wall-seconds x ranks of each request, summed (what a GPU figure would be).
+            "cpu_seconds_all_ranks": None if on_gpu else round(self.device_seconds, 3),
+            "gpu_time_s_sum": round(self.gpu_seconds, 3) if on_gpu else None,
+        }
+        return {
+            "job_id": self.job_id,
+            "task": self.task,
+            "status": status,
+            "message": message,
+            "started_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(self.started_at)),
+            "wall_s": round(wall, 3),
+            "documents": {
+                "input_rows": self.total_input_rows,
+                "ok": self.documents_ok,
+                "error": self.documents_error,
+                "skipped": self.documents_skipped,
+                "truncated": self.documents_truncated,
+            },
+            "rows": {"ok": self.rows_ok, "error": self.rows_error, "error_types": dict(self.error_types),
+                     "first_error_by_type": self.first_errors},
+            "tokens": {
+                "prompt": self.prompt_tokens,
+                "output": self.output_tokens,
+                "truncated": self.truncated_tokens,
+                "prompt_per_s": round(self.prompt_tokens / wall, 2) if wall > 0 else None,
+                "output_per_s": round(self.output_tokens / wall, 2) if wall > 0 else None,
+            },
+            "device": device,
+            "peak_memory": {
+                "kind": sorted(self.memory_kinds)[0] if len(self.memory_kinds) == 1 else sorted(self.memory_kinds),
+                "per_rank_bytes": dict(sorted(self.peak_memory_per_rank.items())),
+                "max_bytes": max(self.peak_memory_per_rank.values(), default=None),
+            },
+            "latency_by_prompt_tokens": self.latency_by_bucket(),
+            "engine": engine_stats,
+            "config": self.config,
+            **(extra or {}),
+        }
+
+    def write(self, output_dir: str, summary: dict, plot: bool = True) -> dict:
+        """Writes _metrics.json (atomically) and _metrics.png; returns the paths written."""
+        from pipeline.output import _write_json_atomic
+
+        paths = {"metrics": os.path.join(output_dir, "_metrics.json")}
+        _write_json_atomic(paths["metrics"], json.loads(json.dumps(summary, default=str)))
+        if plot and self.points:
+            paths["plot"] = os.path.join(output_dir, "_metrics.png")
+            self.plot(paths["plot"])
+        return paths
+
+    def plot(self, path: str) -> None:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        prompt = [p[0] for p in self.points]
+        fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
+        ax1.scatter(prompt, [p[1] for p in self.points], s=14, label="request latency")
+        pre = [(p[0], p[2]) for p in self.points if p[2] is not None]
+        if pre:
+            ax1.scatter([a for a, _ in pre], [b for _, b in pre], s=14, marker="x", label="prefill (time to first token)")
+        ax1.set_xlabel("prompt tokens")
+        ax1.set_ylabel("seconds")
+        ax1.set_title("Latency vs prompt length")
+        ax1.legend()
+        mem = [(p[0], p[3] / 2**30) for p in self.points if p[3] is not None]
+        kind = ", ".join(sorted(self.memory_kinds)) or "n/a"
+        if mem:
+            ax2.scatter([a for a, _ in mem], [b for _, b in mem], s=14, color="tab:red")
+        ax2.set_xlabel("prompt tokens")
+        ax2.set_ylabel("GiB")
+        ax2.set_title(f"Peak memory per request, max over ranks ({kind})")
+        fig.suptitle(f"{self.task} job {self.job_id}")
+        fig.tight_layout()
+        tmp = path + ".tmp.png"
+        fig.savefig(tmp, dpi=110)
+        plt.close(fig)
+        os.replace(tmp, path)

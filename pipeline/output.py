@@ -1,0 +1,280 @@
+"""Parquet output, committed exactly once: typed schema, parts published by atomic rename, manifest.
+
+Layout of an output directory (local filesystem):
+
+    OUTPUT/part-00000.parquet ...   committed parts (a part exists under this name only once whole)
+    OUTPUT/_manifest.json           job id, job fingerprint, list of committed parts (atomic rewrite)
+    OUTPUT/_staging/                parts being written (deleted on start: never committed)
+    OUTPUT/_metrics.json, _metrics.png   per-run metrics (pipeline.job_metrics)
+
+A part is written under _staging, fsynced, then renamed into place: the rename is the commit. The
+manifest is rewritten after each commit; when the driver dies between the two, the next start
+finds the renamed part, checks it reads, and adds it to the manifest. All rows of one document
+(one per question) go into the same part, so a document is either committed or not at all.
+Readers: `pyarrow.dataset.dataset(OUTPUT)` skips the `_*` files.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import time
+from collections import Counter
+from dataclasses import dataclass
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from pipeline.io import DUPLICATE_ID, INVALID_INPUT
+
+MANIFEST = "_manifest.json"
+STAGING = "_staging"
+MANIFEST_FORMAT = 1
+_PART_RE = re.compile(r"^part-(\d{5,})\.parquet$")
+
+# One row per (document, question). Declared up front: every part has exactly this schema, even
+# a part whose rows are all ok (error columns typed and null) or all errors.
+OUTPUT_SCHEMA = pa.schema([
+    pa.field("id", pa.string(), metadata={"doc": "document id from the input (as a string)"}),
+    pa.field("task", pa.string(), nullable=False, metadata={"doc": "summarize | qa"}),
+    pa.field("question_index", pa.int32(), metadata={"doc": "position of the question in the document's list (QA), else null"}),
+    pa.field("question", pa.string()),
+    pa.field("output", pa.string(), metadata={"doc": "generated text; null on error"}),
+    pa.field("status", pa.string(), nullable=False, metadata={"doc": "ok | error"}),
+    pa.field("error_type", pa.string()),
+    pa.field("error_message", pa.string()),
+    pa.field("prompt_tokens", pa.int64(), metadata={"doc": "tokens sent to the model (after truncation)"}),
+    pa.field("output_tokens", pa.int64()),
+    pa.field("truncated_tokens", pa.int64(), metadata={"doc": "document tokens dropped to fit max_input_tokens"}),
+    pa.field("prefill_s", pa.float64(), metadata={"doc": "time to first token"}),
+    pa.field("decode_s", pa.float64()),
+    pa.field("latency_s", pa.float64(), metadata={"doc": "wall clock of the request on rank 0"}),
+    pa.field("gpu_time_s", pa.float64(), metadata={"doc": "CUDA-event time, max over ranks; null on CPU"}),
+    pa.field("peak_memory_bytes", pa.int64(), metadata={"doc": "max over ranks, see memory_kind"}),
+    pa.field("memory_kind", pa.string(), metadata={"doc": "cuda_max_allocated | cpu_peak_rss"}),
+    pa.field("replica", pa.string()),
+    pa.field("attempts", pa.int32()),
+    pa.field("model", pa.string()),
+    pa.field("dca_enabled", pa.bool_()),
+    pa.field("dca_pretraining_length", pa.int64()),
+    pa.field("dca_chunk_size", pa.int64()),
+    pa.field("dca_local_window", pa.int64()),
+    pa.field("dca_temperature_alpha", pa.float64()),
+    pa.field("content_hash", pa.string(), metadata={"doc": "sha256 of the document text"}),
+    pa.field("config_hash", pa.string(), metadata={"doc": "fingerprint of model + prompt + generation settings"}),
+    pa.field("job_id", pa.string(), nullable=False),
+])
+COLUMNS = tuple(OUTPUT_SCHEMA.names)
+
+
+class OutputError(RuntimeError):
+    """The output directory cannot be used for this job (says why and what to do)."""
+
+
+@dataclass
+class CommittedIndex:
+    """Which input rows already have committed output, for resuming exactly once.
+
+    Keyed like the input reader: the first row with an id (occurrence 0) is committed when any of
+    its rows is; duplicates (occurrence >= 1) and null ids are identical error rows, counted.
+    """
+
+    documents: set
+    duplicates: Counter
+    null_ids: int = 0
+
+    @classmethod
+    def empty(cls) -> CommittedIndex:
+        return cls(set(), Counter(), 0)
+
+    def add_rows(self, ids, error_types) -> None:
+        seen_in_batch: set = set()
+        for doc_id, error_type in zip(ids, error_types):
+            if doc_id is None:
+                self.null_ids += 1
+            elif error_type == DUPLICATE_ID:
+                self.duplicates[doc_id] += 1
+            elif doc_id not in seen_in_batch:
+                seen_in_batch.add(doc_id)
+                self.documents.add(doc_id)
+
+    def is_committed(self, doc_id: str | None, occurrence: int) -> bool:
+        if doc_id is None:
+            return occurrence < self.null_ids
+        if occurrence == 0:
+            return doc_id in self.documents
+        return occurrence <= self.duplicates.get(doc_id, 0)
+
+    def __len__(self) -> int:
+        return len(self.documents) + sum(self.duplicates.values()) + self.null_ids
+
+
+def _fsync_dir(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _write_json_atomic(path: str, value: dict) -> None:
+    tmp = f"{path}.tmp.{os.getpid()}"
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(value, f, indent=2, sort_keys=True)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    _fsync_dir(os.path.dirname(path) or ".")
+
+
+def read_manifest(output_dir: str) -> dict | None:
+    path = os.path.join(output_dir, MANIFEST)
+    if not os.path.exists(path):
+        return None
+    with open(path, encoding="utf-8") as f:
+        return json.load(f)
+
+
+def committed_parts(output_dir: str) -> list[str]:
+    if not os.path.isdir(output_dir):
+        return []
+    return sorted(name for name in os.listdir(output_dir) if _PART_RE.match(name))
+
+
+def read_output(output_dir: str, columns=None) -> pa.Table:
+    """All committed rows of an output directory (a convenience for tests and users)."""
+    parts = [os.path.join(output_dir, p) for p in committed_parts(output_dir)]
+    if not parts:
+        return OUTPUT_SCHEMA.empty_table().select(list(columns) if columns else list(COLUMNS))
+    return pa.concat_tables(pq.read_table(p, columns=columns, schema=OUTPUT_SCHEMA) for p in parts)
+
+
+class OutputWriter:
+    """Buffers rows by document and commits them in parts. Not thread-safe: one caller at a time.
+
+    Opening an existing output directory:
+    - no manifest and no parts: a fresh job;
+    - a manifest with the same fingerprint: resume (`committed` says what to skip);
+    - a different fingerprint: OutputError, unless overwrite=True, which deletes the previous
+      parts, manifest and metrics (only files this writer owns) first.
+    """
+
+    def __init__(
+        self, output_dir: str, *, job_id: str, fingerprint: str, config: dict,
+        overwrite: bool = False, part_rows: int = 512, part_seconds: float = 60.0,
+    ) -> None:
+        if "://" in output_dir:
+            raise OutputError(
+                f"output {output_dir!r}: only local (or mounted shared) directories are supported for output; "
+                "the commit protocol relies on an atomic rename"
+            )
+        if not os.path.isabs(output_dir):
+            raise OutputError(f"output {output_dir!r} must be an absolute path")
+        self.output_dir = output_dir
+        self.job_id = job_id
+        self.fingerprint = fingerprint
+        self.part_rows = part_rows
+        self.part_seconds = part_seconds
+        self._buffer: list[dict] = []
+        self._buffer_docs = 0
+        self._last_commit = time.monotonic()
+        self.rows_committed_this_run = 0
+        self.parts_committed_this_run = 0
+
+        os.makedirs(output_dir, exist_ok=True)
+        manifest = read_manifest(output_dir)
+        parts = committed_parts(output_dir)
+        if overwrite:
+            self._clear()
+            manifest, parts = None, []
+        elif manifest is None and parts:
+            raise OutputError(
+                f"output {output_dir} holds part files but no {MANIFEST}: not written by this pipeline or damaged; "
+                "choose another --output, or pass --overwrite to replace its contents"
+            )
+        elif manifest is not None and manifest.get("fingerprint") != fingerprint:
+            raise OutputError(
+                f"output {output_dir} holds results of a different job (job_id {manifest.get('job_id')}, "
+                f"different input, model, prompt or generation settings). Rerun with the same settings to "
+                f"resume it, choose another --output, or pass --overwrite to replace it"
+            )
+        shutil.rmtree(os.path.join(output_dir, STAGING), ignore_errors=True)
+        os.makedirs(os.path.join(output_dir, STAGING))
+        self.manifest = manifest or {
+            "format": MANIFEST_FORMAT, "job_id": job_id, "fingerprint": fingerprint, "config": config,
+            "parts": [], "complete": False, "runs": 0,
+        }
+        self.manifest["runs"] = int(self.manifest.get("runs", 0)) + 1
+        self.manifest["complete"] = False
+        self.committed = CommittedIndex.empty()
+        listed = {p["file"] for p in self.manifest["parts"]}
+        missing = sorted(listed - set(parts))
+        if missing:
+            raise OutputError(
+                f"output {output_dir}: parts listed in {MANIFEST} are missing ({missing[:3]}...); "
+                "the directory was modified by hand. Pass --overwrite to start over"
+            )
+        for name in parts:
+            path = os.path.join(output_dir, name)
+            try:
+                table = pq.read_table(path, columns=["id", "error_type"])
+            except Exception as e:
+                raise OutputError(f"committed part {path} cannot be read ({e}); remove it or pass --overwrite") from e
+            self.committed.add_rows(table.column("id").to_pylist(), table.column("error_type").to_pylist())
+            if name not in listed:  # renamed, but the driver died before the manifest update
+                self.manifest["parts"].append({"file": name, "rows": table.num_rows, "recovered": True})
+        self.resumed = bool(parts)
+        self._next_part = max((int(_PART_RE.match(p).group(1)) + 1 for p in parts), default=0)
+        _write_json_atomic(os.path.join(output_dir, MANIFEST), self.manifest)
+
+    def _clear(self) -> None:
+        for name in os.listdir(self.output_dir):
+            if _PART_RE.match(name) or name in (MANIFEST, "_metrics.json", "_metrics.png"):
+                os.remove(os.path.join(self.output_dir, name))
+
+    def add_document(self, rows: list[dict]) -> None:
+        """All output rows of one document; committed together."""
+        for row in rows:
+            row.setdefault("job_id", self.job_id)
+        self._buffer.extend(rows)
+        self._buffer_docs += 1
+        if len(self._buffer) >= self.part_rows or time.monotonic() - self._last_commit >= self.part_seconds:
+            self.flush()
+
+    def flush(self) -> None:
+        if not self._buffer:
+            return
+        name = f"part-{self._next_part:05d}.parquet"
+        staged = os.path.join(self.output_dir, STAGING, name)
+        table = pa.Table.from_pylist(self._buffer, schema=OUTPUT_SCHEMA)
+        with open(staged, "wb") as f:
+            pq.write_table(table, f, compression="zstd")
+            f.flush()
+            os.fsync(f.fileno())
+        os.rename(staged, os.path.join(self.output_dir, name))  # the commit
+        _fsync_dir(self.output_dir)
+        self.committed.add_rows(table.column("id").to_pylist(), table.column("error_type").to_pylist())
+        self.manifest["parts"].append({"file": name, "rows": table.num_rows, "documents": self._buffer_docs})
+        _write_json_atomic(os.path.join(self.output_dir, MANIFEST), self.manifest)
+        self._next_part += 1
+        self.rows_committed_this_run += table.num_rows
+        self.parts_committed_this_run += 1
+        self._buffer.clear()
+        self._buffer_docs = 0
+        self._last_commit = time.monotonic()
+
+    def close(self, *, complete: bool, summary: dict | None = None) -> None:
+        self.flush()
+        self.manifest["complete"] = complete
+        if summary is not None:
+            self.manifest["last_run"] = summary
+        _write_json_atomic(os.path.join(self.output_dir, MANIFEST), self.manifest)
+        shutil.rmtree(os.path.join(self.output_dir, STAGING), ignore_errors=True)
+
+
+__all__ = [
+    "OUTPUT_SCHEMA", "COLUMNS", "OutputWriter", "OutputError", "CommittedIndex", "read_output",
+    "read_manifest", "committed_parts", "INVALID_INPUT", "DUPLICATE_ID",
+]
