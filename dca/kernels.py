@@ -86,6 +86,8 @@ def merge(parts):
 
 def _torch(q, k, v, scale, causal):
     tq, tk = q.shape[2], k.shape[2]
+    if causal and tq == 1:
+        causal = False  # the last query sees every key
     if causal and tq != tk:
         # The aten kernels align a causal mask top-left; bottom-right = a full part over the
         # keys every query sees, plus a square causal part.
@@ -95,7 +97,20 @@ def _torch(q, k, v, scale, causal):
     return _torch_square(q, k, v, scale, causal)
 
 
+# torch >= 2.5's CPU flash kernel broadcasts KV heads and reads strided inputs: key slices of the
+# cache go in without a copy. Older builds raise, and we fall back to copies once and for all.
+_cpu_direct = True
+
+
 def _torch_square(q, k, v, scale, causal):
+    global _cpu_direct
+    acc = accumulation_dtype(q.dtype)
+    if q.device.type == "cpu" and _cpu_direct:
+        try:
+            out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, causal, scale=scale)
+            return out.to(acc), lse.to(acc)
+        except RuntimeError:
+            _cpu_direct = False
     group = q.shape[1] // k.shape[1]
     if group > 1 and not causal:
         # Fold the query heads of a group into rows: no copy of the (long) keys.
@@ -110,18 +125,17 @@ def _torch_square(q, k, v, scale, causal):
 
 
 def _torch_kernel(q, k, v, scale, causal):
+    acc = accumulation_dtype(q.dtype)
     if q.device.type == "cpu":
         out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
             q.contiguous(), k.contiguous(), v.contiguous(), 0.0, causal, scale=scale
         )
-        acc = accumulation_dtype(q.dtype)
         return out.to(acc), lse.to(acc)
     if q.device.type == "cuda" and q.shape[-1] <= 256:
         out, lse, _, _ = torch.ops.aten._scaled_dot_product_efficient_attention(
             q.contiguous(), k.contiguous(), v.contiguous(), None, True, 0.0, causal, scale=scale
         )
         # The kernel pads the LSE's query dim to a multiple of its block size.
-        acc = accumulation_dtype(q.dtype)
         return out.to(acc), lse[..., : q.shape[2]].to(acc)
     return _math(q, k, v, scale, causal)
 
