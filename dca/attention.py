@@ -12,8 +12,10 @@ import torch
 from dca import kernels, positions
 from dca.config import DCAConfig
 
-# Padded batches with at most this many score elements (B * Hq * Tq * Tk) are computed in one
-# batched pass with per-pair query selection; larger ones row by row, chunk by chunk.
+# Padded batches of a few new tokens (decode steps) with at most this many score elements
+# (B * Hq * Tq * Tk) are computed in one batched pass with per-pair query selection; anything
+# else row by row, chunk by chunk. Both bounds keep that pass linear in the key count.
+_DENSE_PAD_QUERIES = 16
 _DENSE_PAD_ELEMENTS = 1 << 25
 
 
@@ -101,7 +103,7 @@ def dca_attention(
         out = _chunked(query, key, value, tk - tq, rope, scale_b, backend)
         return out.to(query.dtype)
 
-    if b * query.shape[1] * tq * tk <= _DENSE_PAD_ELEMENTS:
+    if tq <= _DENSE_PAD_QUERIES and b * query.shape[1] * tq * tk <= _DENSE_PAD_ELEMENTS:
         factors = torch.tensor([positions.temperature_factor(x, config) for x in n], device=query.device)
         return _dense(query, key, value, query_index, key_index, rope, scale * factors).to(query.dtype)
 

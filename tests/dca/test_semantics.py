@@ -131,9 +131,9 @@ def test_left_padded_generate_equals_each_row_alone():
             assert_close(s_together[r], s_alone[0], rtol=1e-7, atol=1e-7)
 
 
-def test_padded_prefill_large_enough_for_the_row_by_row_path(monkeypatch):
-    # Force the row-by-row chunked path (used for long padded prompts) on a small input.
+def test_padded_decode_row_by_row_path(monkeypatch):
+    # Padded decode steps over a budget go row by row: force that path on a small input.
     import dca.attention as attention
 
     monkeypatch.setattr(attention, "_DENSE_PAD_ELEMENTS", 0)
-    test_left_padded_batch_equals_each_row_alone()
+    test_left_padded_generate_equals_each_row_alone()
