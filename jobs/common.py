@@ -67,7 +67,9 @@ def add_common_flags(parser: argparse.ArgumentParser, *, task: str | None) -> No
                    help="run the model without Dual Chunk Attention")
     g.add_argument("--max-batch-tokens", type=int, help="engine: tokens per batch inside a replica")
     g.add_argument("--max-batch-size", type=int, help="engine: requests per batch inside a replica")
-    g.add_argument("--device", help="engine: cuda or cpu (default: cuda when available)")
+    g.add_argument("--device", choices=["auto", "cuda", "cpu"], help="engine: default auto (cuda when the cluster has GPUs)")
+    g.add_argument("--cpus-per-rank", type=int,
+                   help="CPUs and torch threads per rank (default: local Ray: cores / ranks; cluster: 1)")
     g.add_argument("--seed", type=int, help="sampling seed (generation is greedy unless do_sample in --config)")
     g = parser.add_argument_group("job control")
     g.add_argument("--max-in-flight", type=int, help="requests inside the engine at once (default 4 per replica)")
@@ -160,7 +162,8 @@ def report(summary: dict) -> None:
     d, t = summary["documents"], summary["tokens"]
     print(
         f"{summary['task']} job {summary['job_id']}: {summary['status']} in {summary['wall_s']:.1f} s; "
-        f"documents ok {d['ok']}, error {d['error']}, skipped {d['skipped']} (truncated {d['truncated']}); "
+        f"documents ok {d['ok']}, error {d['error']}, skipped {d['skipped']}, already committed "
+        f"{d['already_committed']} (truncated {d['truncated']}); "
         f"tokens in {t['prompt']}, out {t['output']}\n"
         f"output:  {summary['output_dir']}\nmetrics: {summary['metrics_files'].get('metrics')}"
         + (f"\nplot:    {summary['metrics_files']['plot']}" if "plot" in summary["metrics_files"] else ""),

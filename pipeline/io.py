@@ -12,8 +12,8 @@ mistyped column, unreadable file) raise `InputError`, before any model work star
 
 from __future__ import annotations
 
-import fnmatch
 import hashlib
+import re
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -129,6 +129,37 @@ def resolve_filesystem(path: str) -> tuple[pafs.FileSystem, str]:
     return pafs.LocalFileSystem(), os.path.abspath(os.path.expanduser(path))
 
 
+def _glob_regex(pattern: str) -> re.Pattern:
+    """Shell-style glob: `*` and `?` stay within one path segment, `**/` spans directories."""
+    out, i = [], 0
+    while i < len(pattern):
+        c = pattern[i]
+        if pattern.startswith("**/", i):
+            out.append("(?:.*/)?")
+            i += 3
+            continue
+        if pattern.startswith("**", i):
+            out.append(".*")
+            i += 2
+            continue
+        if c == "*":
+            out.append("[^/]*")
+        elif c == "?":
+            out.append("[^/]")
+        elif c == "[":
+            end = pattern.find("]", i + 1)
+            if end < 0:
+                out.append(re.escape(c))
+            else:
+                body = pattern[i + 1:end]
+                out.append("[" + ("^" + body[1:] if body.startswith("!") else body) + "]")
+                i = end
+        else:
+            out.append(re.escape(c))
+        i += 1
+    return re.compile("".join(out) + r"\Z")
+
+
 def _hidden(name: str) -> bool:
     return name.startswith("_") or name.startswith(".")
 
@@ -148,10 +179,11 @@ def discover_files(path: str) -> tuple[pafs.FileSystem, list[str]]:
         files = sorted(dataset.files)
     else:
         selector = pafs.FileSelector(base, recursive=True, allow_not_found=True)
+        regex = _glob_regex(pattern)
         files = sorted(
             i.path for i in fs.get_file_info(selector)
             if i.type == pafs.FileType.File
-            and fnmatch.fnmatchcase(i.path, pattern)
+            and regex.match(i.path)
             and not any(_hidden(part) for part in i.path[len(base):].split("/") if part)
         )
     if not files:
@@ -186,6 +218,7 @@ def check_input(spec: InputSpec) -> InputPlan:
     fs, paths = discover_files(spec.path)
     files: list[InputFile] = []
     list_kinds: set[bool] = set()
+    errors: list[str] = []
     for path in paths:
         where = path if "://" not in spec.path else spec.path.split("://", 1)[0] + "://" + path
         try:
@@ -193,7 +226,8 @@ def check_input(spec: InputSpec) -> InputPlan:
             schema = fragment.physical_schema
             num_rows = fragment.metadata.num_rows
         except Exception as e:
-            raise InputError(f"{where}: not a readable Parquet file ({e})") from e
+            errors.append(f"{where}: not a readable Parquet file ({e})")
+            continue
         problems = []
         for column, ok, expected in (
             (spec.id_column, _is_id, "string or integer (the document id)"),
@@ -216,13 +250,19 @@ def check_input(spec: InputSpec) -> InputPlan:
                 else:
                     problems.append(f"column {q!r} has type {t}, expected string or list<string>")
         if problems:
-            hint = (
-                " Choose the columns with --id-column / --text-column"
-                + (" / --question-column" if spec.question_column else "")
-                + ", or fix the file."
-            )
-            raise InputError(f"{where}: " + "; ".join(problems) + "." + hint)
+            errors.append(f"{where}: " + "; ".join(problems))
         files.append(InputFile(path, num_rows))
+    if errors:
+        hint = (
+            "Choose the columns with --id-column / --text-column"
+            + (" / --question-column" if spec.question_column else "")
+            + ", or fix or remove the file(s)."
+        )
+        shown = errors[:10] + ([f"... and {len(errors) - 10} more file(s)"] if len(errors) > 10 else [])
+        raise InputError(
+            f"{len(errors)} of {len(paths)} input file(s) cannot be used (no model work was started):\n  "
+            + "\n  ".join(shown) + "\n" + hint
+        )
     return InputPlan(fs, tuple(files), spec, questions_are_lists=True in list_kinds)
 
 

@@ -90,6 +90,9 @@ class JobConfig:
     max_restarts: int | None = None
     request_retries: int | None = None
     device: str | None = None
+    # CPUs (and torch threads) per rank. None: on a local Ray, this machine's cores shared evenly
+    # between all ranks; on a cluster, the engine's default (1).
+    cpus_per_rank: int | None = None
     # Failure budget: stop when error documents exceed this fraction of max(done, budget_min_documents).
     max_error_fraction: float = 0.1
     budget_min_documents: int = 20
@@ -191,19 +194,26 @@ def dca_columns(spec: ModelSpec) -> dict:
     return cols
 
 
-def ensure_ray(config: JobConfig) -> None:
+def ensure_ray(config: JobConfig) -> JobConfig:
     """Connects to the cluster in --ray-address / RAY_ADDRESS (set by `ray job submit`), else
-    starts a local Ray sized so that tp x replicas ranks fit on this machine."""
+    starts a local Ray sized so that tp x replicas ranks fit on this machine. Returns the config
+    with cpus_per_rank filled in for a local Ray."""
     import ray
 
-    if ray.is_initialized():
-        return
     address = config.ray_address or os.environ.get("RAY_ADDRESS") or None
-    if address and address != "local":
-        ray.init(address=address, log_to_driver=True)
-        return
+    local = not address or address == "local"
     ranks = config.tp * config.replicas
-    ray.init(address="local", num_cpus=max(os.cpu_count() or 1, ranks), include_dashboard=False, log_to_driver=True)
+    cpus = os.cpu_count() or 1
+    if local and config.cpus_per_rank is None:
+        config = dataclasses.replace(config, cpus_per_rank=max(1, cpus // ranks))
+    if ray.is_initialized():
+        return config
+    if not local:
+        ray.init(address=address, log_to_driver=True)
+    else:
+        need = ranks * (config.cpus_per_rank or 1)
+        ray.init(address="local", num_cpus=max(cpus, need), include_dashboard=False, log_to_driver=True)
+    return config
 
 
 # ------------------------------------------------------------------------------------- driver
@@ -220,8 +230,9 @@ class _Pending:
 
 class _Driver:
     def __init__(self, config: JobConfig, *, builder: PromptBuilder, writer: OutputWriter, metrics: JobMetrics,
-                 base_row: dict, skip: Callable[[Document], bool] | None, progress) -> None:
+                 base_row: dict, skip: Callable[[Document], bool] | None, progress, committed=None) -> None:
         self.config = config
+        self.committed = committed
         self.builder = builder
         self.writer = writer
         self.metrics = metrics
@@ -261,7 +272,7 @@ class _Driver:
         if self.progress is None:
             return
         self.progress.update(1)
-        wall = max(self.metrics.wall_s, 1e-9)
+        wall = max(self.metrics.serving_s, 1e-9)
         self.progress.set_postfix(
             ok=self.metrics.documents_ok, err=self.metrics.documents_error,
             tok_s=f"{(self.metrics.prompt_tokens + self.metrics.output_tokens) / wall:.0f}",
@@ -289,11 +300,13 @@ class _Driver:
         for doc in documents:
             if self.stop_reason:
                 return
+            if self.committed is not None and self.committed.is_committed(doc.id, doc.occurrence):
+                self.metrics.documents_resumed += 1  # not in the progress total
+                continue
             if self.skip is not None and self.skip(doc):
-                with self.lock:
-                    self.metrics.documents_skipped += 1
-                    if self.progress is not None:
-                        self.progress.update(1)
+                self.metrics.documents_skipped += 1
+                if self.progress is not None:
+                    self.progress.update(1)
                 continue
             item = self._prepare(doc)
             if item is None:
@@ -392,7 +405,7 @@ def make_pool(config: JobConfig):
     from pipeline.engine import EngineConfig, ReplicaPool
 
     engine_kwargs = {k: getattr(config, k) for k in (
-        "max_batch_tokens", "max_batch_size", "max_restarts", "request_retries", "device") if getattr(config, k) is not None}
+        "max_batch_tokens", "max_batch_size", "max_restarts", "request_retries", "device", "cpus_per_rank") if getattr(config, k) is not None}
     engine_config = EngineConfig(
         model_spec=config.model_spec, tp_size=config.tp, replicas=config.replicas,
         max_input_tokens=config.max_input_tokens, **engine_kwargs,
@@ -437,23 +450,18 @@ def run_job(
     base_row = {"task": config.task, "model": config.model_spec.model, "config_hash": cfg_hash, "job_id": job_id,
                 **dca_columns(config.model_spec)}
 
-    committed = writer.committed
-    skip = skip_factory(cfg_hash) if skip_factory is not None else None
-
-    def skip_doc(doc: Document) -> bool:
-        return committed.is_committed(doc.id, doc.occurrence) or (skip is not None and skip(doc))
-
-    progress = _progress_bar(config, plan.num_rows)
     driver = _Driver(config, builder=builder, writer=writer, metrics=metrics, base_row=base_row,
-                     skip=skip_doc, progress=progress)
-    pool = None
+                     skip=skip_factory(cfg_hash) if skip_factory is not None else None, progress=None,
+                     committed=writer.committed)
+    pool = progress = None
     status, message, engine_stats = "failed", None, None
     try:
         if pool_factory is None:
-            ensure_ray(config)
-            pool = make_pool(config)
+            pool = make_pool(ensure_ray(config))
         else:
             pool = pool_factory(config)
+        metrics.mark_serving()
+        progress = driver.progress = _progress_bar(config, max(plan.num_rows - len(writer.committed), 0))
         for results in pool.run(driver.requests(iter_documents(plan)), config.in_flight):
             driver.on_results(results)
             if driver.stop_reason:

@@ -50,9 +50,11 @@ class JobMetrics:
         self.total_input_rows = total_input_rows
         self.started_at = time.time()
         self._t0 = time.monotonic()
+        self._serving_t0: float | None = None  # set when the replicas are up
         self.documents_ok = 0
         self.documents_error = 0
-        self.documents_skipped = 0  # already committed (resume) or unchanged (nightly)
+        self.documents_skipped = 0  # unchanged since an earlier run (nightly)
+        self.documents_resumed = 0  # already committed in this output by an earlier run
         self.rows_ok = 0
         self.rows_error = 0
         self.error_types: Counter = Counter()
@@ -71,6 +73,18 @@ class JobMetrics:
     @property
     def wall_s(self) -> float:
         return time.monotonic() - self._t0
+
+    def mark_serving(self) -> None:
+        """The engine is up: tokens/s count from here (startup is reported separately)."""
+        self._serving_t0 = time.monotonic()
+
+    @property
+    def startup_s(self) -> float | None:
+        return None if self._serving_t0 is None else self._serving_t0 - self._t0
+
+    @property
+    def serving_s(self) -> float:
+        return time.monotonic() - (self._serving_t0 if self._serving_t0 is not None else self._t0)
 
     @property
     def documents_done(self) -> int:
@@ -137,6 +151,7 @@ class JobMetrics:
     def summary(self, *, status: str, message: str | None = None, engine_stats: dict | None = None,
                 extra: dict | None = None) -> dict:
         wall = self.wall_s
+        serving = self.serving_s
         on_gpu = "cuda" in self.device_kinds
         device = {
             "kind": "cuda" if on_gpu else ("cpu" if self.device_kinds else None),
@@ -152,12 +167,15 @@ class JobMetrics:
             "status": status,
             "message": message,
             "started_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(self.started_at)),
+            # Whole run; startup = checks, tokenizer, Ray and replica start (model loading).
             "wall_s": round(wall, 3),
+            "startup_s": round(self.startup_s, 3) if self.startup_s is not None else None,
             "documents": {
                 "input_rows": self.total_input_rows,
                 "ok": self.documents_ok,
                 "error": self.documents_error,
                 "skipped": self.documents_skipped,
+                "already_committed": self.documents_resumed,
                 "truncated": self.documents_truncated,
             },
             "rows": {"ok": self.rows_ok, "error": self.rows_error, "error_types": dict(self.error_types),
@@ -166,8 +184,9 @@ class JobMetrics:
                 "prompt": self.prompt_tokens,
                 "output": self.output_tokens,
                 "truncated": self.truncated_tokens,
-                "prompt_per_s": round(self.prompt_tokens / wall, 2) if wall > 0 else None,
-                "output_per_s": round(self.output_tokens / wall, 2) if wall > 0 else None,
+                # Per second of serving (after startup).
+                "prompt_per_s": round(self.prompt_tokens / serving, 2) if serving > 0 else None,
+                "output_per_s": round(self.output_tokens / serving, 2) if serving > 0 else None,
             },
             "device": device,
             "peak_memory": {

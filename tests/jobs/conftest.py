@@ -14,15 +14,17 @@ import pytest
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 VOCAB = 128
 TINY_DCA = {"pretraining_length": 64, "chunk_size": 48, "local_window": 8}
+# Roles as in-vocabulary words (system w110, user w111, assistant w112) so decoded prompts read back.
 CHAT_TEMPLATE = (
-    "{% for m in messages %}<s> {{ m['role'] }} {{ m['content'] }} </s> {% endfor %}"
-    "{% if add_generation_prompt %}<s> assistant {% endif %}"
+    "{% set role = {'system': 'w110', 'user': 'w111', 'assistant': 'w112'} %}"
+    "{% for m in messages %}<s> {{ role[m['role']] }} {{ m['content'] }} </s> {% endfor %}"
+    "{% if add_generation_prompt %}<s> w112 {% endif %}"
 )
 
 
 def build_tiny_model(directory: str, *, chat: bool, seed: int = 0) -> str:
     import torch
-    from tokenizers import Tokenizer, models, pre_tokenizers
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
     from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
     torch.manual_seed(seed)
@@ -36,6 +38,8 @@ def build_tiny_model(directory: str, *, chat: bool, seed: int = 0) -> str:
     vocab.update({f"w{i}": i for i in range(3, VOCAB)})
     core = Tokenizer(models.WordLevel(vocab, unk_token="<pad>"))
     core.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    if not chat:  # a base model's tokenizer adds BOS, like Llama's
+        core.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
     tokenizer = PreTrainedTokenizerFast(
         tokenizer_object=core, bos_token="<s>", eos_token="</s>", pad_token="<pad>", unk_token="<pad>"
     )
@@ -112,6 +116,7 @@ class FakePool:
         self.rng = random.Random(seed)
         self.max_seen_in_flight = 0
         self.order: list[str] = []
+        self.prompt_tokens: list[int] = []
         self.stopped = False
 
     def _answer(self, request):
@@ -139,6 +144,7 @@ class FakePool:
         in_flight: deque = deque()
         for request in requests:
             self.order.append(request.request_id)
+            self.prompt_tokens.append(request.prompt_tokens)
             in_flight.append(request)
             self.max_seen_in_flight = max(self.max_seen_in_flight, len(in_flight))
             if len(in_flight) >= max_in_flight:
