@@ -100,8 +100,7 @@ def dca_attention(
     ):
         _check_contiguous(first_q[0], first_k[0])
         scale_b = scale * positions.temperature_factor(n[0], config)
-        out = _chunked(query, key, value, tk - tq, rope, scale_b, backend)
-        return out.to(query.dtype)
+        return _chunked(query, key, value, tk - tq, rope, scale_b, backend)
 
     if tq <= _DENSE_PAD_QUERIES and b * query.shape[1] * tq * tk <= _DENSE_PAD_ELEMENTS:
         factors = torch.tensor([positions.temperature_factor(x, config) for x in n], device=query.device)
@@ -118,9 +117,7 @@ def dca_attention(
         scale_b = scale * positions.temperature_factor(n[row], config)
         kr, vr = key[row : row + 1, :, k0:], value[row : row + 1, :, k0:]
         t0 = kr.shape[2] - (tq - q0)
-        out[row : row + 1, :, q0:] = _chunked(query[row : row + 1, :, q0:], kr, vr, t0, rope, scale_b, backend).to(
-            query.dtype
-        )
+        out[row : row + 1, :, q0:] = _chunked(query[row : row + 1, :, q0:], kr, vr, t0, rope, scale_b, backend)
     return out
 
 
@@ -147,7 +144,9 @@ def _chunked(q, k, v, t0: int, rope: RopeTable, scale: float, backend: str) -> t
     b, _, tq, _ = q.shape
     k_len = k.shape[2]
     device = q.device
-    outs = []
+    # Each chunk's merged float32 result goes straight into an output of the query dtype: no
+    # full-length float32 copy and no concatenation.
+    out = torch.empty_like(q)
     first_chunk, last_chunk = t0 // L, (k_len - 1) // L
     for c in range(first_chunk, last_chunk + 1):
         qa, qb = max(t0, c * L), min(k_len, (c + 1) * L)  # token range of this block's queries
@@ -163,8 +162,8 @@ def _chunked(q, k, v, t0: int, rope: RopeTable, scale: float, backend: str) -> t
             inter_q = rope.rotate(qs, config.inter_query_id)
             hi = (c - 1) * L
             parts.append(kernels.attend(inter_q, k[:, :, :hi], v[:, :, :hi], scale, False, backend))
-        outs.append(kernels.merge(parts)[0])
-    return torch.cat(outs, dim=2)
+        out[:, :, qa - t0 : qb - t0] = kernels.merge(parts)[0]
+    return out
 
 
 def _dense(q, k, v, q_idx, k_idx, rope: RopeTable, scale: torch.Tensor) -> torch.Tensor:
