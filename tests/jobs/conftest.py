@@ -11,6 +11,10 @@ from collections import deque
 
 import pytest
 
+# Before anything imports ray (its auth mode is read at import): the clusters these tests start
+# and the clients that talk to them both use token authentication (Ray 2.60's default for local).
+os.environ.setdefault("RAY_AUTH_MODE", "token")
+
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 VOCAB = 128
 TINY_DCA = {"pretraining_length": 64, "chunk_size": 48, "local_window": 8}
