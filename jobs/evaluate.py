@@ -80,22 +80,9 @@ def config_from_args(args) -> "EvalConfig":  # noqa: F821
     if args.ablation_pretraining_length:
         p = args.ablation_pretraining_length
         variants = [v for v in variants if not (v.dca and "pretraining_length" in v.dca)]
-        variants.append(Variant(name=f"dca_p{p}", dca={"pretraining_length": p}, max_length=_max_positions(values["model"])))
+        variants.append(Variant(name=f"dca_p{p}", dca={"pretraining_length": p}, native_only=True))
     values["variants"] = tuple(variants)
     return EvalConfig(**values)
-
-
-def _max_positions(spec) -> int | None:
-    """The model's max_position_embeddings, read without loading weights (None if unknown)."""
-    from pipeline.models import locate_model
-
-    directory, gguf = locate_model(spec.model)
-    if gguf is None:
-        with open(Path(directory) / "config.json", encoding="utf-8") as f:
-            return json.load(f).get("max_position_embeddings")
-    from transformers import AutoConfig
-
-    return AutoConfig.from_pretrained(directory, gguf_file=gguf).max_position_embeddings
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -64,9 +64,11 @@ class Variant:
     # DCAConfig fields; None = plain model. pretraining_length defaults to the model's
     # max_position_embeddings.
     dca: dict | None = None
-    # Evaluate this variant only at lengths <= max_length (None: all lengths). The ablation of a
-    # small pretraining_length is only meant for lengths the model handles natively.
+    # Evaluate this variant only at lengths <= max_length (None: all lengths).
     max_length: int | None = None
+    # Evaluate this variant only at lengths <= the model's max_position_embeddings (the ablation
+    # of a small pretraining_length is about lengths the model handles natively).
+    native_only: bool = False
 
     def __post_init__(self) -> None:
         if not isinstance(self.name, str) or not re.fullmatch(r"[A-Za-z0-9_.\-]+", self.name):
@@ -152,7 +154,7 @@ class EvalConfig:
                 Variant(name="plain"),
                 Variant(name="dca", dca={"temperature_alpha": 0.0}),
                 Variant(name="dca_alpha0.1", dca={"temperature_alpha": 0.1}),
-                Variant(name="dca_p2048", dca={"pretraining_length": 2048}, max_length=8192),
+                Variant(name="dca_p2048", dca={"pretraining_length": 2048}, native_only=True),
             ),
             lengths=(4096, 8192, 16384),
         )
@@ -510,7 +512,8 @@ def run_evaluation(
         "dtype": str(next(model.parameters()).dtype).replace("torch.", ""),
         "device": str(next(model.parameters()).device),
         "variants": {
-            v.name: {"dca": dca_configs[v.name].to_dict() if dca_configs[v.name] else None, "max_length": v.max_length}
+            v.name: {"dca": dca_configs[v.name].to_dict() if dca_configs[v.name] else None,
+                     "max_length": v.max_length, "native_only": v.native_only}
             for v in config.variants
         },
         "config": json.loads(json.dumps(config.to_dict(), default=str)),
@@ -529,7 +532,7 @@ def run_evaluation(
         writer.records = list(previous.get("records", []))
         old = previous.get("meta", {})
         meta["previous_runs"] = old.get("previous_runs", []) + [
-            {k: old.get(k) for k in ("commit", "date", "finished", "torch_threads")}
+            {k: old.get(k) for k in ("commit", "date", "finished", "torch_threads", "variants", "config")}
         ]
         log(f"resuming: {len(writer.records)} records already in {out_dir}")
     done_ids = {record_identity(r) for r in writer.records}
@@ -545,7 +548,10 @@ def run_evaluation(
     plan.sort(key=lambda item: item[0])
 
     for _, task, length, info, ids, extra in plan:
-        active = [v for v in config.variants if v.max_length is None or length <= v.max_length]
+        active = [
+            v for v in config.variants
+            if (v.max_length is None or length <= v.max_length) and (not v.native_only or length <= max_pos)
+        ]
         done: dict = {}  # equivalence key -> variant computed for this sample
         for v in active:
             eq = equivalence_key(dca_configs[v.name], length, extra)
@@ -666,6 +672,7 @@ def write_plots(results: dict, out_dir: str | os.PathLike) -> list[Path]:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import numpy as np
 
     out_dir = Path(out_dir)
     s = summarize(results)
@@ -734,10 +741,7 @@ def write_plots(results: dict, out_dir: str | os.PathLike) -> list[Path]:
                     if cell:
                         grid[i][j] = cell[0] / cell[1]
                         labels[i][j] = f"{cell[0]}/{cell[1]}"
-            cmap = matplotlib.colormaps["RdYlGn"].copy()
-            cmap.set_bad("lightgrey")
-            import numpy as np
-
+            cmap = matplotlib.colormaps["RdYlGn"].with_extremes(bad="lightgrey")
             ax.imshow(np.ma.masked_invalid(np.array(grid)), cmap=cmap, vmin=0, vmax=1, aspect="auto")
             for i in range(len(depths)):
                 for j in range(len(lengths)):
