@@ -17,7 +17,8 @@ Public API (what the data plane calls)::
 - `EngineConfig`: frozen, keyword-only; `EngineConfig.from_file(path)` reads JSON.
 - `ReplicaPool.start()` validates everything it can before starting any actor (Ray resources on
   one node for tp_size ranks, the model path) and raises `EngineStartupError` with what is
-  missing instead of hanging; placement and model loading are bounded by `startup_timeout_s`.
+  missing instead of hanging; waiting for free resources is bounded by `placement_timeout_s`,
+  model loading by `startup_timeout_s`.
   If Ray is not initialised it calls `ray.init(address=config.ray_address)` (None: a local
   cluster; "auto": the cluster of `ray start` / `ray job submit`); an initialised Ray is used as is.
 - `submit` / `run` never raise for a bad request: it comes back as error results
@@ -109,7 +110,10 @@ class EngineConfig:
     device: str = "auto"
     # CPUs reserved (and torch threads used) per rank.
     cpus_per_rank: int = 1
-    # Placement plus model loading of one replica must finish within this.
+    # Seconds to wait for the cluster to have a replica's resources free (they may exist but be
+    # held by other actors); then start() fails saying what is missing.
+    placement_timeout_s: float = 120.0
+    # Model loading of one replica (after placement) must finish within this.
     startup_timeout_s: float = 900.0
     # A batch running longer than this counts as a hung replica (None: no limit).
     request_timeout_s: float | None = None
@@ -132,8 +136,8 @@ class EngineConfig:
                 raise ValueError(f"{name} must be an int >= 0, got {value!r}")
         if self.device not in _DEVICES:
             raise ValueError(f"device must be one of {_DEVICES}, got {self.device!r}")
-        if not self.startup_timeout_s > 0 or not self.rank_grace_s > 0:
-            raise ValueError("startup_timeout_s and rank_grace_s must be > 0")
+        if not self.startup_timeout_s > 0 or not self.rank_grace_s > 0 or not self.placement_timeout_s > 0:
+            raise ValueError("placement_timeout_s, startup_timeout_s and rank_grace_s must be > 0")
         if self.request_timeout_s is not None and not self.request_timeout_s > 0:
             raise ValueError(f"request_timeout_s must be > 0 or None, got {self.request_timeout_s!r}")
 
@@ -342,13 +346,15 @@ class _Replica:
         if self.device_type == "cuda":
             bundle["GPU"] = 1
         self.pg = placement_group([dict(bundle) for _ in range(tp)], strategy="STRICT_PACK")
-        ready, _ = ray.wait([self.pg.ready()], timeout=config.startup_timeout_s)
+        ready, _ = ray.wait([self.pg.ready()], timeout=config.placement_timeout_s)
         if not ready:
             remove_placement_group(self.pg)
             self.pg = None
+            free = {k: v for k, v in ray.available_resources().items() if k in ("CPU", "GPU")}
             raise EngineStartupError(
-                f"replica {self.name}: no node could take {tp} x {bundle} together (STRICT_PACK) within "
-                f"{config.startup_timeout_s:.0f} s; free resources or lower tp_size/replicas/cpus_per_rank"
+                f"replica {self.name}: no node had {tp} x {bundle} free together (STRICT_PACK) within "
+                f"placement_timeout_s={config.placement_timeout_s:g}; free now in the cluster: {free}. "
+                "Other actors hold the rest: stop them, or lower tp_size/replicas/cpus_per_rank"
             )
         actor_cls = ray.remote(RankWorker)
         self.workers = [
@@ -366,10 +372,9 @@ class _Replica:
             gpus = [g for a in addresses for g in a["gpu_ids"]]
             if self.device_type == "cuda" and len(gpus) != tp:
                 raise EngineStartupError(f"replica {self.name}: Ray gave its ranks GPUs {gpus}, expected {tp}")
-            remaining = config.startup_timeout_s - (time.perf_counter() - begin)
             infos = ray.get(
                 [w.setup.remote(config.to_dict(), self.device_type, *self.master, gpus) for w in self.workers],
-                timeout=max(1.0, remaining),
+                timeout=config.startup_timeout_s,
             )
         except Exception as error:
             self.kill()
@@ -377,7 +382,7 @@ class _Replica:
                 raise
             if isinstance(error, ray.exceptions.GetTimeoutError):
                 raise EngineStartupError(
-                    f"replica {self.name}: loading did not finish within startup_timeout_s={config.startup_timeout_s}"
+                    f"replica {self.name}: loading did not finish within startup_timeout_s={config.startup_timeout_s:g}"
                 ) from None
             raise EngineStartupError(f"replica {self.name} failed to start: {_short(error)}") from error
         self.vocab_size = infos[0]["vocab_size"]

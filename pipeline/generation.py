@@ -20,7 +20,9 @@ on CPU, wall clock and the process's peak RSS (VmHWM, reset per batch through
 from __future__ import annotations
 
 import copy
+import functools
 import gc
+import inspect
 import re
 import time
 from dataclasses import dataclass, field
@@ -185,10 +187,17 @@ def _advance(ctx: RankContext, rows: list[_Row], next_ids: list[int]) -> list[bo
 # The loop
 
 
+@functools.cache
+def _cache_argument(model_class: type) -> str:
+    """transformers renamed `past_key_values` to `cache` during 5.x; use what this version takes."""
+    parameters = inspect.signature(model_class.forward).parameters
+    return "cache" if "cache" in parameters else "past_key_values"
+
+
 def _forward(model, input_ids, attention_mask, position_ids, cache) -> torch.Tensor:
     out = model(
         input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-        past_key_values=cache, use_cache=True, logits_to_keep=1,
+        use_cache=True, logits_to_keep=1, **{_cache_argument(type(model)): cache},
     )
     return out.logits[:, -1, :]  # (B, V)
 

@@ -10,6 +10,10 @@ import os
 
 import pytest
 
+# Ray reads its auth mode when it is first imported (transformers may import it early): set it for
+# the client and the cluster this module starts before anything else runs (see environment.md).
+os.environ.setdefault("RAY_AUTH_MODE", "token")
+
 VOCAB = 128
 DCA = {"pretraining_length": 64, "chunk_size": 48, "local_window": 8}
 
@@ -51,7 +55,6 @@ def ray_cluster():
     """A local Ray cluster for one test module (4 logical CPUs on a 2-core machine is fine)."""
     import ray
 
-    os.environ.setdefault("RAY_AUTH_MODE", "token")
     if ray.is_initialized():
         ray.shutdown()
     ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)

@@ -1,0 +1,161 @@
+"""The engine on a local Ray cluster (CPU, gloo): tensor-parallel replicas of a tiny random Llama
+with DCA, against plain transformers + apply_dca; metrics; typed errors; a rank killed mid-request."""
+
+from __future__ import annotations
+
+import glob
+import os
+import subprocess
+import sys
+import threading
+
+import pytest
+import torch
+
+from pipeline.engine import EngineConfig, EngineStartupError, ReplicaPool
+from pipeline.models import ModelSpec, load_model
+from pipeline.requests import INVALID_INPUT, PROMPT_TOO_LONG, GenerationRequest, SamplingParams
+from tests.pipeline.conftest import DCA
+
+MAX_NEW = 12
+
+
+def _prompts(*lengths, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(3, 128, (n,), generator=g).tolist() for n in lengths]
+
+
+def _request(rid, prompt, suffixes=None, max_new_tokens=MAX_NEW):
+    return GenerationRequest(request_id=rid, prefix_ids=prompt, suffix_ids=suffixes or [[]],
+                             sampling=SamplingParams(max_new_tokens=max_new_tokens))
+
+
+@pytest.fixture(scope="module")
+def reference_model(tiny_model_dir):
+    """Plain transformers + apply_dca in this process."""
+    return load_model(ModelSpec(model=tiny_model_dir, dca=DCA), "cpu")
+
+
+def _greedy(model, prompt, max_new_tokens=MAX_NEW):
+    out = model.generate(torch.tensor([prompt]), max_new_tokens=max_new_tokens, do_sample=False,
+                         eos_token_id=2, pad_token_id=0)
+    ids = out[0, len(prompt):].tolist()
+    return ids[: ids.index(2)] if 2 in ids else ids
+
+
+def _config(model_dir, tp_size, **kw):
+    kw.setdefault("max_input_tokens", 400)
+    return EngineConfig(model_spec=ModelSpec(model=model_dir, dca=DCA), tp_size=tp_size, **kw)
+
+
+@pytest.fixture(scope="module")
+def tp1_pool(ray_cluster, tiny_model_dir):
+    with ReplicaPool(_config(tiny_model_dir, 1)) as pool:
+        yield pool
+
+
+@pytest.fixture(scope="module")
+def tp2_pool(ray_cluster, tiny_model_dir):
+    # 9 query heads / 3 KV heads over 2 ranks: AutoTP splits them unevenly.
+    with ReplicaPool(_config(tiny_model_dir, 2, max_restarts=2, request_retries=2)) as pool:
+        yield pool
+
+
+def test_driver_side_imports_stay_light():
+    code = ("import sys, pipeline.engine, pipeline.requests, pipeline.models; "
+            "print(sorted(m for m in ('torch', 'transformers', 'deepspeed', 'dca') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
+
+
+def test_tp2_and_tp1_give_the_greedy_tokens_of_transformers_with_dca(tp1_pool, tp2_pool, reference_model):
+    prompts = _prompts(110, 70, 130, 20)  # > chunk_size=48: DCA's successive and inter-chunk paths
+    expected = [_greedy(reference_model, p) for p in prompts]
+    requests = [_request(f"r{i}", p) for i, p in enumerate(prompts)]
+    for pool in (tp1_pool, tp2_pool):
+        got = {}
+        for results in pool.run(requests, max_in_flight=4):
+            (result,) = results
+            assert result.status == "ok", result.error_message
+            got[result.request_id] = result.output_ids
+        assert got == {f"r{i}": ids for i, ids in enumerate(expected)}
+
+
+def test_shared_prefix_request_on_tp2(tp2_pool, reference_model):
+    prefix, s1, s2 = _prompts(90, 7, 15, seed=5)
+    results = tp2_pool.submit(_request("doc", prefix, [s1, s2])).result(timeout=120)
+    assert [r.suffix_index for r in results] == [0, 1]
+    assert [r.output_ids for r in results] == [_greedy(reference_model, prefix + s) for s in (s1, s2)]
+    assert all(r.prefix_prefill_s > 0 for r in results)
+
+
+def test_metrics_are_present_and_plausible(tp2_pool, tp1_pool):
+    (prompt,) = _prompts(100, seed=6)
+    for pool, ranks in ((tp1_pool, 1), (tp2_pool, 2)):
+        (r,) = pool.submit(_request("m", prompt)).result(timeout=120)
+        assert r.status == "ok" and r.prompt_tokens == 100
+        assert r.output_tokens == len(r.output_ids) and 0 < r.output_tokens <= MAX_NEW
+        assert isinstance(r.output, str) and r.output
+        assert 0 < r.prefill_s < 60 and 0 <= r.decode_s < 60
+        assert r.wall_time_s == pytest.approx(r.prefill_s + r.decode_s, rel=1e-6)
+        # CPU: wall clock and RSS stand in, labelled as such; no GPU time is invented.
+        assert r.gpu_time_s is None and r.memory_kind == "cpu_peak_rss"
+        assert len(r.peak_memory_per_rank) == ranks
+        assert all(50e6 < m < 8e9 for m in r.peak_memory_per_rank)
+        assert r.peak_memory_bytes == max(r.peak_memory_per_rank)
+        assert r.device_seconds_all_ranks >= r.wall_time_s * 0.99 * ranks * 0.5
+        assert r.replica == "replica-0" and r.attempts == 1
+        (stats,) = pool.stats().values()
+        assert stats["load_s"] > 0 and stats["served"] >= 1 and stats["failures"] == 0
+        assert stats["tp_size"] == ranks and stats["device"] == "cpu"
+
+
+def test_over_long_and_invalid_prompts_get_error_results(tp1_pool):
+    too_long = tp1_pool.submit(_request("long", list(range(3, 128)) * 4)).result(timeout=10)
+    assert too_long[0].status == "error" and too_long[0].error_type == PROMPT_TOO_LONG
+    assert "max_input_tokens=400" in too_long[0].error_message
+    bad = tp1_pool.submit(_request("bad", [5, 6, 999])).result(timeout=10)
+    assert bad[0].error_type == INVALID_INPUT and "999" in bad[0].error_message
+    ok = tp1_pool.submit(_request("after", _prompts(30)[0])).result(timeout=60)
+    assert ok[0].status == "ok"  # the replica is still usable
+
+
+def test_startup_that_cannot_succeed_fails_fast(tp1_pool, tp2_pool, tiny_model_dir, tmp_path):
+    with pytest.raises(EngineStartupError, match="not found"):
+        ReplicaPool(_config(str(tmp_path / "missing"), 1)).start()
+    with pytest.raises(EngineStartupError, match="needs 8 CPUs on one node"):
+        ReplicaPool(_config(tiny_model_dir, 8)).start()
+    with pytest.raises(EngineStartupError, match="needs 1 GPUs on one node"):
+        ReplicaPool(_config(tiny_model_dir, 1, device="cuda")).start()
+    # The cluster has the CPUs, but the two pools above hold 3 of its 4.
+    with pytest.raises(EngineStartupError, match="free now in the cluster"):
+        ReplicaPool(_config(tiny_model_dir, 2, placement_timeout_s=2)).start()
+
+
+def test_killed_rank_mid_request_is_answered_by_a_rebuilt_replica(tp2_pool, reference_model):
+    import ray
+
+    (prompt,) = _prompts(120, seed=7)
+    expected = _greedy(reference_model, prompt, 64)
+    dispatched = threading.Event()
+    tp2_pool._on_dispatch = lambda replica, ids: "victim" in ids and dispatched.set()
+    try:
+        future = tp2_pool.submit(_request("victim", prompt, max_new_tokens=64))
+        assert dispatched.wait(60)
+        ray.kill(tp2_pool._replicas[0].workers[1], no_restart=True)  # rank 1 dies mid-request
+        (result,) = future.result(timeout=240)
+    finally:
+        tp2_pool._on_dispatch = None
+    assert result.status == "ok", result.error_message
+    assert result.output_ids == expected and result.attempts == 2
+    (stats,) = tp2_pool.stats().values()
+    assert stats["failures"] == 1 and stats["restarts"] == 1 and stats["alive"]
+    # The rebuilt replica keeps serving.
+    (after,) = tp2_pool.submit(_request("after", prompt)).result(timeout=120)
+    assert after.output_ids == expected[:MAX_NEW] and after.attempts == 1
+
+
+def test_shutdown_leaves_no_shared_memory_files(tp2_pool):
+    tp2_pool.shutdown()  # the fixture's own shutdown afterwards is a no-op
+    assert glob.glob(f"/dev/shm/deepspeed_allreduce_buffer_{os.getuid()}_*") == []
+    assert all(not s["alive"] for s in tp2_pool.stats().values())
