@@ -49,7 +49,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="DCA variants to compare with plain, one per temperature_alpha (first is named 'dca')")
     p.add_argument("--ablation-pretraining-length", type=int,
                    help="add a DCA variant with this pretraining_length, run only up to the model's own")
-    p.add_argument("--threads", type=int, help="torch intra-op threads")
+    p.add_argument("--threads", type=int, help="torch intra-op threads (per rank with --tp)")
+    p.add_argument("--tp", type=int, default=1, help="tensor-parallel ranks (DeepSpeed AutoTP, local processes)")
     p.add_argument("--resume", action="store_true", help="keep the records already in --out and run only the rest")
     p.add_argument("--plot-only", metavar="RESULTS_JSON", help="redraw plots and summary from a results file")
     return p
@@ -101,7 +102,10 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out or f"out/eval/{args.mode}").resolve()
     print(f"evaluating {config.model.model}: variants {[v.name for v in config.variants]}, "
           f"lengths {list(config.lengths)} -> {out}", flush=True)
-    results = evaluation.run_evaluation(config, out, resume=args.resume, log=lambda m: print(m, flush=True))
+    if args.tp > 1:
+        results = evaluation.run_evaluation_tp(config, out, args.tp, resume=args.resume)
+    else:
+        results = evaluation.run_evaluation(config, out, resume=args.resume, log=lambda m: print(m, flush=True))
     print(evaluation.summary_markdown(results))
     print(f"results and plots in {out}")
     return 0

@@ -105,7 +105,8 @@ class EvalConfig:
     answer_tokens: int = 12
     # Perplexity: windows per length; window w is taken from book w % len(books).
     windows: int = 2
-    # Books (file names under data/texts/) for perplexity windows and passkey book filler.
+    # Books (file names under data/texts/, or absolute paths) for perplexity windows and passkey
+    # book filler.
     books: tuple[str, ...] = ("plrabn12.txt", "lcet10.txt", "alice29.txt")
     # Perplexity: tokens per slice of the lm_head + cross-entropy computation.
     loss_slice: int = 1024
@@ -191,8 +192,8 @@ class EvalConfig:
 
 
 def read_book(name: str, texts_dir: str | os.PathLike | None = None) -> str:
-    """Text of a book shipped under data/texts/ (or `texts_dir`)."""
-    path = Path(texts_dir or TEXTS_DIR) / name
+    """Text of a book: a file name under data/texts/ (or `texts_dir`), or an absolute path."""
+    path = Path(name) if Path(name).is_absolute() else Path(texts_dir or TEXTS_DIR) / name
     if not path.is_file():
         available = sorted(p.name for p in Path(texts_dir or TEXTS_DIR).glob("*.txt"))
         raise FileNotFoundError(f"book {name!r} not found in {path.parent}; available: {available}")
@@ -322,12 +323,13 @@ def sequence_nll(model, input_ids, loss_slice: int = 1024):
     base = model.get_decoder() if hasattr(model, "get_decoder") else model.model
     head = model.get_output_embeddings()
     with torch.inference_mode():
-        hidden = base(input_ids=ids, use_cache=False).last_hidden_state[0]  # (n, H)
+        hidden = base(input_ids=ids, use_cache=False).last_hidden_state  # (1, n, H)
         targets = ids[0, 1:]  # (n-1,)
         nll = torch.empty(targets.shape[0], dtype=torch.float32, device=device)
         for s in range(0, targets.shape[0], loss_slice):
             e = min(s + loss_slice, targets.shape[0])
-            logits = head(hidden[s:e]).float()  # (slice, V)
+            # (1, slice, H) in: AutoTP's sharded lm_head slices the last dim of a 3D input.
+            logits = head(hidden[:, s:e])[0].float()  # (slice, V)
             nll[s:e] = F.cross_entropy(logits, targets[s:e], reduction="none")
     return nll.cpu()
 
@@ -416,9 +418,11 @@ class ResultWriter:
         "needle_start", "seconds", "same_as",
     )
 
-    def __init__(self, out_dir: str | os.PathLike, meta: dict):
+    def __init__(self, out_dir: str | os.PathLike, meta: dict, write: bool = True):
         self.out_dir = Path(out_dir)
-        self.out_dir.mkdir(parents=True, exist_ok=True)
+        self.write = write
+        if write:
+            self.out_dir.mkdir(parents=True, exist_ok=True)
         self.meta = meta
         self.records: list[dict] = []
 
@@ -427,6 +431,8 @@ class ResultWriter:
         self.flush()
 
     def flush(self) -> None:
+        if not self.write:
+            return
         data = {"meta": self.meta, "records": self.records}
         tmp = self.out_dir / "results.json.tmp"
         tmp.write_text(json.dumps(data, indent=1) + "\n", encoding="utf-8")
@@ -463,11 +469,14 @@ def _samples(config: EvalConfig, tokenizer, book_ids, task: str, length: int, lo
 
 
 def run_evaluation(
-    config: EvalConfig, out_dir: str | os.PathLike, *, model=None, tokenizer=None, resume: bool = False, log=print
+    config: EvalConfig, out_dir: str | os.PathLike, *, model=None, tokenizer=None, resume: bool = False,
+    models: dict | None = None, write: bool = True, log=print,
 ) -> dict:
     """Runs every task of `config`, writes results.json, results.csv and the plots to `out_dir`.
 
     `resume`: keep the records of an earlier (stopped) run in `out_dir` and compute only the rest.
+    `models`: {variant name: model} already built (tensor-parallel ranks); then `model` is unused.
+    `write`: False on every tensor-parallel rank but the first (they compute the same records).
 
     `model` / `tokenizer` may be passed in (tests: a tiny random model); otherwise they are loaded
     from `config.model`, once. Returns the results dict (meta + records).
@@ -481,7 +490,9 @@ def run_evaluation(
     if config.threads:
         torch.set_num_threads(config.threads)
     t_load = time.time()
-    if model is None:
+    if models is not None:
+        model = models[config.variants[0].name]
+    elif model is None:
         from pipeline.models import load_model
 
         model = load_model(dataclasses.replace(config.model, dca=None), device=config.device)
@@ -493,16 +504,14 @@ def run_evaluation(
     max_pos = int(model.config.max_position_embeddings)
     log(f"model loaded in {time.time() - t_load:.1f}s (max_position_embeddings={max_pos})")
 
-    models, dca_configs = {}, {}
-    for v in config.variants:
-        cfg = resolved_dca(v, max_pos)
-        dca_configs[v.name] = cfg
-        if cfg is None:
-            models[v.name] = model
-        else:
-            m = copy.deepcopy(model)
-            apply_dca(m, cfg)
-            models[v.name] = m
+    dca_configs = {v.name: resolved_dca(v, max_pos) for v in config.variants}
+    if models is None:
+        models = {}
+        for v in config.variants:
+            if dca_configs[v.name] is None:
+                models[v.name] = model
+            else:
+                models[v.name] = apply_dca(copy.deepcopy(model), dca_configs[v.name])
 
     meta = {
         "model": config.model.model,
@@ -526,7 +535,7 @@ def run_evaluation(
         "host": platform.node(),
         "finished": None,
     }
-    writer = ResultWriter(out_dir, meta)
+    writer = ResultWriter(out_dir, meta, write=write)
     if resume and (Path(out_dir) / "results.json").is_file():
         previous = json.loads((Path(out_dir) / "results.json").read_text(encoding="utf-8"))
         writer.records = list(previous.get("records", []))
@@ -588,9 +597,111 @@ def run_evaluation(
     writer.meta["finished"] = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
     writer.flush()
     results = {"meta": writer.meta, "records": writer.records}
-    write_plots(results, out_dir)
-    write_summary(results, out_dir)
+    if write:
+        write_plots(results, out_dir)
+        write_summary(results, out_dir)
     return results
+
+
+# --------------------------------------------------------------------------------------------
+# Tensor parallelism: one process per rank, DeepSpeed AutoTP, the same records on every rank
+
+
+def run_evaluation_tp(
+    config: EvalConfig, out_dir: str | os.PathLike, tp_size: int, *, resume: bool = False, tokenizer=None
+) -> dict:
+    """`run_evaluation` with every variant sharded over `tp_size` local processes (DeepSpeed AutoTP,
+    gloo on CPU, nccl on CUDA with one GPU per rank). Rank 0 writes the files.
+
+    Every variant holds its own shards (DCA is applied before sharding, as the engine does), so
+    memory grows with the number of variants: keep few of them for large models.
+    """
+    import multiprocessing as mp
+    import socket
+
+    if tp_size < 1:
+        raise ValueError(f"tp_size must be >= 1, got {tp_size}")
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    ctx = mp.get_context("spawn")
+    args = (tp_size, port, config.to_dict(), str(Path(out_dir).resolve()), resume, tokenizer)
+    procs = [ctx.Process(target=_tp_rank, args=(rank, *args), daemon=False) for rank in range(tp_size)]
+    for proc in procs:
+        proc.start()
+    try:
+        for proc in procs:
+            proc.join()
+    finally:
+        for proc in procs:
+            if proc.is_alive():
+                proc.terminate()
+        _remove_shm_files("127.0.0.1", port)
+    failed = [f"rank {r}: exit code {p.exitcode}" for r, p in enumerate(procs) if p.exitcode != 0]
+    if failed:
+        raise RuntimeError(f"tensor-parallel evaluation failed ({', '.join(failed)}); see the ranks' output above")
+    return json.loads((Path(out_dir) / "results.json").read_text(encoding="utf-8"))
+
+
+def _remove_shm_files(master_addr: str, master_port: int) -> None:
+    """DeepSpeed's CPU all-reduce leaves one /dev/shm file per rank (environment.md)."""
+    import glob
+
+    from pipeline.engine import SHM_PREFIX
+
+    for path in glob.glob(f"/dev/shm/{SHM_PREFIX}_{os.getuid()}_{master_addr}_{master_port}_*"):
+        try:
+            os.unlink(path)
+        except FileNotFoundError:
+            pass
+
+
+def _tp_rank(rank: int, world: int, port: int, config_dict: dict, out_dir: str, resume: bool, tokenizer) -> None:
+    import sys
+
+    config = EvalConfig.from_dict(config_dict)
+    cuda = config.device == "cuda" or (config.device is None and _cuda_available())
+    os.environ.update({
+        "RANK": str(rank), "WORLD_SIZE": str(world), "LOCAL_RANK": str(rank), "LOCAL_SIZE": str(world),
+        "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port),
+        # DeepSpeed JIT-compiles its CPU all-reduce with ninja, found through PATH.
+        "PATH": os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", ""),
+    })
+    if not cuda:
+        os.environ["DS_ACCELERATOR"] = "cpu"
+    import deepspeed
+    import torch
+
+    from pipeline.models import load_model_for_tp, load_tokenizer
+
+    if config.threads:
+        torch.set_num_threads(config.threads)
+    if cuda:
+        torch.cuda.set_device(rank)
+    deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo", auto_mpi_discovery=False)
+    models = {}
+    for v in config.variants:
+        spec = dataclasses.replace(config.model, dca=v.dca)
+        model = load_model_for_tp(spec, "cuda" if cuda else "cpu")
+        engine = deepspeed.init_inference(
+            model, tensor_parallel={"tp_size": world}, dtype=model.dtype, replace_with_kernel_inject=False
+        )
+        models[v.name] = engine.module.eval()
+    tokenizer = tokenizer if tokenizer is not None else load_tokenizer(config.model)
+    run_evaluation(
+        dataclasses.replace(config, threads=None), out_dir, models=models, tokenizer=tokenizer, resume=resume,
+        write=rank == 0, log=(lambda m: print(m, flush=True)) if rank == 0 else (lambda m: None),
+    )
+    import torch.distributed as dist
+
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+def _cuda_available() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
 
 
 # --------------------------------------------------------------------------------------------

@@ -292,3 +292,33 @@ def test_driver_side_imports_stay_light():
     )
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+@pytest.mark.slow
+def test_tensor_parallel_run_matches_one_process(tiny_model_dir, tmp_path):
+    """Two AutoTP ranks (9 heads split 6 + 3) give the records of the unsharded model."""
+    from pipeline.models import ModelSpec, load_model, load_tokenizer
+
+    book = tmp_path / "book.txt"
+    words = [f"w{3 + (i * 7919) % 120}" for i in range(400)]
+    book.write_text(" ".join(words))
+    config = ev.EvalConfig(
+        model=ModelSpec(model=tiny_model_dir, dca=None),
+        variants=(ev.Variant(name="plain"), ev.Variant(name="dca", dca={"chunk_size": 48, "local_window": 8})),
+        lengths=(120,), tasks=("perplexity", "passkey"), depths=(0.5,), seeds=(0,), fillers=("book",),
+        windows=1, answer_tokens=3, books=(str(book),), threads=1, device="cpu",
+    )
+    tp = ev.run_evaluation_tp(config, tmp_path / "tp", 2)
+    model = load_model(config.model, "cpu")
+    one = ev.run_evaluation(config, tmp_path / "one", model=model, tokenizer=load_tokenizer(config.model),
+                            log=lambda m: None)
+    assert (tmp_path / "tp" / "results.json").is_file() and (tmp_path / "tp" / "passkey.png").is_file()
+    assert len(tp["records"]) == len(one["records"]) == 4
+    for a, b in zip(tp["records"], one["records"]):
+        assert (a["task"], a["variant"]) == (b["task"], b["variant"])
+        if a["task"] == "perplexity":
+            assert a["nll"] == pytest.approx(b["nll"], rel=1e-5)
+        else:
+            assert a["answer"] == b["answer"]
+    ppl = {r["variant"]: r["ppl"] for r in one["records"] if r["task"] == "perplexity"}
+    assert ppl["plain"] != ppl["dca"]  # 120 tokens > chunk_size + 1: DCA is active
