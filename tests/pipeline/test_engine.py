@@ -159,3 +159,17 @@ def test_shutdown_leaves_no_shared_memory_files(tp2_pool):
     tp2_pool.shutdown()  # the fixture's own shutdown afterwards is a no-op
     assert glob.glob(f"/dev/shm/deepspeed_allreduce_buffer_{os.getuid()}_*") == []
     assert all(not s["alive"] for s in tp2_pool.stats().values())
+
+
+def test_engine_config_validates_and_loads_from_a_file(tmp_path):
+    path = tmp_path / "engine.json"
+    path.write_text('{"engine": {"model_spec": {"model": "smollm2", "dca": null}, "tp_size": 2, "replicas": 3}}')
+    config = EngineConfig.from_file(path)
+    assert config.tp_size == 2 and config.replicas == 3 and config.model_spec.dca is None
+    assert EngineConfig.from_dict(config.to_dict()) == config
+    with pytest.raises(ValueError, match="tp_size must be an int >= 1"):
+        EngineConfig(model_spec=ModelSpec(), tp_size=0)
+    with pytest.raises(ValueError, match="device must be one of"):
+        EngineConfig(model_spec=ModelSpec(), device="tpu")
+    with pytest.raises(ValueError, match="unknown EngineConfig field"):
+        EngineConfig.from_dict({"model_spec": {}, "tp": 2})
