@@ -1,0 +1,499 @@
+"""Memory planner: predicted peak memory per GPU of one request, by component, before running it.
+
+    shape = ModelShape.load("llama2-70b")            # a preset, a HF directory, a config or a dict
+    plan = MemoryPlan(shape, ServingConfig(tp_size=2, kv_dtype="int8", prefill_block="chunk",
+                                           device_memory=parse_bytes("a100-80g")))
+    plan.estimate(prompt_tokens=100_000, new_tokens=512, batch=1)   # -> MemoryEstimate
+    plan.check(100_000, 512)           # raises WontFit (error_type "wont_fit") with the numbers
+    plan.longest_prompt(new_tokens=512) # the largest prompt that fits
+
+Pure Python (no torch): the driver and the engine can consult it before a model is loaded.
+
+What is modelled (per GPU, the rank holding the most heads when tensor parallelism splits them
+unevenly, spec section 7; the layout DeepSpeed AutoTP gives: q/k/v/o, gate/up/down and lm_head
+split, embedding and norms replicated):
+
+- weights: parameters in the weight dtype (embedding and lm_head stay in the compute dtype when
+  the weights are quantised);
+- kv_cache: 2 x layers x kv_heads x head_dim x (prompt + new tokens) x batch, in the KV dtype
+  (int8: 1 byte + a float32 scale per (token, head), see dca/kv_quant.py);
+- activations: the larger of the prefill peak (the last prefill block: its tokens through one
+  decoder layer, attention over all keys) and the decode peak. Both include the transients the
+  current code creates from one layer's KV: torch.cat when appending (the old keys, then the old
+  values, next to the new), the int8 cache's dequantised K and V, and on CUDA with the torch
+  backend the memory-efficient kernel's .contiguous() copies of key ranges (flash-attn and the
+  CPU flash kernel read strided keys without a copy);
+- logits: the last position only (generate, `dca.prefill.chunked_prefill`) or every position of
+  the forward (a plain `model(input_ids)` call);
+- runtime_overhead: on CUDA a fixed part (CUDA context, cuBLAS workspace, NCCL buffers, which
+  `torch.cuda.max_memory_allocated` does not see) plus a fragmentation share of the dynamic
+  memory. 0 on CPU: the kernels' scratch buffers (6-8 MiB measured) stay allocated after the
+  first request and belong to the process baseline.
+
+The terms are summed (logits and layer activations never coexist in full, so the sum is a small
+over-estimate for "last" logits). docs/memory.md compares the predictions with measured peaks.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from pipeline.requests import WONT_FIT
+
+KiB, MiB, GiB = 1 << 10, 1 << 20, 1 << 30
+
+# Bytes per stored element. int8/int4 weights: per-channel / per-group (128) bf16 scales included.
+WEIGHT_BYTES = {"float32": 4.0, "bfloat16": 2.0, "float16": 2.0, "int8": 1.0, "int4": 0.5 + 2 / 128}
+COMPUTE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+KV_DTYPES = ("auto", "float32", "bfloat16", "float16", "int8")
+INT8_SCALE_BYTES = 4  # dca/kv_quant.py: one float32 scale per (token, head)
+BACKENDS = ("flash", "torch")
+DEVICES = ("cuda", "cpu")
+
+# What devices report as total memory (torch.cuda.get_device_properties(i).total_memory): a
+# card sold as "80 GB" reports about 79.2 GiB.
+DEVICE_MEMORY = {
+    "a100-40g": int(39.39 * GiB),
+    "a100-80g": int(79.15 * GiB),
+    "h100-80g": int(79.10 * GiB),
+    "h200": int(139.8 * GiB),
+    "l40s": int(44.4 * GiB),
+}
+
+
+@dataclass(frozen=True, kw_only=True)
+class ModelShape:
+    """The dimensions of a Llama-layout decoder that decide its memory."""
+
+    name: str = "custom"
+    num_layers: int
+    hidden_size: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    intermediate_size: int
+    vocab_size: int
+    # A tied lm_head shares the embedding's storage (unless tensor parallelism splits it).
+    tie_word_embeddings: bool = False
+    # P of DCA (max_position_embeddings): the default chunk_len is 5P/8.
+    pretraining_length: int = 4096
+
+    def __post_init__(self) -> None:
+        for f in ("num_layers", "hidden_size", "num_heads", "num_kv_heads", "head_dim", "intermediate_size",
+                  "vocab_size", "pretraining_length"):
+            value = getattr(self, f)
+            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+                raise ValueError(f"ModelShape {self.name!r}: {f} must be a positive int, got {value!r}")
+        if self.num_heads % self.num_kv_heads:
+            raise ValueError(
+                f"ModelShape {self.name!r}: num_heads ({self.num_heads}) must be a multiple of num_kv_heads "
+                f"({self.num_kv_heads})"
+            )
+
+    @property
+    def num_parameters(self) -> int:
+        return self._layer_params() * self.num_layers + self.vocab_size * self.hidden_size * (
+            1 if self.tie_word_embeddings else 2
+        ) + self.hidden_size
+
+    def _layer_params(self) -> int:
+        h, d = self.hidden_size, self.head_dim
+        attn = h * self.num_heads * d * 2 + h * self.num_kv_heads * d * 2
+        return attn + 3 * h * self.intermediate_size + 2 * h
+
+    @classmethod
+    def from_config(cls, config, name: str = "custom") -> ModelShape:
+        """From a transformers config object or a dict of config.json fields."""
+        get = config.get if isinstance(config, dict) else (lambda k, default=None: getattr(config, k, default))
+        missing = [k for k in ("num_hidden_layers", "hidden_size", "num_attention_heads", "intermediate_size",
+                               "vocab_size") if get(k) is None]
+        if missing:
+            raise ValueError(f"model config {name!r} lacks {missing}: not a Llama-layout decoder config")
+        heads = int(get("num_attention_heads"))
+        return cls(
+            name=name,
+            num_layers=int(get("num_hidden_layers")),
+            hidden_size=int(get("hidden_size")),
+            num_heads=heads,
+            num_kv_heads=int(get("num_key_value_heads") or heads),
+            head_dim=int(get("head_dim") or int(get("hidden_size")) // heads),
+            intermediate_size=int(get("intermediate_size")),
+            vocab_size=int(get("vocab_size")),
+            tie_word_embeddings=bool(get("tie_word_embeddings", False)),
+            pretraining_length=int(get("max_position_embeddings") or 4096),
+        )
+
+    @classmethod
+    def load(cls, model: str) -> ModelShape:
+        """A preset name (see PRESETS), a Hugging Face directory (config.json), a config.json file or
+        a .gguf file (read with transformers, no weights loaded)."""
+        key = model.lower()
+        if key in PRESETS:
+            return PRESETS[key]
+        path = Path(model).expanduser()
+        if path.is_dir():
+            path = path / "config.json"
+        if path.is_file() and path.suffix == ".json":
+            with open(path, encoding="utf-8") as f:
+                return cls.from_config(json.load(f), name=str(model))
+        if path.is_file() and path.suffix == ".gguf":
+            from transformers import AutoConfig
+
+            config = AutoConfig.from_pretrained(str(path.parent), gguf_file=path.name)
+            return cls.from_config(config, name=str(model))
+        raise FileNotFoundError(
+            f"model {model!r}: not a preset ({', '.join(sorted(PRESETS))}), a Hugging Face directory with "
+            "config.json, a config.json file or a .gguf file"
+        )
+
+
+PRESETS = {
+    "llama2-7b": ModelShape(name="llama2-7b", num_layers=32, hidden_size=4096, num_heads=32, num_kv_heads=32,
+                            head_dim=128, intermediate_size=11008, vocab_size=32000),
+    "llama2-13b": ModelShape(name="llama2-13b", num_layers=40, hidden_size=5120, num_heads=40, num_kv_heads=40,
+                             head_dim=128, intermediate_size=13824, vocab_size=32000),
+    "llama2-70b": ModelShape(name="llama2-70b", num_layers=80, hidden_size=8192, num_heads=64, num_kv_heads=8,
+                             head_dim=128, intermediate_size=28672, vocab_size=32000),
+    "llama3-8b": ModelShape(name="llama3-8b", num_layers=32, hidden_size=4096, num_heads=32, num_kv_heads=8,
+                            head_dim=128, intermediate_size=14336, vocab_size=128256, pretraining_length=8192),
+    "llama3-70b": ModelShape(name="llama3-70b", num_layers=80, hidden_size=8192, num_heads=64, num_kv_heads=8,
+                             head_dim=128, intermediate_size=28672, vocab_size=128256, pretraining_length=8192),
+    # The embedded default model (pipeline.models.EMBEDDED_DEFAULT).
+    "smollm2": ModelShape(name="smollm2", num_layers=30, hidden_size=576, num_heads=9, num_kv_heads=3,
+                          head_dim=64, intermediate_size=1536, vocab_size=49152, tie_word_embeddings=True,
+                          pretraining_length=8192),
+}
+PRESETS["smollm2-135m"] = PRESETS["smollm2"]
+
+
+@dataclass(frozen=True, kw_only=True)
+class ServingConfig:
+    """How a replica runs a model: the choices that change its memory."""
+
+    # Tensor-parallel ranks (GPUs) per replica.
+    tp_size: int = 1
+    # Stored weight dtype: float32 | bfloat16 | float16 | int8 | int4 (int8/int4 need a weight
+    # quantisation library; this project does not ship one).
+    weight_dtype: str = "bfloat16"
+    # Dtype of activations and attention; None = the weight dtype (bfloat16 for quantised weights).
+    compute_dtype: str | None = None
+    # KV cache dtype: "auto" (= compute dtype) | float32 | bfloat16 | float16 | int8 (dca/kv_quant.py).
+    kv_dtype: str = "auto"
+    # Prompt tokens per prefill forward: None = one shot, "chunk" = the DCA chunk_len, or a number.
+    prefill_block: int | str | None = "chunk"
+    # "last": logits of the last position only; "all": every position of each forward.
+    logits: str = "last"
+    # DCA attention kernels: "flash" (flash-attn, no key copies) | "torch" (copies key ranges).
+    attention_backend: str = "flash"
+    # DCA chunk_len L (query chunk of the attention kernels); None = 5P/8 of the model.
+    chunk_len: int | None = None
+    # "cuda" or "cpu" (CPU: no runtime overhead; used to validate the model against measured RSS).
+    device: str = "cuda"
+    # Memory of one device in bytes (parse_bytes("a100-80g")); None = unknown (nothing fits-checked).
+    device_memory: int | None = None
+    # CUDA context + cuBLAS workspace, bytes per GPU (not seen by torch's allocator).
+    cuda_context: int = 1 * GiB
+    # NCCL buffers per GPU when tp_size > 1.
+    communication_buffers: int = GiB // 2
+    # Allocator fragmentation: this share of KV + activations + logits is added (CUDA).
+    fragmentation: float = 0.05
+
+    def __post_init__(self) -> None:
+        if isinstance(self.tp_size, bool) or not isinstance(self.tp_size, int) or self.tp_size < 1:
+            raise ValueError(f"tp_size must be an int >= 1, got {self.tp_size!r}")
+        if self.weight_dtype not in WEIGHT_BYTES:
+            raise ValueError(f"weight_dtype must be one of {sorted(WEIGHT_BYTES)}, got {self.weight_dtype!r}")
+        compute = self.compute_dtype or (self.weight_dtype if self.weight_dtype in COMPUTE_BYTES else "bfloat16")
+        if compute not in COMPUTE_BYTES:
+            raise ValueError(f"compute_dtype must be one of {sorted(COMPUTE_BYTES)}, got {self.compute_dtype!r}")
+        object.__setattr__(self, "compute_dtype", compute)
+        if self.kv_dtype not in KV_DTYPES:
+            raise ValueError(f"kv_dtype must be one of {KV_DTYPES}, got {self.kv_dtype!r}")
+        block = self.prefill_block
+        if not (block is None or block == "chunk" or (isinstance(block, int) and not isinstance(block, bool) and block > 0)):
+            raise ValueError(f"prefill_block must be None (one shot), 'chunk' or a positive int, got {block!r}")
+        if self.logits not in ("last", "all"):
+            raise ValueError(f"logits must be 'last' or 'all', got {self.logits!r}")
+        if self.attention_backend not in BACKENDS:
+            raise ValueError(f"attention_backend must be one of {BACKENDS}, got {self.attention_backend!r}")
+        if self.device not in DEVICES:
+            raise ValueError(f"device must be one of {DEVICES}, got {self.device!r}")
+        if self.chunk_len is not None and (not isinstance(self.chunk_len, int) or self.chunk_len <= 0):
+            raise ValueError(f"chunk_len must be a positive int or None, got {self.chunk_len!r}")
+        if self.device_memory is not None and self.device_memory <= 0:
+            raise ValueError(f"device_memory must be a positive number of bytes, got {self.device_memory!r}")
+        if not 0 <= self.fragmentation < 1:
+            raise ValueError(f"fragmentation must be in [0, 1), got {self.fragmentation!r}")
+
+    @property
+    def resolved_kv_dtype(self) -> str:
+        return self.compute_dtype if self.kv_dtype == "auto" else self.kv_dtype
+
+    def describe(self) -> str:
+        block = {None: "one-shot prefill", "chunk": "chunked prefill (1 DCA chunk)"}.get(
+            self.prefill_block, f"chunked prefill ({self.prefill_block} tokens)"
+        )
+        return (f"tp={self.tp_size}, weights {self.weight_dtype}, KV {self.resolved_kv_dtype}, {block}, "
+                f"logits {self.logits}, attention {self.attention_backend}")
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+COMPONENTS = ("weights", "kv_cache", "activations", "logits", "runtime_overhead")
+
+
+@dataclass(frozen=True)
+class MemoryEstimate:
+    """Predicted peak bytes per GPU of one request, by component."""
+
+    prompt_tokens: int
+    new_tokens: int
+    batch: int
+    weights: int
+    kv_cache: int
+    activations: int
+    logits: int
+    runtime_overhead: int
+    # Which phase holds the activation peak: "prefill" or "decode".
+    peak_phase: str
+    device_memory: int | None
+
+    @property
+    def total(self) -> int:
+        return sum(getattr(self, c) for c in COMPONENTS)
+
+    @property
+    def fits(self) -> bool | None:
+        return None if self.device_memory is None else self.total <= self.device_memory
+
+    def to_dict(self) -> dict:
+        values = dataclasses.asdict(self)
+        values["total"] = self.total
+        values["fits"] = self.fits
+        return values
+
+    def summary(self) -> str:
+        parts = ", ".join(f"{c} {fmt_bytes(getattr(self, c))}" for c in COMPONENTS)
+        return f"{fmt_bytes(self.total)} per GPU ({parts})"
+
+
+class WontFit(Exception):
+    """A request the planner predicts cannot fit on the device. Carries the numbers."""
+
+    error_type = WONT_FIT
+
+    def __init__(self, estimate: MemoryEstimate, longest_prompt: int):
+        self.estimate = estimate
+        self.longest_prompt = longest_prompt
+        e = estimate
+        super().__init__(
+            f"a request of {e.prompt_tokens} prompt tokens + {e.new_tokens} new tokens at batch {e.batch} needs "
+            f"{e.summary()}, but a device has {fmt_bytes(e.device_memory)}; the longest prompt that fits with "
+            f"{e.new_tokens} new tokens at batch {e.batch} is {longest_prompt} tokens. Shorten the prompt, or use "
+            "more tensor-parallel GPUs, an int8 KV cache or chunked prefill (python -m jobs.plan)."
+        )
+
+    def to_dict(self) -> dict:
+        return {"error_type": self.error_type, "message": str(self), "longest_prompt": self.longest_prompt,
+                **self.estimate.to_dict()}
+
+
+class MemoryPlan:
+    """Predicts the memory of requests for one model shape served with one ServingConfig."""
+
+    def __init__(self, shape: ModelShape, config: ServingConfig):
+        self.shape = shape
+        self.config = config
+        tp = config.tp_size
+        # The rank with the most heads (uneven splits, spec section 7).
+        self.q_heads = math.ceil(shape.num_heads / tp)
+        self.kv_heads = math.ceil(shape.num_kv_heads / tp)
+        self.intermediate = math.ceil(shape.intermediate_size / tp)
+        self.act_bytes = COMPUTE_BYTES[config.compute_dtype]
+        kv = config.resolved_kv_dtype
+        self.kv_elem_bytes = (1 + INT8_SCALE_BYTES / shape.head_dim) if kv == "int8" else COMPUTE_BYTES[kv]
+        p = shape.pretraining_length
+        self.chunk_len = config.chunk_len or ((3 * p) // 4 - p // 8)
+
+    # --- components --------------------------------------------------------------------------
+
+    def weight_bytes(self) -> int:
+        s, c = self.shape, self.config
+        wb, ab = WEIGHT_BYTES[c.weight_dtype], self.act_bytes
+        embed_bytes = ab if c.weight_dtype in ("int8", "int4") else wb
+        h, d, tp = s.hidden_size, s.head_dim, c.tp_size
+        per_layer = (2 * h * self.q_heads * d + 2 * h * self.kv_heads * d + 3 * h * self.intermediate) * wb
+        norms = (2 * s.num_layers + 1) * h * ab
+        embedding = s.vocab_size * h * embed_bytes  # not split by AutoTP
+        lm_head = 0 if (s.tie_word_embeddings and tp == 1) else math.ceil(s.vocab_size / tp) * h * embed_bytes
+        return int(per_layer * s.num_layers + norms + embedding + lm_head)
+
+    def kv_bytes_per_token(self) -> float:
+        """KV cache bytes per token per GPU, all layers."""
+        return 2 * self.shape.num_layers * self.kv_heads * self.shape.head_dim * self.kv_elem_bytes
+
+    def kv_cache_bytes(self, tokens: int, batch: int = 1) -> int:
+        return int(self.kv_bytes_per_token() * tokens * batch)
+
+    def block_size(self, prompt_tokens: int) -> int:
+        block = self.config.prefill_block
+        if block is None:
+            return prompt_tokens
+        if block == "chunk":
+            block = self.chunk_len
+        return min(block, prompt_tokens)
+
+    def activation_bytes(self, new: int, keys: int, batch: int = 1) -> int:
+        """Peak transient bytes of one forward of `new` tokens attending to `keys` (cache included)."""
+        s, c = self.shape, self.config
+        a, h, d = self.act_bytes, s.hidden_size, s.head_dim
+        hq, hkv = self.q_heads * d, self.kv_heads * d
+        t, k = new, keys
+        # Alive through the forward: RoPE cos/sin of the new tokens; through a layer: the
+        # embeddings output, the layer input (held by the caller) and, in the MLP, the residual.
+        rope = 2 * t * d * a
+        # Appending: torch.cat holds the old keys (then the old values) of the layer next to the new
+        # ones, while q, k, v and the rotated k of the new tokens are alive.
+        append = t * (hq + 3 * hkv) * a + (k - t) * hkv * self.kv_elem_bytes
+        # DCA (dca/attention.py), per query chunk of tq rows: 3 rotated copies of the queries, 3
+        # float32 partial outputs and the merge's float32 temporaries (peak at the merge); or, while
+        # the inter-chunk kernel runs, 2 finished parts, its output and (torch backend on CUDA,
+        # the memory-efficient kernel) .contiguous() copies of all older keys and values.
+        # flash-attn and the CPU flash kernel read key ranges of the cache as strided views.
+        tq = min(t, self.chunk_len)
+        merge = tq * hq * (3 * a + 6 * 4)
+        torch_cuda = c.attention_backend == "torch" and c.device == "cuda"
+        copies = 2 * max(0, k - 2 * self.chunk_len) * hkv * a if torch_cuda else 0
+        inter = tq * hq * (3 * a + 2 * 4 + a + (4 if a != 4 else 0)) + copies
+        # int8 cache: the whole layer dequantised to the compute dtype while its attention runs.
+        dequant = 2 * k * hkv * a if c.resolved_kv_dtype == "int8" else 0
+        # q and the preallocated output (query dtype) stay alive across the chunks.
+        attention = 2 * t * hq * a + dequant + max(merge, inter)
+        attn_phase = rope + 3 * t * h * a + max(append, attention)  # embeddings, layer input, normed
+        # MLP: act(gate), up and their product are alive at once.
+        mlp_phase = rope + 4 * t * h * a + 3 * t * self.intermediate * a
+        return int(batch * max(attn_phase, mlp_phase))
+
+    def logits_bytes(self, forward_tokens: int, batch: int = 1) -> int:
+        v, a = self.shape.vocab_size, self.act_bytes
+        kept = forward_tokens if self.config.logits == "all" else 1
+        # lm_head output in the compute dtype, and a float32 copy of the last row for sampling.
+        return int(batch * (kept * v * a + v * 4))
+
+    # --- the plan ----------------------------------------------------------------------------
+
+    def estimate(self, prompt_tokens: int, new_tokens: int = 0, batch: int = 1) -> MemoryEstimate:
+        """Predicted peak memory per GPU for `batch` prompts of `prompt_tokens` plus `new_tokens` each."""
+        for name, value in (("prompt_tokens", prompt_tokens), ("new_tokens", new_tokens), ("batch", batch)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < (1 if name != "new_tokens" else 0):
+                raise ValueError(f"{name} must be an int >= {1 if name != 'new_tokens' else 0}, got {value!r}")
+        block = self.block_size(prompt_tokens)
+        prefill = self.activation_bytes(block, prompt_tokens, batch)
+        decode = self.activation_bytes(1, prompt_tokens + new_tokens, batch) if new_tokens else 0
+        activations = max(prefill, decode)
+        logits = self.logits_bytes(block, batch)
+        kv = self.kv_cache_bytes(prompt_tokens + new_tokens, batch)
+        overhead = 0
+        if self.config.device == "cuda":
+            overhead = self.config.cuda_context + (self.config.communication_buffers if self.config.tp_size > 1 else 0)
+            overhead += int(self.config.fragmentation * (kv + activations + logits))
+        return MemoryEstimate(
+            prompt_tokens=prompt_tokens, new_tokens=new_tokens, batch=batch,
+            weights=self.weight_bytes(), kv_cache=kv, activations=activations, logits=logits,
+            runtime_overhead=overhead, peak_phase="prefill" if prefill >= decode else "decode",
+            device_memory=self.config.device_memory,
+        )
+
+    def fits(self, prompt_tokens: int, new_tokens: int = 0, batch: int = 1) -> bool:
+        if self.config.device_memory is None:
+            raise ValueError("this plan has no device_memory: set ServingConfig.device_memory to check fits")
+        return self.estimate(prompt_tokens, new_tokens, batch).total <= self.config.device_memory
+
+    def check(self, prompt_tokens: int, new_tokens: int = 0, batch: int = 1) -> MemoryEstimate:
+        """The estimate when the request fits; raises WontFit (with the numbers) when it does not."""
+        estimate = self.estimate(prompt_tokens, new_tokens, batch)
+        if estimate.fits is False:
+            raise WontFit(estimate, self.longest_prompt(new_tokens, batch))
+        return estimate
+
+    def longest_prompt(self, new_tokens: int = 0, batch: int = 1, limit: int = 1 << 24) -> int:
+        """The largest prompt (tokens) that fits with `new_tokens` at `batch`; 0 if none does."""
+        if not self.fits(1, new_tokens, batch):
+            return 0
+        lo, hi = 1, limit
+        if self.fits(hi, new_tokens, batch):
+            return hi
+        while hi - lo > 1:  # memory grows with the prompt: bisect
+            mid = (lo + hi) // 2
+            lo, hi = (mid, hi) if self.fits(mid, new_tokens, batch) else (lo, mid)
+        return lo
+
+    def format_table(self, prompt_tokens: int, new_tokens: int = 0, batch: int = 1) -> str:
+        """A printable table of the estimate (what a job prints at start)."""
+        e = self.estimate(prompt_tokens, new_tokens, batch)
+        s = self.shape
+        lines = [
+            f"memory plan: {s.name} ({s.num_parameters / 1e9:.2f}B params, {s.num_layers} layers, "
+            f"{s.num_kv_heads} kv heads x {s.head_dim}), {self.config.describe()}",
+            f"request: {prompt_tokens} prompt + {new_tokens} new tokens, batch {batch}; "
+            f"prefill block {self.block_size(prompt_tokens)} tokens; peak activations in {e.peak_phase}",
+            f"KV cache: {fmt_bytes(self.kv_bytes_per_token())} per token per GPU",
+            "",
+            f"{'component':<18} {'per GPU':>12}",
+        ]
+        for c in COMPONENTS:
+            lines.append(f"{c:<18} {fmt_bytes(getattr(e, c)):>12}")
+        lines.append(f"{'total':<18} {fmt_bytes(e.total):>12}")
+        if e.device_memory is not None:
+            verdict = "fits" if e.fits else "DOES NOT FIT"
+            lines.append(f"{'device':<18} {fmt_bytes(e.device_memory):>12}  -> {verdict}")
+            lines.append(f"longest prompt that fits with {new_tokens} new tokens at batch {batch}: "
+                         f"{self.longest_prompt(new_tokens, batch)} tokens")
+        return "\n".join(lines)
+
+
+def fmt_bytes(n: float | None) -> str:
+    if n is None:
+        return "unknown"
+    if abs(n) >= GiB:
+        return f"{n / GiB:.2f} GiB"
+    if abs(n) >= MiB:
+        return f"{n / MiB:.1f} MiB"
+    return f"{n / KiB:.1f} KiB"
+
+
+_UNITS = {"": 1, "b": 1, "k": 1000, "kb": 1000, "kib": KiB, "m": 10**6, "mb": 10**6, "mib": MiB,
+          "g": 10**9, "gb": 10**9, "gib": GiB, "t": 10**12, "tb": 10**12, "tib": 1 << 40}
+
+
+def parse_bytes(text: str | int) -> int:
+    """'80GiB', '79.2 GiB', '85e9', '40GB', or a device name (see DEVICE_MEMORY) -> bytes."""
+    if isinstance(text, int):
+        return text
+    key = text.strip().lower()
+    if key in DEVICE_MEMORY:
+        return DEVICE_MEMORY[key]
+    m = re.fullmatch(r"([0-9]*\.?[0-9]+(?:e[0-9]+)?)\s*([a-z]*)", key)
+    if not m or m.group(2) not in _UNITS:
+        raise ValueError(
+            f"cannot read memory size {text!r}: use e.g. '80GiB', '40GB', a number of bytes, or one of "
+            f"{sorted(DEVICE_MEMORY)}"
+        )
+    return int(float(m.group(1)) * _UNITS[m.group(2)])
+
+
+def plan_from_file(path: str | os.PathLike) -> tuple[ModelShape, ServingConfig]:
+    """Reads {"model": <preset|path>, "serving": {ServingConfig fields}} from a JSON file."""
+    with open(path, encoding="utf-8") as f:
+        values = json.load(f)
+    serving = dict(values.get("serving", {}))
+    if isinstance(serving.get("device_memory"), str):
+        serving["device_memory"] = parse_bytes(serving["device_memory"])
+    return ModelShape.load(values["model"]), ServingConfig(**serving)

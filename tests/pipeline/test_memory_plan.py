@@ -1,0 +1,228 @@
+"""The memory planner (pipeline/memory_plan.py) and its CLI (jobs/plan.py)."""
+
+import json
+import subprocess
+import sys
+import weakref
+
+import pytest
+
+from jobs import plan as plan_cli
+from pipeline.memory_plan import (
+    GiB, KiB, MiB, MemoryPlan, ModelShape, ServingConfig, WontFit, parse_bytes,
+)
+from pipeline.requests import WONT_FIT
+
+A100_80G = parse_bytes("a100-80g")
+LLAMA2_70B = ModelShape.load("llama2-70b")
+
+
+def plan70(**kw):
+    values = dict(tp_size=2, device_memory=A100_80G)
+    values.update(kw)
+    return MemoryPlan(LLAMA2_70B, ServingConfig(**values))
+
+
+def test_llama2_70b_numbers_of_the_issue():
+    assert LLAMA2_70B.num_parameters == pytest.approx(68.98e9, rel=1e-3)
+    p = plan70()
+    # ~64 GiB of bf16 weights per GPU at tp=2 (embedding replicated, the rest split)
+    assert p.weight_bytes() / GiB == pytest.approx(64.5, abs=0.1)
+    # 320 KiB of bf16 KV per token for the model, half of it per GPU
+    assert p.kv_bytes_per_token() == 160 * KiB
+    assert p.kv_cache_bytes(100_000) / GiB == pytest.approx(15.26, abs=0.01)
+    # int8 + a float32 scale per (token, head): (128 + 4) / 256 of bf16
+    assert plan70(kv_dtype="int8").kv_bytes_per_token() == 160 * KiB * 132 / 256
+
+
+def test_the_100k_plan():
+    request = dict(prompt_tokens=100_000, new_tokens=512)
+    assert plan70(kv_dtype="int8", prefill_block="chunk").estimate(**request).fits
+    assert not plan70(kv_dtype="auto", prefill_block="chunk").estimate(**request).fits
+    assert not plan70(kv_dtype="int8", prefill_block=None).estimate(**request).fits
+    assert not plan70(kv_dtype="auto", prefill_block=None, logits="all").estimate(**request).fits
+
+
+def test_chunked_prefill_activations_depend_on_the_block_not_the_prompt():
+    p = plan70(prefill_block="chunk")
+    short, long = p.estimate(20_000, 0), p.estimate(100_000, 0)
+    # Only the one-layer transient of appending to the cache grows with the prompt.
+    one_layer_kv = p.kv_bytes_per_token() / LLAMA2_70B.num_layers * 80_000
+    assert long.activations - short.activations <= one_layer_kv + 1
+    one_shot = plan70(prefill_block=None)
+    assert one_shot.estimate(100_000, 0).activations > 4 * one_shot.estimate(20_000, 0).activations
+
+
+def test_check_raises_wont_fit_with_the_numbers():
+    p = plan70(kv_dtype="auto")
+    assert p.check(20_000, 512).fits
+    with pytest.raises(WontFit) as info:
+        p.check(100_000, 512)
+    err = info.value
+    assert err.error_type == WONT_FIT == "wont_fit"
+    assert err.estimate.total > A100_80G
+    assert "100000 prompt tokens" in str(err) and "GiB" in str(err) and str(err.longest_prompt) in str(err)
+    assert p.fits(err.longest_prompt, 512) and not p.fits(err.longest_prompt + 1, 512)
+    assert err.to_dict()["error_type"] == "wont_fit"
+
+
+def test_memory_grows_with_prompt_batch_and_new_tokens():
+    p = plan70(kv_dtype="int8")
+    totals = [p.estimate(n, 512).total for n in (1, 1000, 10_000, 100_000)]
+    assert totals == sorted(totals)
+    assert p.estimate(10_000, 512, batch=2).total > p.estimate(10_000, 512).total
+    assert p.estimate(10_000, 512).total > p.estimate(10_000, 0).total
+    assert p.longest_prompt(512, batch=2) < p.longest_prompt(512)
+
+
+def test_more_gpus_and_smaller_dtypes_reach_longer_prompts():
+    base = plan70(kv_dtype="auto").longest_prompt(512)
+    assert plan70(kv_dtype="int8").longest_prompt(512) > base
+    assert plan70(kv_dtype="auto", tp_size=4).longest_prompt(512) > base
+    assert plan70(kv_dtype="auto", weight_dtype="int8").longest_prompt(512) > base
+
+
+def test_nothing_fits_when_the_weights_do_not():
+    p = MemoryPlan(LLAMA2_70B, ServingConfig(tp_size=1, device_memory=A100_80G))
+    assert p.longest_prompt(512) == 0
+    with pytest.raises(WontFit):
+        p.check(1, 1)
+
+
+def test_uneven_head_split_plans_for_the_larger_rank():
+    smol = ModelShape.load("smollm2")  # 9 heads, 3 kv heads: tp=2 -> 5 + 4 heads, 2 + 1 kv heads
+    p = MemoryPlan(smol, ServingConfig(tp_size=2))
+    assert (p.q_heads, p.kv_heads) == (5, 2)
+
+
+def test_shapes_from_dict_config_object_and_directory(tmp_path):
+    values = {"num_hidden_layers": 2, "hidden_size": 64, "num_attention_heads": 4, "num_key_value_heads": 2,
+              "intermediate_size": 96, "vocab_size": 101, "max_position_embeddings": 32}
+    shape = ModelShape.from_config(values)
+    assert shape.head_dim == 16 and shape.num_kv_heads == 2 and shape.pretraining_length == 32
+    from transformers import LlamaConfig
+
+    assert ModelShape.from_config(LlamaConfig(**values)).num_parameters == shape.num_parameters
+    (tmp_path / "config.json").write_text(json.dumps(values))
+    assert ModelShape.load(str(tmp_path)).num_layers == 2
+    with pytest.raises(FileNotFoundError, match="not a preset"):
+        ModelShape.load(str(tmp_path / "missing"))
+    with pytest.raises(ValueError, match="lacks"):
+        ModelShape.from_config({"hidden_size": 64})
+
+
+def test_parameter_count_matches_transformers():
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    values = dict(num_hidden_layers=2, hidden_size=64, num_attention_heads=4, num_key_value_heads=2,
+                  intermediate_size=96, vocab_size=101, tie_word_embeddings=False)
+    with torch.device("meta"):
+        model = LlamaForCausalLM(LlamaConfig(**values))
+    assert ModelShape.from_config(values).num_parameters == sum(p.numel() for p in model.parameters())
+
+
+def test_config_validation_and_byte_parsing():
+    with pytest.raises(ValueError, match="kv_dtype"):
+        ServingConfig(kv_dtype="int4")
+    with pytest.raises(ValueError, match="prefill_block"):
+        ServingConfig(prefill_block=0)
+    with pytest.raises(ValueError, match="tp_size"):
+        ServingConfig(tp_size=0)
+    assert ServingConfig(weight_dtype="int8").compute_dtype == "bfloat16"
+    assert parse_bytes("80GiB") == 80 * GiB and parse_bytes("40GB") == 40 * 10**9
+    assert parse_bytes("512 MiB") == 512 * MiB and parse_bytes("A100-80G") == A100_80G
+    with pytest.raises(ValueError, match="cannot read memory size"):
+        parse_bytes("eighty")
+    with pytest.raises(ValueError, match="device_memory"):
+        MemoryPlan(LLAMA2_70B, ServingConfig()).fits(10)
+
+
+def test_cli_table_compare_and_json(capsys):
+    assert plan_cli.main(["--model", "llama2-70b", "--tp", "2", "--gpu-memory", "a100-80g", "--kv-dtype", "int8"]) == 0
+    out = capsys.readouterr().out
+    assert "kv_cache" in out and "-> fits" in out and "longest prompt" in out
+    assert plan_cli.main(["--model", "llama2-70b", "--tp", "2", "--gpu-memory", "80GiB", "--compare"]) == 0
+    out = capsys.readouterr().out
+    assert out.count("| bf16 weights") == 6
+    assert plan_cli.main(["--model", "llama2-7b", "--gpu-memory", "40GB", "--prefill-block", "none", "--json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert data["serving"]["prefill_block"] is None and data["longest_prompt"] > 0 and data["fits"] in (True, False)
+    assert plan_cli.main(["--model", "no-such-model"]) == 2
+    assert "not a preset" in capsys.readouterr().err
+
+
+def test_planner_and_cli_import_no_torch():
+    code = "import sys, pipeline.memory_plan, jobs.plan; assert 'torch' not in sys.modules, 'torch imported'"
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+# --- the prediction against the live tensors of a real run -------------------------------------
+
+
+class _LiveTensorPeak:
+    """Peak bytes of tensor storages created inside the context and still alive (what
+    torch.cuda.max_memory_allocated counts on a GPU, without allocator rounding)."""
+
+    def __enter__(self):
+        import torch
+        from torch.utils._python_dispatch import TorchDispatchMode
+        from torch.utils._pytree import tree_flatten
+
+        tracker = self
+        self.live, self.current, self.peak = {}, 0, 0
+
+        class Mode(TorchDispatchMode):
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                out = func(*args, **(kwargs or {}))
+                for t in tree_flatten(out)[0]:
+                    if isinstance(t, torch.Tensor):
+                        storage = t.untyped_storage()
+                        key = storage.data_ptr()
+                        if key and key not in tracker.live:
+                            tracker.live[key] = storage.nbytes()
+                            tracker.current += storage.nbytes()
+                            weakref.finalize(storage, tracker._free, key)
+                tracker.peak = max(tracker.peak, tracker.current)
+                return out
+
+        self.mode = Mode()
+        self.mode.__enter__()
+        return self
+
+    def _free(self, key):
+        self.current -= self.live.pop(key, 0)
+
+    def __exit__(self, *exc):
+        self.mode.__exit__(*exc)
+
+
+@pytest.mark.parametrize("block, kv", [(None, "float32"), (160, "float32"), (160, "int8"), (64, "float32")])
+def test_prediction_within_15_percent_of_the_live_tensor_peak(block, kv):
+    import torch
+    from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM
+
+    from dca import DCAConfig, apply_dca
+    from dca.kv_quant import Int8KVCache
+    from dca.prefill import chunked_prefill
+
+    shape = ModelShape(num_layers=2, hidden_size=128, num_heads=4, num_kv_heads=2, head_dim=32,
+                       intermediate_size=384, vocab_size=512, pretraining_length=256)
+    prompt, new = 1200, 4
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(
+        vocab_size=512, hidden_size=128, intermediate_size=384, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=32, max_position_embeddings=256, tie_word_embeddings=False,
+    )).eval()
+    apply_dca(model, DCAConfig(pretraining_length=256, backend="torch"))
+    ids = torch.randint(1, 512, (1, prompt))
+    cache = Int8KVCache() if kv == "int8" else DynamicCache()
+    with torch.inference_mode(), _LiveTensorPeak() as live:
+        logits = chunked_prefill(model, ids, cache, block_size=block or prompt)
+        for _ in range(new):
+            logits = model(logits.argmax(-1, keepdim=True), cache=cache, use_cache=True, logits_to_keep=1).logits[:, -1]
+    plan = MemoryPlan(shape, ServingConfig(weight_dtype="float32", kv_dtype=kv, prefill_block=block,
+                                           attention_backend="torch", device="cpu"))
+    e = plan.estimate(prompt, new)
+    predicted = e.kv_cache + e.activations + e.logits
+    assert predicted == pytest.approx(live.peak, rel=0.15), (predicted / MiB, live.peak / MiB)
