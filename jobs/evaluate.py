@@ -64,7 +64,9 @@ def config_from_args(args) -> "EvalConfig":  # noqa: F821
     values = {f.name: getattr(preset, f.name) for f in dataclasses.fields(preset)}
     if args.config:
         with open(args.config, encoding="utf-8") as f:
-            values.update(EvalConfig.from_dict(json.load(f)).__dict__)
+            from_file = json.load(f)
+        parsed = EvalConfig.from_dict(from_file)  # validates; only the fields the file names apply
+        values.update({k: getattr(parsed, k) for k in from_file})
     model = values["model"]
     if args.model or args.dtype:
         model = dataclasses.replace(model, **{k: v for k, v in (("model", args.model), ("dtype", args.dtype)) if v})

@@ -322,3 +322,13 @@ def test_tensor_parallel_run_matches_one_process(tiny_model_dir, tmp_path):
             assert a["answer"] == b["answer"]
     ppl = {r["variant"]: r["ppl"] for r in one["records"] if r["task"] == "perplexity"}
     assert ppl["plain"] != ppl["dca"]  # 120 tokens > chunk_size + 1: DCA is active
+
+
+def test_cli_config_file_overrides_only_the_fields_it_names(tmp_path):
+    from jobs import evaluate
+
+    path = tmp_path / "variants.json"
+    path.write_text(json.dumps({"variants": [{"name": "plain", "dca": None}, {"name": "dca", "dca": {}}]}))
+    config = evaluate.config_from_args(evaluate.build_parser().parse_args(["--mode", "full", "--config", str(path)]))
+    assert [v.name for v in config.variants] == ["plain", "dca"]
+    assert config.lengths == ev.EvalConfig.full().lengths and config.fillers == ev.EvalConfig.full().fillers
