@@ -6,8 +6,8 @@ Two parts, each measurement in a fresh subprocess so peak RSS belongs to that me
              32k, 64k tokens: extra peak memory of the call over its inputs, and time; plain
              causal SDPA beside it.
   prefill    the SmolLM2-135M geometry (30 layers, random weights), DCA vs the same model
-             without DCA (SDPA): prefill time and peak RSS at 4k, 8k, 16k, 32k (last-position
-             logits only), and decode ms/token after the 16k prefill.
+             without DCA (SDPA): prefill time and peak RSS (KV cache included) at 4k, 8k, 16k,
+             32k (last-position logits only), and decode ms/token after the 16k prefill.
 
     .venv/bin/python benchmarks/dca_bench.py                      # everything (~20-40 min on 2 cores)
     .venv/bin/python benchmarks/dca_bench.py --part attention
@@ -117,7 +117,8 @@ def worker_prefill(mode: str, length: int, threads: int, layers: int, decode: bo
         model(ids[:, :64], logits_to_keep=1)  # warm-up: first-call allocations and kernel choice
         base = _reset_peak_rss()
         start, cpu = time.perf_counter(), time.process_time()
-        out = model(ids, use_cache=decode, logits_to_keep=1)
+        # With the cache, as generation prefills: the same footprint at every length.
+        out = model(ids, use_cache=True, logits_to_keep=1)
         prefill_s, prefill_cpu_s = time.perf_counter() - start, time.process_time() - cpu
         peak = _peak_rss() - base
         result = {"mode": mode, "length": length, "layers": layers, "prefill_s": prefill_s,
