@@ -18,6 +18,7 @@ import logging
 import os
 import sys
 
+from pipeline.job import under_ray_job
 from pipeline.models import ModelSpec
 
 # Config-file keys and flags that map onto JobConfig fields under another name.
@@ -25,19 +26,6 @@ _RENAMED = {"input": "input_path", "output": "output_dir", "templates": "templat
 # Keys that go into the ModelSpec rather than the JobConfig.
 _MODEL_KEYS = ("model", "dtype", "dca", "attn_implementation")
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
-
-
-def under_ray_job() -> bool:
-    """True inside the entrypoint of `ray job submit` (the job supervisor sets this variable)."""
-    return "RAY_JOB_CONFIG_JSON_ENV_VAR" in os.environ
-
-
-def ray_submission_id() -> str | None:
-    try:
-        metadata = json.loads(os.environ["RAY_JOB_CONFIG_JSON_ENV_VAR"]).get("metadata", {})
-        return metadata.get("job_submission_id")
-    except (KeyError, ValueError):
-        return None
 
 
 def add_common_flags(parser: argparse.ArgumentParser, *, task: str | None) -> None:

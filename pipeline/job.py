@@ -93,6 +93,9 @@ class JobConfig:
     # CPUs (and torch threads) per rank. None: on a local Ray, this machine's cores shared evenly
     # between all ranks; on a cluster, the engine's default (1).
     cpus_per_rank: int | None = None
+    # Autoscaling clusters (device "cuda", GPU workers scaled from 0): how long to wait for the
+    # autoscaler to bring up the GPUs of all replicas before giving up.
+    scale_up_timeout_s: float = 1800.0
     # Failure budget: stop when error documents exceed this fraction of max(done, budget_min_documents).
     max_error_fraction: float = 0.1
     budget_min_documents: int = 20
@@ -192,6 +195,20 @@ def dca_columns(spec: ModelSpec) -> dict:
     cols.update(dca_pretraining_length=dca.pretraining_length, dca_chunk_size=dca.chunk_size,
                 dca_local_window=dca.local_window, dca_temperature_alpha=dca.temperature_alpha)
     return cols
+
+
+def under_ray_job() -> bool:
+    """True inside the entrypoint of `ray job submit` (the job supervisor sets this variable)."""
+    return "RAY_JOB_CONFIG_JSON_ENV_VAR" in os.environ
+
+
+def ray_submission_id() -> str | None:
+    """The submission id of the `ray job submit` running this process, else None."""
+    try:
+        metadata = json.loads(os.environ["RAY_JOB_CONFIG_JSON_ENV_VAR"]).get("metadata", {})
+        return metadata.get("job_submission_id")
+    except (KeyError, ValueError, AttributeError):
+        return None
 
 
 def ensure_ray(config: JobConfig) -> JobConfig:
@@ -400,6 +417,45 @@ def _progress_bar(config: JobConfig, total: int):
     return tqdm(total=total, unit="doc", desc=config.task, mininterval=1.0, smoothing=0.1, dynamic_ncols=True)
 
 
+def wait_for_gpus(config: JobConfig) -> bool:
+    """With device "cuda" on a cluster that has fewer GPUs than tp x replicas (GPU workers scaled
+    from 0), asks the autoscaler for one node-sized bundle per replica and waits for the GPUs.
+    Returns True when a request was made (release it with `release_gpu_request`)."""
+    import ray
+
+    if config.device != "cuda":
+        return False
+    need = config.tp * config.replicas
+    if ray.cluster_resources().get("GPU", 0) >= need:
+        return False
+    from ray.autoscaler.sdk import request_resources
+
+    cpus = config.cpus_per_rank or 1
+    request_resources(bundles=[{"GPU": config.tp, "CPU": config.tp * cpus}] * config.replicas)
+    log.info("waiting for the autoscaler: %d GPU(s) in groups of %d (have %g)", need, config.tp,
+             ray.cluster_resources().get("GPU", 0))
+    deadline = time.monotonic() + config.scale_up_timeout_s
+    while ray.cluster_resources().get("GPU", 0) < need:
+        if time.monotonic() > deadline:
+            release_gpu_request()
+            raise JobFailed(
+                f"the cluster did not reach {need} GPUs within scale_up_timeout_s={config.scale_up_timeout_s:.0f} s "
+                f"(has {ray.cluster_resources().get('GPU', 0):g}); check the autoscaler (`ray status`, "
+                "`ray monitor cluster.yaml`) and the GPU quota of your cloud project"
+            )
+        time.sleep(5)
+    return True
+
+
+def release_gpu_request() -> None:
+    from ray.autoscaler.sdk import request_resources
+
+    try:
+        request_resources(bundles=[])
+    except Exception:  # best effort: the idle timeout scales down anyway
+        log.debug("could not clear the autoscaler request", exc_info=True)
+
+
 def make_pool(config: JobConfig):
     """A started ReplicaPool for this job (the engine of pipeline.engine)."""
     from pipeline.engine import EngineConfig, ReplicaPool
@@ -424,7 +480,7 @@ def run_job(
 
     skip_factory(config_hash) -> predicate: documents to leave out (nightly: already summarised).
     """
-    metrics_extra = dict(extra_summary or {})
+    metrics_extra = {"ray_submission_id": ray_submission_id(), **(extra_summary or {})}
     plan = check_input(InputSpec(
         path=config.input_path, id_column=config.id_column, text_column=config.text_column,
         question_column=config.question_column, batch_rows=config.input_batch_rows,
@@ -454,10 +510,13 @@ def run_job(
                      skip=skip_factory(cfg_hash) if skip_factory is not None else None, progress=None,
                      committed=writer.committed)
     pool = progress = None
+    requested_gpus = False
     status, message, engine_stats = "failed", None, None
     try:
         if pool_factory is None:
-            pool = make_pool(ensure_ray(config))
+            config = ensure_ray(config)
+            requested_gpus = wait_for_gpus(config)
+            pool = make_pool(config)
         else:
             pool = pool_factory(config)
         metrics.mark_serving()
@@ -487,6 +546,8 @@ def run_job(
                 pool.shutdown()
             except Exception:
                 log.exception("pool shutdown failed")
+        if requested_gpus:
+            release_gpu_request()
         summary = metrics.summary(status=status, message=message, engine_stats=engine_stats, extra=metrics_extra)
         writer.close(complete=status == "complete", summary={
             k: summary[k] for k in ("status", "message", "wall_s", "documents", "started_at")})

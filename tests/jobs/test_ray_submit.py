@@ -1,0 +1,106 @@
+"""`ray job submit --working-dir . -- python -m jobs.summarize ...` against a `ray start --head`
+cluster with token authentication, as the README shows it."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import tempfile
+import time
+
+import psutil
+import pytest
+
+from pipeline.output import read_output
+from tests.jobs.conftest import PYTHON, REPO, TINY_DCA, job_env
+
+VENV_BIN = os.path.dirname(PYTHON)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _cluster_processes(temp_dir: str) -> list[psutil.Process]:
+    """The processes of the head started below: those naming its temp dir, and their descendants."""
+    found: dict[int, psutil.Process] = {}
+    me = os.getpid()
+    for proc in psutil.process_iter(["cmdline"]):
+        try:
+            if proc.pid != me and temp_dir in " ".join(proc.info["cmdline"] or []):
+                found[proc.pid] = proc
+                for child in proc.children(recursive=True):
+                    found[child.pid] = child
+        except psutil.Error:
+            pass
+    return list(found.values())
+
+
+@pytest.fixture(scope="module")
+def ray_head(tmp_path_factory):
+    temp_dir = tempfile.mkdtemp(prefix="/tmp/rjs")  # short: Ray's socket paths live under it
+    env = job_env(tmp_path_factory.getbasetemp())
+    env.pop("RAY_ADDRESS")
+    env["PATH"] = VENV_BIN + os.pathsep + env["PATH"]  # the job's `python` is this venv's
+    dashboard = _free_port()
+    # Every port explicit and free: other Ray clusters on this machine hold the defaults (a job
+    # agent that cannot bind 52365 makes every submission fail with "No available agent").
+    ports = [f"--{name}={_free_port()}" for name in (
+        "port", "object-manager-port", "node-manager-port", "ray-client-server-port", "dashboard-agent-listen-port",
+        "dashboard-agent-grpc-port", "runtime-env-agent-port", "metrics-export-port")]
+    subprocess.run(
+        [os.path.join(VENV_BIN, "ray"), "start", "--head", *ports, "--num-cpus=2",
+         f"--dashboard-port={dashboard}", "--dashboard-host=127.0.0.1", f"--temp-dir={temp_dir}",
+         "--disable-usage-stats"],
+        env=env, check=True, timeout=180, capture_output=True,
+    )
+    try:
+        yield f"http://127.0.0.1:{dashboard}", env
+    finally:
+        procs = _cluster_processes(temp_dir)
+        for proc in procs:
+            try:
+                proc.send_signal(signal.SIGTERM)
+            except psutil.Error:
+                pass
+        _, alive = psutil.wait_procs(procs, timeout=5)
+        for proc in alive:
+            try:
+                proc.kill()
+            except psutil.Error:
+                pass
+        shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+def test_ray_job_submit_summarize(ray_head, tiny_chat_model, tmp_path):
+    address, env = ray_head
+    config = tmp_path / "job.json"
+    config.write_text(json.dumps({"dca": TINY_DCA, "max_input_tokens": 150, "max_new_tokens": 4}))
+    out = tmp_path / "out"
+    begin = time.monotonic()
+    for _ in range(30):  # a fresh head's job agent takes a few seconds to register
+        proc = subprocess.run(
+            [os.path.join(VENV_BIN, "ray"), "job", "submit", "--address", address, "--working-dir", ".", "--",
+             "python", "-m", "jobs.summarize", "--input", "examples/corpus", "--output", str(out),
+             "--model", tiny_chat_model, "--config", str(config), "--no-progress"],
+            cwd=REPO, env=env, capture_output=True, text=True, timeout=300,
+        )
+        log = proc.stdout + proc.stderr
+        if "No available agent" not in log:
+            break
+        time.sleep(2)
+    assert proc.returncode == 0 and "succeeded" in log, log[-4000:]
+    # Relative --input resolved inside the uploaded working dir; absolute --output where we asked.
+    rows = read_output(str(out)).to_pylist()
+    assert sorted(r["id"] for r in rows) == sorted([
+        "kjv-ruth", "kjv-esther", "kjv-mark", "alice-ch1-3", "as-you-like-it-act1", "loc-workshop-part1"])
+    assert all(r["status"] == "ok" and r["truncated_tokens"] > 0 for r in rows)
+    metrics = json.loads((out / "_metrics.json").read_text())
+    assert metrics["ray_submission_id"].startswith("raysubmit_")
+    assert time.monotonic() - begin < 240
