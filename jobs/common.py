@@ -161,10 +161,15 @@ def report(summary: dict) -> None:
 
 def run_main(main) -> None:
     """Runs a job's main() with user-facing errors as one line and exit codes 0 / 1 / 2."""
+    import signal
+
     from pipeline.io import InputError
     from pipeline.job import JobFailed
     from pipeline.output import OutputError
 
+    # `ray job stop` and schedulers send SIGTERM: unwind normally so finished documents are
+    # committed, the replicas are shut down and the metrics are written (then exit 143).
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     try:
         main()
     except JobFailed as e:

@@ -412,9 +412,14 @@ class _Driver:
 def _progress_bar(config: JobConfig, total: int):
     if not config.progress:
         return None
+    import sys
+
     from tqdm import tqdm
 
-    return tqdm(total=total, unit="doc", desc=config.task, mininterval=1.0, smoothing=0.1, dynamic_ncols=True)
+    # In job logs (no terminal) a line every 30 s instead of a redraw every second.
+    interval = 1.0 if sys.stderr.isatty() else 30.0
+    return tqdm(total=total, unit="doc", desc=config.task, mininterval=interval, maxinterval=max(interval, 10.0),
+                smoothing=0.1, dynamic_ncols=True)
 
 
 def wait_for_gpus(config: JobConfig) -> bool:

