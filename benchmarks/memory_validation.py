@@ -1,4 +1,5 @@
-"""Measured peak memory of a request against the memory planner's prediction (pipeline/memory_plan.py).
+"""Measured peak memory of a request against the memory planner's prediction (pipeline/memory_plan.py),
+and the quality cost of the int8 KV cache.
 
 CPU (what docs/memory.md records):
 
@@ -23,12 +24,22 @@ weights, and measures torch.cuda.max_memory_allocated per request. Depth-indepen
 full-depth figure is the measured peak plus (80 - layers) x (one layer's weights + one layer's
 KV cache), compared with the planner's prediction for Llama-2-70B at tp=2 without its
 runtime_overhead (the allocator does not see the CUDA context).
+
+int8 KV cost on the embedded SmolLM2-135M at 16k tokens (2x its training length), DCA defaults:
+
+    .venv/bin/python benchmarks/memory_validation.py --kv-quality --length 16384
+
+feeds the same window of Paradise Lost through two caches (full precision and dca.kv_quant's
+int8) block by block and reports perplexity of each, KL(full || int8) and top-1 agreement of the
+next-token distributions, then runs passkey retrieval at a few depths with each cache.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
+import math
 import os
 import re
 import subprocess
@@ -55,7 +66,7 @@ CPU_CASES = [
     ("tiny", 4096, 1280, "float32", 1),
     ("tiny", 16384, None, "float32", 1),
     ("tiny", 16384, 1280, "float32", 1),
-    ("tiny", 16384, 512, "float32", 1),
+    ("tiny", 16384, 640, "float32", 1),
     ("tiny", 16384, 1280, "int8", 1),
     ("tiny", 16384, None, "int8", 1),
     ("tiny", 4096, 1280, "float32", 4),
@@ -234,10 +245,13 @@ def cpu_cases(args) -> list[dict]:
 def cuda_cases(args) -> list[dict]:
     shape = dict(LLAMA2_70B_RANK, num_layers=args.layers)
     cases = []
+    name = f"llama2-70b-rank-{args.layers}L"
+    common = dict(name=name, shape=shape, batch=1, new_tokens=args.new_tokens, dtype="bfloat16", device="cuda")
     for n in args.lengths:
         for kv in ("bfloat16", "int8"):
-            cases.append(dict(name=f"llama2-70b-rank-{args.layers}L", shape=shape, prompt_tokens=n, prefill_block=2560,
-                              kv_dtype=kv, batch=1, new_tokens=args.new_tokens, dtype="bfloat16", device="cuda"))
+            cases.append(dict(common, prompt_tokens=n, prefill_block=2560, kv_dtype=kv))
+    # One-shot prefill at the shortest length (its activations grow with the prompt).
+    cases.append(dict(common, prompt_tokens=min(args.lengths), prefill_block=None, kv_dtype="bfloat16"))
     return cases
 
 
@@ -259,22 +273,30 @@ def cpu_row(case: dict, measured: dict) -> dict:
 
 def cuda_row(case: dict, measured: dict, full_layers: int = 80) -> dict:
     layers = case["shape"]["num_layers"]
+    # The stack itself: the planner for the rank's shape at tp=1 and this depth, without overhead.
+    stack = MemoryPlan(ModelShape(name=case["name"], **case["shape"]), ServingConfig(
+        tp_size=1, kv_dtype=case["kv_dtype"], prefill_block=case["prefill_block"], attention_backend="torch",
+    )).estimate(case["prompt_tokens"], case["new_tokens"], case["batch"])
+    stack_dynamic = stack.kv_cache + stack.activations + stack.logits
+    # Full depth: Llama-2-70B at tp=2; measured = stack peak + the missing layers' weights and KV.
     shape70 = ModelShape.load("llama2-70b")
-    plan = MemoryPlan(shape70, ServingConfig(tp_size=2, kv_dtype=case["kv_dtype"], prefill_block=case["prefill_block"],
-                                             attention_backend="torch"))
+    config70 = ServingConfig(tp_size=2, kv_dtype=case["kv_dtype"], prefill_block=case["prefill_block"],
+                             attention_backend="torch")
+    plan = MemoryPlan(shape70, config70)
     pred = plan.estimate(case["prompt_tokens"], case["new_tokens"], case["batch"])
-    per_layer_weights = (plan.weight_bytes() - MemoryPlan(
-        ModelShape(**{**shape70.__dict__, "num_layers": 1}), plan.config).weight_bytes()) / (full_layers - 1)
+    one_layer = MemoryPlan(dataclasses.replace(shape70, num_layers=1), config70).weight_bytes()
+    per_layer_weights = (plan.weight_bytes() - one_layer) / (full_layers - 1)
     per_layer_kv = measured["kv_measured"] / layers
     scaled = measured["peak_total"] + (full_layers - layers) * (per_layer_weights + per_layer_kv)
     predicted = pred.total - pred.runtime_overhead
     return dict(
-        model=case["name"], prompt_tokens=case["prompt_tokens"], prefill_block=case["prefill_block"],
+        model=case["name"], prompt_tokens=case["prompt_tokens"], prefill_block=case["prefill_block"] or "one-shot",
         kv_dtype=case["kv_dtype"], new_tokens=case["new_tokens"],
-        measured_stack_gib=measured["peak_total"] / 2**30, measured_scaled_gib=scaled / 2**30,
-        predicted_gib=predicted / 2**30, error=(predicted - scaled) / scaled,
-        measured_dynamic_gib=measured["peak_over_model"] / 2**30,
-        predicted_activations_logits_gib=(pred.activations + pred.logits) / 2**30, seconds=measured["seconds"],
+        measured_stack_dynamic_gib=measured["peak_over_model"] / 2**30,
+        predicted_stack_dynamic_gib=stack_dynamic / 2**30,
+        stack_error=(stack_dynamic - measured["peak_over_model"]) / measured["peak_over_model"],
+        measured_scaled_gib=scaled / 2**30, predicted_full_gib=predicted / 2**30,
+        full_error=(predicted - scaled) / scaled, seconds=measured["seconds"],
     )
 
 
@@ -288,6 +310,133 @@ def markdown(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def kv_quality(args) -> dict:
+    """Perplexity, logit divergence and passkey retrieval of SmolLM2 with a full-precision vs int8 KV cache."""
+    import torch
+
+    torch.set_num_threads(args.threads)
+    from transformers import DynamicCache
+
+    from dca.hf import dca_config_of
+    from dca.kv_quant import Int8KVCache
+    from dca.prefill import chunked_prefill
+    from pipeline import evaluation
+    from pipeline.models import ModelSpec, load_model, load_tokenizer
+
+    spec = ModelSpec()
+    model = load_model(spec, device="cpu")
+    tokenizer = load_tokenizer(spec)
+    dca = dca_config_of(model)
+    n = args.length
+    ids = evaluation.encode(tokenizer, evaluation.read_book("plrabn12.txt"))[:n]
+    if len(ids) < n:
+        raise SystemExit(f"plrabn12.txt has {len(ids)} tokens, fewer than --length {n}")
+    x = torch.tensor([ids])
+    caches = {"full": DynamicCache(), "int8": Int8KVCache()}
+    nll = {k: 0.0 for k in caches}
+    kl_sum, agree, max_abs, count = 0.0, 0, 0.0, 0
+    t0 = time.perf_counter()
+    for start in range(0, n, args.block):
+        stop = min(n, start + args.block)
+        logp = {}
+        with torch.inference_mode():
+            for name, cache in caches.items():
+                out = model(x[:, start:stop], cache=cache, use_cache=True)
+                logp[name] = torch.log_softmax(out.logits[0].float(), dim=-1)  # (T, V)
+                del out
+        targets = x[0, start + 1 : stop + 1]
+        rows = targets.shape[0]  # the window's last token has no target
+        for name in caches:
+            nll[name] -= float(logp[name][torch.arange(rows), targets].sum())
+        p_full = logp["full"].exp()
+        kl_sum += float((p_full * (logp["full"] - logp["int8"])).sum())
+        agree += int((logp["full"].argmax(-1) == logp["int8"].argmax(-1)).sum())
+        max_abs = max(max_abs, float((logp["full"] - logp["int8"]).abs().max()))
+        count += stop - start
+        del logp, p_full
+        print(f"  block {start}-{stop} done ({time.perf_counter() - t0:.0f} s)", file=sys.stderr, flush=True)
+    tokens = n - 1
+    result = {
+        "model": "SmolLM2-135M-Instruct (embedded, float32)", "dca": dca.to_dict(), "length": n,
+        "text": "plrabn12.txt tokens 0..", "ppl_full": math.exp(nll["full"] / tokens),
+        "ppl_int8": math.exp(nll["int8"] / tokens), "mean_kl_full_int8": kl_sum / count,
+        "top1_agreement": agree / count, "max_abs_logprob_diff": max_abs,
+        "kv_bytes_full": sum(l.keys.numel() * l.keys.element_size() * 2 for l in caches["full"].layers),
+        "kv_bytes_int8": caches["int8"].nbytes(), "passkey": [],
+    }
+    del caches
+    _emit(result, args.out)
+    for depth in args.depths:
+        key = evaluation.make_passkey(int(depth * 1000))
+        prompt = evaluation.build_passkey_prompt(tokenizer, n, depth, key, kind="repeat")
+        px = torch.tensor([prompt.input_ids])
+        row = {"depth": depth, "key": key}
+        for name, make in (("full", DynamicCache), ("int8", Int8KVCache)):
+            cache = make()
+            with torch.inference_mode():
+                logits = chunked_prefill(model, px, cache)
+                answer = []
+                for _ in range(8):
+                    nxt = logits.argmax(-1, keepdim=True)
+                    answer.append(int(nxt))
+                    logits = model(nxt, cache=cache, use_cache=True, logits_to_keep=1).logits[:, -1]
+            text = tokenizer.decode(answer, skip_special_tokens=True)
+            row[name] = {"answer": text, "correct": evaluation.passkey_correct(text, key)}
+            del cache
+            print(f"  passkey depth {depth} {name}: {text!r} ({time.perf_counter() - t0:.0f} s)", file=sys.stderr,
+                  flush=True)
+        result["passkey"].append(row)
+        _emit({"passkey": row, "length": n}, args.out)
+    result["seconds"] = round(time.perf_counter() - t0)
+    return result
+
+
+def _emit(record: dict, out: str | None) -> None:
+    """Partial results as they come (a 16k run takes long on 2 cores)."""
+    print(json.dumps(record), flush=True)
+    if out:
+        with open(out, "a") as f:
+            f.write(json.dumps(record) + "\n")
+
+
+def kv_tiny(args) -> list[dict]:
+    """Logit difference of the int8 KV cache against a full-precision one on tiny random models (float32)."""
+    import torch
+
+    torch.set_num_threads(args.threads)
+    from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM
+
+    from dca import DCAConfig, apply_dca
+    from dca.kv_quant import Int8KVCache
+
+    rows = []
+    for name, shape in CPU_SHAPES.items():
+        if name != "tiny":
+            continue
+        for heads, kv_heads, head_dim in ((8, 2, 32), (4, 4, 64), (8, 2, 128)):
+            torch.manual_seed(0)
+            config = LlamaConfig(vocab_size=shape["vocab_size"], hidden_size=heads * head_dim,
+                                 intermediate_size=3 * heads * head_dim, num_hidden_layers=shape["num_layers"],
+                                 num_attention_heads=heads, num_key_value_heads=kv_heads, head_dim=head_dim,
+                                 max_position_embeddings=2048)
+            model = LlamaForCausalLM(config).eval()
+            apply_dca(model, DCAConfig(pretraining_length=2048, backend="torch"))
+            x = torch.randint(1, shape["vocab_size"], (1, args.tiny_length), generator=torch.Generator().manual_seed(1))
+            with torch.inference_mode():
+                full = model(x, cache=DynamicCache(), use_cache=True).logits[0].float()
+                q = model(x, cache=Int8KVCache(), use_cache=True).logits[0].float()
+            lp_full, lp_q = torch.log_softmax(full, -1), torch.log_softmax(q, -1)
+            rows.append(dict(
+                model=f"tiny {shape['num_layers']}L heads {heads}/{kv_heads} head_dim {head_dim}", tokens=args.tiny_length,
+                max_abs_logit_diff=float((full - q).abs().max()), logit_std=float(full.std()),
+                max_diff_over_std=float((full - q).abs().max() / full.std()),
+                mean_kl=float((lp_full.exp() * (lp_full - lp_q)).sum(-1).mean()),
+                top1_agreement=float((full.argmax(-1) == q.argmax(-1)).float().mean()),
+            ))
+            print(json.dumps(rows[-1]), flush=True)
+    return rows
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
@@ -298,7 +447,19 @@ def main(argv=None) -> int:
     p.add_argument("--layers", type=int, default=2, help="cuda: decoder layers in the 70B-shaped stack")
     p.add_argument("--lengths", type=int, nargs="*", default=[32768, 65536, 100000], help="cuda: prompt tokens")
     p.add_argument("--out", help="append JSON lines here")
+    p.add_argument("--kv-quality", action="store_true", help="int8 KV cost on SmolLM2 instead of memory")
+    p.add_argument("--length", type=int, default=16384, help="--kv-quality: tokens")
+    p.add_argument("--block", type=int, default=2048, help="--kv-quality: tokens per forward")
+    p.add_argument("--depths", type=float, nargs="*", default=[0.25, 0.75], help="--kv-quality: passkey depths")
+    p.add_argument("--kv-tiny", action="store_true", help="int8 KV logit difference on tiny random models")
+    p.add_argument("--tiny-length", type=int, default=3000, help="--kv-tiny: tokens")
     args = p.parse_args(argv)
+    if args.kv_tiny:
+        print(markdown(kv_tiny(args)))
+        return 0
+    if args.kv_quality:
+        kv_quality(args)
+        return 0
     if args.worker:
         print(json.dumps(run_case(json.loads(args.worker))))
         return 0

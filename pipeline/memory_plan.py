@@ -289,15 +289,16 @@ class WontFit(Exception):
 
     error_type = WONT_FIT
 
-    def __init__(self, estimate: MemoryEstimate, longest_prompt: int):
+    def __init__(self, estimate: MemoryEstimate, longest_prompt: int, remedies: tuple[str, ...] = ()):
         self.estimate = estimate
         self.longest_prompt = longest_prompt
         e = estimate
+        options = ", ".join(("shorten the prompt", *remedies, "more tensor-parallel GPUs"))
         super().__init__(
             f"a request of {e.prompt_tokens} prompt tokens + {e.new_tokens} new tokens at batch {e.batch} needs "
             f"{e.summary()}, but a device has {fmt_bytes(e.device_memory)}; the longest prompt that fits with "
-            f"{e.new_tokens} new tokens at batch {e.batch} is {longest_prompt} tokens. Shorten the prompt, or use "
-            "more tensor-parallel GPUs, an int8 KV cache or chunked prefill (python -m jobs.plan)."
+            f"{e.new_tokens} new tokens at batch {e.batch} is {longest_prompt} tokens. Options: {options} "
+            "(python -m jobs.plan --compare shows what each gives)."
         )
 
     def to_dict(self) -> dict:
@@ -420,8 +421,20 @@ class MemoryPlan:
         """The estimate when the request fits; raises WontFit (with the numbers) when it does not."""
         estimate = self.estimate(prompt_tokens, new_tokens, batch)
         if estimate.fits is False:
-            raise WontFit(estimate, self.longest_prompt(new_tokens, batch))
+            raise WontFit(estimate, self.longest_prompt(new_tokens, batch), self._remedies(batch))
         return estimate
+
+    def _remedies(self, batch: int) -> tuple[str, ...]:
+        c, out = self.config, []
+        if batch > 1:
+            out.append("a smaller batch")
+        if c.resolved_kv_dtype != "int8":
+            out.append("the int8 KV cache (kv_dtype='int8')")
+        if c.prefill_block is None:
+            out.append("chunked prefill (prefill_block='chunk')")
+        if c.logits == "all":
+            out.append("last-position logits only")
+        return tuple(out)
 
     def longest_prompt(self, new_tokens: int = 0, batch: int = 1, limit: int = 1 << 24) -> int:
         """The largest prompt (tokens) that fits with `new_tokens` at `batch`; 0 if none does."""
