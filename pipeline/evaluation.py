@@ -784,6 +784,7 @@ def write_plots(results: dict, out_dir: str | os.PathLike) -> list[Path]:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     import numpy as np
+    from matplotlib.ticker import LogLocator, NullLocator, ScalarFormatter
 
     out_dir = Path(out_dir)
     s = summarize(results)
@@ -794,13 +795,21 @@ def write_plots(results: dict, out_dir: str | os.PathLike) -> list[Path]:
     if s["perplexity"]:
         fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
         for ax, idx, title in ((axes[0], 0, "whole window"), (axes[1], 1, "last quarter of the window")):
-            for v, by_len in s["perplexity"].items():
+            for k, (v, by_len) in enumerate(s["perplexity"].items()):
                 ns = sorted(by_len)
-                ax.plot(ns, [by_len[n][idx] for n in ns], marker="o", label=v)
+                # Line styles and sizes differ: variants with equal results (same_as) overlap.
+                ax.plot(ns, [by_len[n][idx] for n in ns], marker="osD^v"[k % 5], ms=7 - k % 4,
+                        ls=("-", "--", ":", "-.")[k % 4], label=v)
             if max_pos:
                 ax.axvline(max_pos, color="grey", ls="--", lw=1, label=f"training length {max_pos}")
             ax.set_xscale("log", base=2)
             ax.set_yscale("log")
+            all_lengths = sorted({n for by_len in s["perplexity"].values() for n in by_len})
+            ax.set_xticks(all_lengths, [str(n) for n in all_lengths])
+            ax.xaxis.set_minor_locator(NullLocator())
+            ax.yaxis.set_major_locator(LogLocator(subs=(1.0, 2.0, 5.0)))
+            ax.yaxis.set_major_formatter(ScalarFormatter())
+            ax.yaxis.set_minor_locator(NullLocator())
             ax.set_xlabel("window length (tokens)")
             ax.set_ylabel("perplexity")
             ax.set_title(title)
@@ -821,10 +830,11 @@ def write_plots(results: dict, out_dir: str | os.PathLike) -> list[Path]:
                     per_pos.setdefault(r["variant"], []).append(r["nll_by_position"])
             bucket = results["meta"]["config"].get("position_bucket") or 1
             fig, ax = plt.subplots(figsize=(7, 4.2))
-            for v, rows in per_pos.items():
+            for j, (v, rows) in enumerate(per_pos.items()):
                 k = min(len(x) for x in rows)
                 mean = [sum(x[i] for x in rows) / len(rows) for i in range(k)]
-                ax.plot([(i + 1) * bucket for i in range(k)], mean, marker=".", label=v)
+                ax.plot([(i + 1) * bucket for i in range(k)], mean, marker=".", ls=("-", "--", ":", "-.")[j % 4],
+                        label=f"{v} ({len(rows)} window{'s' if len(rows) > 1 else ''})")
             if max_pos:
                 ax.axvline(max_pos, color="grey", ls="--", lw=1, label=f"training length {max_pos}")
             ax.set_xlabel(f"position (end of each {bucket}-token bucket)")
