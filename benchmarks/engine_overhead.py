@@ -63,21 +63,18 @@ def main() -> None:
     spec = ModelSpec(model=args.model)
     tokenizer = load_tokenizer(spec)
     prompt = _prompt_ids(tokenizer, args.prompt_tokens)
-    sampling = SamplingParams(max_new_tokens=args.new_tokens)
+    # EOS would end a run early and make the modes incomparable: every run makes new_tokens tokens.
+    sampling = SamplingParams(max_new_tokens=args.new_tokens, ignore_eos=True)
     eos = tokenizer.eos_token_id
 
-    # EOS would end a run early and make the modes incomparable: stop only at max_new_tokens.
     model = load_model(spec, "cpu")
-    ctx = RankContext(model=model, device=torch.device("cpu"), tokenizer=tokenizer, eos_token_ids=frozenset(),
+    ctx = RankContext(model=model, device=torch.device("cpu"), tokenizer=tokenizer, eos_token_ids=frozenset({eos}),
                       pad_token_id=tokenizer.pad_token_id or 0)
 
     ray.init(num_cpus=args.threads, include_dashboard=False, log_to_driver=False)
     config = EngineConfig(model_spec=spec, tp_size=1, cpus_per_rank=args.threads,
                           max_input_tokens=args.prompt_tokens + 1)
     pool = ReplicaPool(config).start()
-    # The rank actor ignores EOS the same way (benchmark only), so both produce new_tokens tokens.
-    worker = pool._replicas[0].workers[0]
-    ray.get(worker.__ray_call__.remote(lambda self: setattr(self.ctx, "eos_token_ids", frozenset())))
 
     def request(i):
         return GenerationRequest(request_id=f"bench-{i}", prefix_ids=prompt, sampling=sampling)

@@ -167,7 +167,7 @@ def _advance(ctx: RankContext, rows: list[_Row], next_ids: list[int]) -> list[bo
         if row.done:
             continue
         params = row.request.sampling
-        if token in ctx.eos_token_ids:
+        if token in ctx.eos_token_ids and not params.ignore_eos:
             row.done = True
             continue
         row.output_ids.append(token)

@@ -29,6 +29,8 @@ class SamplingParams:
     max_new_tokens: int = 256
     # Generation stops at the first of these strings (the string is cut from the output).
     stop: tuple[str, ...] = ()
+    # Keep generating past end-of-sequence tokens up to max_new_tokens (benchmarks: fixed lengths).
+    ignore_eos: bool = False
 
 
 @dataclass(frozen=True, kw_only=True)

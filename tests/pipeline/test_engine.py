@@ -14,7 +14,7 @@ import torch
 
 from pipeline.engine import EngineConfig, EngineStartupError, ReplicaPool
 from pipeline.models import ModelSpec, load_model
-from pipeline.requests import INVALID_INPUT, PROMPT_TOO_LONG, GenerationRequest, SamplingParams
+from pipeline.requests import INVALID_INPUT, PROMPT_TOO_LONG, REPLICA_FAILED, GenerationRequest, SamplingParams
 from tests.pipeline.conftest import DCA
 
 MAX_NEW = 12
@@ -25,9 +25,9 @@ def _prompts(*lengths, seed=0):
     return [torch.randint(3, 128, (n,), generator=g).tolist() for n in lengths]
 
 
-def _request(rid, prompt, suffixes=None, max_new_tokens=MAX_NEW):
+def _request(rid, prompt, suffixes=None, max_new_tokens=MAX_NEW, ignore_eos=False):
     return GenerationRequest(request_id=rid, prefix_ids=prompt, suffix_ids=suffixes or [[]],
-                             sampling=SamplingParams(max_new_tokens=max_new_tokens))
+                             sampling=SamplingParams(max_new_tokens=max_new_tokens, ignore_eos=ignore_eos))
 
 
 @pytest.fixture(scope="module")
@@ -173,3 +173,19 @@ def test_engine_config_validates_and_loads_from_a_file(tmp_path):
         EngineConfig(model_spec=ModelSpec(), device="tpu")
     with pytest.raises(ValueError, match="unknown EngineConfig field"):
         EngineConfig.from_dict({"model_spec": {}, "tp": 2})
+
+
+def test_hung_replica_is_rebuilt_then_given_up_with_clear_errors(ray_cluster, tiny_model_dir):
+    # Every attempt outlives request_timeout_s: the replica is rebuilt max_restarts times, the
+    # request is retried request_retries times, then both give up with errors saying so.
+    config = _config(tiny_model_dir, 1, request_timeout_s=0.2, max_restarts=1, request_retries=1)
+    (prompt,) = _prompts(300, seed=8)
+    with ReplicaPool(config) as pool:
+        (result,) = pool.submit(_request("slow", prompt, max_new_tokens=3000, ignore_eos=True)).result(timeout=300)
+        assert result.status == "error" and result.error_type == REPLICA_FAILED and result.attempts == 2
+        assert "request_retries=1 exhausted" in result.error_message
+        assert "request_timeout_s=0.2" in result.error_message
+        (stats,) = pool.stats().values()
+        assert stats["failures"] == 2 and not stats["alive"]
+        (late,) = pool.submit(_request("late", prompt[:10])).result(timeout=10)
+        assert late.error_type == REPLICA_FAILED and "no replica is left" in late.error_message
