@@ -104,3 +104,52 @@ def test_ray_job_submit_summarize(ray_head, tiny_chat_model, tmp_path):
     metrics = json.loads((out / "_metrics.json").read_text())
     assert metrics["ray_submission_id"].startswith("raysubmit_")
     assert time.monotonic() - begin < 240
+
+
+def test_ray_job_submit_qa_and_nightly_with_its_submission_id(ray_head, tiny_chat_model, tmp_path):
+    """jobs.qa and jobs.nightly under the job API (submitted together), the nightly one with its
+    deterministic submission id; a second submission of the same night is refused by Ray."""
+    import subprocess as sp
+
+    from ray.job_submission import JobStatus, JobSubmissionClient
+
+    address, env = ray_head
+    config = tmp_path / "job.json"
+    config.write_text(json.dumps({"dca": TINY_DCA, "max_input_tokens": 150, "max_new_tokens": 4}))
+    common = f"--model {tiny_chat_model} --config {config} --no-progress"
+    submission = sp.run(
+        [PYTHON, "-m", "jobs.nightly", "--input", "examples/corpus", "--date", "2026-11-25", "--print-submission-id"],
+        cwd=REPO, env=env, capture_output=True, text=True, check=True, timeout=120,
+    ).stdout.strip()
+    client = JobSubmissionClient(address)
+    runtime_env = {"working_dir": REPO}
+    jobs = {}
+    for _ in range(30):  # wait for the job agent of a fresh head
+        try:
+            jobs["qa"] = client.submit_job(
+                entrypoint=f"python -m jobs.qa --input examples/qa --output {tmp_path / 'qa'} {common}",
+                runtime_env=runtime_env)
+            break
+        except RuntimeError as e:
+            if "No available agent" not in str(e):
+                raise
+            time.sleep(2)
+    jobs["nightly"] = client.submit_job(
+        entrypoint=f"python -m jobs.nightly --input examples/corpus --output {tmp_path / 'nightly'} "
+                   f"--date 2026-11-25 {common}",
+        runtime_env=runtime_env, submission_id=submission)
+    assert jobs["nightly"] == submission
+    with pytest.raises(RuntimeError):
+        client.submit_job(entrypoint="python -c pass", submission_id=submission)
+    deadline = time.monotonic() + 240
+    while time.monotonic() < deadline:
+        states = {k: client.get_job_status(v) for k, v in jobs.items()}
+        if all(s in (JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.STOPPED) for s in states.values()):
+            break
+        time.sleep(1)
+    assert states == {"qa": JobStatus.SUCCEEDED, "nightly": JobStatus.SUCCEEDED}, {
+        k: client.get_job_logs(v)[-2000:] for k, v in jobs.items()}
+    qa_rows = read_output(str(tmp_path / "qa")).to_pylist()
+    assert len(qa_rows) == 7 and all(r["status"] == "ok" and r["question"] for r in qa_rows)
+    nightly = read_output(str(tmp_path / "nightly" / "run_date=2026-11-25"))
+    assert nightly.num_rows == 6 and set(nightly["job_id"].to_pylist()) == {submission}
