@@ -135,6 +135,16 @@ def job_config_kwargs(values: dict) -> dict:
     if model and model != "smollm2" and not under_ray_job():
         spec_values["model"] = os.path.abspath(os.path.expanduser(model))
     kwargs = {_RENAMED.get(k, k): v for k, v in values.items()}
+    import dataclasses
+
+    from pipeline.job import JobConfig
+
+    known = {f.name for f in dataclasses.fields(JobConfig)} - {"task", "model_spec"}
+    unknown = sorted(set(kwargs) - known)
+    if unknown:
+        inverse = {v: k for k, v in _RENAMED.items()}
+        names = sorted({inverse.get(k, k) for k in known} | set(_MODEL_KEYS) | {"model_spec"})
+        raise ValueError(f"unknown option(s) {unknown} (in --config?); known: {', '.join(names)}")
     kwargs["model_spec"] = ModelSpec.from_dict(spec_values)
     if isinstance(kwargs.get("stop"), list):
         kwargs["stop"] = tuple(kwargs["stop"])

@@ -35,6 +35,9 @@ def test_flags_override_config_file_and_paths_resolve(tmp_path, monkeypatch):
     assert off.model_spec.dca is None and off.question_column == "questions"
     with pytest.raises(ValueError, match="missing --output"):
         _values(["--input", "in"])
+    cfg.write_text("max_new_tokenz: 3\n")
+    with pytest.raises(ValueError, match=r"unknown option\(s\) \['max_new_tokenz'\].*max_new_tokens"):
+        job_config_kwargs(_values(["--input", "in", "--output", "out", "--config", str(cfg)]))
 
 
 def test_relative_output_is_rejected_under_ray_job_submit(tmp_path, monkeypatch):
