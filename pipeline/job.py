@@ -362,6 +362,10 @@ class _Driver:
         except PromptError as e:
             self._emit(self._error_rows(doc, PROMPT_TOO_LONG, f"{doc.source}: {e}"))
             return None
+        except Exception as e:  # a tokenizer failure on one document must not stop the job
+            log.exception("building the prompt of %s failed", doc.source)
+            self._emit(self._error_rows(doc, INTERNAL, f"{doc.source}: could not build the prompt: {e!r}"))
+            return None
         request = GenerationRequest(
             request_id=doc.id, prefix_ids=prompt.prefix_ids, suffix_ids=prompt.suffix_ids, sampling=self.sampling,
         )
@@ -554,9 +558,12 @@ def run_job(
         if requested_gpus:
             release_gpu_request()
         summary = metrics.summary(status=status, message=message, engine_stats=engine_stats, extra=metrics_extra)
-        writer.close(complete=status == "complete", summary={
-            k: summary[k] for k in ("status", "message", "wall_s", "documents", "started_at")})
-        summary["metrics_files"] = metrics.write(config.output_dir, summary)
+        try:
+            writer.flush()  # the last documents, before the metrics that count them
+            summary["metrics_files"] = metrics.write(config.output_dir, summary)
+        finally:
+            writer.close(complete=status == "complete", summary={
+                k: summary[k] for k in ("status", "message", "wall_s", "documents", "started_at")})
     if status != "complete":
         raise JobFailed(message)
     return summary

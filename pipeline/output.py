@@ -5,6 +5,7 @@ Layout of an output directory (local filesystem):
     OUTPUT/part-00000.parquet ...   committed parts (a part exists under this name only once whole)
     OUTPUT/_manifest.json           job id, job fingerprint, list of committed parts (atomic rewrite)
     OUTPUT/_staging/                parts being written (deleted on start: never committed)
+    OUTPUT/_lock                    flock held by the writing job (a second writer is refused)
     OUTPUT/_metrics.json, _metrics.png   per-run metrics (pipeline.job_metrics)
 
 A part is written under _staging, fsynced, then renamed into place: the rename is the commit. The
@@ -31,6 +32,7 @@ from pipeline.io import DUPLICATE_ID, INVALID_INPUT
 
 MANIFEST = "_manifest.json"
 STAGING = "_staging"
+LOCK = "_lock"
 MANIFEST_FORMAT = 1
 _PART_RE = re.compile(r"^part-(\d{5,})\.parquet$")
 
@@ -151,6 +153,31 @@ def read_output(output_dir: str, columns=None) -> pa.Table:
     return pa.concat_tables(pq.read_table(p, columns=columns, schema=OUTPUT_SCHEMA) for p in parts)
 
 
+def _lock_output(output_dir: str):
+    """An exclusive flock on OUTPUT/_lock for the writer's lifetime: two jobs writing the same
+    directory would overwrite each other's parts. The kernel drops it when the process dies
+    (even by SIGKILL), so it never goes stale."""
+    import fcntl
+    import socket
+
+    handle = open(os.path.join(output_dir, LOCK), "a+")
+    try:
+        fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.seek(0)
+        holder = handle.read().strip() or "another process"
+        handle.close()
+        raise OutputError(
+            f"output {output_dir} is being written by another job ({holder}); wait for it to finish or "
+            "choose another --output"
+        ) from None
+    handle.seek(0)
+    handle.truncate()
+    handle.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
+    handle.flush()
+    return handle
+
+
 class OutputWriter:
     """Buffers rows by document and commits them in parts. Not thread-safe: one caller at a time.
 
@@ -177,6 +204,7 @@ class OutputWriter:
         self.fingerprint = fingerprint
         self.part_rows = part_rows
         self.part_seconds = part_seconds
+        self._config = config
         self._buffer: list[dict] = []
         self._buffer_docs = 0
         self._last_commit = time.monotonic()
@@ -184,6 +212,16 @@ class OutputWriter:
         self.parts_committed_this_run = 0
 
         os.makedirs(output_dir, exist_ok=True)
+        self._lock = _lock_output(output_dir)
+        try:
+            self._open(overwrite)
+        except BaseException:
+            self._lock.close()
+            raise
+
+    def _open(self, overwrite: bool) -> None:
+        output_dir, job_id, fingerprint = self.output_dir, self.job_id, self.fingerprint
+        config = self._config
         manifest = read_manifest(output_dir)
         parts = committed_parts(output_dir)
         if overwrite:
@@ -231,7 +269,7 @@ class OutputWriter:
 
     def _clear(self) -> None:
         for name in os.listdir(self.output_dir):
-            if _PART_RE.match(name) or name in (MANIFEST, "_metrics.json", "_metrics.png"):
+            if _PART_RE.match(name) or name in (MANIFEST, "_metrics.json", "_metrics.png"):  # not _lock
                 os.remove(os.path.join(self.output_dir, name))
 
     def add_document(self, rows: list[dict]) -> None:
@@ -272,6 +310,7 @@ class OutputWriter:
             self.manifest["last_run"] = summary
         _write_json_atomic(os.path.join(self.output_dir, MANIFEST), self.manifest)
         shutil.rmtree(os.path.join(self.output_dir, STAGING), ignore_errors=True)
+        self._lock.close()  # releases the flock
 
 
 __all__ = [

@@ -54,6 +54,7 @@ def test_resume_skips_committed_and_recovers_unlisted_part(tmp_path):
     manifest["parts"] = manifest["parts"][:1]
     (tmp_path / MANIFEST).write_text(json.dumps(manifest))
     (tmp_path / STAGING / "part-00009.parquet").write_bytes(b"partial")
+    w._lock.close()  # the process is gone: the kernel drops its lock
 
     w2 = _writer(tmp_path)
     c = w2.committed
@@ -95,3 +96,11 @@ def test_committed_index_counts():
     c.add_rows(["a", "a", "b", None], [None, None, "duplicate_id", "invalid_input"])
     assert c.is_committed("a", 0) and not c.is_committed("b", 0) and c.is_committed("b", 1)
     assert len(c) == 3
+
+
+def test_a_second_writer_on_the_same_output_is_refused(tmp_path):
+    w = _writer(tmp_path)
+    with pytest.raises(OutputError, match=r"being written by another job \(pid \d+"):
+        _writer(tmp_path)
+    w.close(complete=True)
+    _writer(tmp_path).close(complete=True)  # released on close
