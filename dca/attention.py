@@ -44,6 +44,17 @@ class RopeTable:
             self._tables[key] = self._build(ids, dtype)
         return self._tables[key]
 
+    def rotate_range(self, x: torch.Tensor, start: int, stop: int) -> torch.Tensor:
+        """x (B, H, T, D) rotated at ids min(start + t, S) for t = 0..T-1: slices, no gather."""
+        cos, sin = self.tables(x.device, x.dtype)
+        cap = self.config.chunk_size
+        c, s = cos[start : min(stop, cap + 1)], sin[start : min(stop, cap + 1)]
+        if stop > cap + 1:
+            extra = stop - max(start, cap + 1)
+            c = torch.cat([c, cos[cap].expand(extra, -1)])
+            s = torch.cat([s, sin[cap].expand(extra, -1)])
+        return x * c + rotate_half(x) * s
+
     def rotate(self, x: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
         """x (B, H, T, D) rotated at ids (B, T) or a python int."""
         cos, sin = self.tables(x.device, x.dtype)
@@ -143,7 +154,6 @@ def _chunked(q, k, v, t0: int, rope: RopeTable, scale: float, backend: str) -> t
     L = config.chunk_len
     b, _, tq, _ = q.shape
     k_len = k.shape[2]
-    device = q.device
     # Each chunk's merged float32 result goes straight into an output of the query dtype: no
     # full-length float32 copy and no concatenation.
     out = torch.empty_like(q)
@@ -151,11 +161,13 @@ def _chunked(q, k, v, t0: int, rope: RopeTable, scale: float, backend: str) -> t
     for c in range(first_chunk, last_chunk + 1):
         qa, qb = max(t0, c * L), min(k_len, (c + 1) * L)  # token range of this block's queries
         qs = q[:, :, qa - t0 : qb - t0]  # (B, Hq, qb-qa, D)
-        tokens = torch.arange(qa, qb, device=device).expand(b, -1)  # (B, Tblk)
-        intra_q = rope.rotate(qs, positions.intra_query_ids(tokens, config))
+        # Queries of one chunk have consecutive ids: i mod L = offset in the chunk, and the
+        # successive id L + (i mod L) capped at S.
+        a0, a1 = qa - c * L, qb - c * L
+        intra_q = rope.rotate_range(qs, a0, a1)
         parts = [kernels.attend(intra_q, k[:, :, c * L : qb], v[:, :, c * L : qb], scale, True, backend)]
         if c >= 1:
-            succ_q = rope.rotate(qs, positions.successive_query_ids(tokens, config))
+            succ_q = rope.rotate_range(qs, L + a0, L + a1)
             lo = (c - 1) * L
             parts.append(kernels.attend(succ_q, k[:, :, lo : c * L], v[:, :, lo : c * L], scale, False, backend))
         if c >= 2:

@@ -65,3 +65,16 @@ def test_bfloat16_inputs_merge_in_float32():
     assert out.dtype == torch.float32 and lse.dtype == torch.float32
     ref_out, _ = naive(q, k, v, 0.3, False)
     assert_close(out.double(), ref_out, rtol=2e-2, atol=2e-2)
+
+
+def test_rope_rotate_range_equals_gathered_ids():
+    from dca import DCAConfig
+    from dca.attention import RopeTable
+
+    config = DCAConfig(32, chunk_size=24, local_window=4)
+    angles = torch.arange(25, dtype=torch.float64)[:, None] * torch.linspace(0.1, 1.0, 8, dtype=torch.float64)
+    rope = RopeTable(config, lambda ids, dtype: (angles[ids].cos().to(dtype), angles[ids].sin().to(dtype)))
+    x = torch.randn(2, 3, 12, 8, dtype=torch.float64)
+    for start in (0, 5, 13, 20, 30):
+        ids = torch.arange(start, start + 12).clamp(max=24).expand(2, -1)
+        assert_close(rope.rotate_range(x, start, start + 12), rope.rotate(x, ids), rtol=0, atol=0)
