@@ -727,6 +727,10 @@ class ReplicaPool:
             try:
                 results = replica.run([e.request for e in batch], self._on_dispatch)
             except _ReplicaDown as error:
+                if self._stopping:  # shutdown() killed the actors under this batch
+                    for entry in batch:
+                        self._fail(entry, INTERNAL, "the engine was shut down while this request ran")
+                    return
                 replica.failures += 1
                 replica.last_error = str(error)
                 log.warning("%s went down (%s); %d request(s) go back to the queue", replica.name, error, len(batch))
