@@ -173,6 +173,7 @@ def run_main(main) -> None:
     """Runs a job's main() with user-facing errors as one line and exit codes 0 / 1 / 2."""
     import signal
 
+    from pipeline.engine import EngineStartupError
     from pipeline.io import InputError
     from pipeline.job import JobFailed
     from pipeline.output import OutputError
@@ -185,6 +186,6 @@ def run_main(main) -> None:
     except JobFailed as e:
         print(f"job failed: {e}", file=sys.stderr, flush=True)
         sys.exit(EXIT_FAILED)
-    except (InputError, OutputError, FileNotFoundError, ValueError) as e:
+    except (InputError, OutputError, EngineStartupError, FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr, flush=True)
         sys.exit(EXIT_USAGE)
