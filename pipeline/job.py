@@ -519,10 +519,13 @@ def run_job(
                      skip=skip_factory(cfg_hash) if skip_factory is not None else None, progress=None,
                      committed=writer.committed)
     pool = progress = None
-    requested_gpus = False
+    requested_gpus = started_ray = False
     status, message, engine_stats = "failed", None, None
     try:
         if pool_factory is None:
+            import ray
+
+            started_ray = not ray.is_initialized()
             config = ensure_ray(config)
             requested_gpus = wait_for_gpus(config)
             pool = make_pool(config)
@@ -541,7 +544,11 @@ def run_job(
         else:
             status = "complete"
     except BaseException as e:  # record what happened, keep what is committed, then re-raise
-        message = f"{type(e).__name__}: {e}"
+        if isinstance(e, (SystemExit, KeyboardInterrupt)):
+            message = f"stopped ({type(e).__name__} {getattr(e, 'code', '') or ''}: SIGTERM/SIGINT or exit); " \
+                      "committed results are kept, rerun the same command to resume"
+        else:
+            message = f"{type(e).__name__}: {e}"
         raise
     finally:
         if progress is not None:
@@ -557,6 +564,10 @@ def run_job(
                 log.exception("pool shutdown failed")
         if requested_gpus:
             release_gpu_request()
+        if started_ray:  # disconnect (and stop a local Ray) cleanly, also on SIGTERM
+            import ray
+
+            ray.shutdown()
         summary = metrics.summary(status=status, message=message, engine_stats=engine_stats, extra=metrics_extra)
         try:
             writer.flush()  # the last documents, before the metrics that count them
