@@ -231,9 +231,15 @@ def run_in_subprocess(case: dict) -> dict:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
+def _parse_case(text: str) -> tuple:
+    """'smollm2:4096:1280:int8:1' -> ("smollm2", 4096, 1280, "int8", 1); block 'none' = one shot."""
+    name, n, block, kv, batch = text.split(":")
+    return name, int(n), None if block == "none" else int(block), kv, int(batch)
+
+
 def cpu_cases(args) -> list[dict]:
     cases = []
-    for name, n, block, kv, batch in CPU_CASES:
+    for name, n, block, kv, batch in ([_parse_case(c) for c in args.case] if args.case else CPU_CASES):
         if args.only and name not in args.only:
             continue
         cases.append(dict(name=name, shape=CPU_SHAPES[name], prompt_tokens=n, prefill_block=block, kv_dtype=kv,
@@ -332,6 +338,8 @@ def kv_quality(args) -> dict:
     if len(ids) < n:
         raise SystemExit(f"plrabn12.txt has {len(ids)} tokens, fewer than --length {n}")
     x = torch.tensor([ids])
+    if args.passkey_only:
+        return _passkey(args, model, tokenizer, n, {"length": n, "passkey": []}, time.perf_counter())
     caches = {"full": DynamicCache(), "int8": Int8KVCache()}
     nll = {k: 0.0 for k in caches}
     kl_sum, agree, max_abs, count = 0.0, 0, 0.0, 0
@@ -366,6 +374,17 @@ def kv_quality(args) -> dict:
     }
     del caches
     _emit(result, args.out)
+    return _passkey(args, model, tokenizer, n, result, t0)
+
+
+def _passkey(args, model, tokenizer, n: int, result: dict, t0: float) -> dict:
+    import torch
+    from transformers import DynamicCache
+
+    from dca.kv_quant import Int8KVCache
+    from dca.prefill import chunked_prefill
+    from pipeline import evaluation
+
     for depth in args.depths:
         key = evaluation.make_passkey(int(depth * 1000))
         prompt = evaluation.build_passkey_prompt(tokenizer, n, depth, key, kind="repeat")
@@ -444,6 +463,7 @@ def main(argv=None) -> int:
     p.add_argument("--new-tokens", type=int, default=8)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--only", nargs="*", help="CPU shapes to run (tiny, smollm2)")
+    p.add_argument("--case", action="append", help="CPU case MODEL:PROMPT:BLOCK|none:KV:BATCH (repeatable)")
     p.add_argument("--layers", type=int, default=2, help="cuda: decoder layers in the 70B-shaped stack")
     p.add_argument("--lengths", type=int, nargs="*", default=[32768, 65536, 100000], help="cuda: prompt tokens")
     p.add_argument("--out", help="append JSON lines here")
@@ -451,6 +471,7 @@ def main(argv=None) -> int:
     p.add_argument("--length", type=int, default=16384, help="--kv-quality: tokens")
     p.add_argument("--block", type=int, default=2048, help="--kv-quality: tokens per forward")
     p.add_argument("--depths", type=float, nargs="*", default=[0.25, 0.75], help="--kv-quality: passkey depths")
+    p.add_argument("--passkey-only", action="store_true", help="--kv-quality: skip the perplexity part")
     p.add_argument("--kv-tiny", action="store_true", help="int8 KV logit difference on tiny random models")
     p.add_argument("--tiny-length", type=int, default=3000, help="--kv-tiny: tokens")
     args = p.parse_args(argv)
