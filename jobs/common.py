@@ -53,6 +53,9 @@ def add_common_flags(parser: argparse.ArgumentParser, *, task: str | None) -> No
     g.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], help="default auto")
     g.add_argument("--no-dca", dest="dca", action="store_const", const="off",
                    help="run the model without Dual Chunk Attention")
+    g.add_argument("--kv-cache-dtype", choices=["auto", "int8"], help="engine: KV cache storage (default auto)")
+    g.add_argument("--prefill-block", type=_prefill_block,
+                   help="engine: prompt tokens per prefill forward, 'chunk' (one DCA chunk) or N (default one shot)")
     g.add_argument("--max-batch-tokens", type=int, help="engine: tokens per batch inside a replica")
     g.add_argument("--max-batch-size", type=int, help="engine: requests per batch inside a replica")
     g.add_argument("--device", choices=["auto", "cuda", "cpu"], help="engine: default auto (cuda when the cluster has GPUs)")
@@ -71,6 +74,15 @@ def add_common_flags(parser: argparse.ArgumentParser, *, task: str | None) -> No
     g.add_argument("--no-progress", dest="progress", action="store_const", const=False, help="no progress bar")
     g.add_argument("--ray-address", help="Ray cluster to use (default: RAY_ADDRESS, else a local Ray)")
     g.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+
+
+def _prefill_block(text: str) -> int | str:
+    if text == "chunk":
+        return text
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected 'chunk' or a number of tokens, got {text!r}") from None
 
 
 def load_config_file(path: str) -> dict:

@@ -83,6 +83,30 @@ _DEVICES = ("auto", "cpu", "cuda")
 SHM_PREFIX = "deepspeed_allreduce_buffer"
 
 
+def _memory_plan(config: EngineConfig, model, device, world_size: int):
+    """The planner every request is checked against on this rank (None on CPU unless asked)."""
+    memory = config.device_memory_bytes
+    if memory is None and device.type == "cuda":
+        import torch
+
+        memory = torch.cuda.get_device_properties(device).total_memory
+    if memory is None:
+        return None
+    from dca import dca_config_of
+    from dca.kernels import flash_available
+    from pipeline.memory_plan import MemoryPlan, ModelShape, ServingConfig
+
+    dca = dca_config_of(model)
+    dtype = str(model.dtype).removeprefix("torch.")
+    serving = ServingConfig(
+        tp_size=world_size, weight_dtype=dtype, kv_dtype=config.kv_cache_dtype,
+        prefill_block=config.prefill_block, logits="last",
+        attention_backend="flash" if device.type == "cuda" and flash_available() else "torch",
+        chunk_len=dca.chunk_len if dca is not None else None, device=device.type, device_memory=memory,
+    )
+    return MemoryPlan(ModelShape.from_config(model.config), serving)
+
+
 class EngineStartupError(RuntimeError):
     """The pool cannot start: the message says what is missing."""
 
@@ -122,6 +146,15 @@ class EngineConfig:
     rank_grace_s: float = 60.0
     # Used only when Ray is not initialised: None starts a local cluster, "auto" joins `ray start`.
     ray_address: str | None = None
+    # KV cache storage: "auto" (the model dtype) or "int8" (dca.kv_quant.Int8KVCache: per-token,
+    # per-head scales, about half of bf16). docs/memory.md measures its cost.
+    kv_cache_dtype: str = "auto"
+    # Prompt tokens per prefill forward: None = one shot, "chunk" = one DCA chunk (activation
+    # memory then depends on the block, not the prompt), or a number of tokens.
+    prefill_block: int | str | None = None
+    # Device memory per rank the memory planner (pipeline/memory_plan.py) checks every request
+    # against before running it: None = the GPU's total memory on CUDA, no check on CPU.
+    device_memory_bytes: int | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.model_spec, ModelSpec):
@@ -136,6 +169,16 @@ class EngineConfig:
                 raise ValueError(f"{name} must be an int >= 0, got {value!r}")
         if self.device not in _DEVICES:
             raise ValueError(f"device must be one of {_DEVICES}, got {self.device!r}")
+        if self.kv_cache_dtype not in ("auto", "int8"):
+            raise ValueError(f"kv_cache_dtype must be 'auto' or 'int8', got {self.kv_cache_dtype!r}")
+        block = self.prefill_block
+        if not (block is None or block == "chunk" or (isinstance(block, int) and not isinstance(block, bool) and block >= 1)):
+            raise ValueError(f"prefill_block must be None, 'chunk' or an int >= 1, got {block!r}")
+        if self.device_memory_bytes is not None and (
+            isinstance(self.device_memory_bytes, bool) or not isinstance(self.device_memory_bytes, int)
+            or self.device_memory_bytes < 1
+        ):
+            raise ValueError(f"device_memory_bytes must be None or an int >= 1, got {self.device_memory_bytes!r}")
         if not self.startup_timeout_s > 0 or not self.rank_grace_s > 0 or not self.placement_timeout_s > 0:
             raise ValueError("placement_timeout_s, startup_timeout_s and rank_grace_s must be > 0")
         if self.request_timeout_s is not None and not self.request_timeout_s > 0:
@@ -265,7 +308,9 @@ class RankWorker:
                        model.config.eos_token_id):
             eos.update(source if isinstance(source, (list, tuple)) else [source] if source is not None else [])
         self.ctx = RankContext(model=model, device=device, rank=self.rank, tokenizer=tokenizer,
-                               eos_token_ids=frozenset(eos), pad_token_id=pad)
+                               eos_token_ids=frozenset(eos), pad_token_id=pad,
+                               kv_cache_dtype=config.kv_cache_dtype, prefill_block=config.prefill_block,
+                               memory_plan=_memory_plan(config, model, device, self.world_size))
         if sync is not None:
             self.ctx.sync = sync
         # Warm-up: builds DeepSpeed's CPU all-reduce op (JIT) and the DCA rope tables now, inside

@@ -30,7 +30,7 @@ from typing import Callable
 
 import torch
 
-from pipeline.requests import OUT_OF_MEMORY, GenerationRequest, GenerationResult
+from pipeline.requests import OUT_OF_MEMORY, WONT_FIT, GenerationRequest, GenerationResult
 
 CUDA_MEMORY_KIND = "cuda_max_allocated"
 CPU_MEMORY_KIND = "cpu_peak_rss"
@@ -49,6 +49,12 @@ class RankContext:
     tokenizer: object | None = None
     eos_token_ids: frozenset[int] = frozenset()
     pad_token_id: int = 0
+    # "auto" (model dtype) or "int8" (dca.kv_quant.Int8KVCache).
+    kv_cache_dtype: str = "auto"
+    # Prompt tokens per prefill forward: None one shot, "chunk" one DCA chunk, or a number.
+    prefill_block: int | str | None = None
+    # pipeline.memory_plan.MemoryPlan every request is checked against, or None.
+    memory_plan: object | None = None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -229,10 +235,24 @@ def _decode(ctx: RankContext, rows: list[_Row], cache, logits, mask, meter: _Met
         logits = _forward(ctx.model, chosen[:, None], mask, positions, cache)
 
 
-def _new_cache(model):
+def _new_cache(ctx: RankContext):
+    if ctx.kv_cache_dtype == "int8":
+        from dca.kv_quant import Int8KVCache
+
+        return Int8KVCache()
     from transformers import DynamicCache
 
-    return DynamicCache(config=model.config)
+    return DynamicCache(config=ctx.model.config)
+
+
+def _prefill(ctx: RankContext, ids, mask, positions, cache, prompt_length) -> torch.Tensor:
+    """Last-position logits (B, V) of the prompt, one shot or block by block (ctx.prefill_block)."""
+    if ctx.prefill_block is None:
+        return _forward(ctx.model, ids, mask, positions, cache)
+    from dca.prefill import chunked_prefill
+
+    block = None if ctx.prefill_block == "chunk" else ctx.prefill_block
+    return chunked_prefill(ctx.model, ids, cache, block_size=block, attention_mask=mask, prompt_length=prompt_length)
 
 
 def _rows_for(ctx: RankContext, request: GenerationRequest, suffixes) -> list[_Row]:
@@ -265,9 +285,10 @@ def _run_rows_batch(ctx: RankContext, requests: list[GenerationRequest]) -> tupl
     ids, mask = ids.to(ctx.device), mask.to(ctx.device)
     positions = (mask.cumsum(-1) - 1).clamp(min=0)  # (B, T)
     meter = _Meter(ctx.device)
-    cache = _new_cache(ctx.model)
-    set_prompt_length(cache, torch.tensor([len(p) for p in prompts], device=ctx.device))
-    logits = _forward(ctx.model, ids, mask, positions, cache)
+    cache = _new_cache(ctx)
+    lengths = torch.tensor([len(p) for p in prompts], device=ctx.device)
+    set_prompt_length(cache, lengths)
+    logits = _prefill(ctx, ids, mask, positions, cache, lengths)
     _decode(ctx, rows, cache, logits, mask, meter)
     return rows, {"batch": meter.finish(), "row_meters": None}
 
@@ -282,10 +303,10 @@ def _run_shared_prefix(ctx: RankContext, request: GenerationRequest) -> tuple[li
     # suffix alike (the prefix's cached states depend on it). No effect when alpha is 0.
     n = request.prompt_tokens
     prefix_meter = _Meter(device)
-    prefix_cache = _new_cache(ctx.model)
+    prefix_cache = _new_cache(ctx)
     set_prompt_length(prefix_cache, n)
     prefix_mask = torch.ones_like(prefix)
-    prefix_logits = _forward(ctx.model, prefix, prefix_mask, None, prefix_cache)
+    prefix_logits = _prefill(ctx, prefix, prefix_mask, None, prefix_cache, n)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     prefix_s = time.perf_counter() - prefix_meter.start
@@ -355,6 +376,29 @@ def _results(ctx: RankContext, rows: list[_Row], info: dict) -> list[GenerationR
     return results
 
 
+def _check_memory_plan(ctx: RankContext, requests: list[GenerationRequest]):
+    """None when the planner says the batch fits; else per-request results (wont_fit errors and,
+    for a batch that only fails together, each request run alone). Same answer on every rank."""
+    from pipeline.memory_plan import WontFit
+
+    # A shared prefix's cache is copied per suffix: one KV cache per suffix at the last one.
+    batch = len(requests) if len(requests) > 1 else len(requests[0].suffix_ids)
+    longest = max(r.prompt_tokens for r in requests)
+    new_tokens = max(r.sampling.max_new_tokens for r in requests)
+    try:
+        ctx.memory_plan.check(longest, new_tokens, batch)
+        return None
+    except WontFit as error:
+        if len(requests) > 1:
+            return [generate_batch(ctx, [r])[0] for r in requests]
+        request = requests[0]
+        return [[
+            GenerationResult.error(request.request_id, i, WONT_FIT, f"not started: {error}",
+                                   prompt_tokens=len(request.prefix_ids) + len(s))
+            for i, s in enumerate(request.suffix_ids)
+        ]]
+
+
 def generate_batch(ctx: RankContext, requests: list[GenerationRequest]) -> list[list[GenerationResult]]:
     """Runs a batch; -> one list of results (one per suffix) per request, in the given order.
 
@@ -365,6 +409,10 @@ def generate_batch(ctx: RankContext, requests: list[GenerationRequest]) -> list[
     """
     if len(requests) > 1 and any(len(r.suffix_ids) != 1 for r in requests):
         raise ValueError("a request with several suffixes must run alone")
+    if ctx.memory_plan is not None:
+        refused = _check_memory_plan(ctx, requests)
+        if refused is not None:
+            return refused
     try:
         with torch.inference_mode():
             if len(requests) == 1 and len(requests[0].suffix_ids) > 1:

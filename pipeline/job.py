@@ -90,6 +90,10 @@ class JobConfig:
     max_restarts: int | None = None
     request_retries: int | None = None
     device: str | None = None
+    # KV cache storage "auto" | "int8", and prompt tokens per prefill forward (None one shot,
+    # "chunk" one DCA chunk, or a number): see docs/memory.md for what each buys.
+    kv_cache_dtype: str | None = None
+    prefill_block: int | str | None = None
     # CPUs (and torch threads) per rank. None: on a local Ray, this machine's cores shared evenly
     # between all ranks; on a cluster, the engine's default (1).
     cpus_per_rank: int | None = None
@@ -465,16 +469,47 @@ def release_gpu_request() -> None:
         log.debug("could not clear the autoscaler request", exc_info=True)
 
 
+def log_memory_plan(config: JobConfig, engine_config) -> None:
+    """Prints the memory planner's table for this job's longest request (a GPU plan where the
+    job runs on GPUs; on CPU the same components, without a device limit)."""
+    import sys
+
+    import ray
+
+    from pipeline.memory_plan import MemoryPlan, ModelShape, ServingConfig
+
+    try:
+        device = "cuda" if config.device == "cuda" or (
+            config.device in (None, "auto") and ray.is_initialized() and ray.cluster_resources().get("GPU", 0) > 0
+        ) else "cpu"
+        dtype = config.model_spec.dtype
+        if dtype == "auto":
+            dtype = "bfloat16" if device == "cuda" else "float32"
+        shape = ModelShape.load(config.model_spec.model)
+        serving = ServingConfig(
+            tp_size=config.tp, weight_dtype=dtype, kv_dtype=engine_config.kv_cache_dtype,
+            prefill_block=engine_config.prefill_block, device=device,
+            attention_backend="flash" if device == "cuda" else "torch",
+        )
+        table = MemoryPlan(shape, serving).format_table(config.max_input_tokens, config.max_new_tokens)
+    except Exception as error:  # the plan is advice: a model the planner cannot read still runs
+        log.warning("no memory plan for %s: %s", config.model_spec.model, error)
+        return
+    print(table, file=sys.stderr, flush=True)
+
+
 def make_pool(config: JobConfig):
     """A started ReplicaPool for this job (the engine of pipeline.engine)."""
     from pipeline.engine import EngineConfig, ReplicaPool
 
     engine_kwargs = {k: getattr(config, k) for k in (
-        "max_batch_tokens", "max_batch_size", "max_restarts", "request_retries", "device", "cpus_per_rank") if getattr(config, k) is not None}
+        "max_batch_tokens", "max_batch_size", "max_restarts", "request_retries", "device", "cpus_per_rank",
+        "kv_cache_dtype", "prefill_block") if getattr(config, k) is not None}
     engine_config = EngineConfig(
         model_spec=config.model_spec, tp_size=config.tp, replicas=config.replicas,
         max_input_tokens=config.max_input_tokens, **engine_kwargs,
     )
+    log_memory_plan(config, engine_config)
     pool = ReplicaPool(engine_config)
     pool.start()
     return pool

@@ -119,3 +119,45 @@ def test_prefill_asks_for_last_position_logits_only(model_and_ctx):
     finally:
         handle.remove()
     assert seen[0] == (1, 1, 128)  # never (1, 120, vocab)
+
+
+@pytest.mark.parametrize("kv_cache_dtype, prefill_block", [("auto", "chunk"), ("auto", 17), ("int8", None)])
+def test_chunked_prefill_and_int8_cache_in_the_generation_loop(model_and_ctx, kv_cache_dtype, prefill_block):
+    import dataclasses
+
+    model, ctx = model_and_ctx
+    variant = dataclasses.replace(ctx, kv_cache_dtype=kv_cache_dtype, prefill_block=prefill_block)
+    prompts = _prompts(110, 70, seed=3)
+    batch = generate_batch(variant, [_request(str(i), p) for i, p in enumerate(prompts)])
+    prefix, s1, s2 = _prompts(100, 12, 5, seed=4)
+    (shared,) = generate_batch(variant, [_request("doc", prefix, [s1, s2])])
+    if kv_cache_dtype == "auto":  # chunked prefill is exact: same greedy tokens as one shot
+        for prompt, (result,) in zip(prompts, batch):
+            assert result.output_ids == _reference(model, prompt, 10)
+        for suffix, result in zip([s1, s2], shared):
+            assert result.output_ids == _reference(model, prefix + suffix, 10)
+    else:  # int8 KV is lossy: it must run and give results of the right shape
+        assert all(r[0].status == "ok" and r[0].output_tokens > 0 for r in batch)
+        assert all(r.status == "ok" for r in shared)
+
+
+def test_memory_plan_refuses_a_request_that_cannot_fit_before_running_it(model_and_ctx):
+    import dataclasses
+
+    from pipeline.memory_plan import MemoryPlan, ModelShape, ServingConfig
+    from pipeline.requests import WONT_FIT
+
+    model, ctx = model_and_ctx
+    shape = ModelShape.from_config(model.config)
+    probe = MemoryPlan(shape, ServingConfig(tp_size=1, weight_dtype="float32", device="cpu", device_memory=1 << 40))
+    # a device that holds a 64-token request with 10 new tokens but not a 2000-token one
+    memory = probe.estimate(64, 10, 1).total + (probe.estimate(2000, 10, 1).total - probe.estimate(64, 10, 1).total) // 2
+    plan = MemoryPlan(shape, ServingConfig(tp_size=1, weight_dtype="float32", device="cpu", device_memory=memory))
+    variant = dataclasses.replace(ctx, memory_plan=plan)
+    short, long = _prompts(64, 2000, seed=5)
+    results = generate_batch(variant, [_request("short", short), _request("long", long)])
+    assert results[0][0].status == "ok"
+    assert results[0][0].output_ids == _reference(model, short, 10)
+    assert results[1][0].status == "error" and results[1][0].error_type == WONT_FIT
+    message = results[1][0].error_message
+    assert message.startswith("not started") and "2000 prompt tokens" in message and "needs" in message
