@@ -66,6 +66,7 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Iterable, Iterator
 
+from pipeline.config_files import reject_unknown_fields
 from pipeline.models import ModelSpec
 from pipeline.requests import (
     INTERNAL,
@@ -190,10 +191,7 @@ class EngineConfig:
     @classmethod
     def from_dict(cls, values: dict) -> EngineConfig:
         values = dict(values)
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise ValueError(f"unknown EngineConfig field(s) {unknown}; known: {sorted(known)}")
+        reject_unknown_fields(cls, values)
         spec = values.pop("model_spec", {})
         return cls(model_spec=spec if isinstance(spec, ModelSpec) else ModelSpec.from_dict(spec), **values)
 

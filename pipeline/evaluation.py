@@ -34,6 +34,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from pipeline.config_files import reject_unknown_fields
 from pipeline.models import ModelSpec
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -168,10 +169,7 @@ class EvalConfig:
     @classmethod
     def from_dict(cls, values: dict) -> EvalConfig:
         values = dict(values)
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise ValueError(f"unknown EvalConfig field(s) {unknown}; known: {sorted(known)}")
+        reject_unknown_fields(cls, values)
         if "model" in values and isinstance(values["model"], dict):
             values["model"] = ModelSpec.from_dict(values["model"])
         if "variants" in values:

@@ -11,6 +11,8 @@ import importlib.util
 import json
 import os
 from dataclasses import dataclass, field
+
+from pipeline.config_files import reject_unknown_fields
 from pathlib import Path
 
 EMBEDDED_DEFAULT = "smollm2"
@@ -50,10 +52,7 @@ class ModelSpec:
 
     @classmethod
     def from_dict(cls, values: dict) -> ModelSpec:
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise ValueError(f"unknown ModelSpec field(s) {unknown}; known: {sorted(known)}")
+        reject_unknown_fields(cls, values)
         return cls(**values)
 
     @classmethod
