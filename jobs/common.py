@@ -181,6 +181,19 @@ def report(summary: dict) -> None:
     )
 
 
+def task_main(task: str, doc: str, argv=None) -> None:
+    """The whole of `python -m jobs.summarize` / `jobs.qa`: flags -> JobConfig -> run -> report."""
+    parser = argparse.ArgumentParser(prog=f"python -m jobs.{task}",
+                                     description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_common_flags(parser, task=task)
+    args = parser.parse_args(argv)
+    setup_logging(args.verbose)
+    from pipeline.job import JobConfig, run_job
+
+    config = JobConfig(task=task, **job_config_kwargs(build_values(args)))
+    report(run_job(config))
+
+
 def run_main(main) -> None:
     """Runs a job's main() with user-facing errors as one line and exit codes 0 / 1 / 2."""
     import signal

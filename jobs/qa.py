@@ -9,21 +9,11 @@ share one prefill of the document (KV-cache prefix reuse). Rerunning the same co
 
 from __future__ import annotations
 
-import argparse
-
-from jobs.common import add_common_flags, build_values, job_config_kwargs, report, run_main, setup_logging
+from jobs.common import run_main, task_main
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m jobs.qa", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_common_flags(parser, task="qa")
-    args = parser.parse_args(argv)
-    setup_logging(args.verbose)
-    from pipeline.job import JobConfig, run_job
-
-    config = JobConfig(task="qa", **job_config_kwargs(build_values(args)))
-    report(run_job(config))
+    task_main("qa", __doc__, argv)
 
 
 if __name__ == "__main__":
