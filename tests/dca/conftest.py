@@ -27,6 +27,17 @@ def tiny_model(model_type="llama", dtype=torch.float64, attn_implementation="sdp
     return model.to(dtype).eval()
 
 
+def left_pad(rows, pad_id=0):
+    """(1, n_i) id tensors -> (B, max n) ids and 0/1 mask, each row right-aligned (left padding)."""
+    width = max(row.shape[1] for row in rows)
+    batch = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    mask = torch.zeros(len(rows), width, dtype=torch.long)
+    for r, row in enumerate(rows):
+        batch[r, width - row.shape[1] :] = row[0]
+        mask[r, width - row.shape[1] :] = 1
+    return batch, mask
+
+
 # P=32, S=24, W=4 -> L=20: a 87-token input spans 5 chunks, the last one partial.
 TINY_DCA = DCAConfig(pretraining_length=32, chunk_size=24, local_window=4)
 

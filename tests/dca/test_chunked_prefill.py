@@ -9,7 +9,7 @@ from transformers import DynamicCache
 
 from dca import DCAConfig, apply_dca
 from dca.prefill import chunked_prefill, prefill_blocks
-from tests.dca.conftest import TINY_DCA, tiny_model
+from tests.dca.conftest import TINY_DCA, left_pad, tiny_model
 
 TOL = dict(rtol=1e-9, atol=1e-9)
 
@@ -90,12 +90,7 @@ def test_left_padded_batch_equals_each_row_alone():
     model = dca_model()
     lengths = [87, 50, 23]
     rows = [ids(n, seed=n) for n in lengths]
-    width = max(lengths)
-    batch = torch.zeros(len(rows), width, dtype=torch.long)
-    mask = torch.zeros(len(rows), width, dtype=torch.long)
-    for r, (row, n) in enumerate(zip(rows, lengths)):
-        batch[r, width - n :] = row[0]
-        mask[r, width - n :] = 1
+    batch, mask = left_pad(rows)
     last = chunked_prefill(model, batch, DynamicCache(), block_size=20, attention_mask=mask)
     for r, row in enumerate(rows):
         assert_close(last[r], model(row).logits[0, -1], **TOL)

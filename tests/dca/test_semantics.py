@@ -7,7 +7,7 @@ import torch
 from torch.testing import assert_close
 
 from dca import DCAConfig, apply_dca
-from tests.dca.conftest import TINY_DCA, tiny_model
+from tests.dca.conftest import TINY_DCA, left_pad, tiny_model
 from tests.dca.reference import reference_logits
 
 TOL = dict(rtol=1e-9, atol=1e-9)
@@ -101,11 +101,7 @@ def test_left_padded_batch_equals_each_row_alone():
     lengths = [87, 50, 23]
     rows = [ids(n, seed=n) for n in lengths]
     width = max(lengths)
-    batch = torch.zeros(len(rows), width, dtype=torch.long)
-    mask = torch.zeros(len(rows), width, dtype=torch.long)
-    for r, (row, n) in enumerate(zip(rows, lengths)):
-        batch[r, width - n :] = row[0]
-        mask[r, width - n :] = 1
+    batch, mask = left_pad(rows)
     logits = dca(batch, attention_mask=mask).logits
     for r, (row, n) in enumerate(zip(rows, lengths)):
         assert_close(logits[r, width - n :], dca(row).logits[0], **TOL)
@@ -116,11 +112,7 @@ def test_left_padded_generate_equals_each_row_alone():
     dca = patched(model)
     lengths = [45, 18]
     rows = [ids(n, seed=n) for n in lengths]
-    batch = torch.zeros(2, 45, dtype=torch.long)
-    mask = torch.zeros(2, 45, dtype=torch.long)
-    for r, (row, n) in enumerate(zip(rows, lengths)):
-        batch[r, 45 - n :] = row[0]
-        mask[r, 45 - n :] = 1
+    batch, mask = left_pad(rows)
     kw = dict(max_new_tokens=30, do_sample=False, pad_token_id=0, eos_token_id=None, output_scores=True,
               return_dict_in_generate=True)
     together = dca.generate(batch, attention_mask=mask, **kw)
