@@ -708,15 +708,19 @@ def _cuda_available() -> bool:
 
 def summarize(results: dict) -> dict:
     """{"perplexity": {variant: {length: (mean ppl, mean last-quarter ppl, windows)}},
-        "passkey": {variant: {length: {depth: (correct, total)}}}}. Perplexities are averaged
-    over windows in log space (exp of the mean NLL)."""
+        "passkey": {filler: {variant: {length: {depth: (correct, total)}}}}}.
+
+    Perplexities are averaged over windows in log space (exp of the mean NLL). Passkey counts are
+    kept apart per filler: a model can fail one filler at every length (SmolLM2-135M with book
+    text) and pooling them would hide what length does to the other."""
     ppl: dict = {}
     pk: dict = {}
     for r in results["records"]:
         if r["task"] == "perplexity":
             ppl.setdefault(r["variant"], {}).setdefault(r["length"], []).append(r)
         else:
-            cell = pk.setdefault(r["variant"], {}).setdefault(r["length"], {}).setdefault(r["depth"], [0, 0])
+            by_variant = pk.setdefault(r.get("filler") or "repeat", {})
+            cell = by_variant.setdefault(r["variant"], {}).setdefault(r["length"], {}).setdefault(r["depth"], [0, 0])
             cell[0] += int(bool(r["correct"]))
             cell[1] += 1
     out_ppl = {
@@ -727,30 +731,36 @@ def summarize(results: dict) -> dict:
         }
         for v, by_len in ppl.items()
     }
-    out_pk = {v: {n: {d: tuple(c) for d, c in sorted(by_d.items())} for n, by_d in sorted(by_len.items())}
-              for v, by_len in pk.items()}
+    out_pk = {
+        f: {v: {n: {d: tuple(c) for d, c in sorted(by_d.items())} for n, by_d in sorted(by_len.items())}
+            for v, by_len in by_variant.items()}
+        # The repeated filler first: it is the one that measures length generalisation.
+        for f, by_variant in sorted(pk.items(), key=lambda item: item[0] != "repeat")
+    }
     return {"perplexity": out_ppl, "passkey": out_pk}
 
 
 def summary_markdown(results: dict) -> str:
-    """Markdown tables of perplexity and passkey accuracy per variant and length."""
+    """Markdown tables of perplexity, and of passkey accuracy per filler, per variant and length."""
     s = summarize(results)
     lines = []
     if s["perplexity"]:
         lengths = sorted({n for by_len in s["perplexity"].values() for n in by_len})
-        lines += ["Perplexity, whole window / last quarter (windows averaged in log space):", "",
+        lines += ["Perplexity, whole window / last quarter (windows averaged in log space; "
+                  "number of windows in brackets):", "",
                   "| variant | " + " | ".join(f"{n}" for n in lengths) + " |",
                   "| --- |" + " --- |" * len(lengths)]
         for v, by_len in s["perplexity"].items():
-            cells = [f"{by_len[n][0]:.2f} / {by_len[n][1]:.2f}" if n in by_len else "" for n in lengths]
+            cells = [f"{by_len[n][0]:.2f} / {by_len[n][1]:.2f} ({by_len[n][2]})" if n in by_len else ""
+                     for n in lengths]
             lines.append(f"| {v} | " + " | ".join(cells) + " |")
         lines.append("")
-    if s["passkey"]:
-        lengths = sorted({n for by_len in s["passkey"].values() for n in by_len})
-        lines += ["Passkey accuracy (correct / total over depths, seeds and fillers):", "",
+    for filler, by_variant in s["passkey"].items():
+        lengths = sorted({n for by_len in by_variant.values() for n in by_len})
+        lines += [f"Passkey accuracy, {filler} filler (correct / total over depths and seeds):", "",
                   "| variant | " + " | ".join(f"{n}" for n in lengths) + " |",
                   "| --- |" + " --- |" * len(lengths)]
-        for v, by_len in s["passkey"].items():
+        for v, by_len in by_variant.items():
             cells = []
             for n in lengths:
                 if n in by_len:
@@ -775,8 +785,9 @@ def write_summary(results: dict, out_dir: str | os.PathLike) -> Path:
 
 def write_plots(results: dict, out_dir: str | os.PathLike) -> list[Path]:
     """perplexity.png (ppl vs length, whole window and last quarter), passkey.png (accuracy grid
-    depth x length per variant) and loss_by_position.png (mean loss per position bucket at the
-    largest length). Only the plots the records allow are written."""
+    depth x length per filler and variant) and loss_by_position.png (mean loss per position
+    bucket, one panel per length past the training length). Only the plots the records allow are
+    written."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -819,57 +830,67 @@ def write_plots(results: dict, out_dir: str | os.PathLike) -> list[Path]:
         fig.savefig(paths[-1], dpi=110)
         plt.close(fig)
 
-        per_pos = {}
         ppl_records = [r for r in results["records"] if r["task"] == "perplexity" and r.get("nll_by_position")]
         if ppl_records:
-            n_max = max(r["length"] for r in ppl_records)
-            for r in ppl_records:
-                if r["length"] == n_max:
-                    per_pos.setdefault(r["variant"], []).append(r["nll_by_position"])
+            # One panel per length past the training length (where the variants part ways), or the
+            # longest length if none is.
+            all_lengths = sorted({r["length"] for r in ppl_records})
+            shown = [n for n in all_lengths if max_pos and n > max_pos] or all_lengths[-1:]
             bucket = results["meta"]["config"].get("position_bucket") or 1
-            fig, ax = plt.subplots(figsize=(7, 4.2))
-            for j, (v, rows) in enumerate(per_pos.items()):
-                k = min(len(x) for x in rows)
-                mean = [sum(x[i] for x in rows) / len(rows) for i in range(k)]
-                ax.plot([(i + 1) * bucket for i in range(k)], mean, marker=".", ls=("-", "--", ":", "-.")[j % 4],
-                        label=f"{v} ({len(rows)} window{'s' if len(rows) > 1 else ''})")
-            if max_pos:
-                ax.axvline(max_pos, color="grey", ls="--", lw=1, label=f"training length {max_pos}")
-            ax.set_xlabel(f"position (end of each {bucket}-token bucket)")
-            ax.set_ylabel("mean loss (nats/token)")
-            ax.set_title(f"Loss by position in {n_max}-token windows")
-            ax.grid(True, alpha=0.3)
-            ax.legend(fontsize=8)
+            fig, axes = plt.subplots(1, len(shown), figsize=(7 * len(shown), 4.2), squeeze=False)
+            for ax, n in zip(axes[0], shown):
+                per_pos: dict = {}
+                for r in ppl_records:
+                    if r["length"] == n:
+                        per_pos.setdefault(r["variant"], []).append(r["nll_by_position"])
+                for j, (v, rows) in enumerate(per_pos.items()):
+                    k = min(len(x) for x in rows)
+                    mean = [sum(x[i] for x in rows) / len(rows) for i in range(k)]
+                    ax.plot([(i + 1) * bucket for i in range(k)], mean, marker=".", ls=("-", "--", ":", "-.")[j % 4],
+                            label=f"{v} ({len(rows)} window{'s' if len(rows) > 1 else ''})")
+                if max_pos:
+                    ax.axvline(max_pos, color="grey", ls="--", lw=1, label=f"training length {max_pos}")
+                ax.set_xlabel(f"position (end of each {bucket}-token bucket)")
+                ax.set_ylabel("mean loss (nats/token)")
+                ax.set_title(f"Loss by position in {n}-token windows")
+                ax.grid(True, alpha=0.3)
+                ax.legend(fontsize=8)
             fig.tight_layout()
             paths.append(out_dir / "loss_by_position.png")
             fig.savefig(paths[-1], dpi=110)
             plt.close(fig)
 
     if s["passkey"]:
-        variants = list(s["passkey"])
-        lengths = sorted({n for by_len in s["passkey"].values() for n in by_len})
-        depths = sorted({d for by_len in s["passkey"].values() for by_d in by_len.values() for d in by_d})
-        fig, axes = plt.subplots(1, len(variants), figsize=(2.2 + 1.3 * len(lengths) * len(variants), 3.2 + 0.3 * len(depths)),
-                                 squeeze=False)
-        for ax, v in zip(axes[0], variants):
-            grid = [[float("nan")] * len(lengths) for _ in depths]
-            labels = [[""] * len(lengths) for _ in depths]
-            for j, n in enumerate(lengths):
-                for i, d in enumerate(depths):
-                    cell = s["passkey"][v].get(n, {}).get(d)
-                    if cell:
-                        grid[i][j] = cell[0] / cell[1]
-                        labels[i][j] = f"{cell[0]}/{cell[1]}"
-            cmap = matplotlib.colormaps["RdYlGn"].with_extremes(bad="lightgrey")
-            ax.imshow(np.ma.masked_invalid(np.array(grid)), cmap=cmap, vmin=0, vmax=1, aspect="auto")
-            for i in range(len(depths)):
-                for j in range(len(lengths)):
-                    ax.text(j, i, labels[i][j] or "-", ha="center", va="center", fontsize=9)
-            ax.set_xticks(range(len(lengths)), [str(n) for n in lengths])
-            ax.set_yticks(range(len(depths)), [f"{d:g}" for d in depths])
-            ax.set_xlabel("prompt length (tokens)")
-            ax.set_ylabel("key depth")
-            ax.set_title(v)
+        # One row of grids per filler, one column per variant.
+        fillers = list(s["passkey"])
+        variants = list(dict.fromkeys(v for by_variant in s["passkey"].values() for v in by_variant))
+        lengths = sorted({n for by_variant in s["passkey"].values() for by_len in by_variant.values() for n in by_len})
+        depths = sorted({d for by_variant in s["passkey"].values() for by_len in by_variant.values()
+                         for by_d in by_len.values() for d in by_d})
+        fig, axes = plt.subplots(
+            len(fillers), len(variants), squeeze=False,
+            figsize=(2.2 + 1.3 * len(lengths) * len(variants), (2.4 + 0.3 * len(depths)) * len(fillers) + 0.8),
+        )
+        cmap = matplotlib.colormaps["RdYlGn"].with_extremes(bad="lightgrey")
+        for row, filler in zip(axes, fillers):
+            for ax, v in zip(row, variants):
+                grid = [[float("nan")] * len(lengths) for _ in depths]
+                labels = [[""] * len(lengths) for _ in depths]
+                for j, n in enumerate(lengths):
+                    for i, d in enumerate(depths):
+                        cell = s["passkey"][filler].get(v, {}).get(n, {}).get(d)
+                        if cell:
+                            grid[i][j] = cell[0] / cell[1]
+                            labels[i][j] = f"{cell[0]}/{cell[1]}"
+                ax.imshow(np.ma.masked_invalid(np.array(grid)), cmap=cmap, vmin=0, vmax=1, aspect="auto")
+                for i in range(len(depths)):
+                    for j in range(len(lengths)):
+                        ax.text(j, i, labels[i][j] or "-", ha="center", va="center", fontsize=9)
+                ax.set_xticks(range(len(lengths)), [str(n) for n in lengths])
+                ax.set_yticks(range(len(depths)), [f"{d:g}" for d in depths])
+                ax.set_xlabel("prompt length (tokens)")
+                ax.set_ylabel("key depth")
+                ax.set_title(f"{v}, {filler} filler", fontsize=10)
         fig.suptitle(f"Passkey accuracy ({model})")
         fig.tight_layout()
         paths.append(out_dir / "passkey.png")

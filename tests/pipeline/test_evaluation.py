@@ -235,6 +235,31 @@ def test_run_reuses_results_dca_provably_shares(tiny_run):
     assert ppl["dca"] != ppl["plain"] and ppl["dca"] != ppl["dca_alpha0.1"]
 
 
+def test_summary_averages_windows_in_log_space_and_keeps_fillers_apart():
+    def ppl(variant, length, nll, nll_lq):
+        return dict(task="perplexity", variant=variant, length=length, nll=nll, nll_last_quarter=nll_lq)
+
+    def pk(variant, length, depth, filler, correct):
+        return dict(task="passkey", variant=variant, length=length, depth=depth, seed=0, filler=filler,
+                    correct=correct)
+
+    records = [
+        ppl("plain", 100, 1.0, 2.0), ppl("plain", 100, 3.0, 4.0), ppl("dca", 200, 0.5, 0.5),
+        pk("plain", 100, 0.5, "repeat", True), pk("plain", 100, 0.5, "repeat", False),
+        pk("plain", 100, 0.5, "book", False), pk("dca", 200, 0.1, "book", True),
+    ]
+    s = ev.summarize({"records": records})
+    whole, last, n = s["perplexity"]["plain"][100]
+    assert n == 2 and math.isclose(whole, math.exp(2.0)) and math.isclose(last, math.exp(3.0))
+    assert list(s["passkey"]) == ["repeat", "book"]  # the repeated filler first
+    assert s["passkey"]["repeat"] == {"plain": {100: {0.5: (1, 2)}}}
+    assert s["passkey"]["book"] == {"plain": {100: {0.5: (0, 1)}}, "dca": {200: {0.1: (1, 1)}}}
+    text = ev.summary_markdown({"records": records})
+    assert "Passkey accuracy, repeat filler" in text and "Passkey accuracy, book filler" in text
+    assert "| plain | 1/2 |" in text and "| dca |  | 1/1 |" in text
+    assert f"| plain | {math.exp(2.0):.2f} / {math.exp(3.0):.2f} (2) |  |" in text
+
+
 def test_resume_keeps_records_and_computes_nothing_new(tiny_run, tmp_path):
     out, config, results, _ = tiny_run
     (tmp_path / "results.json").write_text((out / "results.json").read_text())
