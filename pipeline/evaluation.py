@@ -442,6 +442,28 @@ class ResultWriter:
                 writer.writerow(r)
 
 
+def resumed_meta(old: dict, meta: dict, out_dir: str | os.PathLike) -> dict:
+    """Folds the meta of the run being resumed into `meta` (in place) and refuses a resume that
+    would mix incomparable records: another model, or a variant name now meaning other settings.
+
+    The variants of both runs stay described (a stage may run a subset of them), and the earlier
+    run's commit, dates and config go to `previous_runs`."""
+    if old.get("model") is not None and old["model"] != meta["model"]:
+        raise ValueError(f"{out_dir} holds results of model {old['model']!r}; cannot resume it with {meta['model']!r}")
+    new_variants = json.loads(json.dumps(meta["variants"], default=str))
+    for name, settings in old.get("variants", {}).items():
+        if name in new_variants and new_variants[name] != settings:
+            raise ValueError(
+                f"{out_dir}: variant {name!r} was run with {settings}, now {new_variants[name]}; "
+                "give the new settings another variant name or use another output directory"
+            )
+    meta["previous_runs"] = old.get("previous_runs", []) + [
+        {k: old.get(k) for k in ("commit", "date", "finished", "torch_threads", "variants", "config")}
+    ]
+    meta["variants"] = {**old.get("variants", {}), **meta["variants"]}
+    return meta
+
+
 def record_identity(record: dict) -> tuple:
     """What makes a record unique in a run: task, variant, length and the sample's coordinates."""
     return tuple(record.get(k) for k in ("task", "variant", "length", "window", "depth", "seed", "filler"))
@@ -537,10 +559,7 @@ def run_evaluation(
     if resume and (Path(out_dir) / "results.json").is_file():
         previous = json.loads((Path(out_dir) / "results.json").read_text(encoding="utf-8"))
         writer.records = list(previous.get("records", []))
-        old = previous.get("meta", {})
-        meta["previous_runs"] = old.get("previous_runs", []) + [
-            {k: old.get(k) for k in ("commit", "date", "finished", "torch_threads", "variants", "config")}
-        ]
+        resumed_meta(previous.get("meta", {}), meta, out_dir)
         log(f"resuming: {len(writer.records)} records already in {out_dir}")
     done_ids = {record_identity(r) for r in writer.records}
     book_ids = {b: encode(tokenizer, read_book(b)) for b in config.books}

@@ -271,6 +271,19 @@ def test_resume_keeps_records_and_computes_nothing_new(tiny_run, tmp_path):
     assert again["meta"]["previous_runs"][0]["commit"] == results["meta"]["commit"]
 
 
+def test_resume_refuses_to_mix_models_or_redefined_variants_and_keeps_every_variant():
+    plain = {"dca": None, "max_length": None, "native_only": False}
+    dca = {"dca": {"temperature_alpha": 0.0}, "max_length": None, "native_only": False}
+    old = {"model": "m", "commit": "abc", "variants": {"plain": plain, "dca": dca}, "config": {"lengths": [1]}}
+    meta = ev.resumed_meta(old, {"model": "m", "variants": {"dca": dict(dca)}}, "out")
+    assert set(meta["variants"]) == {"plain", "dca"}  # a stage running a subset keeps the rest described
+    assert meta["previous_runs"][-1]["commit"] == "abc"
+    with pytest.raises(ValueError, match="variant 'dca' was run with"):
+        ev.resumed_meta(old, {"model": "m", "variants": {"dca": {**dca, "dca": {"temperature_alpha": 0.1}}}}, "out")
+    with pytest.raises(ValueError, match="results of model 'm'"):
+        ev.resumed_meta(old, {"model": "other", "variants": {}}, "out")
+
+
 def test_cli_plot_only_redraws_from_results(tiny_run, tmp_path, capsys):
     from jobs import evaluate
 
