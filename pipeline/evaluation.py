@@ -738,7 +738,7 @@ def summarize(results: dict) -> dict:
         if r["task"] == "perplexity":
             ppl.setdefault(r["variant"], {}).setdefault(r["length"], []).append(r)
         else:
-            by_variant = pk.setdefault(r.get("filler") or "repeat", {})
+            by_variant = pk.setdefault(r["filler"], {})
             cell = by_variant.setdefault(r["variant"], {}).setdefault(r["length"], {}).setdefault(r["depth"], [0, 0])
             cell[0] += int(bool(r["correct"]))
             cell[1] += 1
@@ -853,8 +853,8 @@ def write_plots(results: dict, out_dir: str | os.PathLike) -> list[Path]:
         if ppl_records:
             # One panel per length past the training length (where the variants part ways), or the
             # longest length if none is.
-            all_lengths = sorted({r["length"] for r in ppl_records})
-            shown = [n for n in all_lengths if max_pos and n > max_pos] or all_lengths[-1:]
+            ppl_lengths = sorted({r["length"] for r in ppl_records})
+            shown = [n for n in ppl_lengths if max_pos and n > max_pos] or ppl_lengths[-1:]
             bucket = results["meta"]["config"].get("position_bucket") or 1
             fig, axes = plt.subplots(1, len(shown), figsize=(7 * len(shown), 4.2), squeeze=False)
             for ax, n in zip(axes[0], shown):
