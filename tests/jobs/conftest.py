@@ -14,6 +14,9 @@ import pytest
 # Before anything imports ray (its auth mode is read at import): the clusters these tests start
 # and the clients that talk to them both use token authentication (Ray 2.60's default for local).
 os.environ.setdefault("RAY_AUTH_MODE", "token")
+# A cluster named by the developer's shell (RAY_ADDRESS, e.g. the dashboard tunnel of a real
+# cluster) must never receive test work: code under test that reads it sees none.
+os.environ.pop("RAY_ADDRESS", None)
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 VOCAB = 128

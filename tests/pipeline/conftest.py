@@ -13,6 +13,9 @@ import pytest
 # Ray reads its auth mode when it is first imported (transformers may import it early): set it for
 # the client and the cluster this module starts before anything else runs (see environment.md).
 os.environ.setdefault("RAY_AUTH_MODE", "token")
+# A cluster named by the developer's shell (RAY_ADDRESS, e.g. the dashboard tunnel of a real
+# cluster) must never receive test work: code under test that reads it sees none.
+os.environ.pop("RAY_ADDRESS", None)
 
 VOCAB = 128
 DCA = {"pretraining_length": 64, "chunk_size": 48, "local_window": 8}
@@ -52,11 +55,16 @@ def tiny_model_dir(tmp_path_factory) -> str:
 
 @pytest.fixture(scope="module")
 def ray_cluster():
-    """A local Ray cluster for one test module (4 logical CPUs on a 2-core machine is fine)."""
+    """A private local Ray cluster for one test module (4 logical CPUs on a 2-core machine is fine).
+
+    address="local" starts a new cluster even when another one runs on this machine (a `ray start`
+    of the developer's, another test run): without it ray.init attaches to the latest such
+    cluster, and with num_cpus given refuses to, so the tests fail or run on a stranger's Ray.
+    """
     import ray
 
     if ray.is_initialized():
         ray.shutdown()
-    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False)
     yield ray
     ray.shutdown()
