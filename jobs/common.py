@@ -195,19 +195,28 @@ def task_main(task: str, doc: str, argv=None) -> None:
 
 
 def run_main(main) -> None:
-    """Runs a job's main() with user-facing errors as one line and exit codes 0 / 1 / 2."""
+    """Runs a job's main() with user-facing errors as one line and these exit codes:
+    0 done; 1 the job failed (failure budget, engine); 2 bad input, output, model or settings,
+    before any model work; 128 + signal when stopped (143 SIGTERM, 130 SIGINT) after committing
+    the finished documents and writing the metrics: rerun the same command to resume."""
     import signal
 
     from pipeline.engine import EngineStartupError
     from pipeline.io import InputError
-    from pipeline.job import JobFailed
+    from pipeline.job import JobFailed, JobStopped
     from pipeline.output import OutputError
 
-    # `ray job stop` and schedulers send SIGTERM: unwind normally so finished documents are
-    # committed, the replicas are shut down and the metrics are written (then exit 143).
+    # Until the job installs its own handlers (pipeline.job._StopSignals): exit quietly.
     signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     try:
         main()
+    except JobStopped as e:
+        print(f"job stopped by {e}: finished documents are committed; rerun the same command to resume",
+              file=sys.stderr, flush=True)
+        sys.exit(e.exit_code)
+    except KeyboardInterrupt:
+        print("interrupted before the job started; nothing was written", file=sys.stderr, flush=True)
+        sys.exit(128 + signal.SIGINT)
     except JobFailed as e:
         print(f"job failed: {e}", file=sys.stderr, flush=True)
         sys.exit(EXIT_FAILED)

@@ -5,14 +5,23 @@ names starting with `_` or `.` are skipped, as pyarrow.dataset does) or a glob, 
 or any filesystem pyarrow resolves from a URI (s3://, gs://, hdfs://, file://).
 
 Nothing is read in full: `check_input` reads only file footers, `iter_documents` streams record
-batches of `batch_rows` rows. Row-level problems (null, empty or non-UTF-8 text, a duplicate id,
-a bad question) become `Document`s with an error set; only file-level problems (missing or
-mistyped column, unreadable file) raise `InputError`, before any model work starts.
+batches of `batch_rows` rows, one row group at a time. Row-level problems (null, empty or
+non-UTF-8 text or id, a duplicate id, a bad question) become `Document`s with an error set, and so
+does every row of a row group that cannot be read (a corrupt data page): the rest of the corpus is
+still processed. Only file-level problems found from the footers (missing or mistyped column,
+unreadable footer, no rows at all) raise `InputError`, before any model work starts.
+
+Every Document knows its place in the corpus (`source_file`, relative to the input root, and
+`source_row`): the output is committed exactly once per input row under that key, whatever the
+ids are (null, repeated). `InputPlan.identity` fingerprints the corpus by content (relative file
+names, sizes, Parquet footers), not by where it is mounted, so a copy of the same corpus (Ray's
+working-dir copy after a cluster restart) resumes while a changed corpus does not.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 import re
 from collections import Counter
 from collections.abc import Iterator
@@ -21,10 +30,15 @@ from dataclasses import dataclass, field
 import pyarrow as pa
 import pyarrow.dataset as ds
 import pyarrow.fs as pafs
+import pyarrow.parquet as pq
 
 # error_type values for rows rejected before reaching the model (the engine's are in requests.py).
 INVALID_INPUT = "invalid_input"
 DUPLICATE_ID = "duplicate_id"
+# Rows of a row group that could not be read (a corrupt page): the file and row group are named.
+UNREADABLE_INPUT = "unreadable_input"
+# Error types that the input itself causes (the failure budget reports them apart from model failures).
+INPUT_ERROR_TYPES = (INVALID_INPUT, DUPLICATE_ID, UNREADABLE_INPUT)
 
 _GLOB_CHARS = "*?["
 
@@ -63,6 +77,13 @@ class InputSpec:
 class InputFile:
     path: str  # as the filesystem knows it
     num_rows: int
+    # Relative to the input root (the directory, the glob's base, or the file's own name): the
+    # name rows are committed under, the same wherever the corpus is mounted.
+    relative: str = ""
+    size: int = 0
+    # sha256 of the Parquet footer (schema, row groups, statistics): changes when the content does.
+    footer_sha256: str = ""
+    row_group_rows: tuple[int, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -78,6 +99,12 @@ class InputPlan:
     def num_rows(self) -> int:
         return sum(f.num_rows for f in self.files)
 
+    @property
+    def identity(self) -> str:
+        """Fingerprint of the corpus content: relative names, sizes and footers of its files."""
+        value = [(f.relative, f.size, f.footer_sha256) for f in self.files]
+        return hashlib.sha256(json.dumps(value).encode()).hexdigest()
+
 
 @dataclass
 class Document:
@@ -88,13 +115,21 @@ class Document:
     # QA: one entry per output row (None entries are invalid questions, see question_errors).
     questions: list[str | None] | None
     source: str  # "file row N", for error messages
+    # Where the row is: file relative to the input root, and row number in that file (from 0).
+    source_file: str = ""
+    source_row: int = 0
     content_hash: str | None = None
     error_type: str | None = None
     error_message: str | None = None
     # Per-question error message (QA), aligned with `questions`; None where the question is fine.
     question_errors: list[str | None] = field(default_factory=list)
-    # 0 for the first row with this id, 1.. for duplicates (used to resume exactly once).
+    # 0 for the first row with this id, 1.. for later rows with the same id (duplicates).
     occurrence: int = 0
+
+    @property
+    def key(self) -> tuple[str, int]:
+        """The row's identity in the corpus: what the output is committed once under."""
+        return self.source_file, self.source_row
 
 
 def content_hash(text: str) -> str:
@@ -164,19 +199,20 @@ def _hidden(name: str) -> bool:
     return name.startswith("_") or name.startswith(".")
 
 
-def discover_files(path: str) -> tuple[pafs.FileSystem, list[str]]:
-    """The Parquet files of a file, directory or glob, sorted (the reading order)."""
+def discover_files(path: str) -> tuple[pafs.FileSystem, str, list[str]]:
+    """(filesystem, input root, the Parquet files of a file, directory or glob, sorted)."""
     fs, on_fs = resolve_filesystem(path)
     base, pattern = _split_glob(on_fs)
     if pattern is None:
         info = fs.get_file_info(on_fs)
         if info.type == pafs.FileType.File:
-            return fs, [on_fs]
+            return fs, on_fs.rsplit("/", 1)[0] if "/" in on_fs else "", [on_fs]
         if info.type == pafs.FileType.NotFound:
             raise InputError(f"input {path!r} does not exist")
         # A directory: pyarrow.dataset's own discovery (recursive, skips _* and .* names).
         dataset = ds.dataset(on_fs, filesystem=fs, format="parquet", exclude_invalid_files=False)
         files = sorted(dataset.files)
+        base = on_fs
     else:
         selector = pafs.FileSelector(base, recursive=True, allow_not_found=True)
         regex = _glob_regex(pattern)
@@ -188,7 +224,23 @@ def discover_files(path: str) -> tuple[pafs.FileSystem, list[str]]:
         )
     if not files:
         raise InputError(f"input {path!r} matches no Parquet files")
-    return fs, files
+    return fs, base, files
+
+
+def _relative(path: str, root: str) -> str:
+    root = root.rstrip("/")
+    return path[len(root) + 1:] if root and path.startswith(root + "/") else path.rsplit("/", 1)[-1]
+
+
+def _footer_sha256(fs: pafs.FileSystem, path: str, size: int) -> str:
+    """sha256 of the file's Parquet footer: one small ranged read. (FileMetaData.to_dict would
+    decode string statistics and fails on the very non-UTF-8 values this reader must survive.)"""
+    with fs.open_input_file(path) as f:
+        f.seek(size - 8)
+        tail = f.read(8)
+        length = int.from_bytes(tail[:4], "little")
+        f.seek(max(0, size - 8 - length))
+        return hashlib.sha256(f.read(length) + tail).hexdigest()
 
 
 # -------------------------------------------------------------------------------------- schema
@@ -215,7 +267,7 @@ def check_input(spec: InputSpec) -> InputPlan:
 
     Raises InputError naming the file and the column on the first problem found.
     """
-    fs, paths = discover_files(spec.path)
+    fs, root, paths = discover_files(spec.path)
     files: list[InputFile] = []
     list_kinds: set[bool] = set()
     errors: list[str] = []
@@ -224,7 +276,9 @@ def check_input(spec: InputSpec) -> InputPlan:
         try:
             fragment = next(iter(ds.dataset(path, filesystem=fs, format="parquet").get_fragments()))
             schema = fragment.physical_schema
-            num_rows = fragment.metadata.num_rows
+            metadata = fragment.metadata
+            size = fs.get_file_info(path).size
+            footer = _footer_sha256(fs, path, size)
         except Exception as e:
             errors.append(f"{where}: not a readable Parquet file ({e})")
             continue
@@ -251,7 +305,10 @@ def check_input(spec: InputSpec) -> InputPlan:
                     problems.append(f"column {q!r} has type {t}, expected string or list<string>")
         if problems:
             errors.append(f"{where}: " + "; ".join(problems))
-        files.append(InputFile(path, num_rows))
+        files.append(InputFile(
+            path, metadata.num_rows, relative=_relative(path, root), size=size, footer_sha256=footer,
+            row_group_rows=tuple(metadata.row_group(i).num_rows for i in range(metadata.num_row_groups)),
+        ))
     if errors:
         hint = (
             "Choose the columns with --id-column / --text-column"
@@ -263,21 +320,36 @@ def check_input(spec: InputSpec) -> InputPlan:
             f"{len(errors)} of {len(paths)} input file(s) cannot be used (no model work was started):\n  "
             + "\n  ".join(shown) + "\n" + hint
         )
-    return InputPlan(fs, tuple(files), spec, questions_are_lists=True in list_kinds)
+    plan = InputPlan(fs, tuple(files), spec, questions_are_lists=True in list_kinds)
+    if plan.num_rows == 0:
+        raise InputError(
+            f"input {spec.path!r} has no rows ({len(files)} Parquet file(s), all empty): nothing to do, "
+            "no model work was started"
+        )
+    return plan
 
 
 # ------------------------------------------------------------------------------------- reading
 
 
-def _decode_text(value) -> tuple[str | None, str | None]:
-    """-> (text, error message)."""
+def _decode(value, what: str) -> tuple[str | None, str | None]:
+    """A cell read as bytes (string columns are read as binary, so one bad value cannot stop the
+    reader) -> (text, error message)."""
     if value is None:
-        return None, "text is null"
+        return None, f"{what} is null"
     if isinstance(value, bytes):
         try:
             value = value.decode("utf-8")
         except UnicodeDecodeError as e:
-            return None, f"text is not valid UTF-8 ({e.reason} at byte {e.start})"
+            return None, f"{what} is not valid UTF-8 ({e.reason} at byte {e.start})"
+    return value, None
+
+
+def _decode_text(value) -> tuple[str | None, str | None]:
+    """-> (text, error message)."""
+    value, error = _decode(value, "text")
+    if error:
+        return None, error
     if not isinstance(value, str):
         return None, f"text is a {type(value).__name__}, not a string"
     if not value.strip():
@@ -296,9 +368,10 @@ def _questions(value, is_list: bool) -> tuple[list[str | None], list[str | None]
     errors: list[str | None] = []
     for i, q in enumerate(items):
         name = f"question {i}" if isinstance(value, (list, tuple)) else "question"
-        if q is None:
+        q, error = _decode(q, name)
+        if error:
             questions.append(None)
-            errors.append(f"{name} is null")
+            errors.append(error)
         elif not isinstance(q, str) or not q.strip():
             questions.append(None)
             errors.append(f"{name} is empty")
@@ -306,6 +379,56 @@ def _questions(value, is_list: bool) -> tuple[list[str | None], list[str | None]
             questions.append(q)
             errors.append(None)
     return questions, errors
+
+
+def _as_bytes(column: pa.ChunkedArray | pa.Array) -> pa.ChunkedArray | pa.Array:
+    """String (or list<string>) values as binary: Arrow does not validate UTF-8 when it reads
+    Parquet, and to_pylist() would raise on the first bad value, stopping the whole batch."""
+    t = column.type
+    if pa.types.is_string(t):
+        return column.cast(pa.binary())
+    if pa.types.is_large_string(t):
+        return column.cast(pa.large_binary())
+    if (pa.types.is_list(t) or pa.types.is_large_list(t)) and pa.types.is_string(t.value_type):
+        return column.cast(pa.list_(pa.binary()) if pa.types.is_list(t) else pa.large_list(pa.binary()))
+    return column
+
+
+class _Rows:
+    """Raw cells of one input row; ids are decoded here so duplicates are found among good ids."""
+
+    __slots__ = ("raw_id", "raw_text", "raw_question", "unreadable")
+
+    def __init__(self, raw_id, raw_text, raw_question, unreadable: str | None = None) -> None:
+        self.raw_id, self.raw_text, self.raw_question, self.unreadable = raw_id, raw_text, raw_question, unreadable
+
+
+def _read_file(plan: InputPlan, file: InputFile, columns: list[str]) -> Iterator[_Rows]:
+    """The rows of one file, a row group at a time. A row group that cannot be read (a corrupt
+    page behind a valid footer) yields its remaining rows as unreadable, with their ids when the
+    id column alone still reads, and reading goes on with the next row group."""
+    spec = plan.spec
+    with plan.filesystem.open_input_file(file.path) as handle:
+        parquet = pq.ParquetFile(handle)
+        for group, group_rows in enumerate(file.row_group_rows):
+            done = 0
+            try:
+                for batch in parquet.iter_batches(batch_size=spec.batch_rows, row_groups=[group], columns=columns,
+                                                  use_threads=False):
+                    cells = [_as_bytes(batch.column(i)).to_pylist() for i in range(len(columns))]
+                    if len(cells) < 3:
+                        cells.append([None] * batch.num_rows)
+                    for raw_id, raw_text, raw_q in zip(*cells):
+                        done += 1
+                        yield _Rows(raw_id, raw_text, raw_q)
+            except Exception as error:  # noqa: BLE001 - any decoding failure of the file's pages
+                reason = f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
+                try:
+                    ids = _as_bytes(parquet.read_row_group(group, columns=[columns[0]]).column(0)).to_pylist()
+                except Exception:  # noqa: BLE001 - the id column is unreadable too
+                    ids = [None] * group_rows
+                for raw_id in ids[done:group_rows]:
+                    yield _Rows(raw_id, None, None, unreadable=f"row group {group} cannot be read ({reason})")
 
 
 def iter_documents(plan: InputPlan) -> Iterator[Document]:
@@ -317,35 +440,36 @@ def iter_documents(plan: InputPlan) -> Iterator[Document]:
     columns = [spec.id_column, spec.text_column] + ([spec.question_column] if spec.question_column else [])
     seen: Counter = Counter()
     for file in plan.files:
-        fragment = next(iter(ds.dataset(file.path, filesystem=plan.filesystem, format="parquet").get_fragments()))
-        row = 0
-        for batch in fragment.to_batches(columns=columns, batch_size=spec.batch_rows, use_threads=False):
-            ids = batch.column(0).to_pylist()
-            texts = batch.column(1).to_pylist()
-            qs = batch.column(2).to_pylist() if spec.question_column else [None] * len(ids)
-            for raw_id, raw_text, raw_q in zip(ids, texts, qs):
-                source = f"{file.path} row {row}"
-                row += 1
-                doc_id = None if raw_id is None else str(raw_id)
+        for row, cells in enumerate(_read_file(plan, file, columns)):
+            source = f"{file.path} row {row}"
+            doc_id, id_error = _decode(cells.raw_id, "id")
+            doc_id = None if doc_id is None else str(doc_id)
+            occurrence = 0
+            if doc_id is not None:
                 occurrence = seen[doc_id]
                 seen[doc_id] += 1
-                text, text_error = _decode_text(raw_text)
-                questions, q_errors = (None, [])
-                if spec.question_column:
-                    questions, q_errors = _questions(raw_q, plan.questions_are_lists)
-                doc = Document(
-                    id=doc_id, text=text, questions=questions, source=source,
-                    content_hash=content_hash(text) if text is not None else None,
-                    question_errors=q_errors, occurrence=occurrence,
+            if cells.unreadable:
+                text, text_error = None, cells.unreadable
+            else:
+                text, text_error = _decode_text(cells.raw_text)
+            questions, q_errors = (None, [])
+            if spec.question_column:
+                questions, q_errors = _questions(cells.raw_question, plan.questions_are_lists)
+            doc = Document(
+                id=doc_id, text=text, questions=questions, source=source, source_file=file.relative,
+                source_row=row, content_hash=content_hash(text) if text is not None else None,
+                question_errors=q_errors, occurrence=occurrence,
+            )
+            if cells.unreadable:
+                doc.error_type, doc.error_message = UNREADABLE_INPUT, f"{source}: {cells.unreadable}"
+            elif id_error:
+                doc.error_type, doc.error_message = INVALID_INPUT, f"{source}: {id_error}"
+            elif occurrence > 0:
+                doc.error_type = DUPLICATE_ID
+                doc.error_message = (
+                    f"{source}: id {doc_id!r} already appeared earlier in the input "
+                    f"(occurrence {occurrence + 1}); only the first row with an id is processed"
                 )
-                if doc_id is None:
-                    doc.error_type, doc.error_message = INVALID_INPUT, f"{source}: id is null"
-                elif occurrence > 0:
-                    doc.error_type = DUPLICATE_ID
-                    doc.error_message = (
-                        f"{source}: id {doc_id!r} already appeared earlier in the input "
-                        f"(occurrence {occurrence + 1}); only the first row with an id is processed"
-                    )
-                elif text_error:
-                    doc.error_type, doc.error_message = INVALID_INPUT, f"{source}: {text_error}"
-                yield doc
+            elif text_error:
+                doc.error_type, doc.error_message = INVALID_INPUT, f"{source}: {text_error}"
+            yield doc

@@ -26,15 +26,18 @@ import dataclasses
 import hashlib
 import json
 import logging
+import math
 import os
+import signal
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
-from pipeline.io import INVALID_INPUT, Document, InputSpec, check_input, iter_documents
+from pipeline.io import INPUT_ERROR_TYPES, INVALID_INPUT, Document, InputSpec, check_input, iter_documents
 from pipeline.job_metrics import JobMetrics
-from pipeline.models import ModelSpec
+from pipeline.models import ModelError, ModelSpec, load_model_config, model_fingerprint
 from pipeline.output import OutputWriter
 from pipeline.prompts import TASKS, TRUNCATION_POLICIES, PromptBuilder, PromptError, load_templates
 from pipeline.requests import INTERNAL, PROMPT_TOO_LONG, GenerationRequest, GenerationResult, SamplingParams
@@ -44,6 +47,78 @@ log = logging.getLogger("pipeline.job")
 
 class JobFailed(RuntimeError):
     """The job stopped before finishing (failure budget, engine failure); committed output is kept."""
+
+
+class JobStopped(BaseException):
+    """SIGTERM or SIGINT: the job commits what is done, writes its metrics and exits 128 + signal.
+
+    A BaseException, like KeyboardInterrupt, so no `except Exception` on the way (a prompt that
+    fails to build becomes an error row) mistakes a stop for one document's failure."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signum)
+        self.signum = signum
+
+    @property
+    def exit_code(self) -> int:
+        return 128 + self.signum
+
+    def __str__(self) -> str:
+        return signal.Signals(self.signum).name
+
+
+class _StopSignals:
+    """SIGTERM (`ray job stop`, schedulers) and SIGINT raise JobStopped in the main thread, except
+    inside a critical section (a part being committed, a document's rows being counted), where
+    the stop is raised at its end. A second signal while stopping is ignored: the cleanup runs
+    to the end (commit, metrics, staging removed) within the few seconds `ray job stop` waits.
+
+    Installed again after `ray.init`, which replaces the SIGTERM handler with its own (that one
+    kills the local Ray processes and exits before anything is committed)."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+    def __init__(self) -> None:
+        self.signum: int | None = None
+        self.closing = False  # cleanup has begun: never raise again
+        self._critical = 0
+        self._pending = False
+        self._previous: dict = {}
+
+    def install(self) -> None:
+        if threading.current_thread() is not threading.main_thread():
+            return  # signal handlers can only be set from the main thread (library use in a thread)
+        for sig in self.SIGNALS:
+            previous = signal.signal(sig, self._handle)
+            self._previous.setdefault(sig, previous)
+
+    def restore(self) -> None:
+        for sig, previous in self._previous.items():
+            signal.signal(sig, previous)
+        self._previous.clear()
+
+    def _handle(self, signum, frame) -> None:
+        if self.signum is not None or self.closing:
+            log.warning("%s received while stopping: finishing the commit first", signal.Signals(signum).name)
+            self.signum = self.signum or signum
+            return
+        self.signum = signum
+        log.warning("%s received: committing finished documents, then stopping", signal.Signals(signum).name)
+        if self._critical:
+            self._pending = True
+            return
+        raise JobStopped(signum)
+
+    @contextmanager
+    def critical(self):
+        self._critical += 1
+        try:
+            yield
+        finally:
+            self._critical -= 1
+        if self._pending and not self._critical and not self.closing:
+            self._pending = False
+            raise JobStopped(self.signum)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -166,39 +241,66 @@ def _hash(value) -> str:
     return hashlib.sha256(json.dumps(value, sort_keys=True, default=str).encode()).hexdigest()
 
 
-def config_hash(config: JobConfig, templates: dict, template_kind: str) -> str:
-    """What determines a document's output besides its text: model, prompt, generation settings."""
+def config_hash(config: JobConfig, templates: dict, template_kind: str, model_fp: str) -> str:
+    """What determines a document's output besides its text: model (its content fingerprint, not
+    its path), prompt, generation settings."""
+    spec = {k: v for k, v in config.model_spec.to_dict().items() if k != "model"}
     return _hash({
-        "task": config.task, "model_spec": config.model_spec.to_dict(), "templates": templates[config.task],
+        "task": config.task, "model_spec": spec, "model_fingerprint": model_fp, "templates": templates[config.task],
         "template_kind": template_kind, "max_input_tokens": config.max_input_tokens,
         "truncation": config.truncation, "sampling": dataclasses.asdict(config.sampling()),
     })[:16]
 
 
-def job_fingerprint(config: JobConfig, cfg_hash: str) -> str:
-    """Identity of a job's output: the config hash plus which input (resume only the same job)."""
+def job_fingerprint(config: JobConfig, cfg_hash: str, input_identity: str) -> str:
+    """Identity of a job's output: the config hash plus the corpus content (resume only the same
+    job). Paths are left out on purpose: under `ray job submit` the input lives in a copy of the
+    working dir whose path changes when the cluster restarts; the content does not."""
     return _hash({
-        "config_hash": cfg_hash, "input": config.input_path, "id": config.id_column,
+        "config_hash": cfg_hash, "input": input_identity, "id": config.id_column,
         "text": config.text_column, "question": config.question_column,
     })[:16]
 
 
-def dca_columns(spec: ModelSpec) -> dict:
-    """The resolved DCA settings as output columns (reads the model's config, not its weights)."""
+def dca_columns(spec: ModelSpec, model_config) -> dict:
+    """The resolved DCA settings as output columns; ValueError for settings DCA rejects."""
     cols = {"dca_enabled": spec.dca is not None, "dca_pretraining_length": None, "dca_chunk_size": None,
             "dca_local_window": None, "dca_temperature_alpha": None}
     if spec.dca is None:
         return cols
-    from transformers import AutoConfig
+    from pipeline.models import dca_config_for
 
-    from pipeline.models import dca_config_for, locate_model
-
-    directory, gguf = locate_model(spec.model)
-    model_config = AutoConfig.from_pretrained(directory, **({"gguf_file": gguf} if gguf else {}))
-    dca = dca_config_for(spec, model_config)
+    try:
+        dca = dca_config_for(spec, model_config)
+    except (TypeError, ValueError) as error:
+        raise ModelError(f"DCA settings {spec.dca} (the dca: block of --config): {error}") from None
     cols.update(dca_pretraining_length=dca.pretraining_length, dca_chunk_size=dca.chunk_size,
                 dca_local_window=dca.local_window, dca_temperature_alpha=dca.temperature_alpha)
     return cols
+
+
+def check_parallelism(config: JobConfig, model_config) -> None:
+    """Tensor parallelism splits the KV heads between ranks: more ranks than KV heads cannot work."""
+    heads = getattr(model_config, "num_key_value_heads", None) or getattr(model_config, "num_attention_heads", None)
+    if heads and config.tp > heads:
+        raise ModelError(
+            f"--tp {config.tp} is larger than the {heads} key/value heads of {config.model_spec.model}: "
+            f"tensor parallelism splits the heads between ranks; use --tp {heads} or fewer"
+        )
+
+
+def check_devices(config: JobConfig) -> None:
+    """On a Ray this job started itself (no autoscaler), the GPUs it has are all it will get."""
+    import ray
+
+    if config.device != "cuda":
+        return
+    need, have = config.tp * config.replicas, ray.cluster_resources().get("GPU", 0)
+    if have < need:
+        raise ModelError(
+            f"--device cuda needs {need} GPU(s) (--tp {config.tp} x --replicas {config.replicas}) and this machine "
+            f"has {have:g}; lower --tp/--replicas or submit the job to a cluster with GPUs"
+        )
 
 
 def under_ray_job() -> bool:
@@ -251,8 +353,10 @@ class _Pending:
 
 class _Driver:
     def __init__(self, config: JobConfig, *, builder: PromptBuilder, writer: OutputWriter, metrics: JobMetrics,
-                 base_row: dict, skip: Callable[[Document], bool] | None, progress, committed=None) -> None:
+                 base_row: dict, skip: Callable[[Document], bool] | None, progress, committed=None,
+                 stopper: _StopSignals | None = None) -> None:
         self.config = config
+        self.stopper = stopper or _StopSignals()
         self.committed = committed
         self.builder = builder
         self.writer = writer
@@ -265,12 +369,18 @@ class _Driver:
         self.lock = threading.Lock()
         self.stop_reason: str | None = None
         self.sampling = config.sampling()
+        # Failure budget counts (this run): see _check_budget.
+        self.documents_read = 0
+        self.input_errors = 0
+        self.model_decided = 0
+        self.model_errors = 0
 
     # -- rows
 
     def _row(self, doc: Document, **values) -> dict:
         row = dict(self.base_row)
-        row.update(id=doc.id, content_hash=doc.content_hash, status="ok", question_index=None, question=None)
+        row.update(id=doc.id, source_file=doc.source_file, source_row=doc.source_row, content_hash=doc.content_hash,
+                   status="ok", question_index=None, question=None)
         row.update(values)
         return row
 
@@ -283,9 +393,18 @@ class _Driver:
         ]
 
     def _emit(self, rows: list[dict], results: list[GenerationResult] | None = None, prompt_tokens: int = 0) -> None:
-        with self.lock:
+        """All rows of one document: committed, counted and budgeted as one step (a stop signal
+        waits for its end, so a document is never half counted or half committed)."""
+        input_error = all(r["status"] == "ok" or r["error_type"] in INPUT_ERROR_TYPES for r in rows)
+        with self.lock, self.stopper.critical():
             self.writer.add_document(rows)
             self.metrics.add_document(rows, results, prompt_tokens)
+            failed = any(r["status"] != "ok" for r in rows)
+            if input_error:
+                self.input_errors += failed
+            else:
+                self.model_decided += 1
+                self.model_errors += failed
             self._update_progress()
             self._check_budget()
 
@@ -301,17 +420,37 @@ class _Driver:
         )
 
     def _check_budget(self) -> None:
+        """Stops the job when its documents fail too often. Two rates, each counted like against
+        like: documents the input made unusable (null/empty/non-UTF-8 text, duplicate or null id,
+        unreadable rows), decided as they are read, over the documents read; and documents the
+        model failed, decided as they are answered, over the documents answered. (Counting the
+        first kind against answered documents let them race ahead of good documents still
+        waiting in the scheduling window.) A rate is judged once budget_min_documents of its
+        documents are decided, and trips when the lower end of its 95% confidence interval
+        (Wilson) is above max_error_fraction: 3 empty texts among the first 20 rows of a corpus
+        with 3% of them is bad luck, 10 of 20 is a broken corpus."""
+        if self.stop_reason is not None:
+            return
+        fraction, floor = self.config.max_error_fraction, self.config.budget_min_documents
+        rates = (("input", self.input_errors, self.documents_read), ("model", self.model_errors, self.model_decided))
+        tripped = [(kind, errors, n) for kind, errors, n in rates
+                   if n >= floor and _wilson_lower_bound(errors, n) > fraction]
+        if not tripped:
+            return
         m = self.metrics
-        allowed = self.config.max_error_fraction * max(m.documents_done, self.config.budget_min_documents)
-        if self.stop_reason is None and m.documents_error > allowed:
-            common = m.error_types.most_common(3)
-            detail = "; ".join(f"{t} x{n} (e.g. {m.first_errors.get(t, '')[:200]})" for t, n in common)
-            self.stop_reason = (
-                f"failure budget exceeded: {m.documents_error} of {m.documents_done} documents failed "
-                f"(max_error_fraction {self.config.max_error_fraction:g} of at least "
-                f"{self.config.budget_min_documents} documents). Most common: {detail}. Committed results are "
-                "kept; fix the input (or raise --max-error-fraction) and rerun the same command to resume."
-            )
+        common = m.error_types.most_common(3)
+        detail = "; ".join(f"{t} x{n} (e.g. {m.first_errors.get(t, '')[:200]})" for t, n in common)
+        self.stop_reason = (
+            "failure budget exceeded: "
+            + "; ".join(f"{errors} of {n} documents {'read had invalid input' if kind == 'input' else 'sent to the model failed'}"
+                        for kind, errors, n in tripped)
+            + f" (invalid input {self.input_errors} of {self.documents_read} read, model failures "
+            f"{self.model_errors} of {self.model_decided} answered; max_error_fraction {fraction:g}, counted over at "
+            f"least {floor} documents). Most common: {detail}. Committed results are kept; "
+            + ("fix the input (or the --id-column/--text-column choice)" if tripped[0][0] == "input" else
+               "see the errors above")
+            + " (or raise --max-error-fraction) and rerun the same command to resume."
+        )
 
     # -- requests
 
@@ -321,7 +460,7 @@ class _Driver:
         for doc in documents:
             if self.stop_reason:
                 return
-            if self.committed is not None and self.committed.is_committed(doc.id, doc.occurrence):
+            if self.committed is not None and self.committed.is_committed(doc.key):
                 self.metrics.documents_resumed += 1  # not in the progress total
                 continue
             if self.skip is not None and self.skip(doc):
@@ -329,6 +468,7 @@ class _Driver:
                 if self.progress is not None:
                     self.progress.update(1)
                 continue
+            self.documents_read += 1
             item = self._prepare(doc)
             if item is None:
                 continue
@@ -415,6 +555,16 @@ class _Driver:
             ))
         rows.sort(key=lambda r: -1 if r["question_index"] is None else r["question_index"])
         self._emit(rows, results, pending.prompt_tokens_sent)
+
+
+def _wilson_lower_bound(errors: int, n: int, z: float = 1.96) -> float:
+    """Lower end of the Wilson score interval of a rate (95% for z = 1.96); 0 for no trials."""
+    if n <= 0:
+        return 0.0
+    p = errors / n
+    centre = p + z * z / (2 * n)
+    spread = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n))
+    return (centre - spread) / (1 + z * z / n)
 
 
 def _progress_bar(config: JobConfig, total: int):
@@ -520,16 +670,32 @@ def run_job(
     skip_factory: Callable[[str], Callable[[Document], bool]] | None = None, extra_summary: dict | None = None,
 ) -> dict:
     """Runs (or resumes) one job and returns its metrics summary. Raises JobFailed when it stops
-    early; InputError / OutputError / FileNotFoundError before any model work on bad input.
+    early, JobStopped on SIGTERM/SIGINT (after committing what is done and writing the metrics);
+    InputError / OutputError / ModelError / FileNotFoundError before any model work on bad input
+    or settings. Everything that can be checked is checked before the output is claimed, so a
+    corrected rerun is never refused as a different job.
 
     skip_factory(config_hash) -> predicate: documents to leave out (nightly: already summarised).
     """
+    stopper = _StopSignals()
+    stopper.install()
+    try:
+        return _run_job(config, stopper, pool_factory=pool_factory, tokenizer=tokenizer,
+                        skip_factory=skip_factory, extra_summary=extra_summary)
+    finally:
+        stopper.restore()
+
+
+def _run_job(config: JobConfig, stopper: _StopSignals, *, pool_factory, tokenizer, skip_factory,
+             extra_summary) -> dict:
     metrics_extra = {"ray_submission_id": ray_submission_id(), **(extra_summary or {})}
     plan = check_input(InputSpec(
         path=config.input_path, id_column=config.id_column, text_column=config.text_column,
         question_column=config.question_column, batch_rows=config.input_batch_rows,
     ))
-    config.model_spec.check_exists()
+    model_config = load_model_config(config.model_spec)  # also checks that the model exists
+    check_parallelism(config, model_config)
+    dca_cols = dca_columns(config.model_spec, model_config)
     templates = load_templates(config.templates_file)
     if tokenizer is None:
         from pipeline.models import load_tokenizer
@@ -537,8 +703,8 @@ def run_job(
         tokenizer = load_tokenizer(config.model_spec)
     builder = PromptBuilder(tokenizer, task=config.task, templates=templates, max_input_tokens=config.max_input_tokens,
                           truncation=config.truncation, use_chat_template=config.use_chat_template)
-    cfg_hash = config_hash(config, templates, builder.template_kind)
-    fingerprint = job_fingerprint(config, cfg_hash)
+    cfg_hash = config_hash(config, templates, builder.template_kind, model_fingerprint(config.model_spec.model))
+    fingerprint = job_fingerprint(config, cfg_hash, plan.identity)
     job_id = config.job_id or f"{config.task}-{fingerprint[:12]}"
     writer = OutputWriter(
         config.output_dir, job_id=job_id, fingerprint=fingerprint, config=config.to_dict(),
@@ -548,11 +714,11 @@ def run_job(
     metrics_extra.update(template_kind=builder.template_kind, config_hash=cfg_hash, output_dir=config.output_dir,
                          resumed_from_committed_rows=len(writer.committed) if writer.resumed else 0)
     base_row = {"task": config.task, "model": config.model_spec.model, "config_hash": cfg_hash, "job_id": job_id,
-                **dca_columns(config.model_spec)}
+                **dca_cols}
 
     driver = _Driver(config, builder=builder, writer=writer, metrics=metrics, base_row=base_row,
                      skip=skip_factory(cfg_hash) if skip_factory is not None else None, progress=None,
-                     committed=writer.committed)
+                     committed=writer.committed, stopper=stopper)
     pool = progress = None
     requested_gpus = started_ray = False
     status, message, engine_stats = "failed", None, None
@@ -561,7 +727,11 @@ def run_job(
             import ray
 
             started_ray = not ray.is_initialized()
+            local = config.ray_address in (None, "local") and os.environ.get("RAY_ADDRESS") in (None, "", "local")
             config = ensure_ray(config)
+            stopper.install()  # ray.init replaced the SIGTERM handler with its own
+            if local and started_ray:
+                check_devices(config)
             requested_gpus = wait_for_gpus(config)
             pool = make_pool(config)
         else:
@@ -578,38 +748,42 @@ def run_job(
             message = f"the engine finished without answering {len(driver.pending)} request(s)"
         else:
             status = "complete"
+    except JobStopped as e:
+        status = "stopped"
+        message = (f"stopped by {e} after committing the finished documents; "
+                   "rerun the same command to resume")
+        raise
     except BaseException as e:  # record what happened, keep what is committed, then re-raise
-        if isinstance(e, (SystemExit, KeyboardInterrupt)):
-            message = f"stopped ({type(e).__name__} {getattr(e, 'code', '') or ''}: SIGTERM/SIGINT or exit); " \
-                      "committed results are kept, rerun the same command to resume"
-        else:
-            message = f"{type(e).__name__}: {e}"
+        message = f"{type(e).__name__}: {e}"
         raise
     finally:
+        stopper.closing = True
+        # The output first: `ray job stop` sends SIGKILL a few seconds after SIGTERM.
         if progress is not None:
             progress.close()
         try:
             engine_stats = pool.stats() if pool is not None and hasattr(pool, "stats") else None
         except Exception as e:  # stats are best effort when the pool is broken
             engine_stats = {"error": str(e)}
-        if pool is not None and hasattr(pool, "shutdown"):
-            try:
-                pool.shutdown()
-            except Exception:
-                log.exception("pool shutdown failed")
-        if requested_gpus:
-            release_gpu_request()
-        if started_ray:  # disconnect (and stop a local Ray) cleanly, also on SIGTERM
-            import ray
-
-            ray.shutdown()
         summary = metrics.summary(status=status, message=message, engine_stats=engine_stats, extra=metrics_extra)
         try:
             writer.flush()  # the last documents, before the metrics that count them
-            summary["metrics_files"] = metrics.write(config.output_dir, summary)
+            summary["metrics_files"] = metrics.write(config.output_dir, summary, plot=False)
         finally:
             writer.close(complete=status == "complete", summary={
                 k: summary[k] for k in ("status", "message", "wall_s", "documents", "started_at")})
+            if pool is not None and hasattr(pool, "shutdown"):
+                try:
+                    pool.shutdown()
+                except Exception:
+                    log.exception("pool shutdown failed")
+            if requested_gpus:
+                release_gpu_request()
+            if started_ray:  # disconnect (and stop a local Ray) cleanly, also on SIGTERM
+                import ray
+
+                ray.shutdown()
+            summary["metrics_files"].update(metrics.write_plot(config.output_dir))
     if status != "complete":
         raise JobFailed(message)
     return summary

@@ -206,10 +206,17 @@ class JobMetrics:
 
         paths = {"metrics": os.path.join(output_dir, "_metrics.json")}
         _write_json_atomic(paths["metrics"], json.loads(json.dumps(summary, default=str)))
-        if plot and self.points:
-            paths["plot"] = os.path.join(output_dir, "_metrics.png")
-            self.plot(paths["plot"])
+        if plot:
+            paths.update(self.write_plot(output_dir))
         return paths
+
+    def write_plot(self, output_dir: str) -> dict:
+        """Writes _metrics.png when there is something to plot; returns {"plot": path} or {}."""
+        if not self.points:
+            return {}
+        path = os.path.join(output_dir, "_metrics.png")
+        self.plot(path)
+        return {"plot": path}
 
     def plot(self, path: str) -> None:
         import matplotlib

@@ -7,13 +7,14 @@ Driver-side code may import this module freely: torch and transformers are impor
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import importlib.util
 import json
 import os
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from pipeline.config_files import reject_unknown_fields
-from pathlib import Path
 
 EMBEDDED_DEFAULT = "smollm2"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -75,6 +76,52 @@ def smollm2_gguf_path() -> Path:
     return path
 
 
+class ModelError(ValueError):
+    """The model exists but cannot be used as given (broken config, unsupported settings)."""
+
+
+# Bytes read from each end of a weight file for its fingerprint.
+_SAMPLE_BYTES = 1 << 20
+
+
+def model_fingerprint(model: str) -> str:
+    """Content fingerprint of a checkpoint, cheap at any size: config.json, and for each weight
+    file its name, size and the sha256 of its first and last MiB (safetensors and GGUF headers
+    name every tensor's shape and offset; the last MiB holds weight values, which any fine-tune
+    changes). Stable when the checkpoint is copied or moved, unlike paths and mtimes."""
+    directory, gguf = locate_model(model)
+    root = Path(directory)
+    names = [gguf] if gguf else sorted(
+        p.name for p in root.iterdir()
+        if p.name == "config.json" or p.suffix in (".safetensors", ".bin", ".gguf", ".pt", ".pth")
+    )
+    digest = hashlib.sha256()
+    for name in names:
+        path = root / name
+        size = path.stat().st_size
+        digest.update(f"{name}\0{size}\0".encode())
+        with open(path, "rb") as f:
+            digest.update(f.read(_SAMPLE_BYTES))
+            if size > 2 * _SAMPLE_BYTES:
+                f.seek(size - _SAMPLE_BYTES)
+                digest.update(f.read(_SAMPLE_BYTES))
+            else:
+                digest.update(f.read())
+    return digest.hexdigest()[:16]
+
+
+def load_model_config(spec: ModelSpec):
+    """The model's transformers config (no weights); ModelError with the reason when unreadable."""
+    from transformers import AutoConfig
+
+    directory, gguf = locate_model(spec.model)
+    try:
+        return AutoConfig.from_pretrained(directory, **({"gguf_file": gguf} if gguf else {}))
+    except (OSError, ValueError, KeyError) as error:
+        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise ModelError(f"model {spec.model}: its config cannot be loaded ({first})") from None
+
+
 def locate_model(model: str) -> tuple[str, str | None]:
     """-> (directory for from_pretrained, gguf file name or None). Raises FileNotFoundError."""
     if model == EMBEDDED_DEFAULT:
@@ -84,8 +131,16 @@ def locate_model(model: str) -> tuple[str, str | None]:
     if path.is_file() and path.suffix == ".gguf":
         return str(path.parent.resolve()), path.name
     if path.is_dir():
-        if not (path / "config.json").is_file():
+        config = path / "config.json"
+        if not config.is_file():
             raise FileNotFoundError(f"model directory {path} has no config.json")
+        try:
+            with open(config, encoding="utf-8") as f:
+                values = json.load(f)
+        except (ValueError, OSError) as error:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+            raise ModelError(f"model directory {path}: config.json cannot be read ({error})") from None
+        if not isinstance(values, dict) or "model_type" not in values:
+            raise ModelError(f"model directory {path}: config.json has no model_type; is this a Hugging Face model?")
         return str(path.resolve()), None
     raise FileNotFoundError(
         f"model {model!r} not found: expected '{EMBEDDED_DEFAULT}', a Hugging Face directory or a .gguf file"

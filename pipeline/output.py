@@ -12,6 +12,12 @@ A part is written under _staging, fsynced, then renamed into place: the rename i
 manifest is rewritten after each commit; when the driver dies between the two, the next start
 finds the renamed part, checks it reads, and adds it to the manifest. All rows of one document
 (one per question) go into the same part, so a document is either committed or not at all.
+
+Exactly once is keyed by the input row (`source_file`, `source_row`), never by the document id:
+ids can be null or repeated, and every such row still gets its own (error) rows exactly once.
+
+A fresh output starts with an empty `part-00000.parquet` (the schema, no rows), so the directory
+reads as a dataset with the output schema even when nothing else was ever committed.
 Readers: `pyarrow.dataset.dataset(OUTPUT)` skips the `_*` files.
 """
 
@@ -22,7 +28,6 @@ import os
 import re
 import shutil
 import time
-from collections import Counter
 from dataclasses import dataclass
 
 import pyarrow as pa
@@ -33,13 +38,17 @@ from pipeline.io import DUPLICATE_ID, INVALID_INPUT
 MANIFEST = "_manifest.json"
 STAGING = "_staging"
 LOCK = "_lock"
-MANIFEST_FORMAT = 1
+# 2: rows carry source_file/source_row (the exactly-once key); 1 keyed by id and is not resumable.
+MANIFEST_FORMAT = 2
 _PART_RE = re.compile(r"^part-(\d{5,})\.parquet$")
 
 # One row per (document, question). Declared up front: every part has exactly this schema, even
 # a part whose rows are all ok (error columns typed and null) or all errors.
 OUTPUT_SCHEMA = pa.schema([
     pa.field("id", pa.string(), metadata={"doc": "document id from the input (as a string)"}),
+    pa.field("source_file", pa.string(), nullable=False,
+             metadata={"doc": "input file of the row, relative to the input root"}),
+    pa.field("source_row", pa.int64(), nullable=False, metadata={"doc": "row number in source_file, from 0"}),
     pa.field("task", pa.string(), nullable=False, metadata={"doc": "summarize | qa"}),
     pa.field("question_index", pa.int32(), metadata={"doc": "position of the question in the document's list (QA), else null"}),
     pa.field("question", pa.string()),
@@ -75,42 +84,29 @@ class OutputError(RuntimeError):
     """The output directory cannot be used for this job (says why and what to do)."""
 
 
-@dataclass
 class CommittedIndex:
     """Which input rows already have committed output, for resuming exactly once.
 
-    Keyed like the input reader: the first row with an id (occurrence 0) is committed when any of
-    its rows is; duplicates (occurrence >= 1) and null ids are identical error rows, counted.
+    Keyed by (source_file, source_row): one entry per input row, however many output rows (QA
+    questions) it has and whatever its id. Row numbers are kept per file.
     """
 
-    documents: set
-    duplicates: Counter
-    null_ids: int = 0
+    def __init__(self) -> None:
+        self._rows: dict[str, set[int]] = {}
 
     @classmethod
     def empty(cls) -> CommittedIndex:
-        return cls(set(), Counter(), 0)
+        return cls()
 
-    def add_rows(self, ids, error_types) -> None:
-        seen_in_batch: set = set()
-        for doc_id, error_type in zip(ids, error_types):
-            if doc_id is None:
-                self.null_ids += 1
-            elif error_type == DUPLICATE_ID:
-                self.duplicates[doc_id] += 1
-            elif doc_id not in seen_in_batch:
-                seen_in_batch.add(doc_id)
-                self.documents.add(doc_id)
+    def add_rows(self, source_files, source_rows) -> None:
+        for source_file, source_row in zip(source_files, source_rows):
+            self._rows.setdefault(source_file, set()).add(source_row)
 
-    def is_committed(self, doc_id: str | None, occurrence: int) -> bool:
-        if doc_id is None:
-            return occurrence < self.null_ids
-        if occurrence == 0:
-            return doc_id in self.documents
-        return occurrence <= self.duplicates.get(doc_id, 0)
+    def is_committed(self, key: tuple[str, int]) -> bool:
+        return key[1] in self._rows.get(key[0], ())
 
     def __len__(self) -> int:
-        return len(self.documents) + sum(self.duplicates.values()) + self.null_ids
+        return sum(len(rows) for rows in self._rows.values())
 
 
 def _fsync_dir(path: str) -> None:
@@ -211,8 +207,14 @@ class OutputWriter:
         self.rows_committed_this_run = 0
         self.parts_committed_this_run = 0
 
-        os.makedirs(output_dir, exist_ok=True)
-        self._lock = _lock_output(output_dir)
+        try:
+            os.makedirs(output_dir, exist_ok=True)
+            self._lock = _lock_output(output_dir)
+        except OSError as error:  # a file in the way, no permission, a read-only filesystem
+            raise OutputError(
+                f"output {output_dir} cannot be used as a directory to write results: "
+                f"{error.strerror or error} ({error.filename or output_dir}); choose another --output"
+            ) from None
         try:
             self._open(overwrite)
         except BaseException:
@@ -231,6 +233,12 @@ class OutputWriter:
             raise OutputError(
                 f"output {output_dir} holds part files but no {MANIFEST}: not written by this pipeline or damaged; "
                 "choose another --output, or pass --overwrite to replace its contents"
+            )
+        elif manifest is not None and manifest.get("format") != MANIFEST_FORMAT:
+            raise OutputError(
+                f"output {output_dir} was written by another version of this pipeline (manifest format "
+                f"{manifest.get('format')}, this version writes {MANIFEST_FORMAT}) and cannot be resumed; choose "
+                "another --output, or pass --overwrite to replace it"
             )
         elif manifest is not None and manifest.get("fingerprint") != fingerprint:
             raise OutputError(
@@ -257,15 +265,17 @@ class OutputWriter:
         for name in parts:
             path = os.path.join(output_dir, name)
             try:
-                table = pq.read_table(path, columns=["id", "error_type"])
+                table = pq.read_table(path, columns=["source_file", "source_row"])
             except Exception as e:
                 raise OutputError(f"committed part {path} cannot be read ({e}); remove it or pass --overwrite") from e
-            self.committed.add_rows(table.column("id").to_pylist(), table.column("error_type").to_pylist())
+            self.committed.add_rows(table.column("source_file").to_pylist(), table.column("source_row").to_pylist())
             if name not in listed:  # renamed, but the driver died before the manifest update
                 self.manifest["parts"].append({"file": name, "rows": table.num_rows, "recovered": True})
-        self.resumed = bool(parts)
+        self.resumed = len(self.committed) > 0
         self._next_part = max((int(_PART_RE.match(p).group(1)) + 1 for p in parts), default=0)
         _write_json_atomic(os.path.join(output_dir, MANIFEST), self.manifest)
+        if not parts:
+            self._commit(OUTPUT_SCHEMA.empty_table(), documents=0)  # the schema, readable from the start
 
     def _clear(self) -> None:
         for name in os.listdir(self.output_dir):
@@ -282,25 +292,26 @@ class OutputWriter:
             self.flush()
 
     def flush(self) -> None:
-        if not self._buffer:
-            return
+        if self._buffer:
+            self._commit(pa.Table.from_pylist(self._buffer, schema=OUTPUT_SCHEMA), documents=self._buffer_docs)
+            self._buffer.clear()
+            self._buffer_docs = 0
+
+    def _commit(self, table: pa.Table, *, documents: int) -> None:
         name = f"part-{self._next_part:05d}.parquet"
         staged = os.path.join(self.output_dir, STAGING, name)
-        table = pa.Table.from_pylist(self._buffer, schema=OUTPUT_SCHEMA)
         with open(staged, "wb") as f:
             pq.write_table(table, f, compression="zstd")
             f.flush()
             os.fsync(f.fileno())
         os.rename(staged, os.path.join(self.output_dir, name))  # the commit
         _fsync_dir(self.output_dir)
-        self.committed.add_rows(table.column("id").to_pylist(), table.column("error_type").to_pylist())
-        self.manifest["parts"].append({"file": name, "rows": table.num_rows, "documents": self._buffer_docs})
+        self.committed.add_rows(table.column("source_file").to_pylist(), table.column("source_row").to_pylist())
+        self.manifest["parts"].append({"file": name, "rows": table.num_rows, "documents": documents})
         _write_json_atomic(os.path.join(self.output_dir, MANIFEST), self.manifest)
         self._next_part += 1
         self.rows_committed_this_run += table.num_rows
-        self.parts_committed_this_run += 1
-        self._buffer.clear()
-        self._buffer_docs = 0
+        self.parts_committed_this_run += table.num_rows > 0
         self._last_commit = time.monotonic()
 
     def close(self, *, complete: bool, summary: dict | None = None) -> None:
