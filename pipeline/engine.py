@@ -42,12 +42,32 @@ the oldest request and adds later single-suffix requests while the left-padded b
 `max_batch_tokens` (padded prompt tokens) and `max_batch_size` rows; a request whose prompt alone
 fills the budget, and every request with several suffixes, runs alone.
 
-Failures: a rank that dies (or a replica that exceeds `request_timeout_s`) takes the whole
-replica down: its actors are killed, its batch goes back to the front of the queue (another
-replica or the rebuilt one runs it; results only ever come from a completed batch, so nothing is
-lost or returned twice) and the replica is rebuilt, at most `max_restarts` times. A request is
-retried at most `request_retries` times, then gets a `replica_failed` result; when no replica is
-left, every waiting request gets one.
+Failures (no hang, ever: every request gets its one list of results, or `run` raises
+`EngineError`):
+
+- A rank that dies (or a batch that runs past `request_timeout_s`, one hour by default) takes the
+  whole replica down: its actors are killed, its batch goes back to the front of the queue
+  (another replica or the rebuilt one runs it; results only ever come from a completed batch, so
+  nothing is lost or returned twice) and the replica is rebuilt, at most `max_restarts` times. A
+  request is retried at most `request_retries` times, then gets a `replica_failed` result; when no
+  replica is left, every waiting request gets one.
+- Out of memory with tp_size 1: the rank frees the batch and retries it one request at a time; a
+  request that still does not fit gets an `out_of_memory` result (`pipeline.generation`).
+- Out of memory with tp_size > 1: no rank retries on its own (its peers may be waiting for it in
+  a collective). The rank frees what it can and answers "out of memory"; the pool decides. If
+  every rank answered (all out of memory, or some with results) the group is checked with one
+  all-reduce and kept; if some rank is still running `rank_grace_s` after the first answer, it is
+  stuck in a collective: the replica is killed and rebuilt. Either way a batch of several requests
+  is split: each request goes back to the front of the queue to run alone (this does not count
+  as a retry); a request that ran alone gets `out_of_memory` results.
+- A rank that raises anything else: the batch gets `internal_error` results (the replica is
+  killed and rebuilt if a peer is still running after `rank_grace_s`).
+- An unexpected exception in the serving loop itself (a bug): the batch gets `internal_error`
+  results naming it; the replica is killed and rebuilt if its ranks may still be running the
+  batch, and serving goes on. A serving thread that dies anyway fails the batch it held and, when
+  it was the last one, every waiting request (`internal_error`); `submit` then answers at once.
+- `run` waits for results by polling: when requests are in flight and no serving thread is alive
+  it raises `EngineError` instead of blocking forever.
 """
 
 from __future__ import annotations
@@ -108,8 +128,16 @@ def _memory_plan(config: EngineConfig, model, device, world_size: int):
     return MemoryPlan(ModelShape.from_config(model.config), serving)
 
 
-class EngineStartupError(RuntimeError):
+class EngineError(RuntimeError):
+    """The engine cannot answer: the message says what happened."""
+
+
+class EngineStartupError(EngineError):
     """The pool cannot start: the message says what is missing."""
+
+
+# How often `ReplicaPool.run` checks that a serving thread is still alive while it waits.
+_RUN_POLL_S = 1.0
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -140,8 +168,14 @@ class EngineConfig:
     placement_timeout_s: float = 120.0
     # Model loading of one replica (after placement) must finish within this.
     startup_timeout_s: float = 900.0
-    # A batch running longer than this counts as a hung replica (None: no limit).
-    request_timeout_s: float | None = None
+    # A batch running longer than this counts as a hung replica: it is killed and rebuilt, and
+    # the batch retried (None: no limit; then only a dead rank ends a stuck batch). One hour is
+    # far above any legitimate batch at the defaults (max_input_tokens 32k, max_batch_tokens 8k):
+    # on GPU a 100k-token request of a 70B model takes minutes; on CPU a 2k-token prompt of
+    # SmolLM2-135M plus 48 new tokens took up to 5.5 minutes on 2 loaded cores, a 32k one an
+    # estimated 10-20. Each timeout costs a rebuild (max_restarts), so a limit close to real
+    # batch times would take healthy replicas down; raise it for slower setups.
+    request_timeout_s: float | None = 3600.0
     # How long the other ranks may still run after one rank answered with an error before the
     # replica is considered stuck in a collective and rebuilt.
     rank_grace_s: float = 60.0
@@ -305,8 +339,8 @@ class RankWorker:
         for source in (getattr(tokenizer, "eos_token_id", None), model.generation_config.eos_token_id,
                        model.config.eos_token_id):
             eos.update(source if isinstance(source, (list, tuple)) else [source] if source is not None else [])
-        self.ctx = RankContext(model=model, device=device, rank=self.rank, tokenizer=tokenizer,
-                               eos_token_ids=frozenset(eos), pad_token_id=pad,
+        self.ctx = RankContext(model=model, device=device, rank=self.rank, world_size=self.world_size,
+                               tokenizer=tokenizer, eos_token_ids=frozenset(eos), pad_token_id=pad,
                                kv_cache_dtype=config.kv_cache_dtype, prefill_block=config.prefill_block,
                                memory_plan=_memory_plan(config, model, device, self.world_size))
         if sync is not None:
@@ -332,10 +366,32 @@ class RankWorker:
             "dtype": str(model.dtype),
         }
 
-    def run_batch(self, requests: list[GenerationRequest]) -> list[list[GenerationResult]]:
-        from pipeline.generation import generate_batch
+    def run_batch(self, requests: list[GenerationRequest]) -> list[list[GenerationResult]] | _OutOfMemoryAnswer:
+        """-> this rank's results, or `_OutOfMemoryAnswer` (tp_size > 1; the pool decides what next)."""
+        from pipeline.generation import RankOutOfMemory, generate_batch
 
-        return generate_batch(self.ctx, requests)
+        try:
+            return generate_batch(self.ctx, requests)
+        except RankOutOfMemory as error:  # answered, not raised: the driver need not import torch
+            return _OutOfMemoryAnswer(rank=self.rank, message=error.message)
+
+    def check_group(self) -> int:
+        """All-reduces a 1 on the model's collective path and on torch.distributed's: -> the sum
+        (world_size when the group is still in step, after every rank ran out of memory)."""
+        import deepspeed.comm
+        import torch
+        import torch.distributed as dist
+
+        total = torch.ones(1, device=self.ctx.device)
+        deepspeed.comm.inference_all_reduce(total)
+        direct = torch.ones(1, device=self.ctx.device)
+        dist.all_reduce(direct)
+        return int(min(total.item(), direct.item()))
+
+    def inject_out_of_memory(self, request_ids: list[str]) -> None:
+        """Test hook (fault injection): from now on, a batch holding one of these requests raises
+        torch.OutOfMemoryError on this rank before its first forward. Lost when the actor is."""
+        self.ctx.out_of_memory_for = frozenset(request_ids)
 
     def ping(self) -> int:
         return os.getpid()
@@ -353,15 +409,33 @@ class _ReplicaDown(Exception):
     """The replica lost a rank (or hung); its batch must run elsewhere."""
 
 
+@dataclass(frozen=True)
+class _OutOfMemoryAnswer:
+    """A rank's answer to a batch that ran out of memory on it (tp_size > 1)."""
+
+    rank: int
+    message: str
+
+
+class _OutOfMemory(Exception):
+    """Some rank ran out of memory on the batch. `lost`: why the replica was killed (None: kept)."""
+
+    def __init__(self, message: str, lost: str | None):
+        super().__init__(message, lost)
+        self.message, self.lost = message, lost
+
+
 @dataclass
 class _Entry:
     request: GenerationRequest
     future: concurrent.futures.Future
     attempts: int = 0
+    # Set when the request was in a batch that ran out of memory: it now runs alone.
+    solo: bool = False
 
     @property
     def alone(self) -> bool:
-        return len(self.request.suffix_ids) > 1
+        return self.solo or len(self.request.suffix_ids) > 1
 
 
 class _Replica:
@@ -376,6 +450,8 @@ class _Replica:
         self.load_s = None
         self.served = self.failures = self.restarts = 0
         self.alive = False
+        # True from a batch's dispatch until every rank has answered it.
+        self.busy = False
         self.last_error: str | None = None
 
     def start(self) -> None:
@@ -434,46 +510,84 @@ class _Replica:
         self.alive = True
 
     def run(self, requests: list[GenerationRequest], on_dispatch=None) -> list[list[GenerationResult]]:
-        """Runs one batch on every rank; -> rank 0's results with metrics reduced over ranks."""
+        """Runs one batch on every rank; -> rank 0's results with metrics reduced over ranks.
+
+        Raises _ReplicaDown (a rank died or the batch timed out; the replica is killed),
+        _OutOfMemory (some rank ran out of memory; the replica is killed when a peer is stuck) or
+        _RankError (a rank raised; the replica is killed when a peer is stuck)."""
         import ray
 
+        grace = self.config.rank_grace_s
         refs = [w.run_batch.remote(requests) for w in self.workers]
+        self.busy = True
         if on_dispatch is not None:
             on_dispatch(self.name, [r.request_id for r in requests])
         deadline = None if self.config.request_timeout_s is None else time.monotonic() + self.config.request_timeout_s
         answers: dict[int, object] = {}
+        out_of_memory: dict[int, str] = {}  # rank -> what its allocator said
         pending = list(refs)
         app_error: BaseException | None = None
         while pending:
             timeout = None if deadline is None else max(0.0, deadline - time.monotonic())
-            if app_error is not None:  # other ranks may be stuck in a collective
-                timeout = self.config.rank_grace_s if timeout is None else min(timeout, self.config.rank_grace_s)
+            if app_error is not None or out_of_memory:  # other ranks may be stuck in a collective
+                timeout = grace if timeout is None else min(timeout, grace)
             ready, pending = ray.wait(pending, num_returns=1, timeout=timeout)
             if not ready:
-                if app_error is not None:
-                    self.kill()
-                    raise _RankError(app_error)
                 self.kill()
+                stuck = sorted(refs.index(ref) for ref in pending)
+                if out_of_memory:
+                    raise _OutOfMemory(_oom_text(out_of_memory), f"rank(s) {stuck} still ran {grace:g} s "
+                                       "(rank_grace_s) later, stuck in a collective")
+                if app_error is not None:
+                    raise _RankError(app_error)
                 raise _ReplicaDown(f"batch exceeded request_timeout_s={self.config.request_timeout_s}")
             for ref in ready:
                 rank = refs.index(ref)
                 try:
-                    answers[rank] = ray.get(ref)
+                    answer = ray.get(ref)
                 except (ray.exceptions.RayActorError, ray.exceptions.WorkerCrashedError,
                         ray.exceptions.NodeDiedError, ray.exceptions.ObjectLostError) as error:
                     self.kill()
+                    if out_of_memory:
+                        raise _OutOfMemory(_oom_text(out_of_memory), f"rank {rank} died: {_short(error)}") from None
                     raise _ReplicaDown(f"rank {rank} died: {_short(error)}") from None
                 except ray.exceptions.RayTaskError as error:
                     app_error = error
+                    continue
+                if isinstance(answer, _OutOfMemoryAnswer):
+                    out_of_memory[rank] = answer.message
+                else:
+                    answers[rank] = answer
+        self.busy = False
+        if out_of_memory:
+            lost = None
+            if app_error is not None:
+                lost = f"another rank raised {_short(app_error)}"
+            elif not self._group_in_step():
+                lost = f"the ranks failed an all-reduce check within rank_grace_s={grace:g} s"
+            if lost is not None:
+                self.kill()
+            raise _OutOfMemory(_oom_text(out_of_memory), lost)
         if app_error is not None:
             raise _RankError(app_error)
         return _reduce_over_ranks([answers[r] for r in range(len(refs))], self.name)
+
+    def _group_in_step(self) -> bool:
+        """After every rank answered an out of memory: do the ranks still meet in a collective?"""
+        import ray
+
+        try:
+            sums = ray.get([w.check_group.remote() for w in self.workers], timeout=self.config.rank_grace_s)
+        except Exception as error:  # noqa: BLE001 - any failure means: rebuild
+            log.warning("replica %s: group check after out of memory failed: %s", self.name, _short(error))
+            return False
+        return all(total == len(self.workers) for total in sums)
 
     def kill(self) -> None:
         import ray
         from ray.util.placement_group import remove_placement_group
 
-        self.alive = False
+        self.alive = self.busy = False
         for worker in self.workers:
             try:
                 ray.kill(worker, no_restart=True)
@@ -505,6 +619,10 @@ class _Replica:
 
 class _RankError(Exception):
     """A rank raised (not out of memory, that is a result): the batch gets internal_error results."""
+
+
+def _oom_text(out_of_memory: dict[int, str]) -> str:
+    return "; ".join(f"rank {rank}: {message}" for rank, message in sorted(out_of_memory.items()))
 
 
 def _short(error: BaseException) -> str:
@@ -549,6 +667,11 @@ class ReplicaPool:
         self._device_type: str | None = None
         # Called as f(replica_name, request_ids) when a batch reaches a replica's ranks (tests).
         self._on_dispatch = None
+        # The batch each serving thread holds (by replica name), to fail it if the thread dies.
+        self._running: dict[str, list[_Entry]] = {}
+        # Serving threads not yet ended; at 0 nothing answers, and (error type, why) says why.
+        self._live_servers = 0
+        self._no_server: tuple[str, str] | None = None
 
     # -- lifecycle -----------------------------------------------------------------------------
 
@@ -577,6 +700,7 @@ class ReplicaPool:
             raise errors[0] if isinstance(errors[0], EngineStartupError) else EngineStartupError(_short(errors[0]))
         self._vocab_size = self._replicas[0].vocab_size
         self._started = True
+        self._live_servers, self._no_server = len(self._replicas), None
         for replica in self._replicas:
             thread = threading.Thread(target=self._serve, args=(replica,), name=f"engine-{replica.name}", daemon=True)
             thread.start()
@@ -630,6 +754,10 @@ class ReplicaPool:
             thread.join(timeout=5)
         for replica in self._replicas:
             replica.kill()
+        with self._cond:  # batches of threads that did not end in time (killed under them now)
+            running = [entry for batch in self._running.values() for entry in batch]
+        for entry in running:
+            self._fail(entry, INTERNAL, "the engine was shut down while this request ran")
         self._threads = []
         self._started = False
 
@@ -652,14 +780,16 @@ class ReplicaPool:
         with self._cond:
             if not self._started or self._stopping:
                 raise RuntimeError("the pool is not running: call start() first")
-            if not self._any_replica_left():
-                dead = True
+            if self._live_servers == 0 and self._no_server is not None:
+                dead = self._no_server
+            elif not self._any_replica_left():
+                dead = (REPLICA_FAILED, "no replica is left: " + self._dead_reason())
             else:
-                dead = False
+                dead = None
                 self._queue.append(entry)
                 self._cond.notify_all()
-        if dead:
-            self._fail(entry, REPLICA_FAILED, "no replica is left: " + self._dead_reason())
+        if dead is not None:
+            self._fail(entry, *dead)
         return future
 
     def run(self, requests: Iterable[GenerationRequest], max_in_flight: int = 16) -> Iterator[list[GenerationResult]]:
@@ -681,8 +811,30 @@ class ReplicaPool:
                 in_flight += 1
             if in_flight == 0:
                 return
-            yield done.get().result()
+            yield self._next_done(done, in_flight).result()
             in_flight -= 1
+
+    def _next_done(self, done: queue.Queue, in_flight: int) -> concurrent.futures.Future:
+        """The next resolved future; EngineError when none can come (no serving thread alive)."""
+        while True:
+            try:
+                return done.get(timeout=_RUN_POLL_S)
+            except queue.Empty:
+                pass
+            if any(thread.is_alive() for thread in self._threads):
+                continue
+            try:  # a thread may have resolved the last futures just before it ended
+                return done.get_nowait()
+            except queue.Empty:
+                pass
+            why = self._no_server[1] if self._no_server is not None else "the pool was shut down or never served"
+            raise EngineError(
+                f"{in_flight} request(s) are in flight but no serving thread is alive ({why}), so their "
+                f"results will never come; replicas: {self._replica_summary()}. Start a new pool"
+            )
+
+    def _replica_summary(self) -> str:
+        return ", ".join(f"{r.name} alive={r.alive} last_error={r.last_error}" for r in self._replicas) or "none"
 
     def stats(self) -> dict:
         """Per replica: load_s, served (requests answered), failures (batches lost to a dead or
@@ -729,8 +881,15 @@ class ReplicaPool:
             )
             for i, s in enumerate(suffixes)
         ]
-        if not entry.future.done():
+        self._resolve(entry, results)
+
+    @staticmethod
+    def _resolve(entry: _Entry, results: list[GenerationResult]) -> None:
+        """Answers a request once; a second answer (a race with shutdown) is dropped."""
+        try:
             entry.future.set_result(results)
+        except concurrent.futures.InvalidStateError:
+            pass
 
     # -- serving -------------------------------------------------------------------------------
 
@@ -758,42 +917,130 @@ class ReplicaPool:
         return batch
 
     def _serve(self, replica: _Replica) -> None:
-        while True:
-            with self._cond:
-                while not self._stopping and not self._queue:
-                    self._cond.wait()
-                if self._stopping:
-                    return
-                batch = self._next_batch()
-            for entry in batch:
-                entry.attempts += 1
-            try:
-                results = replica.run([e.request for e in batch], self._on_dispatch)
-            except _ReplicaDown as error:
-                if self._stopping:  # shutdown() killed the actors under this batch
-                    for entry in batch:
-                        self._fail(entry, INTERNAL, "the engine was shut down while this request ran")
-                    return
-                replica.failures += 1
-                replica.last_error = str(error)
-                log.warning("%s went down (%s); %d request(s) go back to the queue", replica.name, error, len(batch))
-                self._requeue(batch, f"{replica.name}: {error}")
-                if not self._rebuild(replica):
-                    return
-                continue
-            except _RankError as error:
-                replica.failures += 1
-                replica.last_error = _short(error.args[0])
+        """A serving thread: one replica's loop. Whatever happens, it leaves no request unanswered."""
+        died = None
+        try:
+            while self._serve_one(replica):
+                pass
+        except BaseException as error:  # noqa: BLE001 - a bug in the loop: answer, then end
+            died = f"{replica.name}'s serving thread died: {_short(error)}"
+            log.error("%s", died, exc_info=error)
+        finally:
+            self._serving_ended(replica, died)
+
+    def _serve_one(self, replica: _Replica) -> bool:
+        """Takes one batch and answers it. False: this thread ends (stopping, or replica given up)."""
+        with self._cond:
+            while not self._stopping and not self._queue:
+                self._cond.wait()
+            if self._stopping:
+                return False
+            batch = self._next_batch()
+            self._running[replica.name] = batch
+        try:
+            keep = self._run_batch(replica, batch)
+        except Exception as error:  # noqa: BLE001 - a bug in the engine: the batch gets internal_error
+            keep = self._batch_crashed(replica, batch, error)
+        with self._cond:
+            self._running.pop(replica.name, None)
+        return keep
+
+    def _run_batch(self, replica: _Replica, batch: list[_Entry]) -> bool:
+        for entry in batch:
+            entry.attempts += 1
+        try:
+            results = replica.run([e.request for e in batch], self._on_dispatch)
+        except _ReplicaDown as error:
+            if self._stopping:  # shutdown() killed the actors under this batch
                 for entry in batch:
-                    self._fail(entry, INTERNAL, f"{replica.name} raised: {replica.last_error}")
-                if not replica.alive and not self._rebuild(replica):
-                    return
-                continue
-            for entry, result in zip(batch, results):
-                for r in result:
-                    r.attempts = entry.attempts
-                replica.served += 1
-                entry.future.set_result(result)
+                    self._fail(entry, INTERNAL, "the engine was shut down while this request ran")
+                return False
+            replica.failures += 1
+            replica.last_error = str(error)
+            log.warning("%s went down (%s); %d request(s) go back to the queue", replica.name, error, len(batch))
+            self._requeue(batch, f"{replica.name}: {error}")
+            return self._rebuild(replica)
+        except _OutOfMemory as error:
+            self._out_of_memory(replica, batch, error)
+            return replica.alive or self._rebuild(replica)
+        except _RankError as error:
+            replica.failures += 1
+            replica.last_error = _short(error.args[0])
+            for entry in batch:
+                self._fail(entry, INTERNAL, f"{replica.name} raised: {replica.last_error}")
+            return replica.alive or self._rebuild(replica)
+        for entry, result in zip(batch, results, strict=True):
+            for r in result:
+                r.attempts = entry.attempts
+            replica.served += 1
+            self._resolve(entry, result)
+        return True
+
+    def _out_of_memory(self, replica: _Replica, batch: list[_Entry], error: _OutOfMemory) -> None:
+        """Some rank ran out of memory: a batch is split (each request alone, at the front of the
+        queue); a request that ran alone gets out_of_memory results."""
+        replica.last_error = f"out of memory: {error.message}"
+        if error.lost is not None:
+            replica.failures += 1
+            replica.last_error += f"; replica killed: {error.lost}"
+        log.warning("%s: %s (batch of %d)", replica.name, replica.last_error, len(batch))
+        if len(batch) > 1:
+            for entry in batch:
+                entry.solo = True
+            self._push_front(batch)
+            return
+        (entry,) = batch
+        request = entry.request
+        self._fail(entry, OUT_OF_MEMORY, (
+            f"request {request.request_id}: out of memory for a {request.prompt_tokens}-token prompt on "
+            f"{replica.name} (tp_size={self.config.tp_size}, running alone): {error.message}"
+            + (f"; the replica was rebuilt ({error.lost})" if error.lost is not None else "")
+            + "; lower max_input_tokens or max_new_tokens, or use more tensor-parallel ranks"
+        ))
+
+    def _batch_crashed(self, replica: _Replica, batch: list[_Entry], error: Exception) -> bool:
+        """An unexpected exception while running a batch: it gets internal_error results; a
+        replica whose ranks may still be running it is rebuilt."""
+        replica.failures += 1
+        replica.last_error = f"engine error: {_short(error)}"
+        log.error("%s: the engine failed on a batch of %d: %s", replica.name, len(batch), _short(error),
+                  exc_info=error)
+        for entry in batch:
+            self._fail(entry, INTERNAL, f"{replica.name}: the engine failed while running request "
+                                        f"{entry.request.request_id}: {_short(error)}")
+        if self._stopping:
+            return False
+        if replica.busy or not replica.alive:
+            replica.kill()
+            return self._rebuild(replica)
+        return True
+
+    def _serving_ended(self, replica: _Replica, died: str | None) -> None:
+        """A serving thread ends: its batch, and when it was the last one the queue, get answers."""
+        if died is not None:
+            replica.last_error = died
+            try:
+                replica.kill()  # nothing serves it any more
+            except Exception as error:  # noqa: BLE001
+                log.warning("%s: kill failed: %s", replica.name, _short(error))
+            replica.restarts = self.config.max_restarts + 1  # given up
+        with self._cond:
+            running = self._running.pop(replica.name, [])
+            self._live_servers -= 1
+            orphans = []
+            if self._live_servers <= 0:
+                if self._stopping:
+                    self._no_server = (INTERNAL, "the engine was shut down")
+                elif died is not None:
+                    self._no_server = (INTERNAL, f"no serving thread is left: {died}")
+                else:
+                    self._no_server = (REPLICA_FAILED, "no replica is left: " + self._dead_reason())
+                orphans = list(self._queue)
+                self._queue.clear()
+        for entry in running:
+            self._fail(entry, INTERNAL, died or "the engine stopped while this request ran")
+        for entry in orphans:
+            self._fail(entry, *self._no_server)
 
     def _requeue(self, batch: list[_Entry], reason: str) -> None:
         retry = []
@@ -804,9 +1051,17 @@ class ReplicaPool:
                            f"request_retries={self.config.request_retries} exhausted")
             else:
                 retry.append(entry)
+        self._push_front(retry)
+
+    def _push_front(self, entries: list[_Entry]) -> None:
+        """Back to the front of the queue, in their order (failed instead when shutting down)."""
         with self._cond:
-            self._queue.extendleft(reversed(retry))  # to the front, in their order
-            self._cond.notify_all()
+            if not self._stopping:
+                self._queue.extendleft(reversed(entries))
+                self._cond.notify_all()
+                return
+        for entry in entries:
+            self._fail(entry, INTERNAL, "the engine was shut down before this request ran")
 
     def _rebuild(self, replica: _Replica) -> bool:
         """Restarts a replica within max_restarts. False: it is given up (and maybe the pool)."""

@@ -12,6 +12,12 @@ strings and the tokenizer live on rank 0 only).
 Prefill asks the model for the logits of the last position only (`logits_to_keep=1`): nothing
 (prompt x vocab) is ever allocated.
 
+Out of memory: with one rank, a batch that runs out of memory is freed and retried one request at
+a time, and a request that still does not fit gets an `out_of_memory` result. With several ranks
+a rank never retries on its own (its peers may be blocked inside a collective of the same
+forward, waiting for it): it frees what it can and raises `RankOutOfMemory`, and the engine, which
+sees every rank, decides (see `pipeline.engine`).
+
 Metrics per rank: on CUDA, GPU time from CUDA events and the allocator's peak (reset per batch);
 on CPU, wall clock and the process's peak RSS (VmHWM, reset per batch through
 /proc/self/clear_refs), labelled `cpu_peak_rss` and never reported as GPU figures.
@@ -55,6 +61,26 @@ class RankContext:
     prefill_block: int | str | None = None
     # pipeline.memory_plan.MemoryPlan every request is checked against, or None.
     memory_plan: object | None = None
+    # Ranks in the tensor-parallel group: above 1, out of memory raises RankOutOfMemory instead
+    # of being retried on this rank alone.
+    world_size: int = 1
+    # Test hook (fault injection), empty in production: a batch holding one of these request ids
+    # raises torch.OutOfMemoryError on this rank before its first forward (set through
+    # pipeline.engine.RankWorker.inject_out_of_memory).
+    out_of_memory_for: frozenset[str] = frozenset()
+
+
+class RankOutOfMemory(Exception):
+    """This rank of a tensor-parallel group ran out of memory on a batch (memory freed, no retry).
+
+    Picklable; `request_ids` are the batch's requests, `message` the allocator's words."""
+
+    def __init__(self, message: str, request_ids: list[str], rank: int):
+        super().__init__(message, request_ids, rank)
+        self.message, self.request_ids, self.rank = message, list(request_ids), rank
+
+    def __str__(self) -> str:
+        return f"rank {self.rank} ran out of memory on requests {self.request_ids}: {self.message}"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -404,8 +430,11 @@ def generate_batch(ctx: RankContext, requests: list[GenerationRequest]) -> list[
 
     Several requests must each have exactly one suffix (they share one left-padded batch); a
     request with several suffixes must come alone. Inputs are assumed validated by the caller.
-    Out of memory: what the batch held is freed; a batch of several requests is retried one
-    request at a time, and a request that still does not fit gets an `out_of_memory` result.
+    Out of memory: what the batch held is freed. With one rank (ctx.world_size 1), a batch of
+    several requests is retried one request at a time, and a request that still does not fit gets
+    an `out_of_memory` result. With several ranks it raises `RankOutOfMemory` instead: retrying
+    here alone could leave the other ranks waiting in a collective forever; the caller, which
+    sees every rank, decides.
     """
     if len(requests) > 1 and any(len(r.suffix_ids) != 1 for r in requests):
         raise ValueError("a request with several suffixes must run alone")
@@ -413,8 +442,13 @@ def generate_batch(ctx: RankContext, requests: list[GenerationRequest]) -> list[
         refused = _check_memory_plan(ctx, requests)
         if refused is not None:
             return refused
+    message = None
     try:
         with torch.inference_mode():
+            injected = [r.request_id for r in requests if r.request_id in ctx.out_of_memory_for]
+            if injected:
+                raise torch.OutOfMemoryError(f"injected out of memory (test hook) for {injected} on rank "
+                                             f"{ctx.rank}")
             if len(requests) == 1 and len(requests[0].suffix_ids) > 1:
                 rows, info = _run_shared_prefix(ctx, requests[0])
             else:
@@ -425,7 +459,10 @@ def generate_batch(ctx: RankContext, requests: list[GenerationRequest]) -> list[
             raise
         message = f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
         del error
+    if message is not None:  # outside the except: its traceback (and the tensors it holds) is gone
         _free_memory(ctx.device)
+        if ctx.world_size > 1:
+            raise RankOutOfMemory(message, [r.request_id for r in requests], ctx.rank)
         if len(requests) > 1:
             return [generate_batch(ctx, [r])[0] for r in requests]
         request = requests[0]
