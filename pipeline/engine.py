@@ -171,10 +171,10 @@ class EngineConfig:
     # A batch running longer than this counts as a hung replica: it is killed and rebuilt, and
     # the batch retried (None: no limit; then only a dead rank ends a stuck batch). One hour is
     # far above any legitimate batch at the defaults (max_input_tokens 32k, max_batch_tokens 8k):
-    # on GPU a 100k-token request of a 70B model takes minutes; on CPU a 2k-token prompt of
-    # SmolLM2-135M plus 48 new tokens took up to 5.5 minutes on 2 loaded cores, a 32k one an
-    # estimated 10-20. Each timeout costs a rebuild (max_restarts), so a limit close to real
-    # batch times would take healthy replicas down; raise it for slower setups.
+    # on GPU a 100k-token request of a 70B model takes minutes; on 2 CPU cores SmolLM2-135M
+    # prefills 16k tokens in about 100 s, and a 2k-token prompt plus 48 new tokens took up to
+    # 5.5 minutes on loaded cores (README). Each timeout costs a rebuild (max_restarts), so a
+    # limit close to real batch times would take healthy replicas down; raise it for slower setups.
     request_timeout_s: float | None = 3600.0
     # How long the other ranks may still run after one rank answered with an error before the
     # replica is considered stuck in a collective and rebuilt.
