@@ -201,7 +201,7 @@ def run_main(main) -> None:
     the finished documents and writing the metrics: rerun the same command to resume."""
     import signal
 
-    from pipeline.engine import EngineStartupError
+    from pipeline.engine import EngineError
     from pipeline.io import InputError
     from pipeline.job import JobFailed, JobStopped
     from pipeline.output import OutputError
@@ -220,6 +220,6 @@ def run_main(main) -> None:
     except JobFailed as e:
         print(f"job failed: {e}", file=sys.stderr, flush=True)
         sys.exit(EXIT_FAILED)
-    except (InputError, OutputError, EngineStartupError, FileNotFoundError, ValueError) as e:
+    except (InputError, OutputError, EngineError, FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr, flush=True)
         sys.exit(EXIT_USAGE)

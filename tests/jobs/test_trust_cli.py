@@ -1,0 +1,144 @@
+"""The jobs as a careless user and a scheduler meet them: one-line errors with exit code 2 before
+any model work, and a stop by SIGTERM / SIGINT that commits, writes its metrics, removes its
+staging files and exits 128 + signal, after which the same command resumes exactly once."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import threading
+import time
+from collections import Counter
+
+import pytest
+
+from pipeline.output import STAGING, committed_parts, read_manifest, read_output
+from tests.jobs.conftest import PYTHON, REPO, TINY_DCA, job_env, write_corpus
+
+
+def _run(args, tmp_path, timeout=120):
+    return subprocess.run([PYTHON, "-m", "jobs.summarize", *args], cwd=REPO, env=job_env(tmp_path),
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def _one_line_error(proc, *needles):
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: "), proc.stderr[-3000:]
+    for needle in needles:
+        assert needle in last, last
+
+
+def _case(name, tmp_path, model):
+    """-> (arguments, expected words in the error line) of one misuse."""
+    corpus = str(tmp_path / "corpus")
+    base = ["--input", corpus, "--model", model, "--no-progress"]
+    if name == "output_is_a_file":
+        (tmp_path / "taken").write_text("x")
+        return base + ["--output", str(tmp_path / "taken")], ["cannot be used as a directory", "taken"]
+    if name == "output_under_a_file":
+        (tmp_path / "taken").write_text("x")
+        return base + ["--output", str(tmp_path / "taken" / "out")], ["cannot be used as a directory"]
+    if name == "output_unwritable":
+        return base + ["--output", "/proc/self/dca-out"], ["cannot be used as a directory"]
+    if name == "broken_config_json":
+        broken = tmp_path / "broken-model"
+        broken.mkdir()
+        (broken / "config.json").write_text('{"model_type": "llama", ')
+        return ["--input", corpus, "--model", str(broken), "--output", str(tmp_path / "out")], \
+            ["config.json cannot be read"]
+    if name == "misspelt_dca_key":
+        config = tmp_path / "job.yaml"
+        config.write_text(json.dumps({"dca": {**TINY_DCA, "chunk_sise": 40}}))
+        return base + ["--output", str(tmp_path / "out"), "--config", str(config)], ["chunk_sise", "dca"]
+    if name == "tp_above_kv_heads":
+        config = tmp_path / "job.yaml"
+        config.write_text(json.dumps({"dca": TINY_DCA}))
+        return base + ["--output", str(tmp_path / "out"), "--config", str(config), "--tp", "4"], \
+            ["--tp 4", "2 key/value heads"]
+    raise AssertionError(name)
+
+
+@pytest.mark.parametrize("name", ["output_is_a_file", "output_under_a_file", "output_unwritable",
+                                  "broken_config_json", "misspelt_dca_key", "tp_above_kv_heads"])
+def test_misuse_is_one_line_exit_2_before_model_work(tiny_chat_model, tmp_path, name):
+    write_corpus(str(tmp_path / "corpus"), 3, bad_rows=False, files=1)
+    args, needles = _case(name, tmp_path, tiny_chat_model)
+    start = time.monotonic()
+    proc = _run(args, tmp_path)
+    _one_line_error(proc, *needles)
+    assert time.monotonic() - start < 60  # found before Ray or a model start
+    # Nothing was claimed: the corrected command is not refused as "a different job".
+    assert not (tmp_path / "out" / "_manifest.json").exists()
+
+
+def test_an_input_of_empty_files_is_one_line_exit_2(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    (tmp_path / "corpus").mkdir()
+    pq.write_table(pa.table({"id": pa.array([], pa.string()), "text": pa.array([], pa.string())}),
+                   tmp_path / "corpus" / "empty.parquet")
+    proc = _run(["--input", str(tmp_path / "corpus"), "--output", str(tmp_path / "out")], tmp_path)
+    _one_line_error(proc, "has no rows", "nothing to do")
+    assert not (tmp_path / "out").exists()
+
+
+def _wait_for(predicate, timeout_s: float, what: str):
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        threading.Event().wait(0.2)
+    raise AssertionError(f"timed out after {timeout_s} s waiting for {what}")
+
+
+def _committed_rows(out) -> int:
+    return read_output(str(out)).num_rows if committed_parts(str(out)) else 0
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_stop_signal_commits_writes_metrics_and_resumes(tiny_chat_model, tmp_path, signum):
+    """The job starts its own local Ray, as a user's does: ray.init installs a SIGTERM handler
+    that kills the Ray processes and exits before anything is committed (exit 134 was seen)."""
+    valid = write_corpus(str(tmp_path / "corpus"), 60, min_words=100, max_words=140)
+    out = tmp_path / "out"
+    config = tmp_path / "job.yaml"
+    config.write_text(json.dumps({"dca": TINY_DCA, "max_error_fraction": 0.5}))
+    args = ["--input", str(tmp_path / "corpus"), "--output", str(out), "--model", tiny_chat_model,
+            "--config", str(config), "--max-input-tokens", "150", "--max-new-tokens", "16",
+            "--part-rows", "1", "--max-in-flight", "1", "--no-progress"]
+    proc = subprocess.Popen([PYTHON, "-m", "jobs.summarize", *args], cwd=REPO, env=job_env(tmp_path),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        _wait_for(lambda: _committed_rows(out) >= 8 or proc.poll() is not None, 240, "committed rows")
+        assert proc.poll() is None, proc.stderr.read()[-3000:]
+        proc.send_signal(signum)
+        stopped_at = time.monotonic()
+        _, stderr = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 128 + signum, stderr[-3000:]
+    assert time.monotonic() - stopped_at < 30
+    assert "Traceback" not in stderr, stderr[-3000:]
+    assert f"job stopped by {signal.Signals(signum).name}" in stderr.strip().splitlines()[-1]
+    assert not (out / STAGING).exists()
+    metrics = json.loads((out / "_metrics.json").read_text())
+    assert metrics["status"] == "stopped" and signal.Signals(signum).name in metrics["message"]
+    committed = _committed_rows(out)
+    assert metrics["documents"]["ok"] + metrics["documents"]["error"] == committed
+    assert read_manifest(str(out))["complete"] is False
+
+    rerun = subprocess.run([PYTHON, "-m", "jobs.summarize", *args], cwd=REPO, env=job_env(tmp_path),
+                           capture_output=True, text=True, timeout=600)
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    table = read_output(str(out))
+    assert Counter((r["source_file"], r["source_row"]) for r in table.to_pylist()).most_common(1)[0][1] == 1
+    assert table.num_rows == 64  # 60 documents + 4 bad rows, each once
+    assert {r["id"] for r in table.to_pylist() if r["status"] == "ok"} == set(valid)
+    resumed = json.loads((out / "_metrics.json").read_text())
+    assert resumed["status"] == "complete" and resumed["documents"]["already_committed"] == committed
