@@ -12,7 +12,7 @@ BACKENDS = ("auto", "torch", "flash")
 
 @dataclass(frozen=True)
 class DCAConfig:
-    """Dual Chunk Attention settings (docs: ../shared/docs/dca-spec.md, sections 1 and 5).
+    """Dual Chunk Attention settings (docs/dca.md, "The definition").
 
     `None` for `chunk_size` / `local_window` means the spec's defaults, resolved at construction:
     S = 3P/4 and W = P/8 (integer division), so `chunk_len` L = S - W = 5P/8.

@@ -684,7 +684,9 @@ class ReplicaPool:
         except FileNotFoundError as error:
             raise EngineStartupError(f"cannot start the engine: {error}") from None
         if not ray.is_initialized():
-            ray.init(address=config.ray_address)
+            # None means a private local cluster: ray.init(None) would join whatever RAY_ADDRESS or
+            # the last `ray start` on this machine points to.
+            ray.init(address="local" if config.ray_address is None else config.ray_address)
         self._device_type = self._check_resources()
         names = [f"replica-{i}" for i in range(config.replicas)]
         self._replicas = [_Replica(name, config, self._device_type) for name in names]

@@ -1,4 +1,4 @@
-"""A naive float64 Dual Chunk Attention written straight from ../shared/docs/dca-spec.md.
+"""A naive float64 Dual Chunk Attention written straight from docs/dca.md.
 
 Independent of dca/: it computes RoPE from the model config itself (default and linear
 scaling), picks the query id of every (i, j) pair explicitly and rotates the query for that pair,
