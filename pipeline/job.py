@@ -374,6 +374,9 @@ class _Driver:
         self.input_errors = 0
         self.model_decided = 0
         self.model_errors = 0
+        from pipeline.live_metrics import LiveMetrics
+
+        self.live = LiveMetrics()
 
     # -- rows
 
@@ -399,6 +402,7 @@ class _Driver:
         with self.lock, self.stopper.critical():
             self.writer.add_document(rows)
             self.metrics.add_document(rows, results, prompt_tokens)
+            self.live.document(rows)
             failed = any(r["status"] != "ok" for r in rows)
             if input_error:
                 self.input_errors += failed
@@ -485,6 +489,7 @@ class _Driver:
                 return
             with self.lock:
                 self.pending[request.request_id] = pending
+            self.live.queued(1)
             yield request
 
     def _prepare(self, doc: Document):
@@ -531,6 +536,7 @@ class _Driver:
                 log.warning("dropping an answer for unknown request %s", request_id)
                 return
             self.answered.add(request_id)
+        self.live.answered(results)
         doc = pending.doc
         by_suffix = {r.suffix_index: r for r in results}
         rows = list(pending.invalid_rows)
