@@ -29,7 +29,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 os.environ.setdefault("RAY_AUTH_MODE", "token")  # before anything imports ray (environment.md)
-TEXT = REPO.parent / "shared" / "data" / "texts" / "alice29.txt"
+TEXT = REPO / "examples" / "texts" / "alice-chapters-1-3.txt"  # shipped with the repo
 
 
 def _prompt_ids(tokenizer, tokens: int) -> list[int]:
