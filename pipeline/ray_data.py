@@ -87,6 +87,8 @@ class DCAProcessorConfig:
     concurrency: int | tuple[int, int] = 1
     # Documents per engine call (one Ray Data batch); the engine batches inside it.
     batch_size: int = 4
+    # CPU actors that check rows and tokenise (1 CPU each).
+    prompt_concurrency: int = 1
     # Longest prompt sent to the model; longer documents are truncated (see truncation).
     max_input_tokens: int = 8192
     max_new_tokens: int = 256
@@ -123,7 +125,8 @@ class DCAProcessorConfig:
             raise ValueError(f"task must be one of {TASKS}, got {self.task!r}")
         if self.truncation not in TRUNCATION_POLICIES:
             raise ValueError(f"truncation must be one of {TRUNCATION_POLICIES}, got {self.truncation!r}")
-        for name in ("tp_size", "batch_size", "max_input_tokens", "max_new_tokens", "cpus_per_rank"):
+        for name in ("tp_size", "batch_size", "prompt_concurrency", "max_input_tokens", "max_new_tokens",
+                     "cpus_per_rank"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
@@ -187,10 +190,13 @@ class Processor:
     """`processor(ds) -> ds`: the stages of `build_processor`, applied lazily (Ray Data plans them)."""
 
     def __init__(self, config: DCAProcessorConfig, preprocess: Callable[[dict], dict] | None = None,
-                 postprocess: Callable[[dict], dict] | None = None) -> None:
+                 postprocess: Callable[[dict], dict] | None = None, *, engine_stage: type | None = None) -> None:
         self.config = config
         self.preprocess = preprocess
         self.postprocess = postprocess
+        # The engine stage's class: _EngineStage, or a stand-in with its constructor and call
+        # signature (benchmarks/data_plane.py measures the data plane with one that answers at once).
+        self.engine_stage = engine_stage or _EngineStage
 
     def __call__(self, ds):
         from ray.data import ActorPoolStrategy
@@ -201,14 +207,14 @@ class Processor:
         values = config.to_dict()
         ds = ds.map_batches(
             _PromptStage, fn_constructor_kwargs={"config": values}, batch_format="pyarrow",
-            batch_size=config.batch_size, compute=ActorPoolStrategy(size=1), num_cpus=1,
+            batch_size=config.batch_size, compute=ActorPoolStrategy(size=config.prompt_concurrency), num_cpus=1,
         )
         size = config.concurrency
         pool = ActorPoolStrategy(size=size) if isinstance(size, int) else ActorPoolStrategy(min_size=size[0],
                                                                                              max_size=size[1])
         # The actor only coordinates: its replica's ranks reserve the CPUs/GPUs (placement group).
         ds = ds.map_batches(
-            _EngineStage, fn_constructor_kwargs={"config": values}, batch_format="pyarrow",
+            self.engine_stage, fn_constructor_kwargs={"config": values}, batch_format="pyarrow",
             batch_size=config.batch_size, compute=pool, num_cpus=0, max_restarts=-1, max_task_retries=-1,
         )
         if self.postprocess is not None:
@@ -309,7 +315,6 @@ class _EngineStage:
     _ids = itertools.count()
 
     def __init__(self, config: dict) -> None:
-        from pipeline.engine import ReplicaPool
         from pipeline.job import dca_columns
         from pipeline.live_metrics import LiveMetrics
         from pipeline.models import load_model_config
@@ -318,8 +323,17 @@ class _EngineStage:
         spec = self.config.model_spec()
         self.dca = dca_columns(spec, load_model_config(spec))
         self.name = f"dca-{os.getpid()}-{uuid.uuid4().hex[:6]}"
-        self.pool = ReplicaPool(self.config.engine_config()).start()
         self.metrics = LiveMetrics(replica=self.name)
+        self.pool = self._start_engine()
+
+    def _start_engine(self):
+        from pipeline.engine import ReplicaPool
+
+        return ReplicaPool(self.config.engine_config()).start()
+
+    def _answer(self, requests):
+        """Results of each request (a list per request, in completion order)."""
+        return self.pool.run(requests, max_in_flight=max(1, len(requests)))
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         from pipeline.requests import GenerationRequest
@@ -342,7 +356,7 @@ class _EngineStage:
         answers: dict[tuple[int, int], object] = {}
         self.metrics.queued(len(requests))
         start = time.monotonic()
-        for results in self.pool.run(requests, max_in_flight=max(1, len(requests))):
+        for results in self._answer(requests):
             i, sent = index_of[results[0].request_id]
             for result in results:
                 answers[(i, sent[result.suffix_index])] = result
