@@ -35,11 +35,12 @@ from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
+from pipeline.config_files import settle_task_fields
 from pipeline.io import INPUT_ERROR_TYPES, INVALID_INPUT, Document, InputSpec, check_input, iter_documents
 from pipeline.job_metrics import JobMetrics
 from pipeline.models import ModelError, ModelSpec, load_model_config, model_fingerprint
 from pipeline.output import OutputWriter
-from pipeline.prompts import TASKS, TRUNCATION_POLICIES, PromptBuilder, PromptError, load_templates
+from pipeline.prompts import PromptBuilder, PromptError, load_templates
 from pipeline.requests import INTERNAL, PROMPT_TOO_LONG, GenerationRequest, GenerationResult, SamplingParams
 
 log = logging.getLogger("pipeline.job")
@@ -193,10 +194,7 @@ class JobConfig:
     input_batch_rows: int = 64
 
     def __post_init__(self) -> None:
-        if self.task not in TASKS:
-            raise ValueError(f"task must be one of {TASKS}, got {self.task!r}")
-        if self.truncation not in TRUNCATION_POLICIES:
-            raise ValueError(f"truncation must be one of {TRUNCATION_POLICIES}, got {self.truncation!r}")
+        settle_task_fields(self)
         for name in ("tp", "replicas", "max_input_tokens", "max_new_tokens", "budget_min_documents", "part_rows"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -207,12 +205,6 @@ class JobConfig:
                 raise ValueError(f"{name} must be a positive integer or None, got {value!r}")
         if not 0.0 <= self.max_error_fraction <= 1.0:
             raise ValueError(f"max_error_fraction must be in [0, 1], got {self.max_error_fraction}")
-        if self.task == "qa" and not self.question_column:
-            object.__setattr__(self, "question_column", "questions")
-        if self.task == "summarize" and self.question_column:
-            raise ValueError("question_column is only for the qa task")
-        if isinstance(self.stop, list):
-            object.__setattr__(self, "stop", tuple(self.stop))
         if isinstance(self.model_spec, dict):
             object.__setattr__(self, "model_spec", ModelSpec.from_dict(self.model_spec))
 

@@ -28,7 +28,6 @@ import os
 import re
 import shutil
 import time
-from dataclasses import dataclass
 
 import pyarrow as pa
 import pyarrow.parquet as pq

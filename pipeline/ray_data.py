@@ -38,9 +38,8 @@ from dataclasses import dataclass, field
 
 import pyarrow as pa
 
-from pipeline.config_files import reject_unknown_fields
-from pipeline.io import DUPLICATE_ID, INVALID_INPUT, _decode, _decode_text, _questions  # noqa: F401 (re-export)
-from pipeline.prompts import TASKS, TRUNCATION_POLICIES
+from pipeline.config_files import reject_unknown_fields, settle_task_fields
+from pipeline.io import INVALID_INPUT, _decode, _decode_text, _questions
 
 # Output columns added to the input's, in this order (types as in the jobs' output schema).
 OUTPUT_FIELDS = [
@@ -121,10 +120,7 @@ class DCAProcessorConfig:
     use_chat_template: bool | None = None
 
     def __post_init__(self) -> None:
-        if self.task not in TASKS:
-            raise ValueError(f"task must be one of {TASKS}, got {self.task!r}")
-        if self.truncation not in TRUNCATION_POLICIES:
-            raise ValueError(f"truncation must be one of {TRUNCATION_POLICIES}, got {self.truncation!r}")
+        settle_task_fields(self)
         for name in ("tp_size", "batch_size", "prompt_concurrency", "max_input_tokens", "max_new_tokens",
                      "cpus_per_rank"):
             value = getattr(self, name)
@@ -137,12 +133,6 @@ class DCAProcessorConfig:
             isinstance(c, tuple) and len(c) == 2 and all(isinstance(x, int) and x >= 1 for x in c) and c[0] <= c[1])
         if not ok:
             raise ValueError(f"concurrency must be an int >= 1 or a (min, max) pair with 1 <= min <= max, got {c!r}")
-        if self.task == "qa" and not self.question_column:
-            object.__setattr__(self, "question_column", "questions")
-        if self.task == "summarize" and self.question_column:
-            raise ValueError("question_column is only for the qa task")
-        if isinstance(self.stop, list):
-            object.__setattr__(self, "stop", tuple(self.stop))
         # The same checks as the jobs' (dtype, device, DCA keys, kv cache): fail here, not in an actor.
         self.model_spec()
         self.engine_config()

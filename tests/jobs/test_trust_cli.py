@@ -5,7 +5,6 @@ staging files and exits 128 + signal, after which the same command resumes exact
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import threading

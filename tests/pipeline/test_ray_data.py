@@ -13,7 +13,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from pipeline.ray_data import OUTPUT_COLUMNS, DCAProcessorConfig, build_processor
-from tests.jobs.conftest import TINY_DCA, FakePool, load_tiny_tokenizer, tiny_chat_model, write_corpus  # noqa: F401
+from tests.jobs.conftest import TINY_DCA, tiny_chat_model, write_corpus  # noqa: F401 (fixture)
 
 
 def _config(model, **kw):
