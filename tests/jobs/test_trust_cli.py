@@ -141,3 +141,40 @@ def test_stop_signal_commits_writes_metrics_and_resumes(tiny_chat_model, tmp_pat
     assert {r["id"] for r in table.to_pylist() if r["status"] == "ok"} == set(valid)
     resumed = json.loads((out / "_metrics.json").read_text())
     assert resumed["status"] == "complete" and resumed["documents"]["already_committed"] == committed
+
+
+def test_qa_job_with_null_and_repeated_ids_survives_sigkill_exactly_once(tiny_chat_model, tmp_path):
+    """The QA job over documents of 2-3 questions whose ids are often null or repeated, committed
+    in parts of 2 rows, SIGKILLed mid-run, then run again: every (input row, question) once."""
+    from tests.pipeline.test_trust import _expected_keys, _keys, _write_messy_corpus
+
+    per_row = _write_messy_corpus(str(tmp_path / "corpus"), 36, qa=True)
+    out = tmp_path / "out"
+    config = tmp_path / "job.yaml"
+    config.write_text(json.dumps({"dca": TINY_DCA, "max_error_fraction": 1.0}))
+    args = ["--input", str(tmp_path / "corpus"), "--output", str(out), "--model", tiny_chat_model,
+            "--config", str(config), "--max-input-tokens", "150", "--max-new-tokens", "8",
+            "--part-rows", "2", "--max-in-flight", "1", "--no-progress"]
+    proc = subprocess.Popen([PYTHON, "-m", "jobs.qa", *args], cwd=REPO, env=job_env(tmp_path),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        _wait_for(lambda: len(committed_parts(str(out))) >= 5 or proc.poll() is not None, 240, "committed parts")
+        assert proc.poll() is None, proc.stderr.read()[-3000:]
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.stderr.close()
+    killed = read_output(str(out))
+    assert 0 < killed.num_rows < sum(per_row) and max(_keys(killed).values()) == 1
+
+    rerun = subprocess.run([PYTHON, "-m", "jobs.qa", *args], cwd=REPO, env=job_env(tmp_path),
+                           capture_output=True, text=True, timeout=600)
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    table = read_output(str(out))
+    assert table.num_rows == sum(per_row)
+    assert _keys(table) == _expected_keys(per_row, 3, qa=True)
+    metrics = json.loads((out / "_metrics.json").read_text())
+    assert metrics["status"] == "complete"
+    assert metrics["rows"]["ok"] + metrics["rows"]["error"] == table.num_rows - killed.num_rows
