@@ -172,7 +172,7 @@ def test_an_exception_in_the_serving_loop_fails_the_batch_and_serving_goes_on(tp
             raise ValueError("injected engine bug")
         return real(*args)
 
-    monkeypatch.setattr(engine, "_reduce_over_ranks", broken_once)
+    monkeypatch.setattr(engine.replica, "_reduce_over_ranks", broken_once)
     (failed,) = tp1_pool.submit(_request("victim", prompt)).result(timeout=60)
     assert failed.status == "error" and failed.error_type == INTERNAL
     assert "ValueError: injected engine bug" in failed.error_message and "victim" in failed.error_message

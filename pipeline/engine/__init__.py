@@ -1,0 +1,77 @@
+"""The engine: replicas of one model, each a group of Ray actors sharded with DeepSpeed AutoTP.
+
+Public API (what the data plane calls)::
+
+    from pipeline.engine import EngineConfig, ReplicaPool
+    from pipeline.models import ModelSpec
+    from pipeline.requests import GenerationRequest, SamplingParams
+
+    config = EngineConfig(model_spec=ModelSpec(model="smollm2"), tp_size=2, replicas=2)
+    with ReplicaPool(config) as pool:            # start() on enter, shutdown() on exit
+        future = pool.submit(request)            # concurrent.futures.Future -> list[GenerationResult]
+        results = future.result()                # one result per suffix, suffix_index order
+        for results in pool.run(requests, max_in_flight=16):
+            ...                                  # one list per request, in completion order
+        pool.stats()                             # {replica name: {load_s, served, failures, restarts, ...}}
+
+- `EngineConfig`: frozen, keyword-only; `EngineConfig.from_file(path)` reads JSON.
+- `ReplicaPool.start()` validates everything it can before starting any actor (Ray resources on
+  one node for tp_size ranks, the model path) and raises `EngineStartupError` with what is
+  missing instead of hanging; waiting for free resources is bounded by `placement_timeout_s`,
+  model loading by `startup_timeout_s`.
+  If Ray is not initialised it calls `ray.init(address=config.ray_address)` (None: a local
+  cluster; "auto": the cluster of `ray start` / `ray job submit`); an initialised Ray is used as is.
+- `submit` / `run` never raise for a bad request: it comes back as error results
+  (`pipeline.requests` error types: prompt_too_long above `max_input_tokens`, invalid_input,
+  out_of_memory, replica_failed, internal_error). Every request gets exactly one list of results.
+- `shutdown()` kills the actors, removes the placement groups and DeepSpeed's /dev/shm files.
+
+How a replica works: `tp_size` actors in one STRICT_PACK placement group (one bundle of
+`cpus_per_rank` CPUs, plus one GPU on CUDA, per rank). Rank 0 picks a free port on its node;
+every rank sets RANK, WORLD_SIZE, LOCAL_RANK, LOCAL_SIZE (without it DeepSpeed's CPU shared-memory
+all-reduce crashes), MASTER_ADDR/PORT and CUDA_VISIBLE_DEVICES (the group's GPUs, in rank order,
+so LOCAL_RANK selects the rank's own GPU and NCCL sees its peers), then joins a torch.distributed
+group (nccl on CUDA, gloo on CPU), loads the model on CPU (`load_model_for_tp`) and calls
+`deepspeed.init_inference` with AutoTP and kernel injection off (the DCA attention stays).
+With tp_size 1 there is no torch.distributed and no DeepSpeed at all. Every batch goes to every
+rank; rank 0 chooses tokens and broadcasts them, and its results are returned with metrics
+reduced over ranks (max of GPU time and peak memory, per-rank peaks, device-seconds summed).
+
+Scheduling inside a replica: requests wait in one queue shared by the replicas. A replica takes
+the oldest request and adds later single-suffix requests while the left-padded batch stays within
+`max_batch_tokens` (padded prompt tokens) and `max_batch_size` rows; a request whose prompt alone
+fills the budget, and every request with several suffixes, runs alone.
+
+Failures (no hang, ever: every request gets its one list of results, or `run` raises
+`EngineError`):
+
+- A rank that dies (or a batch that runs past `request_timeout_s`, one hour by default) takes the
+  whole replica down: its actors are killed, its batch goes back to the front of the queue
+  (another replica or the rebuilt one runs it; results only ever come from a completed batch, so
+  nothing is lost or returned twice) and the replica is rebuilt, at most `max_restarts` times. A
+  request is retried at most `request_retries` times, then gets a `replica_failed` result; when no
+  replica is left, every waiting request gets one.
+- Out of memory with tp_size 1: the rank frees the batch and retries it one request at a time; a
+  request that still does not fit gets an `out_of_memory` result (`pipeline.generation`).
+- Out of memory with tp_size > 1: no rank retries on its own (its peers may be waiting for it in
+  a collective). The rank frees what it can and answers "out of memory"; the pool decides. If
+  every rank answered (all out of memory, or some with results) the group is checked with one
+  all-reduce and kept; if some rank is still running `rank_grace_s` after the first answer, it is
+  stuck in a collective: the replica is killed and rebuilt. Either way a batch of several requests
+  is split: each request goes back to the front of the queue to run alone (this does not count
+  as a retry); a request that ran alone gets `out_of_memory` results.
+- A rank that raises anything else: the batch gets `internal_error` results (the replica is
+  killed and rebuilt if a peer is still running after `rank_grace_s`).
+- An unexpected exception in the serving loop itself (a bug): the batch gets `internal_error`
+  results naming it; the replica is killed and rebuilt if its ranks may still be running the
+  batch, and serving goes on. A serving thread that dies anyway fails the batch it held and, when
+  it was the last one, every waiting request (`internal_error`); `submit` then answers at once.
+- `run` waits for results by polling: when requests are in flight and no serving thread is alive
+  it raises `EngineError` instead of blocking forever.
+"""
+from pipeline.engine.config import EngineConfig, EngineError, EngineStartupError
+from pipeline.engine.pool import ReplicaPool
+from pipeline.engine.replica import _Replica, _reduce_over_ranks
+from pipeline.engine.worker import SHM_PREFIX, RankWorker
+
+__all__ = ["EngineConfig", "EngineError", "EngineStartupError", "ReplicaPool", "RankWorker", "SHM_PREFIX"]

@@ -1,0 +1,490 @@
+"""The replica pool: one request queue shared by the replicas, one serving thread per replica,
+and the failure policy (retries, rebuilds, out-of-memory splits). See `pipeline.engine`."""
+
+from __future__ import annotations
+
+import concurrent.futures
+import logging
+import queue
+import threading
+from collections import deque
+from dataclasses import dataclass
+from typing import Iterable, Iterator
+
+from pipeline.engine.config import EngineConfig, EngineError, EngineStartupError
+from pipeline.engine.replica import _OutOfMemory, _RankError, _Replica, _ReplicaDown, _short
+from pipeline.requests import (
+    INTERNAL,
+    INVALID_INPUT,
+    OUT_OF_MEMORY,
+    PROMPT_TOO_LONG,
+    REPLICA_FAILED,
+    GenerationRequest,
+    GenerationResult,
+)
+
+log = logging.getLogger("pipeline.engine")
+
+# How often `ReplicaPool.run` checks that a serving thread is still alive while it waits.
+_RUN_POLL_S = 1.0
+
+
+@dataclass
+class _Entry:
+    request: GenerationRequest
+    future: concurrent.futures.Future
+    attempts: int = 0
+    # Set when the request was in a batch that ran out of memory: it now runs alone.
+    solo: bool = False
+
+    @property
+    def alone(self) -> bool:
+        return self.solo or len(self.request.suffix_ids) > 1
+
+
+
+class ReplicaPool:
+    """Replicas of one model behind one request queue. See the module docstring."""
+
+    def __init__(self, config: EngineConfig):
+        if not isinstance(config, EngineConfig):
+            raise TypeError(f"config must be an EngineConfig, got {type(config).__name__}")
+        self.config = config
+        self._replicas: list[_Replica] = []
+        self._queue: deque[_Entry] = deque()
+        self._cond = threading.Condition()
+        self._threads: list[threading.Thread] = []
+        self._stopping = False
+        self._started = False
+        self._vocab_size: int | None = None
+        self._device_type: str | None = None
+        # Called as f(replica_name, request_ids) when a batch reaches a replica's ranks (tests).
+        self._on_dispatch = None
+        # The batch each serving thread holds (by replica name), to fail it if the thread dies.
+        self._running: dict[str, list[_Entry]] = {}
+        # Serving threads not yet ended; at 0 nothing answers, and (error type, why) says why.
+        self._live_servers = 0
+        self._no_server: tuple[str, str] | None = None
+
+    # -- lifecycle -----------------------------------------------------------------------------
+
+    def start(self) -> ReplicaPool:
+        import ray
+
+        config = self.config
+        try:
+            config.model_spec.check_exists()
+        except FileNotFoundError as error:
+            raise EngineStartupError(f"cannot start the engine: {error}") from None
+        if not ray.is_initialized():
+            # None means a private local cluster: ray.init(None) would join whatever RAY_ADDRESS or
+            # the last `ray start` on this machine points to.
+            ray.init(address="local" if config.ray_address is None else config.ray_address)
+        self._device_type = self._check_resources()
+        names = [f"replica-{i}" for i in range(config.replicas)]
+        self._replicas = [_Replica(name, config, self._device_type) for name in names]
+        errors = []
+        with concurrent.futures.ThreadPoolExecutor(max_workers=len(self._replicas)) as pool:
+            for replica, future in [(r, pool.submit(r.start)) for r in self._replicas]:
+                try:
+                    future.result()
+                except Exception as error:  # noqa: BLE001 - reported together below
+                    errors.append(error)
+        if errors:
+            self.shutdown()
+            raise errors[0] if isinstance(errors[0], EngineStartupError) else EngineStartupError(_short(errors[0]))
+        self._vocab_size = self._replicas[0].vocab_size
+        self._started = True
+        self._live_servers, self._no_server = len(self._replicas), None
+        for replica in self._replicas:
+            thread = threading.Thread(target=self._serve, args=(replica,), name=f"engine-{replica.name}", daemon=True)
+            thread.start()
+            self._threads.append(thread)
+        return self
+
+    def _check_resources(self) -> str:
+        import ray
+
+        config, tp = self.config, self.config.tp_size
+        nodes = [n for n in ray.nodes() if n.get("Alive")]
+        gpus = [n["Resources"].get("GPU", 0) for n in nodes]
+        device = config.device
+        if device == "auto":
+            device = "cuda" if sum(gpus) > 0 else "cpu"
+        cpus = [n["Resources"].get("CPU", 0) for n in nodes]
+        need_cpu = tp * config.cpus_per_rank
+        if max(cpus, default=0) < need_cpu:
+            raise EngineStartupError(
+                f"tp_size={tp} x cpus_per_rank={config.cpus_per_rank} needs {need_cpu} CPUs on one node "
+                f"(the ranks of a replica are packed on one node); the largest node has {max(cpus, default=0):g}"
+            )
+        if device == "cuda":
+            if max(gpus, default=0) < tp:
+                raise EngineStartupError(
+                    f"tp_size={tp} needs {tp} GPUs on one node; the Ray cluster's largest node has "
+                    f"{max(gpus, default=0):g} GPU(s). Lower tp_size or use device='cpu'"
+                )
+            if sum(g // tp for g in gpus) < config.replicas:
+                raise EngineStartupError(
+                    f"{config.replicas} replicas x tp_size={tp} need {config.replicas * tp} GPUs in groups of {tp} "
+                    f"per node; the cluster has {sum(gpus):g} GPUs ({', '.join(f'{g:g}' for g in gpus)} per node)"
+                )
+        elif sum(c // need_cpu for c in cpus) < config.replicas:
+            raise EngineStartupError(
+                f"{config.replicas} replicas x {need_cpu} CPUs do not fit the Ray cluster's CPUs per node "
+                f"({', '.join(f'{c:g}' for c in cpus)}); lower replicas, tp_size or cpus_per_rank"
+            )
+        return device
+
+    def shutdown(self) -> None:
+        """Stops serving, fails requests still waiting, kills the actors, removes /dev/shm files."""
+        with self._cond:
+            self._stopping = True
+            waiting = list(self._queue)
+            self._queue.clear()
+            self._cond.notify_all()
+        for entry in waiting:
+            self._fail(entry, INTERNAL, "the engine was shut down before this request ran")
+        for thread in self._threads:
+            thread.join(timeout=5)
+        for replica in self._replicas:
+            replica.kill()
+        with self._cond:  # batches of threads that did not end in time (killed under them now)
+            running = [entry for batch in self._running.values() for entry in batch]
+        for entry in running:
+            self._fail(entry, INTERNAL, "the engine was shut down while this request ran")
+        self._threads = []
+        self._started = False
+
+    def __enter__(self) -> ReplicaPool:
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.shutdown()
+
+    # -- requests ------------------------------------------------------------------------------
+
+    def submit(self, request: GenerationRequest) -> concurrent.futures.Future:
+        """Queues a request; the future resolves to its results (one per suffix), never raises."""
+        future: concurrent.futures.Future = concurrent.futures.Future()
+        entry = _Entry(request, future)
+        problem = self._validate(request)
+        if problem is not None:
+            self._fail(entry, *problem)
+            return future
+        with self._cond:
+            if not self._started or self._stopping:
+                raise RuntimeError("the pool is not running: call start() first")
+            if self._live_servers == 0 and self._no_server is not None:
+                dead = self._no_server
+            elif not self._any_replica_left():
+                dead = (REPLICA_FAILED, "no replica is left: " + self._dead_reason())
+            else:
+                dead = None
+                self._queue.append(entry)
+                self._cond.notify_all()
+        if dead is not None:
+            self._fail(entry, *dead)
+        return future
+
+    def run(self, requests: Iterable[GenerationRequest], max_in_flight: int = 16) -> Iterator[list[GenerationResult]]:
+        """Submits lazily (at most max_in_flight waiting or running) and yields results as they complete."""
+        if max_in_flight < 1:
+            raise ValueError(f"max_in_flight must be >= 1, got {max_in_flight}")
+        done: queue.Queue = queue.Queue()
+        in_flight = 0
+        source = iter(requests)
+        exhausted = False
+        while True:
+            while not exhausted and in_flight < max_in_flight:
+                try:
+                    request = next(source)
+                except StopIteration:
+                    exhausted = True
+                    break
+                self.submit(request).add_done_callback(done.put)
+                in_flight += 1
+            if in_flight == 0:
+                return
+            yield self._next_done(done, in_flight).result()
+            in_flight -= 1
+
+    def _next_done(self, done: queue.Queue, in_flight: int) -> concurrent.futures.Future:
+        """The next resolved future; EngineError when none can come (no serving thread alive)."""
+        while True:
+            try:
+                return done.get(timeout=_RUN_POLL_S)
+            except queue.Empty:
+                pass
+            if any(thread.is_alive() for thread in self._threads):
+                continue
+            try:  # a thread may have resolved the last futures just before it ended
+                return done.get_nowait()
+            except queue.Empty:
+                pass
+            why = self._no_server[1] if self._no_server is not None else "the pool was shut down or never served"
+            raise EngineError(
+                f"{in_flight} request(s) are in flight but no serving thread is alive ({why}), so their "
+                f"results will never come; replicas: {self._replica_summary()}. Start a new pool"
+            )
+
+    def _replica_summary(self) -> str:
+        return ", ".join(f"{r.name} alive={r.alive} last_error={r.last_error}" for r in self._replicas) or "none"
+
+    def stats(self) -> dict:
+        """Per replica: load_s, served (requests answered), failures (batches lost to a dead or
+        stuck rank), restarts, alive, tp_size, device."""
+        return {
+            r.name: {
+                "load_s": r.load_s, "served": r.served, "failures": r.failures, "restarts": r.restarts,
+                "alive": r.alive, "tp_size": self.config.tp_size, "device": r.device_type,
+                "last_error": r.last_error,
+            }
+            for r in self._replicas
+        }
+
+    def _validate(self, request: GenerationRequest):
+        if not isinstance(request, GenerationRequest):
+            return INVALID_INPUT, f"expected a GenerationRequest, got {type(request).__name__}"
+        if not request.suffix_ids:
+            return INVALID_INPUT, f"request {request.request_id}: suffix_ids is empty (use [[]] to generate after the prefix)"
+        if any(not request.prefix_ids and not s for s in request.suffix_ids):
+            return INVALID_INPUT, f"request {request.request_id}: a prompt is empty (prefix and suffix both empty)"
+        if request.sampling.max_new_tokens < 1:
+            return INVALID_INPUT, f"request {request.request_id}: max_new_tokens must be >= 1"
+        if request.prompt_tokens > self.config.max_input_tokens:
+            return PROMPT_TOO_LONG, (
+                f"request {request.request_id}: prompt of {request.prompt_tokens} tokens is longer than "
+                f"max_input_tokens={self.config.max_input_tokens}; truncate it or raise the limit"
+            )
+        vocab = self._vocab_size
+        if vocab is not None:
+            for ids in (request.prefix_ids, *request.suffix_ids):
+                bad = [t for t in ids if not isinstance(t, int) or not 0 <= t < vocab]
+                if bad:
+                    return INVALID_INPUT, f"request {request.request_id}: token ids {bad[:5]} outside the vocabulary [0, {vocab})"
+        return None
+
+    def _fail(self, entry: _Entry, error_type: str, message: str) -> None:
+        request = entry.request
+        suffixes = getattr(request, "suffix_ids", None) or [[]]
+        prefix = len(getattr(request, "prefix_ids", []) or [])
+        results = [
+            GenerationResult.error(
+                getattr(request, "request_id", "?"), i, error_type, message,
+                prompt_tokens=prefix + len(s), attempts=max(1, entry.attempts),
+            )
+            for i, s in enumerate(suffixes)
+        ]
+        self._resolve(entry, results)
+
+    @staticmethod
+    def _resolve(entry: _Entry, results: list[GenerationResult]) -> None:
+        """Answers a request once; a second answer (a race with shutdown) is dropped."""
+        try:
+            entry.future.set_result(results)
+        except concurrent.futures.InvalidStateError:
+            pass
+
+    # -- serving -------------------------------------------------------------------------------
+
+    def _next_batch(self) -> list[_Entry] | None:
+        """Oldest request first; later single-suffix ones join while the padded batch fits."""
+        config = self.config
+        first = self._queue.popleft()
+        batch = [first]
+        if first.alone:
+            return batch
+        width = first.request.prompt_tokens
+        if width * 2 > config.max_batch_tokens:
+            return batch
+        for entry in list(self._queue):
+            if len(batch) >= config.max_batch_size:
+                break
+            if entry.alone:
+                continue
+            new_width = max(width, entry.request.prompt_tokens)
+            if new_width * (len(batch) + 1) > config.max_batch_tokens:
+                continue
+            batch.append(entry)
+            width = new_width
+            self._queue.remove(entry)
+        return batch
+
+    def _serve(self, replica: _Replica) -> None:
+        """A serving thread: one replica's loop. Whatever happens, it leaves no request unanswered."""
+        died = None
+        try:
+            while self._serve_one(replica):
+                pass
+        except BaseException as error:  # noqa: BLE001 - a bug in the loop: answer, then end
+            died = f"{replica.name}'s serving thread died: {_short(error)}"
+            log.error("%s", died, exc_info=error)
+        finally:
+            self._serving_ended(replica, died)
+
+    def _serve_one(self, replica: _Replica) -> bool:
+        """Takes one batch and answers it. False: this thread ends (stopping, or replica given up)."""
+        with self._cond:
+            while not self._stopping and not self._queue:
+                self._cond.wait()
+            if self._stopping:
+                return False
+            batch = self._next_batch()
+            self._running[replica.name] = batch
+        try:
+            keep = self._run_batch(replica, batch)
+        except Exception as error:  # noqa: BLE001 - a bug in the engine: the batch gets internal_error
+            keep = self._batch_crashed(replica, batch, error)
+        with self._cond:
+            self._running.pop(replica.name, None)
+        return keep
+
+    def _run_batch(self, replica: _Replica, batch: list[_Entry]) -> bool:
+        for entry in batch:
+            entry.attempts += 1
+        try:
+            results = replica.run([e.request for e in batch], self._on_dispatch)
+        except _ReplicaDown as error:
+            if self._stopping:  # shutdown() killed the actors under this batch
+                for entry in batch:
+                    self._fail(entry, INTERNAL, "the engine was shut down while this request ran")
+                return False
+            replica.failures += 1
+            replica.last_error = str(error)
+            log.warning("%s went down (%s); %d request(s) go back to the queue", replica.name, error, len(batch))
+            self._requeue(batch, f"{replica.name}: {error}")
+            return self._rebuild(replica)
+        except _OutOfMemory as error:
+            self._out_of_memory(replica, batch, error)
+            return replica.alive or self._rebuild(replica)
+        except _RankError as error:
+            replica.failures += 1
+            replica.last_error = _short(error.args[0])
+            for entry in batch:
+                self._fail(entry, INTERNAL, f"{replica.name} raised: {replica.last_error}")
+            return replica.alive or self._rebuild(replica)
+        for entry, result in zip(batch, results, strict=True):
+            for r in result:
+                r.attempts = entry.attempts
+            replica.served += 1
+            self._resolve(entry, result)
+        return True
+
+    def _out_of_memory(self, replica: _Replica, batch: list[_Entry], error: _OutOfMemory) -> None:
+        """Some rank ran out of memory: a batch is split (each request alone, at the front of the
+        queue); a request that ran alone gets out_of_memory results."""
+        replica.last_error = f"out of memory: {error.message}"
+        if error.lost is not None:
+            replica.failures += 1
+            replica.last_error += f"; replica killed: {error.lost}"
+        log.warning("%s: %s (batch of %d)", replica.name, replica.last_error, len(batch))
+        if len(batch) > 1:
+            for entry in batch:
+                entry.solo = True
+            self._push_front(batch)
+            return
+        (entry,) = batch
+        request = entry.request
+        self._fail(entry, OUT_OF_MEMORY, (
+            f"request {request.request_id}: out of memory for a {request.prompt_tokens}-token prompt on "
+            f"{replica.name} (tp_size={self.config.tp_size}, running alone): {error.message}"
+            + (f"; the replica was rebuilt ({error.lost})" if error.lost is not None else "")
+            + "; lower max_input_tokens or max_new_tokens, or use more tensor-parallel ranks"
+        ))
+
+    def _batch_crashed(self, replica: _Replica, batch: list[_Entry], error: Exception) -> bool:
+        """An unexpected exception while running a batch: it gets internal_error results; a
+        replica whose ranks may still be running it is rebuilt."""
+        replica.failures += 1
+        replica.last_error = f"engine error: {_short(error)}"
+        log.error("%s: the engine failed on a batch of %d: %s", replica.name, len(batch), _short(error),
+                  exc_info=error)
+        for entry in batch:
+            self._fail(entry, INTERNAL, f"{replica.name}: the engine failed while running request "
+                                        f"{entry.request.request_id}: {_short(error)}")
+        if self._stopping:
+            return False
+        if replica.busy or not replica.alive:
+            replica.kill()
+            return self._rebuild(replica)
+        return True
+
+    def _serving_ended(self, replica: _Replica, died: str | None) -> None:
+        """A serving thread ends: its batch, and when it was the last one the queue, get answers."""
+        if died is not None:
+            replica.last_error = died
+            try:
+                replica.kill()  # nothing serves it any more
+            except Exception as error:  # noqa: BLE001
+                log.warning("%s: kill failed: %s", replica.name, _short(error))
+            replica.restarts = self.config.max_restarts + 1  # given up
+        with self._cond:
+            running = self._running.pop(replica.name, [])
+            self._live_servers -= 1
+            orphans = []
+            if self._live_servers <= 0:
+                if self._stopping:
+                    self._no_server = (INTERNAL, "the engine was shut down")
+                elif died is not None:
+                    self._no_server = (INTERNAL, f"no serving thread is left: {died}")
+                else:
+                    self._no_server = (REPLICA_FAILED, "no replica is left: " + self._dead_reason())
+                orphans = list(self._queue)
+                self._queue.clear()
+        for entry in running:
+            self._fail(entry, INTERNAL, died or "the engine stopped while this request ran")
+        for entry in orphans:
+            self._fail(entry, *self._no_server)
+
+    def _requeue(self, batch: list[_Entry], reason: str) -> None:
+        retry = []
+        for entry in batch:
+            if entry.attempts > self.config.request_retries:
+                self._fail(entry, REPLICA_FAILED,
+                           f"request {entry.request.request_id} failed {entry.attempts} time(s), last: {reason}; "
+                           f"request_retries={self.config.request_retries} exhausted")
+            else:
+                retry.append(entry)
+        self._push_front(retry)
+
+    def _push_front(self, entries: list[_Entry]) -> None:
+        """Back to the front of the queue, in their order (failed instead when shutting down)."""
+        with self._cond:
+            if not self._stopping:
+                self._queue.extendleft(reversed(entries))
+                self._cond.notify_all()
+                return
+        for entry in entries:
+            self._fail(entry, INTERNAL, "the engine was shut down before this request ran")
+
+    def _rebuild(self, replica: _Replica) -> bool:
+        """Restarts a replica within max_restarts. False: it is given up (and maybe the pool)."""
+        while replica.restarts < self.config.max_restarts and not self._stopping:
+            replica.restarts += 1
+            try:
+                replica.start()
+                log.warning("%s rebuilt (restart %d)", replica.name, replica.restarts)
+                return True
+            except Exception as error:  # noqa: BLE001
+                replica.last_error = f"rebuild {replica.restarts} failed: {_short(error)}"
+                log.warning("%s: %s", replica.name, replica.last_error)
+        replica.restarts = self.config.max_restarts + 1  # marks it given up
+        if not self._any_replica_left():
+            with self._cond:
+                waiting = list(self._queue)
+                self._queue.clear()
+            for entry in waiting:
+                self._fail(entry, REPLICA_FAILED, "no replica is left: " + self._dead_reason())
+        return False
+
+    def _any_replica_left(self) -> bool:
+        """True while some replica serves or is being rebuilt."""
+        return any(r.alive or r.restarts <= self.config.max_restarts for r in self._replicas)
+
+    def _dead_reason(self) -> str:
+        return "; ".join(
+            f"{r.name} gave up after {self.config.max_restarts} restart(s), last error: {r.last_error}"
+            for r in self._replicas
+        )
+

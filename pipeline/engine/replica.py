@@ -1,0 +1,251 @@
+"""Driver-side handle of one replica: its placement group, its rank actors, one batch at a time
+on every rank, and the errors a batch can end with."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+from dataclasses import dataclass
+
+from pipeline.engine.config import EngineConfig, EngineStartupError
+from pipeline.requests import GenerationRequest, GenerationResult
+
+log = logging.getLogger("pipeline.engine")
+
+
+class _ReplicaDown(Exception):
+    """The replica lost a rank (or hung); its batch must run elsewhere."""
+
+
+@dataclass(frozen=True)
+class _OutOfMemoryAnswer:
+    """A rank's answer to a batch that ran out of memory on it (tp_size > 1)."""
+
+    rank: int
+    message: str
+
+
+class _OutOfMemory(Exception):
+    """Some rank ran out of memory on the batch. `lost`: why the replica was killed (None: kept)."""
+
+    def __init__(self, message: str, lost: str | None):
+        super().__init__(message, lost)
+        self.message, self.lost = message, lost
+
+
+class _Replica:
+    """Driver-side handle of one replica: its placement group, its rank actors, its counters."""
+
+    def __init__(self, name: str, config: EngineConfig, device_type: str):
+        self.name, self.config, self.device_type = name, config, device_type
+        self.pg = None
+        self.workers: list = []
+        self.master = None  # (addr, port)
+        self.node_id = None
+        self.load_s = None
+        self.served = self.failures = self.restarts = 0
+        self.alive = False
+        # True from a batch's dispatch until every rank has answered it.
+        self.busy = False
+        self.last_error: str | None = None
+
+    def start(self) -> None:
+        import ray
+        from ray.util.placement_group import placement_group, remove_placement_group
+        from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+        config, tp = self.config, self.config.tp_size
+        begin = time.perf_counter()
+        bundle = {"CPU": config.cpus_per_rank}
+        if self.device_type == "cuda":
+            bundle["GPU"] = 1
+        self.pg = placement_group([dict(bundle) for _ in range(tp)], strategy="STRICT_PACK")
+        ready, _ = ray.wait([self.pg.ready()], timeout=config.placement_timeout_s)
+        if not ready:
+            remove_placement_group(self.pg)
+            self.pg = None
+            free = {k: v for k, v in ray.available_resources().items() if k in ("CPU", "GPU")}
+            raise EngineStartupError(
+                f"replica {self.name}: no node had {tp} x {bundle} free together (STRICT_PACK) within "
+                f"placement_timeout_s={config.placement_timeout_s:g}; free now in the cluster: {free}. "
+                "Other actors hold the rest: stop them, or lower tp_size/replicas/cpus_per_rank"
+            )
+        from pipeline.engine.worker import RankWorker
+
+        actor_cls = ray.remote(RankWorker)
+        self.workers = [
+            actor_cls.options(
+                num_cpus=config.cpus_per_rank, num_gpus=1 if self.device_type == "cuda" else 0,
+                scheduling_strategy=PlacementGroupSchedulingStrategy(self.pg, placement_group_bundle_index=rank),
+                max_restarts=0, max_concurrency=1, name=None,
+            ).remote(rank, tp, self.name)
+            for rank in range(tp)
+        ]
+        try:
+            addresses = ray.get([w.address.remote() for w in self.workers], timeout=config.startup_timeout_s)
+            self.node_id = addresses[0]["node_id"]
+            self.master = (addresses[0]["node_ip"], addresses[0]["port"])
+            gpus = [g for a in addresses for g in a["gpu_ids"]]
+            if self.device_type == "cuda" and len(gpus) != tp:
+                raise EngineStartupError(f"replica {self.name}: Ray gave its ranks GPUs {gpus}, expected {tp}")
+            infos = ray.get(
+                [w.setup.remote(config.to_dict(), self.device_type, *self.master, gpus) for w in self.workers],
+                timeout=config.startup_timeout_s,
+            )
+        except Exception as error:
+            self.kill()
+            if isinstance(error, EngineStartupError):
+                raise
+            if isinstance(error, ray.exceptions.GetTimeoutError):
+                raise EngineStartupError(
+                    f"replica {self.name}: loading did not finish within startup_timeout_s={config.startup_timeout_s:g}"
+                ) from None
+            raise EngineStartupError(f"replica {self.name} failed to start: {_short(error)}") from error
+        self.vocab_size = infos[0]["vocab_size"]
+        self.rank_load_s = [i["load_s"] for i in infos]
+        self.load_s = time.perf_counter() - begin
+        self.alive = True
+
+    def run(self, requests: list[GenerationRequest], on_dispatch=None) -> list[list[GenerationResult]]:
+        """Runs one batch on every rank; -> rank 0's results with metrics reduced over ranks.
+
+        Raises _ReplicaDown (a rank died or the batch timed out; the replica is killed),
+        _OutOfMemory (some rank ran out of memory; the replica is killed when a peer is stuck) or
+        _RankError (a rank raised; the replica is killed when a peer is stuck)."""
+        import ray
+
+        grace = self.config.rank_grace_s
+        refs = [w.run_batch.remote(requests) for w in self.workers]
+        self.busy = True
+        if on_dispatch is not None:
+            on_dispatch(self.name, [r.request_id for r in requests])
+        deadline = None if self.config.request_timeout_s is None else time.monotonic() + self.config.request_timeout_s
+        answers: dict[int, object] = {}
+        out_of_memory: dict[int, str] = {}  # rank -> what its allocator said
+        pending = list(refs)
+        app_error: BaseException | None = None
+        while pending:
+            timeout = None if deadline is None else max(0.0, deadline - time.monotonic())
+            if app_error is not None or out_of_memory:  # other ranks may be stuck in a collective
+                timeout = grace if timeout is None else min(timeout, grace)
+            ready, pending = ray.wait(pending, num_returns=1, timeout=timeout)
+            if not ready:
+                self.kill()
+                stuck = sorted(refs.index(ref) for ref in pending)
+                if out_of_memory:
+                    raise _OutOfMemory(_oom_text(out_of_memory), f"rank(s) {stuck} still ran {grace:g} s "
+                                       "(rank_grace_s) later, stuck in a collective")
+                if app_error is not None:
+                    raise _RankError(app_error)
+                raise _ReplicaDown(f"batch exceeded request_timeout_s={self.config.request_timeout_s}")
+            for ref in ready:
+                rank = refs.index(ref)
+                try:
+                    answer = ray.get(ref)
+                except (ray.exceptions.RayActorError, ray.exceptions.WorkerCrashedError,
+                        ray.exceptions.NodeDiedError, ray.exceptions.ObjectLostError) as error:
+                    self.kill()
+                    if out_of_memory:
+                        raise _OutOfMemory(_oom_text(out_of_memory), f"rank {rank} died: {_short(error)}") from None
+                    raise _ReplicaDown(f"rank {rank} died: {_short(error)}") from None
+                except ray.exceptions.RayTaskError as error:
+                    app_error = error
+                    continue
+                if isinstance(answer, _OutOfMemoryAnswer):
+                    out_of_memory[rank] = answer.message
+                else:
+                    answers[rank] = answer
+        self.busy = False
+        if out_of_memory:
+            lost = None
+            if app_error is not None:
+                lost = f"another rank raised {_short(app_error)}"
+            elif not self._group_in_step():
+                lost = f"the ranks failed an all-reduce check within rank_grace_s={grace:g} s"
+            if lost is not None:
+                self.kill()
+            raise _OutOfMemory(_oom_text(out_of_memory), lost)
+        if app_error is not None:
+            raise _RankError(app_error)
+        return _reduce_over_ranks([answers[r] for r in range(len(refs))], self.name)
+
+    def _group_in_step(self) -> bool:
+        """After every rank answered an out of memory: do the ranks still meet in a collective?"""
+        import ray
+
+        try:
+            sums = ray.get([w.check_group.remote() for w in self.workers], timeout=self.config.rank_grace_s)
+        except Exception as error:  # noqa: BLE001 - any failure means: rebuild
+            log.warning("replica %s: group check after out of memory failed: %s", self.name, _short(error))
+            return False
+        return all(total == len(self.workers) for total in sums)
+
+    def kill(self) -> None:
+        import ray
+        from ray.util.placement_group import remove_placement_group
+
+        self.alive = self.busy = False
+        for worker in self.workers:
+            try:
+                ray.kill(worker, no_restart=True)
+            except Exception:  # noqa: BLE001 - already gone
+                pass
+        self.workers = []
+        if self.master is not None and self.config.tp_size > 1:
+            self._cleanup_shm()
+        if self.pg is not None:
+            try:
+                remove_placement_group(self.pg)
+            except Exception:  # noqa: BLE001
+                pass
+            self.pg = None
+
+    def _cleanup_shm(self) -> None:
+        """Backstop for ranks that died before unlinking their /dev/shm file (runs on their node)."""
+        import ray
+        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+        try:
+            from pipeline.engine.worker import _remove_shm_task
+
+            task = ray.remote(num_cpus=0)(_remove_shm_task).options(
+                scheduling_strategy=NodeAffinitySchedulingStrategy(self.node_id, soft=False)
+            )
+            ray.get(task.remote(*self.master), timeout=60)
+        except Exception as error:  # noqa: BLE001 - best effort
+            log.warning("replica %s: could not remove /dev/shm files: %s", self.name, _short(error))
+
+
+class _RankError(Exception):
+    """A rank raised (not out of memory, that is a result): the batch gets internal_error results."""
+
+
+def _oom_text(out_of_memory: dict[int, str]) -> str:
+    return "; ".join(f"rank {rank}: {message}" for rank, message in sorted(out_of_memory.items()))
+
+
+def _short(error: BaseException) -> str:
+    text = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {text[-1] if text else ''}"
+
+
+def _reduce_over_ranks(per_rank: list[list[list[GenerationResult]]], replica: str) -> list[list[GenerationResult]]:
+    out = []
+    for request_index, results in enumerate(per_rank[0]):
+        merged = []
+        for suffix_index, result in enumerate(results):
+            views = [rank[request_index][suffix_index] for rank in per_rank]
+            result = dataclasses.replace(result, replica=replica)
+            if result.status == "ok":
+                peaks = [v.peak_memory_bytes for v in views]
+                result.peak_memory_per_rank = [p for p in peaks if p is not None]
+                result.peak_memory_bytes = max(result.peak_memory_per_rank, default=None)
+                gpu = [v.gpu_time_s for v in views if v.gpu_time_s is not None]
+                result.gpu_time_s = max(gpu) if gpu else None
+                seconds = [v.device_seconds_all_ranks for v in views if v.device_seconds_all_ranks is not None]
+                result.device_seconds_all_ranks = sum(seconds) if seconds else None
+            merged.append(result)
+        out.append(merged)
+    return out
+

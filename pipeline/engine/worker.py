@@ -1,0 +1,204 @@
+"""One rank of a replica: a Ray actor holding one shard of the model.
+
+torch, transformers, deepspeed and `dca` are imported inside its methods only, in the actor's
+process: the driver imports this module (to wrap `RankWorker` with `ray.remote`) without them.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import sys
+import time
+
+from pipeline.engine.config import EngineConfig
+from pipeline.engine.replica import _OutOfMemoryAnswer
+from pipeline.requests import GenerationRequest, GenerationResult
+
+SHM_PREFIX = "deepspeed_allreduce_buffer"
+
+
+def _memory_plan(config: EngineConfig, model, device, world_size: int):
+    """The planner every request is checked against on this rank (None on CPU unless asked)."""
+    memory = config.device_memory_bytes
+    if memory is None and device.type == "cuda":
+        import torch
+
+        memory = torch.cuda.get_device_properties(device).total_memory
+    if memory is None:
+        return None
+    from dca import dca_config_of
+    from dca.kernels import flash_available
+    from pipeline.memory_plan import MemoryPlan, ModelShape, ServingConfig
+
+    dca = dca_config_of(model)
+    dtype = str(model.dtype).removeprefix("torch.")
+    serving = ServingConfig(
+        tp_size=world_size, weight_dtype=dtype, kv_dtype=config.kv_cache_dtype,
+        prefill_block=config.prefill_block, logits="last",
+        attention_backend="flash" if device.type == "cuda" and flash_available() else "torch",
+        chunk_len=dca.chunk_len if dca is not None else None, device=device.type, device_memory=memory,
+    )
+    return MemoryPlan(ModelShape.from_config(model.config), serving)
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("", 0))
+        return s.getsockname()[1]
+
+
+def _shm_paths(master_addr: str, master_port: int) -> list[str]:
+    import glob
+
+    return glob.glob(f"/dev/shm/{SHM_PREFIX}_{os.getuid()}_{master_addr}_{master_port}_*")
+
+
+def _remove_shm_files(master_addr: str, master_port: int) -> int:
+    removed = 0
+    for path in _shm_paths(master_addr, master_port):
+        try:
+            os.unlink(path)
+            removed += 1
+        except FileNotFoundError:
+            pass
+    return removed
+
+
+class RankWorker:
+    """Rank `rank` of one replica. Wrapped with `ray.remote` by the pool."""
+
+    def __init__(self, rank: int, world_size: int, replica: str):
+        self.rank, self.world_size, self.replica = rank, world_size, replica
+        self.ctx = None
+
+    def address(self) -> dict:
+        import ray
+
+        return {
+            "node_ip": ray.util.get_node_ip_address(),
+            "node_id": ray.get_runtime_context().get_node_id(),
+            "port": _free_port() if self.rank == 0 else None,
+            "gpu_ids": [str(g) for g in ray.get_gpu_ids()],
+            "pid": os.getpid(),
+        }
+
+    def setup(self, config: dict, device_type: str, master_addr: str, master_port: int, group_gpus: list[str]) -> dict:
+        start = time.perf_counter()
+        env = {
+            "RANK": str(self.rank), "WORLD_SIZE": str(self.world_size), "LOCAL_RANK": str(self.rank),
+            "LOCAL_SIZE": str(self.world_size), "MASTER_ADDR": master_addr, "MASTER_PORT": str(master_port),
+            # DeepSpeed JIT-compiles its CPU all-reduce with ninja, found through PATH.
+            "PATH": os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", ""),
+        }
+        if device_type == "cuda":
+            env["CUDA_VISIBLE_DEVICES"] = ",".join(group_gpus)
+        else:
+            env["DS_ACCELERATOR"] = "cpu"
+        os.environ.update(env)  # before torch / deepspeed are imported in this process
+
+        from datetime import timedelta
+
+        import torch
+
+        from pipeline.engine.generation import RankContext
+        from pipeline.models import load_model, load_model_for_tp, load_tokenizer
+
+        config = EngineConfig.from_dict(config)
+        spec = config.model_spec
+        torch.set_num_threads(config.cpus_per_rank)
+        device = torch.device("cuda", self.rank) if device_type == "cuda" else torch.device("cpu")
+        if device_type == "cuda":
+            torch.cuda.set_device(device)
+
+        sync = None
+        if self.world_size > 1:
+            import deepspeed
+            import torch.distributed as dist
+
+            deepspeed.init_distributed(
+                dist_backend="nccl" if device_type == "cuda" else "gloo", auto_mpi_discovery=False,
+                timeout=timedelta(seconds=max(600, int(config.request_timeout_s or 0))),
+            )
+            model = load_model_for_tp(spec, device_type)
+            engine = deepspeed.init_inference(
+                model, tensor_parallel={"tp_size": self.world_size}, dtype=model.dtype,
+                replace_with_kernel_inject=False,
+            )
+            model = engine.module
+
+            def sync(tensor):
+                dist.broadcast(tensor, src=0)
+                return tensor
+        else:
+            model = load_model(spec, str(device))
+        model.eval()
+
+        tokenizer, eos, pad = None, set(), 0
+        if self.rank == 0:
+            tokenizer = load_tokenizer(spec)
+            pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+        for source in (getattr(tokenizer, "eos_token_id", None), model.generation_config.eos_token_id,
+                       model.config.eos_token_id):
+            eos.update(source if isinstance(source, (list, tuple)) else [source] if source is not None else [])
+        self.ctx = RankContext(model=model, device=device, rank=self.rank, world_size=self.world_size,
+                               tokenizer=tokenizer, eos_token_ids=frozenset(eos), pad_token_id=pad,
+                               kv_cache_dtype=config.kv_cache_dtype, prefill_block=config.prefill_block,
+                               memory_plan=_memory_plan(config, model, device, self.world_size))
+        if sync is not None:
+            self.ctx.sync = sync
+        # Warm-up: builds DeepSpeed's CPU all-reduce op (JIT) and the DCA rope tables now, inside
+        # the load time, and not in the first request.
+        with torch.inference_mode():
+            ids = torch.ones((1, 2), dtype=torch.long, device=device)
+            model(input_ids=ids, use_cache=False, logits_to_keep=1)
+        shm_unlinked = 0
+        if self.world_size > 1:
+            import torch.distributed as dist
+
+            dist.barrier()  # every rank has mapped every peer's shared-memory segment by now
+            # The mappings stay valid after unlink and the memory goes when the ranks exit.
+            own = [p for p in _shm_paths(master_addr, master_port) if p.endswith(f"_{self.rank}")]
+            for path in own:
+                os.unlink(path)
+            shm_unlinked = len(own)
+        return {
+            "rank": self.rank, "load_s": time.perf_counter() - start, "device": str(device),
+            "vocab_size": int(model.get_input_embeddings().weight.shape[0]), "shm_unlinked": shm_unlinked,
+            "dtype": str(model.dtype),
+        }
+
+    def run_batch(self, requests: list[GenerationRequest]) -> list[list[GenerationResult]] | _OutOfMemoryAnswer:
+        """-> this rank's results, or `_OutOfMemoryAnswer` (tp_size > 1; the pool decides what next)."""
+        from pipeline.engine.generation import RankOutOfMemory, generate_batch
+
+        try:
+            return generate_batch(self.ctx, requests)
+        except RankOutOfMemory as error:  # answered, not raised: the driver need not import torch
+            return _OutOfMemoryAnswer(rank=self.rank, message=error.message)
+
+    def check_group(self) -> int:
+        """All-reduces a 1 on the model's collective path and on torch.distributed's: -> the sum
+        (world_size when the group is still in step, after every rank ran out of memory)."""
+        import deepspeed.comm
+        import torch
+        import torch.distributed as dist
+
+        total = torch.ones(1, device=self.ctx.device)
+        deepspeed.comm.inference_all_reduce(total)
+        direct = torch.ones(1, device=self.ctx.device)
+        dist.all_reduce(direct)
+        return int(min(total.item(), direct.item()))
+
+    def inject_out_of_memory(self, request_ids: list[str]) -> None:
+        """Test hook (fault injection): from now on, a batch holding one of these requests raises
+        torch.OutOfMemoryError on this rank before its first forward. Lost when the actor is."""
+        self.ctx.out_of_memory_for = frozenset(request_ids)
+
+    def ping(self) -> int:
+        return os.getpid()
+
+
+def _remove_shm_task(master_addr: str, master_port: int) -> int:
+    return _remove_shm_files(master_addr, master_port)
+
