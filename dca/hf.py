@@ -7,6 +7,14 @@ copy), and gives the instance a private copy of its config whose attention imple
 mask at all: nothing n x n is ever allocated. The 2D padding mask reaches the layers through a
 forward pre-hook on this instance's base model. No transformers class or global registry is
 touched.
+
+Packed rows: a cache object with a `packed_rows` attribute, a list of (row_cache, start, stop),
+marks a forward whose one sequence (batch 1) packs several independent rows: tokens start:stop
+continue row_cache's sequence (appended after what it holds) and attend to that cache only.
+Rows of different lengths (prefill blocks and decode tokens alike) then share one forward's
+projections and MLP without padding; attention runs row by row. Continuous batching in
+`pipeline.engine` uses it. A row cache needs `get_seq_length(layer)`, `update(k, v, layer)`
+returning the row's whole keys and values, and may carry `dca_prompt_length`.
 """
 
 from __future__ import annotations
@@ -163,22 +171,37 @@ class DCAAttention(nn.Module):
         key = key.transpose(1, 2)  # (B, Hkv, T, D)
         value = self.v_proj(hidden_states).view(hidden_shape).transpose(1, 2)
 
+        rows = getattr(cache, "packed_rows", None)
+        if rows is None:
+            out = self._attend(query, key, value, cache, state.padding_mask, position_ids)  # (B, Hq, T, D)
+        else:
+            # One packed sequence (B = 1) holding several independent rows, each with its own
+            # cache: rows of different lengths share the projections and the MLP of one forward
+            # (continuous batching, pipeline.engine). Attention runs row by row, unpadded.
+            out = torch.empty_like(query)  # (1, Hq, T, D)
+            for row_cache, start, stop in rows:
+                out[:, :, start:stop] = self._attend(
+                    query[:, :, start:stop], key[:, :, start:stop], value[:, :, start:stop], row_cache, None, None
+                )
+        out = out.transpose(1, 2).reshape(bsz, q_len, -1)
+        return self.o_proj(out), None
+
+    def _attend(self, query, key, value, cache, padding_mask, position_ids) -> torch.Tensor:
+        """New queries/keys/values (not rotated) of one batch -> DCA output (B, Hq, T, D); the
+        keys and values are appended to `cache`."""
+        state = self.dca_state
+        bsz, _, q_len, _ = query.shape
         past = cache.get_seq_length(self.layer_idx) if cache is not None else 0
-        query_index, key_index = _token_indices(
-            state.padding_mask, position_ids, bsz, q_len, past, hidden_states.device
-        )
+        query_index, key_index = _token_indices(padding_mask, position_ids, bsz, q_len, past, query.device)
 
         key = rotate_keys(key, key_index[:, -q_len:], state.rope)
         if cache is not None:
             key, value = cache.update(key, value, self.layer_idx)
         prompt_length = _prompt_length(cache, past, key_index)
-
-        out = dca_attention(
+        return dca_attention(
             query, key, value, query_index, key_index, state.rope, self.scaling,
             backend=state.backend(query.device, query.dtype), prompt_length=prompt_length,
-        )  # (B, Hq, T, D)
-        out = out.transpose(1, 2).reshape(bsz, q_len, -1)
-        return self.o_proj(out), None
+        )
 
 
 def _token_indices(attention_mask, position_ids, bsz, q_len, past, device):

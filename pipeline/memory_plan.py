@@ -417,6 +417,25 @@ class MemoryPlan:
             raise ValueError("this plan has no device_memory: set ServingConfig.device_memory to check fits")
         return self.estimate(prompt_tokens, new_tokens, batch).total <= self.config.device_memory
 
+    def kv_budget(self, step_tokens: int, context_tokens: int, rows: int = 1) -> int:
+        """KV cache bytes per GPU a running batch may hold (continuous batching): what is left of
+        the device beside the weights, the runtime overhead, and the transients of one packed
+        step of `step_tokens` tokens (a prefill block plus a decode token per row) attending to
+        `context_tokens` keys, with logits at `rows` positions; 0 when nothing is left. Same
+        components as `estimate`, solved for the KV cache (the plan needs device_memory)."""
+        c = self.config
+        if c.device_memory is None:
+            raise ValueError("this plan has no device_memory: set ServingConfig.device_memory for a KV budget")
+        activations = self.activation_bytes(max(1, step_tokens), max(1, context_tokens))
+        v, a = self.shape.vocab_size, self.act_bytes
+        logits = rows * (v * a + v * 4)
+        fixed = self.weight_bytes()
+        fragmentation = 0.0
+        if c.device == "cuda":
+            fixed += c.cuda_context + (c.communication_buffers if c.tp_size > 1 else 0)
+            fragmentation = c.fragmentation
+        return max(0, int((c.device_memory - fixed) / (1 + fragmentation)) - activations - logits)
+
     def check(self, prompt_tokens: int, new_tokens: int = 0, batch: int = 1) -> MemoryEstimate:
         """The estimate when the request fits; raises WontFit (with the numbers) when it does not."""
         estimate = self.estimate(prompt_tokens, new_tokens, batch)

@@ -57,27 +57,39 @@ class GenerationResult:
     error_message: str | None = None
     prompt_tokens: int = 0
     output_tokens: int = 0
-    # Time to first token (prefix prefill, or its reused share, plus the suffix prefill).
+    # This row's own times on rank 0: from the request's start on the replica (admission into
+    # the running batch) to this row's first token, and from there to its last token.
     prefill_s: float | None = None
     decode_s: float | None = None
-    # From CUDA events, max over ranks; None on CPU (never a CPU figure labelled GPU).
+    # Device time attributed to this row (pipeline.engine.metering: each forward's busy time
+    # split between its rows by tokens), max over ranks: CUDA events on GPU; None on CPU (never a
+    # CPU figure labelled GPU: device_time_s has it there).
     gpu_time_s: float | None = None
-    # Wall clock of the request on rank 0.
+    # The same figure on any device, and how it was measured: "cuda_event" or "cpu_wall".
+    device_time_s: float | None = None
+    device_time_kind: str | None = None
+    # Wall clock of the request on rank 0: prefill_s + decode_s.
     wall_time_s: float | None = None
     # Max over ranks; what it measures is in memory_kind.
     peak_memory_bytes: int | None = None
-    # "cuda_max_allocated" (allocator peak, reset per request) or "cpu_peak_rss" (process RSS).
+    # "cuda_max_allocated" (allocator peak during this row's forwards) or "cpu_peak_rss"
+    # (process RSS during them): the rank's memory, shared with the other rows of those forwards.
     memory_kind: str | None = None
     peak_memory_per_rank: list[int] = field(default_factory=list)
-    # Seconds of device time summed over ranks (GPU-seconds on CUDA, wall-seconds x ranks on CPU).
+    # Device time attributed to this row summed over ranks (GPU-seconds on CUDA, CPU wall-seconds
+    # on CPU): summed over all rows, it is the engine's busy time over all ranks.
     device_seconds_all_ranks: float | None = None
     replica: str | None = None
     attempts: int = 1
     # The generated token ids (eos excluded; tokens after a stop string included).
     output_ids: list[int] = field(default_factory=list)
-    # Requests with several suffixes: seconds of the one prefix prefill they all share (each
-    # result's prefill_s counts 1/len(suffix_ids) of it). None for single-suffix requests.
+    # Requests with several suffixes: seconds from the request's start to the end of the one
+    # prefix prefill they all share. None for single-suffix requests.
     prefix_prefill_s: float | None = None
+    # Seconds between submission to the engine and the start on a replica (last attempt).
+    queued_s: float | None = None
+    # Times this request was taken out of a running batch to run again (out of memory).
+    preemptions: int = 0
 
     @classmethod
     def error(cls, request_id: str, suffix_index: int, error_type: str, message: str, **kw) -> GenerationResult:

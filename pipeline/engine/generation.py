@@ -1,8 +1,13 @@
-"""Generation on one rank: prefill + decode with a KV cache, batched rows, per-request metrics.
+"""Generation on one rank: prefill + decode with a KV cache, static batches, token choice.
 
 Runs inside the process that holds a model (or one tensor-parallel shard of it); knows nothing of
-Ray. `generate_batch` is what a rank actor of `pipeline.engine` calls for every batch; tests call
-it in-process too.
+Ray. Two paths:
+
+- `generate_batch`: the static scheduler's batch (left-padded rows that run until the last one
+  ends, or one request with several suffixes sharing its prefix). `pipeline.engine` rank actors
+  call it when `EngineConfig.scheduler` is "static"; tests call it in process.
+- `pipeline.engine.continuous`: the continuous scheduler's running batch (the default); it uses
+  the token choice and stop logic defined here (`_choose`, `_advance`).
 
 Under tensor parallelism every rank runs the same forward passes (AutoTP's all-reduces keep the
 logits identical), but only rank 0 chooses tokens and decides when a row stops: `sync` broadcasts
@@ -18,9 +23,11 @@ a rank never retries on its own (its peers may be blocked inside a collective of
 forward, waiting for it): it frees what it can and raises `RankOutOfMemory`, and the engine, which
 sees every rank, decides (see `pipeline.engine`).
 
-Metrics per rank: on CUDA, GPU time from CUDA events and the allocator's peak (reset per batch);
-on CPU, wall clock and the process's peak RSS (VmHWM, reset per batch through
-/proc/self/clear_refs), labelled `cpu_peak_rss` and never reported as GPU figures.
+Metrics follow the engine's one rule (`pipeline.engine.metering`): every forward is timed (CUDA
+events, or CPU wall clock) and split between the rows in it by the real tokens each contributed;
+a shared prefix is split between the rows of its request. Per-row peak memory is the largest
+peak of the forwards the row was in; prefill_s and decode_s are the row's own (request start to
+its first token, first token to its last).
 """
 
 from __future__ import annotations
@@ -29,17 +36,16 @@ import copy
 import functools
 import gc
 import inspect
-import re
 import time
 from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
 
+from pipeline.engine.metering import CPU_MEMORY_KIND, CUDA_MEMORY_KIND, CUDA_TIME_KIND, ForwardMeter
 from pipeline.requests import OUT_OF_MEMORY, WONT_FIT, GenerationRequest, GenerationResult
 
-CUDA_MEMORY_KIND = "cuda_max_allocated"
-CPU_MEMORY_KIND = "cpu_peak_rss"
+__all__ = ["CPU_MEMORY_KIND", "CUDA_MEMORY_KIND", "RankContext", "RankOutOfMemory", "generate_batch"]
 
 
 @dataclass
@@ -81,79 +87,6 @@ class RankOutOfMemory(Exception):
 
     def __str__(self) -> str:
         return f"rank {self.rank} ran out of memory on requests {self.request_ids}: {self.message}"
-
-
-# ---------------------------------------------------------------------------------------------
-# Memory and time measurement
-
-
-def _read_vm_hwm() -> int | None:
-    try:
-        with open("/proc/self/status", encoding="ascii") as f:
-            match = re.search(r"VmHWM:\s+(\d+) kB", f.read())
-        return int(match.group(1)) * 1024 if match else None
-    except OSError:
-        return None
-
-
-def _reset_vm_hwm() -> None:
-    try:
-        with open("/proc/self/clear_refs", "w", encoding="ascii") as f:
-            f.write("5")  # resets the peak resident set size (Linux >= 4.0)
-    except OSError:
-        pass  # then the peak covers the process's life so far; still an upper bound
-
-
-class _Meter:
-    """One batch on one rank: start, prefill end, per-row finish; peak memory since start."""
-
-    def __init__(self, device: torch.device):
-        self.cuda = device.type == "cuda"
-        self.device = device
-        if self.cuda:
-            torch.cuda.reset_peak_memory_stats(device)
-            self._start_event = torch.cuda.Event(enable_timing=True)
-            self._start_event.record()
-            self._row_events: dict[int, torch.cuda.Event] = {}
-        else:
-            _reset_vm_hwm()
-        self.start = time.perf_counter()
-        self.first_token: float | None = None
-        self.row_end: dict[int, float] = {}
-
-    def mark_first_token(self) -> None:
-        self.first_token = time.perf_counter()
-
-    def mark_row_done(self, row: int) -> None:
-        self.row_end[row] = time.perf_counter()
-        if self.cuda:
-            event = torch.cuda.Event(enable_timing=True)
-            event.record()
-            self._row_events[row] = event
-
-    def finish(self) -> dict:
-        """-> per-row metrics plus the peak memory of this rank over the whole batch."""
-        if self.cuda:
-            torch.cuda.synchronize(self.device)
-            peak = int(torch.cuda.max_memory_allocated(self.device))
-            gpu = {r: self._start_event.elapsed_time(e) / 1e3 for r, e in self._row_events.items()}
-        else:
-            peak = _read_vm_hwm()
-            gpu = {}
-        first = self.first_token if self.first_token is not None else time.perf_counter()
-        rows = {}
-        for row, end in self.row_end.items():
-            rows[row] = {
-                "prefill_s": first - self.start,
-                "decode_s": max(0.0, end - first),
-                "wall_time_s": end - self.start,
-                "gpu_time_s": gpu.get(row),
-            }
-        return {
-            "rows": rows,
-            "peak_memory_bytes": peak,
-            "memory_kind": CUDA_MEMORY_KIND if self.cuda else CPU_MEMORY_KIND,
-        }
 
 
 # ---------------------------------------------------------------------------------------------
@@ -234,8 +167,9 @@ def _forward(model, input_ids, attention_mask, position_ids, cache) -> torch.Ten
     return out.logits[:, -1, :]  # (B, V)
 
 
-def _decode(ctx: RankContext, rows: list[_Row], cache, logits, mask, meter: _Meter) -> None:
-    """Chooses, syncs and feeds tokens until every row is done. mask: (B, K) covering the cache."""
+def _decode(ctx: RankContext, rows: list[_Row], cache, logits, mask, timing: _Timing, keys: list) -> None:
+    """Chooses, syncs and feeds tokens until every row is done. mask: (B, K) covering the cache;
+    keys: each row's key for the meter."""
     device = ctx.device
     step = 0
     while True:
@@ -247,18 +181,30 @@ def _decode(ctx: RankContext, rows: list[_Row], cache, logits, mask, meter: _Met
             message = torch.empty((2, len(rows)), dtype=torch.long, device=device)
         message = ctx.sync(message)
         chosen, done = message[0], message[1].bool()
-        if step == 0:
-            meter.mark_first_token()
+        now = time.perf_counter()
         for i, row in enumerate(rows):  # other ranks keep no output: rank 0's result is the answer
-            if bool(done[i]) and i not in meter.row_end:
+            if step == 0:
+                timing.first_token[i] = now
+            if bool(done[i]) and i not in timing.end:
                 row.done = True
-                meter.mark_row_done(i)
+                timing.end[i] = now
         if bool(done.all()):
             return
         step += 1
         mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)  # (B, K+1)
         positions = (mask.sum(-1, keepdim=True) - 1).clamp(min=0)  # (B, 1)
-        logits = _forward(ctx.model, chosen[:, None], mask, positions, cache)
+        with timing.meter.forward({keys[i]: 1 for i, row in enumerate(rows) if not row.done}):
+            logits = _forward(ctx.model, chosen[:, None], mask, positions, cache)
+
+
+@dataclass
+class _Timing:
+    """Wall-clock marks of one request or batch on this rank, and its forward meter."""
+
+    meter: ForwardMeter
+    start: float = field(default_factory=time.perf_counter)
+    first_token: dict = field(default_factory=dict)  # row index -> time
+    end: dict = field(default_factory=dict)
 
 
 def _new_cache(ctx: RankContext):
@@ -310,13 +256,15 @@ def _run_rows_batch(ctx: RankContext, requests: list[GenerationRequest]) -> tupl
         mask[i, width - len(prompt):] = 1
     ids, mask = ids.to(ctx.device), mask.to(ctx.device)
     positions = (mask.cumsum(-1) - 1).clamp(min=0)  # (B, T)
-    meter = _Meter(ctx.device)
+    timing = _Timing(ForwardMeter(ctx.device))
     cache = _new_cache(ctx)
     lengths = torch.tensor([len(p) for p in prompts], device=ctx.device)
     set_prompt_length(cache, lengths)
-    logits = _prefill(ctx, ids, mask, positions, cache, lengths)
-    _decode(ctx, rows, cache, logits, mask, meter)
-    return rows, {"batch": meter.finish(), "row_meters": None}
+    keys = list(range(len(rows)))
+    with timing.meter.forward({i: len(p) for i, p in enumerate(prompts)}):  # pads are nobody's tokens
+        logits = _prefill(ctx, ids, mask, positions, cache, lengths)
+    _decode(ctx, rows, cache, logits, mask, timing, keys)
+    return rows, {"timing": [timing] * len(rows), "report": timing.meter.collect(), "prefix_prefill_s": None}
 
 
 def _run_shared_prefix(ctx: RankContext, request: GenerationRequest) -> tuple[list[_Row], dict]:
@@ -328,21 +276,23 @@ def _run_shared_prefix(ctx: RankContext, request: GenerationRequest) -> tuple[li
     # The attention temperature's n is the request's longest prompt, for the prefix and every
     # suffix alike (the prefix's cached states depend on it). No effect when alpha is 0.
     n = request.prompt_tokens
-    prefix_meter = _Meter(device)
+    k = len(request.suffix_ids)
+    meter = ForwardMeter(device)
+    start = time.perf_counter()
     prefix_cache = _new_cache(ctx)
     set_prompt_length(prefix_cache, n)
     prefix_mask = torch.ones_like(prefix)
-    prefix_logits = _prefill(ctx, prefix, prefix_mask, None, prefix_cache, n)
+    with meter.forward({i: prefix.shape[1] / k for i in range(k)}):  # the prefix is all its rows'
+        prefix_logits = _prefill(ctx, prefix, prefix_mask, None, prefix_cache, n)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-    prefix_s = time.perf_counter() - prefix_meter.start
-    shared = prefix_s / len(request.suffix_ids)
+    prefix_s = time.perf_counter() - start
 
-    rows, meters = [], []
+    rows, timings = [], []
     last = len(request.suffix_ids) - 1
     for index, suffix_ids in enumerate(request.suffix_ids):
         row = _rows_for(ctx, request, [index])
-        meter = _Meter(device)
+        timing = _Timing(meter, start=start)
         cache = prefix_cache if index == last else copy.deepcopy(prefix_cache)
         set_prompt_length(cache, n)
         mask = prefix_mask
@@ -350,15 +300,17 @@ def _run_shared_prefix(ctx: RankContext, request: GenerationRequest) -> tuple[li
         if suffix_ids:
             suffix = torch.tensor([suffix_ids], dtype=torch.long, device=device)
             mask = torch.ones((1, prefix.shape[1] + suffix.shape[1]), dtype=torch.long, device=device)
-            start = prefix.shape[1]
-            positions = torch.arange(start, start + suffix.shape[1], device=device)[None]
-            logits = _forward(ctx.model, suffix, mask, positions, cache)
-        _decode(ctx, row, cache, logits, mask, meter)
+            begin = prefix.shape[1]
+            positions = torch.arange(begin, begin + suffix.shape[1], device=device)[None]
+            with meter.forward({index: suffix.shape[1]}):
+                logits = _forward(ctx.model, suffix, mask, positions, cache)
+        _decode(ctx, row, cache, logits, mask, timing, [index])
+        timing.first_token = {index: timing.first_token[0]}
+        timing.end = {index: timing.end[0]}
         del cache
         rows += row
-        meters.append(meter.finish())
-    return rows, {"prefix_prefill_s": prefix_s, "prefix_share_s": shared, "suffix_meters": meters,
-                  "prefix_peak": prefix_meter.finish()["peak_memory_bytes"]}
+        timings.append(timing)
+    return rows, {"timing": timings, "report": meter.collect(), "prefix_prefill_s": prefix_s}
 
 
 def _is_oom(error: BaseException) -> bool:
@@ -375,29 +327,27 @@ def _free_memory(device: torch.device) -> None:
 
 
 def _results(ctx: RankContext, rows: list[_Row], info: dict) -> list[GenerationResult]:
+    """Rows -> results with this rank's metrics (device time attributed by the meter)."""
+    report = info["report"]
     results = []
     for i, row in enumerate(rows):
-        if "batch" in info:
-            metrics, peak, kind = info["batch"]["rows"][i], info["batch"]["peak_memory_bytes"], info["batch"]["memory_kind"]
-            prefix_prefill_s = None
-        else:
-            batch = info["suffix_meters"][i]
-            metrics, kind = dict(batch["rows"][0]), batch["memory_kind"]
-            peak = max(x for x in (batch["peak_memory_bytes"], info["prefix_peak"]) if x is not None)
-            metrics["prefill_s"] += info["prefix_share_s"]
-            metrics["wall_time_s"] += info["prefix_share_s"]
-            prefix_prefill_s = info["prefix_prefill_s"]
+        timing = info["timing"][i]
+        first = timing.first_token.get(i, timing.start)
+        end = timing.end.get(i, first)
         output = None
         if ctx.tokenizer is not None:
             output = row.text if row.text is not None else ctx.tokenizer.decode(row.output_ids, skip_special_tokens=True)
-        device_s = metrics["gpu_time_s"] if kind == CUDA_MEMORY_KIND else metrics["wall_time_s"]
+        seconds = report.seconds.get(i, 0.0)
+        peak = report.peaks.get(i)
         results.append(GenerationResult(
             request_id=row.request.request_id, suffix_index=row.suffix_index, output=output,
             output_ids=list(row.output_ids), prompt_tokens=row.prompt_tokens, output_tokens=len(row.output_ids),
-            prefill_s=metrics["prefill_s"], decode_s=metrics["decode_s"], gpu_time_s=metrics["gpu_time_s"],
-            wall_time_s=metrics["wall_time_s"], peak_memory_bytes=peak, memory_kind=kind,
-            peak_memory_per_rank=[peak] if peak is not None else [], device_seconds_all_ranks=device_s,
-            prefix_prefill_s=prefix_prefill_s,
+            prefill_s=first - timing.start, decode_s=end - first, wall_time_s=end - timing.start,
+            gpu_time_s=seconds if report.time_kind == CUDA_TIME_KIND else None,
+            device_time_s=seconds, device_time_kind=report.time_kind, device_seconds_all_ranks=seconds,
+            peak_memory_bytes=peak, memory_kind=report.memory_kind,
+            peak_memory_per_rank=[peak] if peak is not None else [],
+            prefix_prefill_s=info["prefix_prefill_s"],
         ))
     return results
 
