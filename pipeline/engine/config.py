@@ -11,6 +11,7 @@ from pipeline.config_files import reject_unknown_fields
 from pipeline.models import ModelSpec
 
 _DEVICES = ("auto", "cpu", "cuda")
+SCHEDULERS = ("continuous", "static")
 
 
 class EngineError(RuntimeError):
@@ -32,9 +33,15 @@ class EngineConfig:
     replicas: int = 1
     # Longest prompt (prefix + longest suffix) accepted; longer ones get a prompt_too_long result.
     max_input_tokens: int = 32768
-    # Padded prompt tokens (rows x longest prompt) of one batch; a longer prompt runs alone.
+    # How a replica batches requests (pipeline.engine.scheduler): "continuous" (requests join and
+    # leave the running batch step by step; admission by the memory planner's KV budget) or
+    # "static" (a left-padded batch runs until its last row ends; kept for comparison). A model
+    # without DCA always runs static (continuous batching packs rows through DCA's attention).
+    scheduler: str = "continuous"
+    # Static scheduler only: padded prompt tokens (rows x longest prompt) of one batch; a
+    # longer prompt runs alone.
     max_batch_tokens: int = 8192
-    # Rows of one batch.
+    # Rows (one per suffix) in a replica's batch at most.
     max_batch_size: int = 8
     # Times one replica is rebuilt after losing a rank, before it is given up.
     max_restarts: int = 2
@@ -66,10 +73,13 @@ class EngineConfig:
     # per-head scales, about half of bf16). docs/memory.md measures its cost.
     kv_cache_dtype: str = "auto"
     # Prompt tokens per prefill forward: None = one shot, "chunk" = one DCA chunk (activation
-    # memory then depends on the block, not the prompt), or a number of tokens.
-    prefill_block: int | str | None = None
+    # memory then depends on the block, not the prompt), a number of tokens, or "auto": one DCA
+    # chunk but at least 1024 tokens with the continuous scheduler (a long prefill then advances
+    # a block per step while the other rows keep decoding), one shot with the static one.
+    prefill_block: int | str | None = "auto"
     # Device memory per rank the memory planner (pipeline/memory_plan.py) checks every request
-    # against before running it: None = the GPU's total memory on CUDA, no check on CPU.
+    # against before running it, and the continuous scheduler admits requests by: None = the
+    # GPU's total memory on CUDA; on CPU the machine's memory divided by the pool's ranks.
     device_memory_bytes: int | None = None
 
     def __post_init__(self) -> None:
@@ -88,8 +98,11 @@ class EngineConfig:
         if self.kv_cache_dtype not in ("auto", "int8"):
             raise ValueError(f"kv_cache_dtype must be 'auto' or 'int8', got {self.kv_cache_dtype!r}")
         block = self.prefill_block
-        if not (block is None or block == "chunk" or (isinstance(block, int) and not isinstance(block, bool) and block >= 1)):
-            raise ValueError(f"prefill_block must be None, 'chunk' or an int >= 1, got {block!r}")
+        if not (block is None or block in ("chunk", "auto")
+                or (isinstance(block, int) and not isinstance(block, bool) and block >= 1)):
+            raise ValueError(f"prefill_block must be None, 'chunk', 'auto' or an int >= 1, got {block!r}")
+        if self.scheduler not in SCHEDULERS:
+            raise ValueError(f"scheduler must be one of {SCHEDULERS}, got {self.scheduler!r}")
         if self.device_memory_bytes is not None and (
             isinstance(self.device_memory_bytes, bool) or not isinstance(self.device_memory_bytes, int)
             or self.device_memory_bytes < 1

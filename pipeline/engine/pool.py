@@ -4,21 +4,27 @@ and the failure policy (retries, rebuilds, out-of-memory splits). See `pipeline.
 from __future__ import annotations
 
 import concurrent.futures
+import itertools
 import logging
 import queue
 import threading
+import time
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Iterable, Iterator
 
 from pipeline.engine.config import EngineConfig, EngineError, EngineStartupError
+from pipeline.engine import replica as _replica
+from pipeline.engine.metering import Ledger
 from pipeline.engine.replica import _OutOfMemory, _RankError, _Replica, _ReplicaDown, _short
+from pipeline.engine.scheduler import Demand, admit, static_batch, wont_fit
 from pipeline.requests import (
     INTERNAL,
     INVALID_INPUT,
     OUT_OF_MEMORY,
     PROMPT_TOO_LONG,
     REPLICA_FAILED,
+    WONT_FIT,
     GenerationRequest,
     GenerationResult,
 )
@@ -27,6 +33,9 @@ log = logging.getLogger("pipeline.engine")
 
 # How often `ReplicaPool.run` checks that a serving thread is still alive while it waits.
 _RUN_POLL_S = 1.0
+# Continuous scheduler: a call of the running batch returns when a row ends, or after this many
+# seconds (then requests that arrived meanwhile are admitted at the next call).
+_CALL_BUDGET_S = 1.0
 
 
 @dataclass
@@ -36,6 +45,13 @@ class _Entry:
     attempts: int = 0
     # Set when the request was in a batch that ran out of memory: it now runs alone.
     solo: bool = False
+    # Pool-wide number (the ranks and the ledger know requests by it; ids may repeat).
+    seq: int = -1
+    submitted: float = field(default_factory=time.monotonic)
+    admitted: float | None = None
+    preemptions: int = 0
+    # Continuous scheduler: the rows that ended in this attempt (suffix index -> FinishedRow).
+    rows: dict = field(default_factory=dict)
 
     @property
     def alone(self) -> bool:
@@ -65,6 +81,12 @@ class ReplicaPool:
         # Serving threads not yet ended; at 0 nothing answers, and (error type, why) says why.
         self._live_servers = 0
         self._no_server: tuple[str, str] | None = None
+        self._seq = itertools.count()
+        # Device time and peaks per request (continuous scheduler), summed over calls and ranks.
+        self._ledger = Ledger(config.tp_size)
+        self._ledger_lock = threading.Lock()
+        # The memory plan of the replicas (their first one's), for wont_fit answers at submit.
+        self._plan = None
 
     # -- lifecycle -----------------------------------------------------------------------------
 
@@ -94,6 +116,7 @@ class ReplicaPool:
             self.shutdown()
             raise errors[0] if isinstance(errors[0], EngineStartupError) else EngineStartupError(_short(errors[0]))
         self._vocab_size = self._replicas[0].vocab_size
+        self._plan = self._replicas[0].memory_plan
         self._started = True
         self._live_servers, self._no_server = len(self._replicas), None
         for replica in self._replicas:
@@ -167,7 +190,7 @@ class ReplicaPool:
     def submit(self, request: GenerationRequest) -> concurrent.futures.Future:
         """Queues a request; the future resolves to its results (one per suffix), never raises."""
         future: concurrent.futures.Future = concurrent.futures.Future()
-        entry = _Entry(request, future)
+        entry = _Entry(request, future, seq=next(self._seq))
         problem = self._validate(request)
         if problem is not None:
             self._fail(entry, *problem)
@@ -233,15 +256,24 @@ class ReplicaPool:
 
     def stats(self) -> dict:
         """Per replica: load_s, served (requests answered), failures (batches lost to a dead or
-        stuck rank), restarts, alive, tp_size, device."""
-        return {
-            r.name: {
+        stuck rank), restarts, alive, tp_size, device, scheduler, busy_s_per_rank (device busy
+        seconds of every forward, pipeline.engine.metering), steps (packed forwards of the
+        running batch), prefill_tokens (prompt tokens per step), kv_budget_bytes (the KV bytes
+        per rank the running batch may hold at its longest allowed request, None without a
+        limit), last_error."""
+        out = {}
+        for r in self._replicas:
+            budget = r.budget
+            kv = None
+            if budget is not None and budget.kv_bytes is not None:
+                kv = int(budget.kv_bytes(self.config.max_input_tokens))
+            out[r.name] = {
                 "load_s": r.load_s, "served": r.served, "failures": r.failures, "restarts": r.restarts,
                 "alive": r.alive, "tp_size": self.config.tp_size, "device": r.device_type,
-                "last_error": r.last_error,
+                "scheduler": r.scheduler, "busy_s_per_rank": [round(b, 6) for b in r.busy_s], "steps": r.steps,
+                "prefill_tokens": r.prefill_tokens, "kv_budget_bytes": kv, "last_error": r.last_error,
             }
-            for r in self._replicas
-        }
+        return out
 
     def _validate(self, request: GenerationRequest):
         if not isinstance(request, GenerationRequest):
@@ -257,6 +289,9 @@ class ReplicaPool:
                 f"request {request.request_id}: prompt of {request.prompt_tokens} tokens is longer than "
                 f"max_input_tokens={self.config.max_input_tokens}; truncate it or raise the limit"
             )
+        refusal = wont_fit(self._plan, request)
+        if refusal is not None:
+            return WONT_FIT, f"request {request.request_id}: {refusal}"
         vocab = self._vocab_size
         if vocab is not None:
             for ids in (request.prefix_ids, *request.suffix_ids):
@@ -272,10 +307,16 @@ class ReplicaPool:
         results = [
             GenerationResult.error(
                 getattr(request, "request_id", "?"), i, error_type, message,
-                prompt_tokens=prefix + len(s), attempts=max(1, entry.attempts),
+                prompt_tokens=prefix + len(s), attempts=max(1, entry.attempts), preemptions=entry.preemptions,
             )
             for i, s in enumerate(suffixes)
         ]
+        if entry.attempts:  # the device time it used still counts (continuous scheduler's ledger)
+            with self._ledger_lock:
+                rows = self._ledger.pop(entry.seq, len(results))
+            if any(any(row.seconds) for row in rows):
+                for result, row in zip(results, rows):
+                    self._ledger.apply(result, row)
         self._resolve(entry, results)
 
     @staticmethod
@@ -288,28 +329,22 @@ class ReplicaPool:
 
     # -- serving -------------------------------------------------------------------------------
 
-    def _next_batch(self) -> list[_Entry] | None:
-        """Oldest request first; later single-suffix ones join while the padded batch fits."""
-        config = self.config
-        first = self._queue.popleft()
-        batch = [first]
-        if first.alone:
-            return batch
-        width = first.request.prompt_tokens
-        if width * 2 > config.max_batch_tokens:
-            return batch
-        for entry in list(self._queue):
-            if len(batch) >= config.max_batch_size:
-                break
-            if entry.alone:
-                continue
-            new_width = max(width, entry.request.prompt_tokens)
-            if new_width * (len(batch) + 1) > config.max_batch_tokens:
-                continue
-            batch.append(entry)
-            width = new_width
+    def _next_batch(self, replica: _Replica) -> list[_Entry]:
+        """Under the lock: the requests `replica` takes now (removed from the queue). Static: the
+        next batch. Continuous: the waiting requests that join its running batch (maybe none)."""
+        waiting = list(self._queue)
+        if replica.scheduler == "continuous":
+            resident = self._running.get(replica.name, [])
+            chosen = admit([(Demand.of(e.request), e.solo) for e in waiting],
+                           [Demand.of(e.request) for e in resident], replica.budget,
+                           resident_solo=any(e.solo for e in resident))
+        else:
+            chosen = static_batch([(e.request.prompt_tokens, e.alone) for e in waiting],
+                                  self.config.max_batch_tokens, self.config.max_batch_size)
+        entries = [waiting[i] for i in chosen]
+        for entry in entries:
             self._queue.remove(entry)
-        return batch
+        return entries
 
     def _serve(self, replica: _Replica) -> None:
         """A serving thread: one replica's loop. Whatever happens, it leaves no request unanswered."""
@@ -324,21 +359,99 @@ class ReplicaPool:
             self._serving_ended(replica, died)
 
     def _serve_one(self, replica: _Replica) -> bool:
-        """Takes one batch and answers it. False: this thread ends (stopping, or replica given up)."""
+        """Static: takes one batch and answers it. Continuous: admits what fits and runs one call
+        of the running batch. False: this thread ends (stopping, or replica given up)."""
+        continuous = replica.scheduler == "continuous"
         with self._cond:
-            while not self._stopping and not self._queue:
+            while not self._stopping and not self._queue and not self._running.get(replica.name):
                 self._cond.wait()
             if self._stopping:
                 return False
-            batch = self._next_batch()
-            self._running[replica.name] = batch
+            taken = self._next_batch(replica)
+            if continuous:  # the running batch: the requests resident on the replica's ranks
+                batch = self._running.setdefault(replica.name, [])
+                batch.extend(taken)
+            else:
+                batch = self._running[replica.name] = taken
         try:
-            keep = self._run_batch(replica, batch)
+            if continuous:
+                keep = self._run_step(replica, taken)
+            else:
+                keep = self._run_batch(replica, batch)
         except Exception as error:  # noqa: BLE001 - a bug in the engine: the batch gets internal_error
-            keep = self._batch_crashed(replica, batch, error)
+            crashed = list(batch)
+            batch.clear()
+            keep = self._batch_crashed(replica, crashed, error)
+        leftovers = []
         with self._cond:
-            self._running.pop(replica.name, None)
+            if not continuous:
+                self._running.pop(replica.name, None)
+            elif not keep:
+                leftovers = self._running.pop(replica.name, [])
+        for entry in leftovers:  # nothing serves this replica any more (normally none are left)
+            self._fail(entry, INTERNAL, f"{replica.name} stopped serving while this request ran")
         return keep
+
+    def _run_step(self, replica: _Replica, admitted: list[_Entry]) -> bool:
+        """One call of `replica`'s running batch (continuous scheduler): admits `admitted`, then
+        answers the requests whose rows all ended."""
+        resident = self._running[replica.name]
+        now = time.monotonic()
+        for entry in admitted:
+            entry.attempts += 1
+            entry.admitted = now
+            entry.rows = {}
+        timeout = self.config.request_timeout_s
+        deadline = None if timeout is None else min(e.admitted for e in resident) + timeout
+        try:
+            answers = replica.step([(e.seq, e.request) for e in admitted], _CALL_BUDGET_S, deadline,
+                                   self._on_dispatch)
+        except _ReplicaDown as error:
+            entries = list(resident)
+            resident.clear()
+            if self._stopping:  # shutdown() killed the actors under this batch
+                for entry in entries:
+                    self._fail(entry, INTERNAL, "the engine was shut down while this request ran")
+                return False
+            replica.failures += 1
+            replica.last_error = str(error)
+            log.warning("%s went down (%s); %d request(s) go back to the queue", replica.name, error, len(entries))
+            self._requeue(entries, f"{replica.name}: {error}")
+            return self._rebuild(replica)
+        except _OutOfMemory as error:
+            self._add_reports(error.reports)
+            entries = list(resident)
+            resident.clear()
+            if error.lost is None:
+                replica.to_drop = [e.seq for e in entries]
+            if len(entries) > 1:
+                for entry in entries:
+                    entry.preemptions += 1
+            self._out_of_memory(replica, entries, error)
+            return replica.alive or self._rebuild(replica)
+        except _RankError as error:
+            entries = list(resident)
+            resident.clear()
+            replica.failures += 1
+            replica.last_error = _short(error.args[0])
+            if replica.alive:
+                replica.to_drop = [e.seq for e in entries]
+            for entry in entries:
+                self._fail(entry, INTERNAL, f"{replica.name} raised: {replica.last_error}")
+            return replica.alive or self._rebuild(replica)
+        for entry, results in _replica._reduce_step(answers, resident, self._ledger, self._ledger_lock):
+            for result in results:
+                result.replica, result.attempts = replica.name, entry.attempts
+                result.queued_s, result.preemptions = entry.admitted - entry.submitted, entry.preemptions
+            replica.served += 1
+            resident.remove(entry)
+            self._resolve(entry, results)
+        return True
+
+    def _add_reports(self, reports: dict) -> None:
+        with self._ledger_lock:
+            for rank, report in reports.items():
+                self._ledger.add(rank, report)
 
     def _run_batch(self, replica: _Replica, batch: list[_Entry]) -> bool:
         for entry in batch:
@@ -408,6 +521,7 @@ class ReplicaPool:
         if replica.busy or not replica.alive:
             replica.kill()
             return self._rebuild(replica)
+        replica.to_drop.extend(e.seq for e in batch)  # continuous: the ranks still hold them
         return True
 
     def _serving_ended(self, replica: _Replica, died: str | None) -> None:

@@ -1,14 +1,16 @@
-"""Driver-side handle of one replica: its placement group, its rank actors, one batch at a time
-on every rank, and the errors a batch can end with."""
+"""Driver-side handle of one replica: its placement group, its rank actors, one call at a time on
+every rank (a static batch, or a step call of the running batch), and the errors a call can end
+with. Every call's measurements (per-rank busy time) are added up here."""
 
 from __future__ import annotations
 
 import dataclasses
 import logging
 import time
-from dataclasses import dataclass
 
 from pipeline.engine.config import EngineConfig, EngineStartupError
+from pipeline.engine.messages import OutOfMemoryAnswer, StepResult, result_of
+from pipeline.engine.scheduler import budget_of
 from pipeline.requests import GenerationRequest, GenerationResult
 
 log = logging.getLogger("pipeline.engine")
@@ -18,20 +20,13 @@ class _ReplicaDown(Exception):
     """The replica lost a rank (or hung); its batch must run elsewhere."""
 
 
-@dataclass(frozen=True)
-class _OutOfMemoryAnswer:
-    """A rank's answer to a batch that ran out of memory on it (tp_size > 1)."""
-
-    rank: int
-    message: str
-
-
 class _OutOfMemory(Exception):
-    """Some rank ran out of memory on the batch. `lost`: why the replica was killed (None: kept)."""
+    """Some rank ran out of memory on the batch. `lost`: why the replica was killed (None: kept).
+    `reports`: rank -> what it measured in that call before (continuous batching)."""
 
-    def __init__(self, message: str, lost: str | None):
+    def __init__(self, message: str, lost: str | None, reports: dict | None = None):
         super().__init__(message, lost)
-        self.message, self.lost = message, lost
+        self.message, self.lost, self.reports = message, lost, reports or {}
 
 
 class _Replica:
@@ -49,6 +44,19 @@ class _Replica:
         # True from a batch's dispatch until every rank has answered it.
         self.busy = False
         self.last_error: str | None = None
+        # Device busy seconds per rank (pipeline.engine.metering), over every completed call of
+        # every incarnation of this replica; steps: packed forwards of the running batch.
+        self.busy_s = [0.0] * config.tp_size
+        self.steps = 0
+        # Set by start(): the scheduler the ranks run, their memory plan, prompt tokens per step.
+        self.scheduler: str | None = None
+        self.plan: dict | None = None
+        self.memory_plan = None
+        self.budget = None
+        self.prefill_tokens: int | None = None
+        # Continuous batching: requests (by seq) the ranks still hold that must be dropped at
+        # the next call (after an out-of-memory split).
+        self.to_drop: list[int] = []
 
     def start(self) -> None:
         import ray
@@ -103,26 +111,57 @@ class _Replica:
                 ) from None
             raise EngineStartupError(f"replica {self.name} failed to start: {_short(error)}") from error
         self.vocab_size = infos[0]["vocab_size"]
+        self.rank_info = infos
         self.rank_load_s = [i["load_s"] for i in infos]
+        self.scheduler, self.plan = infos[0]["scheduler"], infos[0]["plan"]
+        self.prefill_tokens = infos[0]["prefill_tokens"]
+        self.memory_plan = _plan_of(self.plan)
+        self.budget = budget_of(self.memory_plan, config.max_batch_size, self.prefill_tokens)
+        self.to_drop = []
         self.load_s = time.perf_counter() - begin
         self.alive = True
 
     def run(self, requests: list[GenerationRequest], on_dispatch=None) -> list[list[GenerationResult]]:
-        """Runs one batch on every rank; -> rank 0's results with metrics reduced over ranks.
+        """Runs one static batch on every rank; -> rank 0's results with metrics reduced over ranks.
 
         Raises _ReplicaDown (a rank died or the batch timed out; the replica is killed),
         _OutOfMemory (some rank ran out of memory; the replica is killed when a peer is stuck) or
         _RankError (a rank raised; the replica is killed when a peer is stuck)."""
+        deadline = None if self.config.request_timeout_s is None else time.monotonic() + self.config.request_timeout_s
+        answers = self._call_all("run_batch", (requests,), deadline,
+                                 lambda: on_dispatch(self.name, [r.request_id for r in requests]) if on_dispatch else None)
+        for rank, results in enumerate(answers):  # attributions sum to the rank's busy time
+            self.busy_s[rank] += sum(r.device_time_s or 0.0 for rs in results for r in rs)
+        return _reduce_over_ranks(answers, self.name)
+
+    def step(self, admit: list, time_budget_s: float | None, deadline: float | None,
+             on_dispatch=None) -> list[StepResult]:
+        """One call of the running batch on every rank (continuous scheduler): admits `admit`
+        [(seq, request)], drops `to_drop`, runs steps; -> every rank's StepResult.
+
+        deadline: time.monotonic() by which the call must answer (the oldest request's
+        request_timeout_s), else the replica counts as hung. Raises like `run`."""
+        drop, self.to_drop = self.to_drop, []
+        answers = self._call_all("step", (admit, drop, time_budget_s), deadline,
+                                 lambda: on_dispatch(self.name, [r.request_id for _, r in admit])
+                                 if on_dispatch and admit else None)
+        for rank, answer in enumerate(answers):
+            self.busy_s[rank] += answer.report.busy_s
+        self.steps += answers[0].steps
+        return answers
+
+    def _call_all(self, method: str, args: tuple, deadline: float | None, dispatched=None) -> list:
+        """Calls `method` on every rank and waits for all; -> their answers in rank order."""
         import ray
 
         grace = self.config.rank_grace_s
-        refs = [w.run_batch.remote(requests) for w in self.workers]
+        refs = [getattr(w, method).remote(*args) for w in self.workers]
         self.busy = True
-        if on_dispatch is not None:
-            on_dispatch(self.name, [r.request_id for r in requests])
-        deadline = None if self.config.request_timeout_s is None else time.monotonic() + self.config.request_timeout_s
+        if dispatched is not None:
+            dispatched()
         answers: dict[int, object] = {}
         out_of_memory: dict[int, str] = {}  # rank -> what its allocator said
+        reports: dict = {}
         pending = list(refs)
         app_error: BaseException | None = None
         while pending:
@@ -135,7 +174,7 @@ class _Replica:
                 stuck = sorted(refs.index(ref) for ref in pending)
                 if out_of_memory:
                     raise _OutOfMemory(_oom_text(out_of_memory), f"rank(s) {stuck} still ran {grace:g} s "
-                                       "(rank_grace_s) later, stuck in a collective")
+                                       "(rank_grace_s) later, stuck in a collective", reports)
                 if app_error is not None:
                     raise _RankError(app_error)
                 raise _ReplicaDown(f"batch exceeded request_timeout_s={self.config.request_timeout_s}")
@@ -147,17 +186,25 @@ class _Replica:
                         ray.exceptions.NodeDiedError, ray.exceptions.ObjectLostError) as error:
                     self.kill()
                     if out_of_memory:
-                        raise _OutOfMemory(_oom_text(out_of_memory), f"rank {rank} died: {_short(error)}") from None
+                        raise _OutOfMemory(_oom_text(out_of_memory), f"rank {rank} died: {_short(error)}",
+                                           reports) from None
                     raise _ReplicaDown(f"rank {rank} died: {_short(error)}") from None
                 except ray.exceptions.RayTaskError as error:
                     app_error = error
                     continue
-                if isinstance(answer, _OutOfMemoryAnswer):
+                if isinstance(answer, OutOfMemoryAnswer):
                     out_of_memory[rank] = answer.message
+                    if answer.report is not None:
+                        reports[rank] = answer.report
+                        self.busy_s[rank] += answer.report.busy_s
                 else:
                     answers[rank] = answer
         self.busy = False
         if out_of_memory:
+            for rank, answer in answers.items():  # ranks that got through: their measurements count
+                if isinstance(answer, StepResult):
+                    reports[rank] = answer.report
+                    self.busy_s[rank] += answer.report.busy_s
             lost = None
             if app_error is not None:
                 lost = f"another rank raised {_short(app_error)}"
@@ -165,10 +212,10 @@ class _Replica:
                 lost = f"the ranks failed an all-reduce check within rank_grace_s={grace:g} s"
             if lost is not None:
                 self.kill()
-            raise _OutOfMemory(_oom_text(out_of_memory), lost)
+            raise _OutOfMemory(_oom_text(out_of_memory), lost, reports)
         if app_error is not None:
             raise _RankError(app_error)
-        return _reduce_over_ranks([answers[r] for r in range(len(refs))], self.name)
+        return [answers[r] for r in range(len(refs))]
 
     def _group_in_step(self) -> bool:
         """After every rank answered an out of memory: do the ranks still meet in a collective?"""
@@ -243,9 +290,44 @@ def _reduce_over_ranks(per_rank: list[list[list[GenerationResult]]], replica: st
                 result.peak_memory_bytes = max(result.peak_memory_per_rank, default=None)
                 gpu = [v.gpu_time_s for v in views if v.gpu_time_s is not None]
                 result.gpu_time_s = max(gpu) if gpu else None
+                device = [v.device_time_s for v in views if v.device_time_s is not None]
+                result.device_time_s = max(device) if device else None
                 seconds = [v.device_seconds_all_ranks for v in views if v.device_seconds_all_ranks is not None]
                 result.device_seconds_all_ranks = sum(seconds) if seconds else None
             merged.append(result)
         out.append(merged)
     return out
 
+
+def _plan_of(plan: dict | None):
+    """The ranks' memory plan, rebuilt on the driver (pure Python)."""
+    if plan is None:
+        return None
+    from pipeline.memory_plan import MemoryPlan, ModelShape, ServingConfig
+
+    return MemoryPlan(ModelShape(**plan["shape"]), ServingConfig(**plan["serving"]))
+
+
+def _reduce_step(answers: list[StepResult], resident: list, ledger, lock) -> list[tuple]:
+    """A continuous call's answers from every rank -> [(entry, results)] of the requests whose
+    rows have all ended: every rank's measurements go into the ledger (device time and peaks
+    per rank), tokens, text and times come from rank 0."""
+    with lock:
+        for rank, answer in enumerate(answers):
+            ledger.add(rank, answer.report)
+    by_seq = {entry.seq: entry for entry in resident}
+    done = []
+    for row in answers[0].finished:
+        entry = by_seq.get(row.seq)
+        if entry is None:
+            log.warning("a row of request seq %d ended but the request is not resident; dropped", row.seq)
+            continue
+        entry.rows[row.suffix_index] = row
+        if len(entry.rows) == len(entry.request.suffix_ids):
+            results = [result_of(entry.rows[i]) for i in range(len(entry.rows))]
+            with lock:
+                metrics = ledger.pop(entry.seq, len(results))
+            for result, row_metrics in zip(results, metrics):
+                ledger.apply(result, row_metrics)
+            done.append((entry, results))
+    return done

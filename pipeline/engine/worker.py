@@ -6,27 +6,31 @@ process: the driver imports this module (to wrap `RankWorker` with `ray.remote`)
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import socket
 import sys
 import time
 
 from pipeline.engine.config import EngineConfig
-from pipeline.engine.replica import _OutOfMemoryAnswer
+from pipeline.engine.messages import OutOfMemoryAnswer, StepResult
 from pipeline.requests import GenerationRequest, GenerationResult
 
 SHM_PREFIX = "deepspeed_allreduce_buffer"
 
 
-def _memory_plan(config: EngineConfig, model, device, world_size: int):
-    """The planner every request is checked against on this rank (None on CPU unless asked)."""
+def _memory_plan(config: EngineConfig, model, device, world_size: int, prefill_block):
+    """The planner requests are checked against on this rank. Device memory: device_memory_bytes
+    when set, else the GPU's total memory on CUDA, else on CPU this rank's share of the machine
+    (its memory, or the cgroup limit, divided by all ranks of the pool: tp_size x replicas)."""
     memory = config.device_memory_bytes
     if memory is None and device.type == "cuda":
         import torch
 
         memory = torch.cuda.get_device_properties(device).total_memory
     if memory is None:
-        return None
+        machine = _cpu_memory_bytes()
+        memory = machine // (config.tp_size * config.replicas) if machine else None
     from dca import dca_config_of
     from dca.kernels import flash_available
     from pipeline.memory_plan import MemoryPlan, ModelShape, ServingConfig
@@ -35,11 +39,29 @@ def _memory_plan(config: EngineConfig, model, device, world_size: int):
     dtype = str(model.dtype).removeprefix("torch.")
     serving = ServingConfig(
         tp_size=world_size, weight_dtype=dtype, kv_dtype=config.kv_cache_dtype,
-        prefill_block=config.prefill_block, logits="last",
+        prefill_block=prefill_block, logits="last",
         attention_backend="flash" if device.type == "cuda" and flash_available() else "torch",
         chunk_len=dca.chunk_len if dca is not None else None, device=device.type, device_memory=memory,
     )
     return MemoryPlan(ModelShape.from_config(model.config), serving)
+
+
+def _cpu_memory_bytes() -> int | None:
+    """The machine's memory, or the cgroup's limit when lower (containers)."""
+    sizes = []
+    try:
+        sizes.append(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
+    except (ValueError, OSError):
+        pass
+    for path in ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes"):
+        try:
+            with open(path, encoding="ascii") as f:
+                text = f.read().strip()
+            if text.isdigit():
+                sizes.append(int(text))
+        except OSError:
+            pass
+    return min(sizes) if sizes else None
 
 
 def _free_port() -> int:
@@ -71,6 +93,8 @@ class RankWorker:
     def __init__(self, rank: int, world_size: int, replica: str):
         self.rank, self.world_size, self.replica = rank, world_size, replica
         self.ctx = None
+        # The running batch (continuous scheduler), or None (static).
+        self.batch = None
 
     def address(self) -> dict:
         import ray
@@ -141,12 +165,24 @@ class RankWorker:
         for source in (getattr(tokenizer, "eos_token_id", None), model.generation_config.eos_token_id,
                        model.config.eos_token_id):
             eos.update(source if isinstance(source, (list, tuple)) else [source] if source is not None else [])
+        from dca import dca_config_of
+        from pipeline.engine.continuous import ContinuousBatch, resolve_prefill_tokens
+
+        # Continuous batching packs rows through DCA's attention; a model without DCA runs static.
+        scheduler = config.scheduler if dca_config_of(model) is not None else "static"
+        if scheduler == "continuous":
+            prefill_block = resolve_prefill_tokens(config.prefill_block, model)
+        else:
+            prefill_block = None if config.prefill_block == "auto" else config.prefill_block
+        plan = _memory_plan(config, model, device, self.world_size, prefill_block)
         self.ctx = RankContext(model=model, device=device, rank=self.rank, world_size=self.world_size,
                                tokenizer=tokenizer, eos_token_ids=frozenset(eos), pad_token_id=pad,
-                               kv_cache_dtype=config.kv_cache_dtype, prefill_block=config.prefill_block,
-                               memory_plan=_memory_plan(config, model, device, self.world_size))
+                               kv_cache_dtype=config.kv_cache_dtype, prefill_block=prefill_block,
+                               memory_plan=plan if scheduler == "static" else None)
         if sync is not None:
             self.ctx.sync = sync
+        if scheduler == "continuous":
+            self.batch = ContinuousBatch(self.ctx, prefill_block)
         # Warm-up: builds DeepSpeed's CPU all-reduce op (JIT) and the DCA rope tables now, inside
         # the load time, and not in the first request.
         with torch.inference_mode():
@@ -165,17 +201,34 @@ class RankWorker:
         return {
             "rank": self.rank, "load_s": time.perf_counter() - start, "device": str(device),
             "vocab_size": int(model.get_input_embeddings().weight.shape[0]), "shm_unlinked": shm_unlinked,
-            "dtype": str(model.dtype),
+            "dtype": str(model.dtype), "scheduler": scheduler, "prefill_tokens": prefill_block,
+            "plan": {"shape": dataclasses.asdict(plan.shape), "serving": plan.config.to_dict()},
+            "pipeline_path": os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
         }
 
-    def run_batch(self, requests: list[GenerationRequest]) -> list[list[GenerationResult]] | _OutOfMemoryAnswer:
-        """-> this rank's results, or `_OutOfMemoryAnswer` (tp_size > 1; the pool decides what next)."""
+    def run_batch(self, requests: list[GenerationRequest]) -> list[list[GenerationResult]] | OutOfMemoryAnswer:
+        """Static scheduler: -> this rank's results, or `OutOfMemoryAnswer` (tp_size > 1; the
+        pool decides what next)."""
         from pipeline.engine.generation import RankOutOfMemory, generate_batch
 
         try:
             return generate_batch(self.ctx, requests)
         except RankOutOfMemory as error:  # answered, not raised: the driver need not import torch
-            return _OutOfMemoryAnswer(rank=self.rank, message=error.message)
+            return OutOfMemoryAnswer(rank=self.rank, message=error.message)
+
+    def step(self, admit: list, drop: list[int], time_budget_s: float | None) -> StepResult | OutOfMemoryAnswer:
+        """Continuous scheduler: admits [(seq, request)], drops requests by seq, then runs steps of
+        the running batch until a row ends or time_budget_s passes (`ContinuousBatch.step`).
+        Out of memory is answered, with what was measured before it; the rows stay (rolled back)
+        until the pool drops them."""
+        from pipeline.engine.continuous import BatchOutOfMemory
+
+        if self.batch is None:
+            raise RuntimeError(f"{self.replica} rank {self.rank} runs the static scheduler: call run_batch")
+        try:
+            return self.batch.step(admit, drop, time_budget_s)
+        except BatchOutOfMemory as error:
+            return OutOfMemoryAnswer(rank=self.rank, message=error.message, report=error.report)
 
     def check_group(self) -> int:
         """All-reduces a 1 on the model's collective path and on torch.distributed's: -> the sum

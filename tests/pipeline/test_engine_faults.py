@@ -161,9 +161,21 @@ def test_out_of_memory_on_one_rank_for_a_request_alone_is_answered_and_serving_g
 # The serving loop
 
 
-def test_an_exception_in_the_serving_loop_fails_the_batch_and_serving_goes_on(tp1_pool, monkeypatch):
+@pytest.fixture(scope="module")
+def static_tp1_pool(ray_cluster, tiny_model_dir):
+    with ReplicaPool(_config(tiny_model_dir, 1, scheduler="static")) as pool:
+        yield pool
+
+
+# Where each scheduler turns the ranks' answers into results (after every rank has answered).
+_REDUCE = {"continuous": "_reduce_step", "static": "_reduce_over_ranks"}
+
+
+@pytest.mark.parametrize("scheduler", ["continuous", "static"])
+def test_an_exception_in_the_serving_loop_fails_the_batch_and_serving_goes_on(scheduler, request, monkeypatch):
+    pool = request.getfixturevalue("tp1_pool" if scheduler == "continuous" else "static_tp1_pool")
     (prompt,) = _prompts(30, seed=5)
-    real = engine._reduce_over_ranks
+    real = getattr(engine.replica, _REDUCE[scheduler])
     calls = []
 
     def broken_once(*args):
@@ -172,13 +184,13 @@ def test_an_exception_in_the_serving_loop_fails_the_batch_and_serving_goes_on(tp
             raise ValueError("injected engine bug")
         return real(*args)
 
-    monkeypatch.setattr(engine.replica, "_reduce_over_ranks", broken_once)
-    (failed,) = tp1_pool.submit(_request("victim", prompt)).result(timeout=60)
+    monkeypatch.setattr(engine.replica, _REDUCE[scheduler], broken_once)
+    (failed,) = pool.submit(_request("victim", prompt)).result(timeout=60)
     assert failed.status == "error" and failed.error_type == INTERNAL
     assert "ValueError: injected engine bug" in failed.error_message and "victim" in failed.error_message
-    (served,) = tp1_pool.submit(_request("next", prompt)).result(timeout=60)
+    (served,) = pool.submit(_request("next", prompt)).result(timeout=60)
     assert served.status == "ok"
-    (stats,) = tp1_pool.stats().values()
+    (stats,) = pool.stats().values()
     assert stats["alive"] and stats["restarts"] == 0  # the ranks had answered: no rebuild needed
 
 
@@ -194,7 +206,7 @@ def stub_replicas(monkeypatch):
 
 def test_a_dead_serving_thread_fails_its_requests_and_later_ones(ray_cluster, tiny_model_dir, stub_replicas):
     with ReplicaPool(_config(tiny_model_dir, 1)) as pool:
-        def broken():
+        def broken(*args):
             raise RuntimeError("injected bug outside any batch")
 
         pool._next_batch = broken
