@@ -81,6 +81,75 @@ def test_tp2_and_tp1_give_the_greedy_tokens_of_transformers_with_dca(tp1_pool, t
         assert got == {f"r{i}": ids for i, ids in enumerate(expected)}
 
 
+def _mixed_requests():
+    """Prompts from 9 tokens to ~9 DCA chunks (chunk_len 40), different output lengths, and two
+    QA requests sharing their prefix (one suffix empty)."""
+    lengths, news = (350, 9, 130, 250, 70, 300, 41), (12, 30, 5, 20, 25, 8, 16)
+    requests = [_request(f"m{i}", p, max_new_tokens=n) for i, (p, n) in enumerate(zip(_prompts(*lengths, seed=11), news))]
+    prefix, s1, s2 = _prompts(170, 12, 5, seed=12)
+    requests.insert(2, _request("qa1", prefix, [s1, [], s2], max_new_tokens=14))
+    requests.insert(5, _request("qa2", prefix[:90], [s2, s1], max_new_tokens=9))
+    return requests
+
+
+@pytest.mark.parametrize("pool_name", ["tp1_pool", "tp2_pool"])
+def test_continuous_batching_mixed_lengths_match_each_request_alone(pool_name, request, reference_model):
+    """max_batch_size 8 rows and 9 requests of 12 rows: requests wait, join as rows end, and their
+    prefill blocks run beside the others' decode steps; each still gets its greedy tokens alone."""
+    pool = request.getfixturevalue(pool_name)
+    (stats,) = pool.stats().values()
+    assert stats["scheduler"] == "continuous" and stats["prefill_tokens"] == 1024
+    requests = _mixed_requests()
+    got = {}
+    for results in pool.run(requests, max_in_flight=len(requests)):
+        assert all(r.status == "ok" for r in results), results[0].error_message
+        got[results[0].request_id] = [r.output_ids for r in results]
+    for r in requests:
+        assert got[r.request_id] == [_greedy(reference_model, r.prefix_ids + s, r.sampling.max_new_tokens)
+                                     for s in r.suffix_ids], r.request_id
+
+
+@pytest.mark.parametrize("pool_name", ["tp1_pool", "tp2_pool"])
+def test_device_time_rule_over_ranks(pool_name, request):
+    """The job's device-seconds (sum over ranks of busy time) equal the sum of the per-request
+    attributions, and never exceed ranks x serving wall clock."""
+    import time
+
+    pool = request.getfixturevalue(pool_name)
+    ranks = pool.config.tp_size
+    (before,) = pool.stats().values()
+    start = time.monotonic()
+    results = [r for rs in pool.run(_mixed_requests(), max_in_flight=16) for r in rs]
+    wall = time.monotonic() - start
+    (after,) = pool.stats().values()
+    busy = [b - a for a, b in zip(before["busy_s_per_rank"], after["busy_s_per_rank"])]
+    attributed = sum(r.device_seconds_all_ranks for r in results)
+    assert attributed == pytest.approx(sum(busy), rel=1e-4, abs=1e-5)  # stats round to the microsecond
+    assert 0 < sum(busy) <= ranks * wall
+    for r in results:
+        assert r.device_time_kind == "cpu_wall" and r.gpu_time_s is None  # never labelled GPU on CPU
+        assert 0 < r.device_time_s <= r.device_seconds_all_ranks <= ranks * r.device_time_s + 1e-12
+        assert len(r.peak_memory_per_rank) == ranks and r.peak_memory_bytes == max(r.peak_memory_per_rank)
+
+
+def test_static_scheduler_follows_the_same_device_time_rule(ray_cluster, tiny_model_dir, tp1_pool, reference_model):
+    import time
+
+    requests = _mixed_requests()
+    with ReplicaPool(_config(tiny_model_dir, 1, scheduler="static")) as pool:
+        start = time.monotonic()
+        results = {rs[0].request_id: rs for rs in pool.run(requests, max_in_flight=16)}
+        wall = time.monotonic() - start
+        (stats,) = pool.stats().values()
+    assert stats["scheduler"] == "static"
+    flat = [r for rs in results.values() for r in rs]
+    assert sum(r.device_seconds_all_ranks for r in flat) == pytest.approx(sum(stats["busy_s_per_rank"]), rel=1e-4)
+    assert sum(stats["busy_s_per_rank"]) <= wall
+    for r in requests:  # and the two schedulers give the same tokens
+        assert [x.output_ids for x in results[r.request_id]] == [
+            _greedy(reference_model, r.prefix_ids + s, r.sampling.max_new_tokens) for s in r.suffix_ids]
+
+
 def test_shared_prefix_request_on_tp2(tp2_pool, reference_model):
     prefix, s1, s2 = _prompts(90, 7, 15, seed=5)
     results = tp2_pool.submit(_request("doc", prefix, [s1, s2])).result(timeout=120)
