@@ -45,6 +45,9 @@ from pipeline.requests import INTERNAL, PROMPT_TOO_LONG, GenerationRequest, Gene
 
 log = logging.getLogger("pipeline.job")
 
+# The engine's default rows per replica batch (pipeline.engine.EngineConfig.max_batch_size).
+_ENGINE_MAX_BATCH_SIZE = 8
+
 
 class JobFailed(RuntimeError):
     """The job stopped before finishing (failure budget, engine failure); committed output is kept."""
@@ -158,7 +161,7 @@ class JobConfig:
     seed: int | None = None
     stop: tuple[str, ...] = ()
     # Requests inside the engine at once (backpressure) and the longest-first reordering window.
-    max_in_flight: int | None = None  # None: 4 per replica
+    max_in_flight: int | None = None  # None: 2 x max_batch_size per replica
     schedule_window: int | None = None  # None: 4 x max_in_flight
     # Engine limits (None: the engine's defaults).
     max_batch_tokens: int | None = None
@@ -210,7 +213,8 @@ class JobConfig:
 
     @property
     def in_flight(self) -> int:
-        return self.max_in_flight or 4 * self.replicas
+        # Enough to fill every replica's running batch and have as many waiting to join it.
+        return self.max_in_flight or 2 * (self.max_batch_size or _ENGINE_MAX_BATCH_SIZE) * self.replicas
 
     @property
     def window(self) -> int:
@@ -636,7 +640,8 @@ def log_memory_plan(config: JobConfig, engine_config) -> None:
         shape = ModelShape.load(config.model_spec.model)
         serving = ServingConfig(
             tp_size=config.tp, weight_dtype=dtype, kv_dtype=engine_config.kv_cache_dtype,
-            prefill_block=engine_config.prefill_block, device=device,
+            prefill_block="chunk" if engine_config.prefill_block == "auto" else engine_config.prefill_block,
+            device=device,
             attention_backend="flash" if device == "cuda" else "torch",
         )
         table = MemoryPlan(shape, serving).format_table(config.max_input_tokens, config.max_new_tokens)
@@ -709,6 +714,8 @@ def _run_job(config: JobConfig, stopper: _StopSignals, *, pool_factory, tokenize
         overwrite=config.overwrite, part_rows=config.part_rows, part_seconds=config.part_seconds,
     )
     metrics = JobMetrics(job_id=job_id, task=config.task, config=config.to_dict(), total_input_rows=plan.num_rows)
+    if writer.manifest.get("runs", 1) > 1:  # a resumed job: its metrics cover the earlier runs too
+        metrics.resume(config.output_dir, runs_before=writer.manifest["runs"] - 1)
     metrics_extra.update(template_kind=builder.template_kind, config_hash=cfg_hash, output_dir=config.output_dir,
                          resumed_from_committed_rows=len(writer.committed) if writer.resumed else 0)
     base_row = {"task": config.task, "model": config.model_spec.model, "config_hash": cfg_hash, "job_id": job_id,

@@ -1,9 +1,14 @@
-"""Per-job metrics: totals, latency by prompt-length bucket, peak memory per rank, and a plot.
+"""Per-job metrics: totals, latency by prompt-length bucket, device time, peak memory per rank,
+and a plot, for the whole job across resumes.
 
 Written next to the output as `_metrics.json` and `_metrics.png` (names starting with `_` so
 pyarrow.dataset readers of the output skip them). Figures come from the engine's per-request
-measurements; on CPU there is no GPU time: device seconds are wall-seconds x ranks and are
-labelled `cpu`, never `gpu`.
+measurements, under the engine's one rule for device time (`pipeline.engine.metering`, README
+"Metrics"): on CPU the device time is CPU wall time of the forwards, labelled `cpu`, never `gpu`.
+
+A resumed run does not overwrite the earlier runs' figures: `summary()` is the whole job (sums
+over every run's own summary, listed under `runs`; latency buckets and the plot over every
+committed row), read back from the earlier `_metrics.json` and the committed output.
 """
 
 from __future__ import annotations
@@ -31,6 +36,16 @@ def _k(n: int) -> str:
     return f"{n // 1024}k" if n else "0"
 
 
+def _engine_busy(stats: dict | None) -> tuple[float | None, int | None]:
+    """(busy seconds summed over every rank of every replica, ranks) from ReplicaPool.stats()."""
+    if not isinstance(stats, dict):
+        return None, None
+    per_rank = [r.get("busy_s_per_rank") for r in stats.values() if isinstance(r, dict)]
+    if not per_rank or any(p is None for p in per_rank):
+        return None, None
+    return float(sum(sum(p) for p in per_rank)), sum(len(p) for p in per_rank)
+
+
 def percentile(values: list[float], q: float) -> float | None:
     """Nearest-rank percentile (q in [0, 100]); None for no values."""
     if not values:
@@ -41,7 +56,8 @@ def percentile(values: list[float], q: float) -> float | None:
 
 
 class JobMetrics:
-    """Accumulates one run's measurements (the rows this run wrote, not rows resumed from disk)."""
+    """Accumulates one run's measurements (the rows this run wrote, not rows resumed from disk);
+    `resume` adds what earlier runs of the same job recorded, for the whole-job summary."""
 
     def __init__(self, *, job_id: str, task: str, config: dict, total_input_rows: int) -> None:
         self.job_id = job_id
@@ -66,6 +82,11 @@ class JobMetrics:
         self.device_seconds = 0.0
         self.gpu_seconds = 0.0
         self.device_kinds: set[str] = set()
+        self.time_kinds: set[str] = set()
+        # Earlier runs of this job (their own summaries), and the committed rows they wrote.
+        self.previous_runs: list[dict] = []
+        self.previous_points: list[tuple] = []
+        self.runs_without_metrics = 0
         self.peak_memory_per_rank: dict[str, int] = {}
         self.memory_kinds: set[str] = set()
         self.points: list[tuple[int, float, float | None, int | None]] = []  # (prompt, latency, prefill, mem)
@@ -118,6 +139,8 @@ class JobMetrics:
     def _add_result(self, result) -> None:
         if result.device_seconds_all_ranks is not None:
             self.device_seconds += result.device_seconds_all_ranks
+        if getattr(result, "device_time_kind", None):
+            self.time_kinds.add(result.device_time_kind)
         if result.gpu_time_s is not None:
             self.gpu_seconds += result.gpu_time_s
         kind = result.memory_kind or "unknown"
@@ -132,9 +155,9 @@ class JobMetrics:
             if value is not None:
                 self.peak_memory_per_rank[key] = max(self.peak_memory_per_rank.get(key, 0), int(value))
 
-    def latency_by_bucket(self) -> list[dict]:
+    def latency_by_bucket(self, points: list | None = None) -> list[dict]:
         groups: dict[str, list] = defaultdict(list)
-        for point in self.points:
+        for point in self.points if points is None else points:
             groups[bucket_of(point[0])].append(point)
         out = []
         for name in sorted(groups, key=lambda b: min(p[0] for p in groups[b])):
@@ -148,17 +171,27 @@ class JobMetrics:
             })
         return out
 
-    def summary(self, *, status: str, message: str | None = None, engine_stats: dict | None = None,
-                extra: dict | None = None) -> dict:
+    def run_summary(self, *, status: str, message: str | None = None, engine_stats: dict | None = None,
+                    extra: dict | None = None) -> dict:
+        """This run alone."""
         wall = self.wall_s
         serving = self.serving_s
         on_gpu = "cuda" in self.device_kinds
+        busy, ranks = _engine_busy(engine_stats)
         device = {
             "kind": "cuda" if on_gpu else ("cpu" if self.device_kinds else None),
-            # GPU-seconds summed over all ranks of all replicas (CUDA only; null on CPU).
+            # How forwards were timed: "cuda_event" or "cpu_wall" (pipeline.engine.metering).
+            "time_kind": sorted(self.time_kinds)[0] if len(self.time_kinds) == 1 else (sorted(self.time_kinds) or None),
+            # Device time of every forward, summed over all ranks of all replicas, as attributed
+            # to the requests answered (GPU-seconds on CUDA; null on CPU, where cpu_seconds has it).
             "gpu_seconds_all_ranks": round(self.device_seconds, 3) if on_gpu else None,
-            # On CPU: wall-seconds x ranks of each request, summed (what a GPU figure would be).
             "cpu_seconds_all_ranks": None if on_gpu else round(self.device_seconds, 3),
+            # The engine's own sum of busy time over ranks (equals the attributed sum but for
+            # forwards of requests still running when the run ended), its ranks, and the share
+            # of ranks x serving wall clock they were busy.
+            "busy_seconds_all_ranks": round(busy, 3) if busy is not None else None,
+            "ranks": ranks,
+            "busy_fraction": round(busy / (ranks * serving), 4) if busy is not None and ranks and serving > 0 else None,
             "gpu_time_s_sum": round(self.gpu_seconds, 3) if on_gpu else None,
         }
         return {
@@ -170,6 +203,7 @@ class JobMetrics:
             # Whole run; startup = checks, tokenizer, Ray and replica start (model loading).
             "wall_s": round(wall, 3),
             "startup_s": round(self.startup_s, 3) if self.startup_s is not None else None,
+            "serving_s": round(serving, 3),
             "documents": {
                 "input_rows": self.total_input_rows,
                 "ok": self.documents_ok,
@@ -200,6 +234,86 @@ class JobMetrics:
             **(extra or {}),
         }
 
+    def summary(self, *, status: str, message: str | None = None, engine_stats: dict | None = None,
+                extra: dict | None = None) -> dict:
+        """The whole job: this run's summary with the counts, tokens, device time and memory of
+        every earlier run added in, latency buckets over every committed row, and each run's own
+        summary under `runs` (oldest first)."""
+        run = self.run_summary(status=status, message=message, engine_stats=engine_stats, extra=extra)
+        runs = [*self.previous_runs, run]
+        job = dict(run)
+        job["runs"] = [{k: v for k, v in r.items() if k not in ("config", "runs")} for r in runs]
+        job["run"] = len(runs)
+        if self.runs_without_metrics:
+            job["runs_without_metrics"] = self.runs_without_metrics
+        if not self.previous_runs:
+            return job
+        job["started_at"] = runs[0].get("started_at")
+        for key in ("wall_s", "startup_s", "serving_s"):
+            job[key] = round(sum(r.get(key) or 0.0 for r in runs), 3)
+        job["documents"] = dict(run["documents"])
+        for key in ("ok", "error", "skipped", "truncated"):
+            job["documents"][key] = sum(r["documents"].get(key, 0) for r in runs)
+        types: Counter = Counter()
+        first: dict = {}
+        for r in runs:
+            types.update(r["rows"].get("error_types", {}))
+            for kind, text in r["rows"].get("first_error_by_type", {}).items():
+                first.setdefault(kind, text)
+        job["rows"] = {"ok": sum(r["rows"]["ok"] for r in runs), "error": sum(r["rows"]["error"] for r in runs),
+                       "error_types": dict(types), "first_error_by_type": first}
+        tokens = {k: sum(r["tokens"].get(k, 0) for r in runs) for k in ("prompt", "output", "truncated")}
+        serving = job["serving_s"]
+        tokens["prompt_per_s"] = round(tokens["prompt"] / serving, 2) if serving > 0 else None
+        tokens["output_per_s"] = round(tokens["output"] / serving, 2) if serving > 0 else None
+        job["tokens"] = tokens
+        device = dict(run["device"])
+        for key in ("gpu_seconds_all_ranks", "cpu_seconds_all_ranks", "busy_seconds_all_ranks", "gpu_time_s_sum"):
+            values = [r["device"].get(key) for r in runs if r["device"].get(key) is not None]
+            device[key] = round(sum(values), 3) if values else None
+        busy, ranks = device.get("busy_seconds_all_ranks"), device.get("ranks")
+        device["busy_fraction"] = round(busy / (ranks * serving), 4) if busy and ranks and serving > 0 else None
+        job["device"] = device
+        per_rank: dict = {}
+        kinds: set = set()
+        for r in runs:
+            memory = r.get("peak_memory", {})
+            kind = memory.get("kind")
+            kinds.update(kind if isinstance(kind, list) else [kind] if kind else [])
+            for key, value in (memory.get("per_rank_bytes") or {}).items():
+                per_rank[key] = max(per_rank.get(key, 0), value)
+        job["peak_memory"] = {"kind": sorted(kinds)[0] if len(kinds) == 1 else sorted(kinds),
+                              "per_rank_bytes": dict(sorted(per_rank.items())),
+                              "max_bytes": max(per_rank.values(), default=None)}
+        job["latency_by_prompt_tokens"] = self.latency_by_bucket(self.previous_points + self.points)
+        return job
+
+    def resume(self, output_dir: str, runs_before: int) -> None:
+        """Takes in what earlier runs of this job left in `output_dir`: their summaries (from
+        _metrics.json, when it is this job's) and the committed rows' latencies and peaks (for the
+        buckets and the plot). runs_before: earlier runs the output's manifest counts; those that
+        wrote no metrics (a killed driver) are counted in `runs_without_metrics`."""
+        path = os.path.join(output_dir, "_metrics.json")
+        try:
+            with open(path, encoding="utf-8") as f:
+                old = json.load(f)
+        except (OSError, ValueError):
+            old = None
+        if isinstance(old, dict) and old.get("job_id") == self.job_id:
+            self.previous_runs = list(old.get("runs") or [old])  # a file from before runs were listed
+            self.runs_without_metrics = int(old.get("runs_without_metrics", 0))
+        self.runs_without_metrics = max(self.runs_without_metrics, runs_before - len(self.previous_runs))
+        from pipeline.output import committed_parts, read_output
+
+        if not committed_parts(output_dir):
+            return
+        columns = ["prompt_tokens", "latency_s", "prefill_s", "peak_memory_bytes"]
+        table = read_output(output_dir, columns=columns).to_pydict()
+        self.previous_points = [
+            (p, latency, prefill, memory) for p, latency, prefill, memory in zip(*(table[c] for c in columns))
+            if latency is not None and p
+        ]
+
     def write(self, output_dir: str, summary: dict, plot: bool = True) -> dict:
         """Writes _metrics.json (atomically) and _metrics.png; returns the paths written."""
         from pipeline.output import _write_json_atomic
@@ -211,11 +325,17 @@ class JobMetrics:
         return paths
 
     def write_plot(self, output_dir: str) -> dict:
-        """Writes _metrics.png when there is something to plot; returns {"plot": path} or {}."""
-        if not self.points:
+        """Writes _metrics.png (every committed row of the job, earlier runs' included) when there
+        is something to plot; returns {"plot": path} or {}."""
+        if not self.points and not self.previous_points:
             return {}
         path = os.path.join(output_dir, "_metrics.png")
-        self.plot(path)
+        this_run = self.points
+        self.points = self.previous_points + this_run
+        try:
+            self.plot(path)
+        finally:
+            self.points = this_run
         return {"plot": path}
 
     def plot(self, path: str) -> None:
