@@ -1,0 +1,318 @@
+"""Throughput of the engine on a mixed-length corpus: continuous batching vs the static scheduler.
+
+    # CPU (the engine on a local Ray, tp 1): 40 documents of 1k-16k tokens, the tiny random model
+    .venv/bin/python benchmarks/throughput.py --model tiny --documents 40 --min-tokens 1024 --max-tokens 16384
+    # SmolLM2-135M (the embedded model): sized to finish on 2 shared cores, see the results file
+    .venv/bin/python benchmarks/throughput.py --model smollm2 --documents 12 --min-tokens 1024 --max-tokens 4096
+    # GPU mode (one process, no Ray: the GPU image has none): a Llama-2-70B tensor-parallel rank
+    # stack with random bf16 weights, 4k-100k prompts, run in process on CUDA
+    python benchmarks/throughput.py --model llama2-70b-rank --layers 2 --device cuda --engine in_process \
+        --documents 16 --min-tokens 4096 --max-tokens 100000
+
+The corpus is synthetic: prompt lengths drawn log-uniformly between --min-tokens and
+--max-tokens (seeded), token ids random, every document generating exactly --new-tokens tokens
+(ignore_eos: the schedulers are compared on the same work). Both schedulers run the same
+requests in the same order through the same code path (`--engine ray`: a `ReplicaPool` replica,
+`EngineConfig.scheduler` "static" or "continuous"; `--engine in_process`: the rank-side code
+of that replica in this process). Reported per scheduler: serving wall clock (after the model is
+loaded), output tokens/s, documents/hour, device-seconds per document (the engine's busy time of
+every forward summed over ranks: CUDA events on GPU, CPU wall on CPU, labelled), busy fraction,
+latency p50/p95, and whether every document's greedy tokens are identical between the two.
+
+Writes JSON (default benchmarks/results/throughput_<model>_<device>.json) and prints a table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import os
+import platform
+import random
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+os.environ.setdefault("RAY_AUTH_MODE", "token")  # before anything imports ray (environment.md)
+
+TINY_DCA = {"pretraining_length": 64, "chunk_size": 48, "local_window": 8}
+
+
+def _build_tiny_model(directory: str) -> str:
+    """The test suite's tiny random Llama (9 heads / 3 KV heads, head_dim 8, 2 layers, P = 64)."""
+    import torch
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=128, hidden_size=72, intermediate_size=96, num_hidden_layers=2, num_attention_heads=9,
+        num_key_value_heads=3, head_dim=8, max_position_embeddings=64, initializer_range=0.2, bos_token_id=1,
+        eos_token_id=2, pad_token_id=0, tie_word_embeddings=False,
+    )
+    LlamaForCausalLM(config).eval().save_pretrained(directory)
+    vocab = {"<pad>": 0, "<s>": 1, "</s>": 2, **{f"w{i}": i for i in range(3, 128)}}
+    core = Tokenizer(models.WordLevel(vocab, unk_token="<pad>"))
+    core.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    PreTrainedTokenizerFast(tokenizer_object=core, bos_token="<s>", eos_token="</s>", pad_token="<pad>",
+                            unk_token="<pad>").save_pretrained(directory)
+    return directory
+
+
+def _build_rank_stack(directory: str, layers: int) -> str:
+    """One tensor-parallel rank of Llama-2-70B at tp 2 (32 query heads, 4 KV heads, head_dim 128,
+    intermediate 14336), `layers` layers, random weights, saved as bf16 (GPU mode)."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=32000, hidden_size=8192, intermediate_size=14336, num_hidden_layers=layers,
+        num_attention_heads=32, num_key_value_heads=4, head_dim=128, max_position_embeddings=4096,
+        torch_dtype="bfloat16", tie_word_embeddings=False, bos_token_id=1, eos_token_id=2,
+    )
+    with torch.device("cuda" if torch.cuda.is_available() else "cpu"):
+        model = LlamaForCausalLM(config).to(torch.bfloat16)
+    model.save_pretrained(directory)
+    return directory
+
+
+def corpus(documents: int, min_tokens: int, max_tokens: int, vocab: int, seed: int) -> list[list[int]]:
+    """Prompt token ids, lengths log-uniform in [min_tokens, max_tokens], in a shuffled order."""
+    rng = random.Random(seed)
+    out = []
+    for _ in range(documents):
+        n = int(round(math.exp(rng.uniform(math.log(min_tokens), math.log(max_tokens)))))
+        out.append([rng.randrange(3, vocab) for _ in range(n)])
+    return out
+
+
+def _requests(prompts, new_tokens: int):
+    from pipeline.requests import GenerationRequest, SamplingParams
+
+    sampling = SamplingParams(max_new_tokens=new_tokens, ignore_eos=True)
+    return [GenerationRequest(request_id=f"doc{i:03d}", prefix_ids=p, sampling=sampling) for i, p in enumerate(prompts)]
+
+
+def run_ray(spec, scheduler: str, requests, args) -> dict:
+    from pipeline.engine import EngineConfig, ReplicaPool
+
+    config = EngineConfig(
+        model_spec=spec, tp_size=args.tp, scheduler=scheduler, max_input_tokens=args.max_tokens + 16,
+        max_batch_size=args.max_batch_size, cpus_per_rank=args.threads, device=args.device,
+        request_timeout_s=None, prefill_block=args.prefill_block,
+    )
+    with ReplicaPool(config) as pool:
+        start = time.monotonic()
+        results = {}
+        for rs in pool.run(requests, max_in_flight=args.in_flight):
+            results[rs[0].request_id] = rs[0]
+        wall = time.monotonic() - start
+        (stats,) = pool.stats().values()
+    return {"wall_s": wall, "results": [results[r.request_id] for r in requests],
+            "busy_s": sum(stats["busy_s_per_rank"]), "ranks": args.tp, "stats": stats}
+
+
+def run_in_process(ctx, scheduler: str, requests, args) -> dict:
+    import torch
+
+    from pipeline.engine.continuous import generate_continuous, resolve_prefill_tokens
+    from pipeline.engine.generation import generate_batch
+    from pipeline.engine.scheduler import static_batch
+
+    def sync():
+        if ctx.device.type == "cuda":
+            torch.cuda.synchronize(ctx.device)
+
+    sync()
+    start = time.monotonic()
+    if scheduler == "continuous":
+        results = [r[0] for r in generate_continuous(ctx, requests, max_rows=args.max_batch_size,
+                                                     prefill_block=args.prefill_block)]
+    else:  # the static scheduler's batches (static_batch), each through generate_batch
+        prefill = None if args.prefill_block == "auto" else args.prefill_block
+        static_ctx = dataclasses.replace(ctx, prefill_block=prefill)
+        waiting = list(requests)
+        results_by_id = {}
+        while waiting:
+            chosen = static_batch([(r.prompt_tokens, False) for r in waiting], 8192, args.max_batch_size)
+            batch = [waiting[i] for i in chosen]
+            for r in batch:
+                waiting.remove(r)
+            for rs in generate_batch(static_ctx, batch):
+                results_by_id[rs[0].request_id] = rs[0]
+        results = [results_by_id[r.request_id] for r in requests]
+    sync()
+    wall = time.monotonic() - start
+    # One rank: the attributions of every request sum to the rank's busy time.
+    busy = sum(r.device_seconds_all_ranks or 0.0 for r in results)
+    return {"wall_s": wall, "results": results, "busy_s": busy, "ranks": 1,
+            "stats": {"prefill_tokens": resolve_prefill_tokens(args.prefill_block, ctx.model)
+                      if scheduler == "continuous" else None}}
+
+
+def summarise(name: str, run: dict, new_tokens: int) -> dict:
+    results = run["results"]
+    failed = [r for r in results if r.status != "ok"]
+    out_tokens = sum(r.output_tokens for r in results)
+    wall = run["wall_s"]
+    latencies = sorted(r.wall_time_s for r in results if r.wall_time_s is not None)
+    kind = next((r.device_time_kind for r in results if r.device_time_kind), None)
+    return {
+        "scheduler": name,
+        "documents": len(results),
+        "failed": len(failed),
+        "first_error": failed[0].error_message if failed else None,
+        "prompt_tokens": sum(r.prompt_tokens for r in results),
+        "output_tokens": out_tokens,
+        "wall_s": round(wall, 2),
+        "output_tokens_per_s": round(out_tokens / wall, 3),
+        "documents_per_hour": round(len(results) * 3600 / wall, 1),
+        "device_time_kind": kind,
+        "device_seconds": round(run["busy_s"], 2),
+        "device_seconds_per_document": round(run["busy_s"] / len(results), 3),
+        "attributed_device_seconds": round(sum(r.device_seconds_all_ranks or 0.0 for r in results), 2),
+        "busy_fraction": round(run["busy_s"] / (run["ranks"] * wall), 3),
+        "latency_p50_s": round(statistics.median(latencies), 2) if latencies else None,
+        "latency_p95_s": round(latencies[max(0, math.ceil(0.95 * len(latencies)) - 1)], 2) if latencies else None,
+        "engine": {k: v for k, v in run["stats"].items() if k not in ("last_error",)},
+    }
+
+
+def _git_commit() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True,
+                              timeout=10).stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--model", default="tiny", help="tiny | smollm2 | llama2-70b-rank | a HF directory")
+    parser.add_argument("--layers", type=int, default=2, help="llama2-70b-rank: decoder layers of the stack")
+    parser.add_argument("--documents", type=int, default=40)
+    parser.add_argument("--min-tokens", type=int, default=1024)
+    parser.add_argument("--max-tokens", type=int, default=16384)
+    parser.add_argument("--new-tokens", type=int, default=64)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--schedulers", default="static,continuous")
+    parser.add_argument("--engine", choices=("ray", "in_process"), default="ray")
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    parser.add_argument("--tp", type=int, default=1, help="ranks per replica (--engine ray)")
+    parser.add_argument("--threads", type=int, default=2, help="torch threads (CPUs) per rank")
+    parser.add_argument("--max-batch-size", type=int, default=8, help="rows per batch, both schedulers")
+    parser.add_argument("--in-flight", type=int, default=16, help="requests inside the engine at once")
+    parser.add_argument("--prefill-block", default="auto", help="EngineConfig.prefill_block (auto, chunk, N)")
+    parser.add_argument("--out", help="JSON path (default benchmarks/results/throughput_<model>_<device>.json)")
+    args = parser.parse_args(argv)
+    if args.prefill_block not in ("auto", "chunk"):
+        args.prefill_block = int(args.prefill_block)
+
+    import torch
+
+    from pipeline.models import ModelSpec
+
+    if args.engine == "in_process" or args.device == "cpu":
+        torch.set_num_threads(args.threads)
+    tmp = tempfile.TemporaryDirectory()
+    if args.model == "tiny":
+        spec = ModelSpec(model=_build_tiny_model(tmp.name), dca=TINY_DCA, dtype="float32")
+    elif args.model == "llama2-70b-rank":
+        spec = ModelSpec(model=_build_rank_stack(tmp.name, args.layers), dca={}, dtype="bfloat16")
+    else:
+        spec = ModelSpec(model=args.model, dca={})
+    from pipeline.models import load_model_config
+
+    vocab = int(load_model_config(spec).vocab_size)
+    prompts = corpus(args.documents, args.min_tokens, args.max_tokens, vocab, args.seed)
+    requests = _requests(prompts, args.new_tokens)
+    print(f"{len(requests)} documents, {sum(len(p) for p in prompts)} prompt tokens "
+          f"({min(len(p) for p in prompts)}-{max(len(p) for p in prompts)}), {args.new_tokens} new tokens each; "
+          f"model {args.model}, {args.engine} on {args.device}", flush=True)
+
+    ctx = None
+    load_s = None
+    if args.engine == "in_process":
+        from pipeline.engine.generation import RankContext
+        from pipeline.models import load_model
+
+        start = time.monotonic()
+        model = load_model(spec, args.device)
+        ctx = RankContext(model=model, device=torch.device(args.device), eos_token_ids=frozenset({2}))
+        load_s = time.monotonic() - start
+    else:
+        import ray
+
+        ray.init(address="local", num_cpus=max(os.cpu_count() or 1, args.tp * args.threads),
+                 num_gpus=torch.cuda.device_count() if args.device == "cuda" else 0,
+                 include_dashboard=False, log_to_driver=False)
+    runs = {}
+    try:
+        for name in args.schedulers.split(","):
+            print(f"running {name} ...", flush=True)
+            run = run_in_process(ctx, name, requests, args) if ctx is not None else run_ray(spec, name, requests, args)
+            runs[name] = run
+            summary = summarise(name, run, args.new_tokens)
+            print(json.dumps({k: v for k, v in summary.items() if k != "engine"}), flush=True)
+    finally:
+        if ctx is None:
+            import ray
+
+            ray.shutdown()
+    table = {name: summarise(name, run, args.new_tokens) for name, run in runs.items()}
+    identical = None
+    if {"static", "continuous"} <= set(runs):
+        pairs = list(zip(runs["static"]["results"], runs["continuous"]["results"]))
+        identical = sum(a.output_ids == b.output_ids for a, b in pairs)
+        first_diff = next((a.request_id for a, b in pairs if a.output_ids != b.output_ids), None)
+    out = {
+        "model": args.model,
+        "device": args.device,
+        "device_name": torch.cuda.get_device_name() if args.device == "cuda" else platform.processor() or "cpu",
+        "engine": args.engine,
+        "tp": args.tp if args.engine == "ray" else 1,
+        "threads_per_rank": args.threads,
+        "documents": args.documents,
+        "prompt_tokens_range": [args.min_tokens, args.max_tokens],
+        "prompt_tokens": [len(p) for p in prompts],
+        "new_tokens": args.new_tokens,
+        "max_batch_size": args.max_batch_size,
+        "in_flight": args.in_flight,
+        "prefill_block": args.prefill_block,
+        "load_s": load_s,
+        "schedulers": table,
+        "identical_greedy_outputs": None if identical is None else f"{identical}/{len(requests)}",
+        "first_different_document": None if identical is None else first_diff,
+        "speedup_output_tokens_per_s": (
+            round(table["continuous"]["output_tokens_per_s"] / table["static"]["output_tokens_per_s"], 2)
+            if {"static", "continuous"} <= set(table) else None),
+        "commit": _git_commit(),
+        "torch": torch.__version__,
+        "host_load_average": os.getloadavg(),
+        "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+    path = Path(args.out or REPO / "benchmarks" / "results" / f"throughput_{args.model}_{args.device}.json")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(out, indent=1) + "\n", encoding="utf-8")
+    print(f"\n{'scheduler':<12} {'wall s':>8} {'out tok/s':>10} {'docs/h':>8} {'dev-s/doc':>10} {'busy':>6} "
+          f"{'p50 s':>7} {'p95 s':>7}")
+    for name, row in table.items():
+        print(f"{name:<12} {row['wall_s']:>8} {row['output_tokens_per_s']:>10} {row['documents_per_hour']:>8} "
+              f"{row['device_seconds_per_document']:>10} {row['busy_fraction']:>6} {row['latency_p50_s']:>7} "
+              f"{row['latency_p95_s']:>7}")
+    print(f"identical greedy outputs: {out['identical_greedy_outputs']}; speedup (output tok/s): "
+          f"{out['speedup_output_tokens_per_s']}; written to {path}")
+    tmp.cleanup()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
