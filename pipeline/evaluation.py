@@ -9,7 +9,9 @@ Two tasks, each run for every (variant, length) of an `EvalConfig`:
   window and over its last quarter. The loss is computed slice by slice from the base model's
   hidden states, so no (n, vocab) logits tensor is ever built.
 
-The weights are loaded once; each variant is a deep copy with its own DCA settings. A DCA variant
+The weights are loaded once; each variant is a deep copy with its own DCA settings. Passkey answers
+come from the engine's generation path (`pipeline.engine`), the code the jobs run: in process for
+one rank, an engine replica per variant for tensor parallelism (`run_evaluation_tp`). A DCA variant
 whose result is provably the plain model's (DCA equals plain attention up to chunk_size + 1
 tokens, and the temperature is 1 up to pretraining_length) is not recomputed: its record says
 `same_as`. Results are rewritten after every record, so a run that is stopped keeps what it did.
@@ -353,18 +355,81 @@ def perplexity_summary(nll, length: int, position_bucket: int = 0) -> dict:
 
 
 def greedy_answer(model, tokenizer, input_ids: list[int], max_new_tokens: int) -> str:
-    """Greedy continuation of a prompt (prefill once, then `max_new_tokens` cached decode steps)."""
-    import torch
+    """Greedy continuation of a prompt through the engine's generation path in this process (the
+    rank-side code a replica of tp_size 1 runs: continuous batching for a DCA model, the static
+    path otherwise), so passkey answers come from the production code, not `model.generate`."""
+    return _InProcess(model, tokenizer).answer(input_ids, max_new_tokens)
 
-    device = next(model.parameters()).device
-    ids = torch.tensor([input_ids], device=device)
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    with torch.inference_mode():
-        out = model.generate(
-            input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
-            do_sample=False, num_beams=1, pad_token_id=pad, temperature=None, top_p=None, top_k=None,
-        )
-    return tokenizer.decode(out[0, len(input_ids) :], skip_special_tokens=True)
+
+def _engine_request(input_ids: list[int], max_new_tokens: int):
+    from pipeline.requests import GenerationRequest, SamplingParams
+
+    return GenerationRequest(request_id="passkey", prefix_ids=[int(t) for t in input_ids],
+                             sampling=SamplingParams(max_new_tokens=max_new_tokens))
+
+
+def _answer_text(result) -> str:
+    if result.status != "ok":
+        raise RuntimeError(f"the engine could not answer a passkey prompt: {result.error_type}: {result.error_message}")
+    return result.output
+
+
+class _InProcess:
+    """One variant's model in this process, run through the engine's rank-side code."""
+
+    def __init__(self, model, tokenizer):
+        from pipeline.engine.generation import RankContext
+
+        eos = set()
+        for source in (getattr(tokenizer, "eos_token_id", None), getattr(model.generation_config, "eos_token_id", None),
+                       model.config.eos_token_id):
+            eos.update(source if isinstance(source, (list, tuple)) else [source] if source is not None else [])
+        pad = getattr(tokenizer, "pad_token_id", None)
+        self.ctx = RankContext(model=model, device=next(model.parameters()).device, tokenizer=tokenizer,
+                               eos_token_ids=frozenset(eos), pad_token_id=pad if pad is not None else 0)
+
+    def info(self) -> dict:
+        return _rank_model_info(self.ctx)
+
+    def nll(self, input_ids, loss_slice: int):
+        return sequence_nll(self.ctx.model, input_ids, loss_slice)
+
+    def answer(self, input_ids: list[int], max_new_tokens: int) -> str:
+        from pipeline.engine.continuous import generate_in_process
+
+        ((result,),) = generate_in_process(self.ctx, [_engine_request(input_ids, max_new_tokens)])
+        return _answer_text(result)
+
+
+class _OnReplica:
+    """One variant served by an engine replica (`ReplicaPool`, tensor parallelism): passkey
+    answers are requests to it; perplexity runs `sequence_nll` on its ranks' shards."""
+
+    def __init__(self, pool):
+        self.pool = pool
+
+    def info(self) -> dict:
+        return {**self.pool.call_ranks(_rank_model_info), "tp_size": self.pool.config.tp_size}
+
+    def nll(self, input_ids, loss_slice: int):
+        return self.pool.call_ranks(_rank_sequence_nll, [int(t) for t in input_ids], loss_slice)
+
+    def answer(self, input_ids: list[int], max_new_tokens: int) -> str:
+        (result,) = self.pool.submit(_engine_request(input_ids, max_new_tokens)).result()
+        return _answer_text(result)
+
+
+def _rank_sequence_nll(ctx, input_ids: list[int], loss_slice: int):
+    """On every rank of a replica (their all-reduces meet): the NLL of the rank's model shard."""
+    return sequence_nll(ctx.model, input_ids, loss_slice)
+
+
+def _rank_model_info(ctx) -> dict:
+    model = ctx.model
+    return {"parameters": sum(p.numel() for p in model.parameters()),
+            "dtype": str(next(model.parameters()).dtype).replace("torch.", ""),
+            "device": str(next(model.parameters()).device), "model_type": getattr(model.config, "model_type", None),
+            "max_position_embeddings": int(model.config.max_position_embeddings)}
 
 
 # --------------------------------------------------------------------------------------------
@@ -490,13 +555,15 @@ def _samples(config: EvalConfig, tokenizer, book_ids, task: str, length: int, lo
 
 def run_evaluation(
     config: EvalConfig, out_dir: str | os.PathLike, *, model=None, tokenizer=None, resume: bool = False,
-    models: dict | None = None, write: bool = True, log=print,
+    runners: dict | None = None, write: bool = True, log=print,
 ) -> dict:
     """Runs every task of `config`, writes results.json, results.csv and the plots to `out_dir`.
 
     `resume`: keep the records of an earlier (stopped) run in `out_dir` and compute only the rest.
-    `models`: {variant name: model} already built (tensor-parallel ranks); then `model` is unused.
-    `write`: False on every tensor-parallel rank but the first (they compute the same records).
+    `runners`: {variant name: runner} serving the variants elsewhere (`run_evaluation_tp`: engine
+    replicas); then `model` is unused. Otherwise each variant is a copy of `model` (with its DCA
+    settings) in this process, run through the engine's rank-side code.
+    `write`: False to compute without writing files.
 
     `model` / `tokenizer` may be passed in (tests: a tiny random model); otherwise they are loaded
     from `config.model`, once. Returns the results dict (meta + records).
@@ -510,36 +577,40 @@ def run_evaluation(
     if config.threads:
         torch.set_num_threads(config.threads)
     t_load = time.time()
-    if models is not None:
-        model = models[config.variants[0].name]
-    elif model is None:
-        from pipeline.models import load_model
-
-        model = load_model(dataclasses.replace(config.model, dca=None), device=config.device)
     if tokenizer is None:
         from pipeline.models import load_tokenizer
 
         tokenizer = load_tokenizer(config.model)
-    model.eval()
-    max_pos = int(model.config.max_position_embeddings)
+    if runners is not None:
+        info = runners[config.variants[0].name].info()
+    else:
+        if model is None:
+            from pipeline.models import load_model
+
+            model = load_model(dataclasses.replace(config.model, dca=None), device=config.device)
+        model.eval()
+        info = _rank_model_info(_InProcess(model, tokenizer).ctx)
+    max_pos = info["max_position_embeddings"]
     log(f"model loaded in {time.time() - t_load:.1f}s (max_position_embeddings={max_pos})")
 
     dca_configs = {v.name: resolved_dca(v, max_pos) for v in config.variants}
-    if models is None:
-        models = {}
+    if runners is None:
+        runners = {}
         for v in config.variants:
-            if dca_configs[v.name] is None:
-                models[v.name] = model
-            else:
-                models[v.name] = apply_dca(copy.deepcopy(model), dca_configs[v.name])
+            variant_model = model if dca_configs[v.name] is None else apply_dca(copy.deepcopy(model), dca_configs[v.name])
+            runners[v.name] = _InProcess(variant_model, tokenizer)
 
     meta = {
         "model": config.model.model,
-        "model_type": getattr(model.config, "model_type", None),
+        "model_type": info["model_type"],
         "max_position_embeddings": max_pos,
-        "parameters": sum(p.numel() for p in model.parameters()),
-        "dtype": str(next(model.parameters()).dtype).replace("torch.", ""),
-        "device": str(next(model.parameters()).device),
+        # Of the model, or of one tensor-parallel rank's shard (tp_size > 1).
+        "parameters": info["parameters"],
+        "dtype": info["dtype"],
+        "device": info["device"],
+        "tp_size": info.get("tp_size", 1),
+        # Passkey answers come from the engine's generation path (pipeline.engine).
+        "generation": "pipeline.engine" + (" replica" if info.get("tp_size", 1) > 1 else " in process"),
         "variants": {
             v.name: {"dca": dca_configs[v.name].to_dict() if dca_configs[v.name] else None,
                      "max_length": v.max_length, "native_only": v.native_only}
@@ -597,11 +668,11 @@ def run_evaluation(
                 continue
             t0 = time.time()
             if task == "perplexity":
-                nll = sequence_nll(models[v.name], ids, config.loss_slice)
+                nll = runners[v.name].nll(ids, config.loss_slice)
                 record.update(perplexity_summary(nll, length, config.position_bucket))
                 what = f"ppl {record['ppl']:.3f} last-quarter {record['ppl_last_quarter']:.3f}"
             else:
-                answer = greedy_answer(models[v.name], tokenizer, ids, config.answer_tokens)
+                answer = runners[v.name].answer(ids, config.answer_tokens)
                 record.update(answer=answer, correct=passkey_correct(answer, info["key"]))
                 what = f"answer {answer!r} key {info['key']} correct={record['correct']}"
             record["seconds"] = round(time.time() - t0, 2)
@@ -621,104 +692,52 @@ def run_evaluation(
 
 
 # --------------------------------------------------------------------------------------------
-# Tensor parallelism: one process per rank, DeepSpeed AutoTP, the same records on every rank
+# Tensor parallelism: each variant served by an engine replica (Ray actors, DeepSpeed AutoTP)
 
 
 def run_evaluation_tp(
     config: EvalConfig, out_dir: str | os.PathLike, tp_size: int, *, resume: bool = False, tokenizer=None
 ) -> dict:
-    """`run_evaluation` with every variant sharded over `tp_size` local processes (DeepSpeed AutoTP,
-    gloo on CPU, nccl on CUDA with one GPU per rank). Rank 0 writes the files.
+    """`run_evaluation` with every variant served by an engine replica of `tp_size` ranks
+    (`pipeline.engine.ReplicaPool`: the production rank workers, DeepSpeed AutoTP over gloo on
+    CPU, nccl on CUDA): passkey answers are engine requests, perplexity runs on the ranks' shards.
+    Starts a private local Ray when none is initialised (and stops it at the end).
 
-    Every variant holds its own shards (DCA is applied before sharding, as the engine does), so
+    Every variant holds its own replica (DCA is applied before sharding, as the engine does), so
     memory grows with the number of variants: keep few of them for large models.
     """
-    import multiprocessing as mp
-    import socket
+    import ray
+
+    from pipeline.engine import EngineConfig, ReplicaPool
 
     if tp_size < 1:
         raise ValueError(f"tp_size must be >= 1, got {tp_size}")
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    ctx = mp.get_context("spawn")
-    args = (tp_size, port, config.to_dict(), str(Path(out_dir).resolve()), resume, tokenizer)
-    procs = [ctx.Process(target=_tp_rank, args=(rank, *args), daemon=False) for rank in range(tp_size)]
-    for proc in procs:
-        proc.start()
+    started = not ray.is_initialized()
+    if started:
+        cpus = config.threads or 1
+        ray.init(address="local", num_cpus=max(os.cpu_count() or 1, tp_size * cpus * len(config.variants)),
+                 include_dashboard=False, log_to_driver=False)
+    pools = {}
     try:
-        for proc in procs:
-            proc.join()
+        for v in config.variants:
+            spec = dataclasses.replace(config.model, dca=v.dca)
+            engine = EngineConfig(
+                model_spec=spec, tp_size=tp_size, max_input_tokens=max(config.lengths) + config.answer_tokens,
+                cpus_per_rank=config.threads or 1, device=config.device or "auto", request_timeout_s=None,
+            )
+            pools[v.name] = ReplicaPool(engine).start()
+        if tokenizer is None:
+            from pipeline.models import load_tokenizer
+
+            tokenizer = load_tokenizer(config.model)
+        runners = {name: _OnReplica(pool) for name, pool in pools.items()}
+        return run_evaluation(dataclasses.replace(config, threads=None), out_dir, runners=runners, tokenizer=tokenizer,
+                              resume=resume, log=lambda m: print(m, flush=True))
     finally:
-        for proc in procs:
-            if proc.is_alive():
-                proc.terminate()
-        _remove_shm_files("127.0.0.1", port)
-    failed = [f"rank {r}: exit code {p.exitcode}" for r, p in enumerate(procs) if p.exitcode != 0]
-    if failed:
-        raise RuntimeError(f"tensor-parallel evaluation failed ({', '.join(failed)}); see the ranks' output above")
-    return json.loads((Path(out_dir) / "results.json").read_text(encoding="utf-8"))
-
-
-def _remove_shm_files(master_addr: str, master_port: int) -> None:
-    """DeepSpeed's CPU all-reduce leaves one /dev/shm file per rank (environment.md)."""
-    import glob
-
-    from pipeline.engine import SHM_PREFIX
-
-    for path in glob.glob(f"/dev/shm/{SHM_PREFIX}_{os.getuid()}_{master_addr}_{master_port}_*"):
-        try:
-            os.unlink(path)
-        except FileNotFoundError:
-            pass
-
-
-def _tp_rank(rank: int, world: int, port: int, config_dict: dict, out_dir: str, resume: bool, tokenizer) -> None:
-    import sys
-
-    config = EvalConfig.from_dict(config_dict)
-    cuda = config.device == "cuda" or (config.device is None and _cuda_available())
-    os.environ.update({
-        "RANK": str(rank), "WORLD_SIZE": str(world), "LOCAL_RANK": str(rank), "LOCAL_SIZE": str(world),
-        "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port),
-        # DeepSpeed JIT-compiles its CPU all-reduce with ninja, found through PATH.
-        "PATH": os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", ""),
-    })
-    if not cuda:
-        os.environ["DS_ACCELERATOR"] = "cpu"
-    import deepspeed
-    import torch
-
-    from pipeline.models import load_model_for_tp, load_tokenizer
-
-    if config.threads:
-        torch.set_num_threads(config.threads)
-    if cuda:
-        torch.cuda.set_device(rank)
-    deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo", auto_mpi_discovery=False)
-    models = {}
-    for v in config.variants:
-        spec = dataclasses.replace(config.model, dca=v.dca)
-        model = load_model_for_tp(spec, "cuda" if cuda else "cpu")
-        engine = deepspeed.init_inference(
-            model, tensor_parallel={"tp_size": world}, dtype=model.dtype, replace_with_kernel_inject=False
-        )
-        models[v.name] = engine.module.eval()
-    tokenizer = tokenizer if tokenizer is not None else load_tokenizer(config.model)
-    run_evaluation(
-        dataclasses.replace(config, threads=None), out_dir, models=models, tokenizer=tokenizer, resume=resume,
-        write=rank == 0, log=(lambda m: print(m, flush=True)) if rank == 0 else (lambda m: None),
-    )
-    import torch.distributed as dist
-
-    dist.barrier()
-    dist.destroy_process_group()
-
-
-def _cuda_available() -> bool:
-    import torch
-
-    return torch.cuda.is_available()
+        for pool in pools.values():
+            pool.shutdown()
+        if started:
+            ray.shutdown()
 
 
 # --------------------------------------------------------------------------------------------

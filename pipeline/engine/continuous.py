@@ -430,3 +430,15 @@ def generate_continuous(ctx: RankContext, requests: list[GenerationRequest], *, 
                     ledger.apply(result, metrics)
                 answers[row.seq] = results
     return [answers[seq] for seq in range(len(requests))]
+
+
+def generate_in_process(ctx: RankContext, requests: list[GenerationRequest], **kwargs) -> list[list]:
+    """What a replica of tp_size 1 runs, in this process: the continuous batch for a DCA model
+    (`generate_continuous`, kwargs passed on), the static scheduler's path otherwise (a model
+    without DCA cannot be packed: one request per `generate_batch`)."""
+    from dca import dca_config_of
+    from pipeline.engine.generation import generate_batch
+
+    if dca_config_of(ctx.model) is not None:
+        return generate_continuous(ctx, requests, **kwargs)
+    return [generate_batch(ctx, [request])[0] for request in requests]

@@ -82,6 +82,8 @@ class ReplicaPool:
         self._live_servers = 0
         self._no_server: tuple[str, str] | None = None
         self._seq = itertools.count()
+        # Replicas lent to call_ranks: their serving threads wait.
+        self._borrowed: set[str] = set()
         # Device time and peaks per request (continuous scheduler), summed over calls and ranks.
         self._ledger = Ledger(config.tp_size)
         self._ledger_lock = threading.Lock()
@@ -251,6 +253,26 @@ class ReplicaPool:
                 f"results will never come; replicas: {self._replica_summary()}. Start a new pool"
             )
 
+    def call_ranks(self, fn, *args, replica: int = 0):
+        """Runs fn(ctx, *args) on every rank of one replica and returns rank 0's value: model work
+        that is not generation (the evaluation harness's perplexity on tensor-parallel shards).
+        `fn` must be importable by the actors (a module-level function) and run the same
+        collectives on every rank. Waits until the replica's running batch is empty and keeps
+        it from taking requests meanwhile. Raises EngineError when the replica fails."""
+        handle = self._replicas[replica]
+        with self._cond:
+            while self._running.get(handle.name) or handle.name in self._borrowed:
+                self._cond.wait()
+            self._borrowed.add(handle.name)
+        try:
+            return handle.call(fn, args)
+        except (_ReplicaDown, _OutOfMemory, _RankError) as error:
+            raise EngineError(f"{handle.name}: {fn.__name__} failed on its ranks: {error}") from None
+        finally:
+            with self._cond:
+                self._borrowed.discard(handle.name)
+                self._cond.notify_all()
+
     def _replica_summary(self) -> str:
         return ", ".join(f"{r.name} alive={r.alive} last_error={r.last_error}" for r in self._replicas) or "none"
 
@@ -363,7 +385,8 @@ class ReplicaPool:
         of the running batch. False: this thread ends (stopping, or replica given up)."""
         continuous = replica.scheduler == "continuous"
         with self._cond:
-            while not self._stopping and not self._queue and not self._running.get(replica.name):
+            while not self._stopping and (replica.name in self._borrowed
+                                          or (not self._queue and not self._running.get(replica.name))):
                 self._cond.wait()
             if self._stopping:
                 return False

@@ -150,6 +150,10 @@ class _Replica:
         self.steps += answers[0].steps
         return answers
 
+    def call(self, fn, args: tuple):
+        """fn(ctx, *args) on every rank; -> rank 0's value (raises like `run`)."""
+        return self._call_all("call", (fn, args), None)[0]
+
     def _call_all(self, method: str, args: tuple, deadline: float | None, dispatched=None) -> list:
         """Calls `method` on every rank and waits for all; -> their answers in rank order."""
         import ray

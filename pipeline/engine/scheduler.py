@@ -12,9 +12,9 @@ Two schedulers (`EngineConfig.scheduler`):
   (benchmarks/throughput.py): a batch is formed once, left-padded, and runs until its last row
   ends (`static_batch`).
 
-Admission order is first come, first served, with one refinement: when the oldest waiting
-request does not fit yet, later ones may still be admitted, but only if they would fit beside it
-too, so they never delay it.
+Admission is first come, first served: the first waiting request that does not fit stops it,
+so a large request is never overtaken by smaller ones for ever (the job driver already orders
+each window of documents longest first).
 """
 
 from __future__ import annotations
@@ -66,36 +66,29 @@ class Budget:
 
 def admit(waiting: Sequence[tuple[Demand, bool]], resident: Sequence[Demand], budget: Budget,
           resident_solo: bool = False) -> list[int]:
-    """Which waiting requests join the running batch now: -> their indices in `waiting`.
+    """Which waiting requests join the running batch now: -> their indices in `waiting` (a
+    prefix of it: first come, first served).
 
     waiting        (demand, solo) in queue order; solo: the request must run with no other
                    (it was in a batch that ran out of memory)
     resident       demands of the requests in the batch now
     resident_solo  the batch holds a solo request: nothing joins it
 
-    A request that fits no batch at all, not even an empty one, is never returned: the caller
-    answers it first (`wont_fit`). A request larger than max_rows is admitted into an empty batch.
+    An empty batch takes the first request whatever its size (one that cannot fit even alone
+    was answered `wont_fit` before it was queued; a QA request with more rows than max_rows
+    runs alone).
     """
     if resident_solo:
         return []
     chosen: list[int] = []
     taken = list(resident)
-    blocked: list[Demand] = []  # older requests that did not fit: later ones must fit beside them
     for index, (demand, solo) in enumerate(waiting):
         if solo:
-            if not taken and not chosen:
-                return [index]
-            blocked.append(demand)
-            continue
-        if not taken:  # an empty batch takes any request (wont_fit ones were answered before)
-            chosen.append(index)
-            taken.append(demand)
-            continue
-        if budget.fits([*taken, *blocked, demand]):
-            chosen.append(index)
-            taken.append(demand)
-        else:
-            blocked.append(demand)
+            return [index] if not taken else chosen
+        if taken and not budget.fits([*taken, demand]):
+            break
+        chosen.append(index)
+        taken.append(demand)
     return chosen
 
 

@@ -230,6 +230,14 @@ class RankWorker:
         except BatchOutOfMemory as error:
             return OutOfMemoryAnswer(rank=self.rank, message=error.message, report=error.report)
 
+    def call(self, fn, args: tuple):
+        """Runs fn(ctx, *args) on this rank's model (no grad) and returns its value. Every rank of
+        the replica gets the same call (`ReplicaPool.call_ranks`), so collectives inside meet."""
+        import torch
+
+        with torch.inference_mode():
+            return fn(self.ctx, *args)
+
     def check_group(self) -> int:
         """All-reduces a 1 on the model's collective path and on torch.distributed's: -> the sum
         (world_size when the group is still in step, after every rank ran out of memory)."""
