@@ -362,14 +362,15 @@ class ContinuousBatch:
 
 
 def generate_continuous(ctx: RankContext, requests: list[GenerationRequest], *, max_rows: int = 8,
-                        prefill_block: int | str | None = "auto", plan=None) -> list[list]:
+                        prefill_block: int | str | None = "auto", plan=None, reports: list | None = None) -> list[list]:
     """Runs requests through one rank's continuous batch in this process, as a replica of
     tp_size 1 does: same scheduler, same steps, same metering; -> one list of results (one per
     suffix) per request, in the given order.
 
     plan: a `pipeline.memory_plan.MemoryPlan` with device_memory for the KV budget and wont_fit
     answers (None: only max_rows limits the batch). Out of memory: the requests in the batch
-    run again one at a time; one that still does not fit alone gets an out_of_memory result."""
+    run again one at a time; one that still does not fit alone gets an out_of_memory result.
+    reports: a list to receive every `MeterReport` of the rank (busy time, forwards, tokens)."""
     from collections import deque
 
     from pipeline.engine.messages import result_of
@@ -406,6 +407,8 @@ def generate_continuous(ctx: RankContext, requests: list[GenerationRequest], *, 
             step = batch.step(admit=[(seq, r) for seq, r, _ in admitted])
         except BatchOutOfMemory as error:
             ledger.add(0, error.report)
+            if reports is not None:
+                reports.append(error.report)
             batch.drop(list(resident))
             if len(resident) == 1:
                 ((seq, (request, _, _)),) = resident.items()
@@ -420,6 +423,8 @@ def generate_continuous(ctx: RankContext, requests: list[GenerationRequest], *, 
                 resident.clear()
             continue
         ledger.add(0, step.report)
+        if reports is not None:
+            reports.append(step.report)
         for row in step.finished:
             request, _, rows = resident[row.seq]
             rows[row.suffix_index] = row
