@@ -8,7 +8,11 @@ Needs only torch (CUDA) and transformers; flash-attn, Ray and DeepSpeed are opti
    of the same inputs (Llama-2-70B head layout per GPU at tp 2: 32 query heads, 4 KV heads).
 2. Prefill time and peak memory, DCA vs plain (SDPA, and flash-attn 2 when installed), at 16k,
    32k and 64k tokens on a Llama-2-7B-shaped stack of a few layers in bf16 with random weights.
-3. The engine check (scripts/gpu_check_engine.py), when Ray and DeepSpeed are installed.
+3. Continuous batching and the device-time rule (scripts/gpu_check_metering.py, one process):
+   greedy tokens of each request alone, per-request GPU time summing to the rank's busy time
+   within the run's CUDA-event span, and the throughput benchmark (continuous vs static) on a
+   Llama-2-70B rank stack.
+4. The engine check (scripts/gpu_check_engine.py), when Ray and DeepSpeed are installed.
 """
 
 from __future__ import annotations
@@ -142,6 +146,11 @@ def main():
     t0 = time.time()
     check_backends(results)
     time_prefill(results, args.lengths, args.layers)
+    # Continuous batching and the device-time rule, in process (no Ray or DeepSpeed needed).
+    metering = ROOT / "scripts" / "gpu_check_metering.py"
+    proc = subprocess.run([sys.executable, str(metering)], cwd=ROOT, capture_output=True, text=True)
+    results["metering"] = {"returncode": proc.returncode, "output": proc.stdout[-6000:] + proc.stderr[-2000:]}
+    print(proc.stdout[-6000:], proc.stderr[-2000:])
     engine = ROOT / "scripts" / "gpu_check_engine.py"
     if engine.exists() and importlib.util.find_spec("ray") and importlib.util.find_spec("deepspeed"):
         proc = subprocess.run([sys.executable, str(engine)], cwd=ROOT, capture_output=True, text=True)
