@@ -163,7 +163,9 @@ class JobConfig:
     # Requests inside the engine at once (backpressure) and the longest-first reordering window.
     max_in_flight: int | None = None  # None: 2 x max_batch_size per replica
     schedule_window: int | None = None  # None: 4 x max_in_flight
-    # Engine limits (None: the engine's defaults).
+    # Engine limits (None: the engine's defaults). scheduler: "continuous" or "static"
+    # (pipeline.engine.EngineConfig.scheduler).
+    scheduler: str | None = None
     max_batch_tokens: int | None = None
     max_batch_size: int | None = None
     max_restarts: int | None = None
@@ -656,8 +658,8 @@ def make_pool(config: JobConfig):
     from pipeline.engine import EngineConfig, ReplicaPool
 
     engine_kwargs = {k: getattr(config, k) for k in (
-        "max_batch_tokens", "max_batch_size", "max_restarts", "request_retries", "device", "cpus_per_rank",
-        "kv_cache_dtype", "prefill_block") if getattr(config, k) is not None}
+        "scheduler", "max_batch_tokens", "max_batch_size", "max_restarts", "request_retries", "device",
+        "cpus_per_rank", "kv_cache_dtype", "prefill_block") if getattr(config, k) is not None}
     engine_config = EngineConfig(
         model_spec=config.model_spec, tp_size=config.tp, replicas=config.replicas,
         max_input_tokens=config.max_input_tokens, **engine_kwargs,
