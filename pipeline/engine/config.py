@@ -56,8 +56,9 @@ class EngineConfig:
     placement_timeout_s: float = 120.0
     # Model loading of one replica (after placement) must finish within this.
     startup_timeout_s: float = 900.0
-    # A batch running longer than this counts as a hung replica: it is killed and rebuilt, and
-    # the batch retried (None: no limit; then only a dead rank ends a stuck batch). One hour is
+    # A batch running longer than this (continuous scheduler: a request resident in the running
+    # batch that long) counts as a hung replica: it is killed and rebuilt, and the batch retried
+    # (None: no limit; then only a dead rank ends a stuck batch). One hour is
     # far above any legitimate batch at the defaults (max_input_tokens 32k, max_batch_tokens 8k):
     # on GPU a 100k-token request of a 70B model takes minutes; on 2 CPU cores SmolLM2-135M
     # prefills 16k tokens in about 100 s, and a 2k-token prompt plus 48 new tokens took up to

@@ -396,6 +396,8 @@ class ReplicaPool:
                 batch.extend(taken)
             else:
                 batch = self._running[replica.name] = taken
+            if not batch:  # nothing to run (cannot happen: an empty batch admits the first request)
+                return True
         try:
             if continuous:
                 keep = self._run_step(replica, taken)
