@@ -6,9 +6,10 @@ pyarrow.dataset readers of the output skip them). Figures come from the engine's
 measurements, under the engine's one rule for device time (`pipeline.engine.metering`, README
 "Metrics"): on CPU the device time is CPU wall time of the forwards, labelled `cpu`, never `gpu`.
 
-A resumed run does not overwrite the earlier runs' figures: `summary()` is the whole job (sums
-over every run's own summary, listed under `runs`; latency buckets and the plot over every
-committed row), read back from the earlier `_metrics.json` and the committed output.
+A resumed run does not overwrite the earlier runs' figures: `summary()` is this run's summary
+plus `job`, the whole job (sums over every run's own summary, latency buckets over every
+committed row), and `runs`, each run's summary; the plot draws every committed row. Earlier runs
+are read back from the earlier `_metrics.json` and the committed output.
 """
 
 from __future__ import annotations
@@ -236,24 +237,29 @@ class JobMetrics:
 
     def summary(self, *, status: str, message: str | None = None, engine_stats: dict | None = None,
                 extra: dict | None = None) -> dict:
-        """The whole job: this run's summary with the counts, tokens, device time and memory of
-        every earlier run added in, latency buckets over every committed row, and each run's own
-        summary under `runs` (oldest first)."""
+        """This run's summary (the top-level keys, as before), plus the whole job: `job` adds up
+        the counts, tokens, device time and memory of every run of the job, with latency buckets
+        over every committed row, and `runs` lists each run's own summary (oldest first)."""
         run = self.run_summary(status=status, message=message, engine_stats=engine_stats, extra=extra)
         runs = [*self.previous_runs, run]
-        job = dict(run)
-        job["runs"] = [{k: v for k, v in r.items() if k not in ("config", "runs")} for r in runs]
-        job["run"] = len(runs)
+        out = dict(run)
+        out["run"] = len(runs)
+        out["runs"] = [{k: v for k, v in r.items() if k not in ("config", "runs", "job")} for r in runs]
+        out["job"] = self._job_totals(runs)
+        return out
+
+    def _job_totals(self, runs: list[dict]) -> dict:
+        latest = runs[-1]
+        job = {"runs": len(runs), "status": latest["status"], "started_at": runs[0].get("started_at")}
         if self.runs_without_metrics:
+            # Earlier runs that ended without writing metrics (a killed driver): their documents
+            # are in the output, not in these sums.
             job["runs_without_metrics"] = self.runs_without_metrics
-        if not self.previous_runs:
-            return job
-        job["started_at"] = runs[0].get("started_at")
         for key in ("wall_s", "startup_s", "serving_s"):
             job[key] = round(sum(r.get(key) or 0.0 for r in runs), 3)
-        job["documents"] = dict(run["documents"])
-        for key in ("ok", "error", "skipped", "truncated"):
-            job["documents"][key] = sum(r["documents"].get(key, 0) for r in runs)
+        job["documents"] = {"input_rows": latest["documents"]["input_rows"],
+                            **{key: sum(r["documents"].get(key, 0) for r in runs)
+                               for key in ("ok", "error", "skipped", "truncated")}}
         types: Counter = Counter()
         first: dict = {}
         for r in runs:
@@ -267,7 +273,7 @@ class JobMetrics:
         tokens["prompt_per_s"] = round(tokens["prompt"] / serving, 2) if serving > 0 else None
         tokens["output_per_s"] = round(tokens["output"] / serving, 2) if serving > 0 else None
         job["tokens"] = tokens
-        device = dict(run["device"])
+        device = dict(latest["device"])
         for key in ("gpu_seconds_all_ranks", "cpu_seconds_all_ranks", "busy_seconds_all_ranks", "gpu_time_s_sum"):
             values = [r["device"].get(key) for r in runs if r["device"].get(key) is not None]
             device[key] = round(sum(values), 3) if values else None

@@ -132,10 +132,10 @@ class ContinuousBatch:
                  capacity=len(prefix) + len(suffix) + new, token=token_rows[i], admitted=now)
             for i, suffix in enumerate(request.suffix_ids)
         ]
-        if len(rows) == 1:
-            (row,) = rows
-            row.prompt = prefix + list(request.suffix_ids[0])
-            row.kv = self._slot(row.capacity, len(row.prompt))
+        if len(rows) == 1 or not prefix:  # nothing shared: every row prefills its own prompt
+            for row, suffix in zip(rows, request.suffix_ids):
+                row.prompt = prefix + list(suffix)
+                row.kv = self._slot(row.capacity, request.prompt_tokens if len(rows) > 1 else len(row.prompt))
         else:
             # The prefix goes into the slot of the last row, which keeps it; the others copy it.
             # n of the temperature is the request's longest prompt, for the prefix and every

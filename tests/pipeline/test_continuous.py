@@ -82,6 +82,13 @@ def test_mixed_lengths_get_exactly_their_greedy_tokens_alone(model_and_ctx, pref
     assert all(r.prefix_prefill_s is not None and r.prefix_prefill_s <= r.prefill_s for r in qa)
 
 
+def test_several_suffixes_without_a_shared_prefix(model_and_ctx):
+    model, ctx = model_and_ctx
+    s1, s2 = _prompts(30, 55, seed=9)
+    (rows,) = generate_continuous(ctx, [_request("noprefix", [], [s1, s2])])
+    assert [r.output_ids for r in rows] == [_reference(model, s, 10) for s in (s1, s2)]
+
+
 def test_a_request_joins_a_running_decode_and_rows_leave_the_step_they_end(model_and_ctx):
     model, ctx = model_and_ctx
     long, short, late = _prompts(250, 60, 130, seed=2)

@@ -139,27 +139,30 @@ def test_metrics_describe_the_whole_job_across_resumes(tiny_chat_model, tokenize
     with pytest.raises(_Crash):
         run_job(config, pool_factory=lambda c: CrashingPool(), tokenizer=tokenizer)
     first = json.loads(open(path).read())
-    assert first["run"] == 1 and first["status"] == "failed" and len(first["runs"]) == 1
+    assert first["run"] == 1 and first["job"]["status"] == "failed" and len(first["runs"]) == 1
     run_job(config, pool_factory=lambda c: FakePool(), tokenizer=tokenizer)
     second = json.loads(open(path).read())
     assert second["run"] == 2 and [r["status"] for r in second["runs"]] == ["failed", "complete"]
+    job = second["job"]
     committed = read_output(config.output_dir).to_pylist()
-    # Counts, tokens and device time are the sums of the runs; together they cover the output.
-    assert second["documents"]["ok"] + second["documents"]["error"] == len(committed) == 29
+    # The top level is this run; `job` sums the runs, and together they cover the output.
+    assert second["documents"]["ok"] == second["runs"][1]["documents"]["ok"]
+    assert job["documents"]["ok"] + job["documents"]["error"] == len(committed) == 29
     for key in ("ok", "error"):
-        assert second["documents"][key] == sum(r["documents"][key] for r in second["runs"])
-    assert second["tokens"]["output"] == sum(r["output_tokens"] or 0 for r in committed)
-    assert second["device"]["cpu_seconds_all_ranks"] == pytest.approx(
+        assert job["documents"][key] == sum(r["documents"][key] for r in second["runs"])
+    assert job["tokens"]["output"] == sum(r["output_tokens"] or 0 for r in committed)
+    assert job["device"]["cpu_seconds_all_ranks"] == pytest.approx(
         sum(r["device"]["cpu_seconds_all_ranks"] for r in second["runs"]), abs=1e-3)
-    assert second["wall_s"] == pytest.approx(sum(r["wall_s"] for r in second["runs"]), abs=1e-2)
-    # Latency buckets (and the plot) cover every committed row with a latency, not this run's only.
+    assert job["wall_s"] == pytest.approx(sum(r["wall_s"] for r in second["runs"]), abs=1e-2)
+    # Latency buckets (and the plot) of the job cover every committed row with a latency.
     timed = [r for r in committed if r["latency_s"] is not None]
-    assert sum(b["rows"] for b in second["latency_by_prompt_tokens"]) == len(timed)
-    assert sum(b["rows"] for b in second["runs"][1]["latency_by_prompt_tokens"]) < len(timed)
+    assert sum(b["rows"] for b in job["latency_by_prompt_tokens"]) == len(timed)
+    assert sum(b["rows"] for b in second["latency_by_prompt_tokens"]) < len(timed)
     # A third run with nothing left to do keeps the job's figures: never an empty overwrite.
     run_job(config, pool_factory=lambda c: FakePool(), tokenizer=tokenizer)
     third = json.loads(open(path).read())
-    assert third["run"] == 3 and third["documents"]["ok"] == second["documents"]["ok"]
-    assert third["runs"][2]["documents"]["ok"] == 0 and third["documents"]["already_committed"] == len(committed)
-    assert third["latency_by_prompt_tokens"] == second["latency_by_prompt_tokens"]
+    assert third["run"] == 3 and third["documents"]["ok"] == 0
+    assert third["documents"]["already_committed"] == len(committed)
+    assert third["job"]["documents"] == second["job"]["documents"]
+    assert third["job"]["latency_by_prompt_tokens"] == job["latency_by_prompt_tokens"]
     assert os.path.getsize(os.path.join(config.output_dir, "_metrics.png")) > 1000
