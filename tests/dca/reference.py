@@ -123,17 +123,19 @@ def reference_cache_attention(q, k, v, row_start, seq_end: int, scale, cos, sin,
     for row in range(b):
         start = int(row_start[row])
         n = seq_end - start
-        i = torch.arange(n - tq, n)[:, None]  # (Tq, 1) token of each query
-        j = torch.arange(n)[None, :]  # (1, n)
-        ci, cj = i.clamp(min=0) // L, j // L
-        qid = torch.where(ci == cj, i.clamp(min=0) % L,
-                          torch.where(ci == cj + 1, torch.clamp(L + i.clamp(min=0) % L, max=S),
-                                      torch.full_like(ci + cj, min(2 * L - 1, S))))  # (Tq, n)
-        qr = q[row].double()[:, :, None, :]  # (Hq, Tq, 1, D)
-        q_pair = rotate(qr, (cos[qid], sin[qid]))  # (Hq, Tq, n, D)
         keys = kf[row, :, start:seq_end].repeat_interleave(group, 0)  # (Hq, n, D)
-        scores = (q_pair * keys[:, None]).sum(-1) * float(scale[row])  # (Hq, Tq, n)
-        scores = scores.masked_fill((j > i) | (i < 0), float("-inf"))
-        p = torch.softmax(scores, -1).nan_to_num(0.0)
-        out[row] = p @ vf[row, :, start:seq_end].repeat_interleave(group, 0)
+        values = vf[row, :, start:seq_end].repeat_interleave(group, 0)
+        j = torch.arange(n)[None, :]  # (1, n)
+        for t0 in range(0, tq, 16):  # (Hq, 16, n, D) at a time
+            i = torch.arange(n - tq + t0, n - tq + min(tq, t0 + 16))[:, None]  # token of each query
+            ic = i.clamp(min=0)
+            ci, cj = ic // L, j // L
+            qid = torch.where(ci == cj, ic % L,
+                              torch.where(ci == cj + 1, torch.clamp(L + ic % L, max=S),
+                                          torch.full_like(ci + cj, min(2 * L - 1, S))))  # (Tq, n)
+            qr = q[row, :, t0 : t0 + 16].double()[:, :, None, :]  # (Hq, Tq, 1, D)
+            q_pair = rotate(qr, (cos[qid], sin[qid]))  # (Hq, Tq, n, D)
+            scores = (q_pair * keys[:, None]).sum(-1) * float(scale[row])  # (Hq, Tq, n)
+            scores = scores.masked_fill((j > i) | (i < 0), float("-inf"))
+            out[row, :, t0 : t0 + 16] = torch.softmax(scores, -1).nan_to_num(0.0) @ values
     return out

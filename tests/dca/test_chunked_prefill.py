@@ -12,6 +12,7 @@ from dca.prefill import chunked_prefill, prefill_blocks
 from tests.dca.conftest import TINY_DCA, left_pad, tiny_model
 
 TOL = dict(rtol=1e-9, atol=1e-9)
+pytestmark = pytest.mark.usefixtures("dca_backend")  # torch backend and Triton kernels
 
 
 def ids(length, batch=1, seed=1):
