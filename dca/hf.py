@@ -365,14 +365,9 @@ def _softmax_scales(cache, prompt, config: DCAConfig, scaling: float, bsz: int, 
     if config.temperature_alpha == 0.0:
         scale = torch.full((bsz,), scaling, dtype=dtype, device=device)
     else:
-        n = torch.as_tensor(prompt).reshape(-1)
-        if n.device.type == "cpu":  # host values: no device read
-            factors = [scaling * positions.temperature_factor(int(x), config) for x in n.tolist()]
-            scale = torch.tensor(factors, dtype=dtype).to(device, non_blocking=True)
-        else:
-            n = n.to(device=device, dtype=torch.float64)
-            m = 1.0 + config.temperature_alpha * torch.log(n / config.pretraining_length)
-            scale = (scaling * torch.where(n > config.pretraining_length, m * m, torch.ones_like(m))).to(dtype)
+        # m^2 where the prompt lengths live: host values are moved once, GPU values never read.
+        factors = positions.temperature_factors(torch.as_tensor(prompt).reshape(-1), config)
+        scale = (scaling * factors).to(dtype).to(device, non_blocking=True)
         scale = scale.expand(bsz).contiguous() if scale.numel() == 1 else scale
     if cache is not None:
         cache._dca_scale = (key, prompt, scale)

@@ -321,3 +321,24 @@ def test_static_cache_arguments_are_checked():
     with pytest.raises(ValueError, match="kv_dtype"):
         StaticKVCache(kv_dtype="fp8")
     assert StaticKVCache().get_seq_length() == 0 and TINY_DCA.backend == "auto"
+
+
+def test_tensor_level_dca_attention_on_triton_matches_torch():
+    """dca.attention.dca_attention(backend="triton"): left-padded rows, per-row temperature."""
+    from dca.attention import RopeTable, dca_attention, rotate_keys
+    from dca.positions import token_indices_from_mask
+
+    config = DCAConfig(32, chunk_size=24, local_window=4, temperature_alpha=0.4)
+    cos, sin = rope_table(config, 16, torch.float64)
+    rope = RopeTable(config, lambda i, dt: (cos[i].to(dt), sin[i].to(dt)))
+    g = torch.Generator().manual_seed(3)
+    mask = torch.ones(2, 70, dtype=torch.long)
+    mask[1, :25] = 0
+    index = token_indices_from_mask(mask)
+    q = torch.randn(2, 4, 70, 16, generator=g, dtype=torch.float64)
+    k = rotate_keys(torch.randn(2, 2, 70, 16, generator=g, dtype=torch.float64), index, rope)
+    v = torch.randn(2, 2, 70, 16, generator=g, dtype=torch.float64)
+    prompt = torch.tensor([70, 45])
+    want = dca_attention(q, k, v, index, index, rope, 0.25, backend="torch", prompt_length=prompt)
+    got = dca_attention(q, k, v, index, index, rope, 0.25, backend="triton", prompt_length=prompt)
+    assert_close(got, want, rtol=1e-12, atol=1e-12)
