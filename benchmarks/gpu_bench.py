@@ -169,6 +169,43 @@ def bench_attention(shape, config, device, timer, results, before: bool):
         empty_cache(device)
 
 
+# Prefill tiles (BLOCK_M, BLOCK_N, warps, stages) tried on the GPU before the measurements.
+TILE_CANDIDATES = [(64, 64, 4, 2), (128, 64, 8, 2), (128, 64, 8, 3), (64, 64, 4, 3), (128, 32, 8, 3), (64, 32, 4, 2)]
+
+
+def sweep_prefill_tiles(shape, config, device, timer, results, n=32768):
+    """Times the DCA prefill kernel at n tokens with each candidate tile and makes the fastest the
+    default for the rest of the run (dca.triton_kernels.CUDA_TILES)."""
+    import torch
+    from triton.runtime.errors import OutOfResources
+
+    from dca import triton_kernels
+
+    hq, hkv, d = shape["heads"], shape["kv_heads"], shape["head_dim"]
+    g = torch.Generator(device=device).manual_seed(0)
+    q = torch.randn(1, hq, n, d, device=device, dtype=torch.bfloat16, generator=g)
+    k = torch.randn(1, hkv, n, d, device=device, dtype=torch.bfloat16, generator=g)
+    cos = torch.randn(config.chunk_size + 1, d, device=device, dtype=torch.bfloat16)
+    zero = torch.zeros(1, dtype=torch.int32, device=device)
+    scale = torch.full((1,), d**-0.5, device=device)
+    rows, default = [], list(triton_kernels.CUDA_TILES["prefill"])
+    for tiles in TILE_CANDIDATES:
+        triton_kernels.CUDA_TILES["prefill"] = [tiles]
+        triton_kernels._WORKING.clear()
+        try:
+            ms = timer(lambda: triton_kernels.prefill(q, k, k, zero, zero + n, scale, cos, cos, config), 3)
+            rows.append({"tiles": list(tiles), "ms": ms})
+        except OutOfResources as error:
+            rows.append({"tiles": list(tiles), "error": str(error)[:200]})
+        print(f"  prefill tiles {tiles}: {rows[-1].get('ms', rows[-1].get('error'))}", flush=True)
+    best = min((r for r in rows if "ms" in r), key=lambda r: r["ms"], default=None)
+    chosen = [tuple(best["tiles"])] if best else []
+    triton_kernels.CUDA_TILES["prefill"] = chosen + [t for t in default if t not in chosen]
+    triton_kernels._WORKING.clear()
+    results["prefill_tile_sweep"] = {"tokens": n, "rows": rows, "chosen": best["tiles"] if best else None}
+    del q, k
+
+
 def empty_cache(device):
     import gc
 
@@ -416,6 +453,8 @@ def main(argv=None):
     config = DCAConfig(shape["pretraining"])
     timer = Timer(device)
     before = not args.skip_before
+    if device.type == "cuda" and not os.environ.get("DCA_TRITON_BLOCKS"):
+        sweep_prefill_tiles(shape, config, device, timer, results)
     if "attention" in args.parts:
         bench_attention(shape, config, device, timer, results, before)
     if {"prefill", "decode"} & set(args.parts):

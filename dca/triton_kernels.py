@@ -66,8 +66,8 @@ def _prefill_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     # Helpers are inlined by hand: the interpreter pays for every nested jit call.
-    acc_t: tl.constexpr = tl.float64 if F64 else tl.float32
-    dot_t: tl.constexpr = Q.dtype.element_ty
+    acc_t = tl.float64 if F64 else tl.float32
+    dot_t = Q.dtype.element_ty
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
     b = (pid_bh // n_heads).to(tl.int64)
@@ -195,8 +195,8 @@ def _decode_kernel(
     BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr, INT8: tl.constexpr, F64: tl.constexpr,
     PREC: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    acc_t: tl.constexpr = tl.float64 if F64 else tl.float32
-    dot_t: tl.constexpr = Q.dtype.element_ty
+    acc_t = tl.float64 if F64 else tl.float32
+    dot_t = Q.dtype.element_ty
     pid = tl.program_id(0)
     split = tl.program_id(1)
     n_splits = tl.num_programs(1)
@@ -339,7 +339,7 @@ def _store_kernel(
     n_kv_heads, n_new, head_dim, chunk_len,
     BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, INT8: tl.constexpr, F64: tl.constexpr,
 ):
-    acc_t: tl.constexpr = tl.float64 if F64 else tl.float32
+    acc_t = tl.float64 if F64 else tl.float32
     pid = tl.program_id(0)
     b = (pid // n_kv_heads).to(tl.int64)
     hk = (pid % n_kv_heads).to(tl.int64)
@@ -398,23 +398,53 @@ def _pow2(n: int, at_least: int = 16) -> int:
 # not per element, so large tiles and one split are cheapest; the kernel tests shrink the tiles
 # to 16 and use several splits to cross more block, chunk and split boundaries.
 CPU_TILES = dict(prefill=(32, 32, 1, 1), decode=(64, 1, 1), store=32, splits=1)
-
-
-def _blocks(device: torch.device, dtype: torch.dtype, head_dim: int) -> dict:
-    """Tile sizes. GPU: Triton's fused-attention tutorial's choices for head_dim <= 128 (not
-    tuned on this project's hardware yet; DCA_TRITON_BLOCKS overrides the prefill tiles)."""
-    if device.type != "cuda":
-        return CPU_TILES
-    wide = dtype == torch.float32 or head_dim > 128
-    prefill = (64, 32, 4, 2) if wide else (128, 64, 8, 3)  # BLOCK_M, BLOCK_N, warps, stages
-    decode = (32 if wide else 64, 4, 2)  # BLOCK_N, warps, stages
-    return dict(prefill=prefill, decode=decode, store=16)
+# On CUDA: prefill (BLOCK_M, BLOCK_N, warps, stages), decode (BLOCK_N, warps, stages). Moderate
+# choices from Triton's fused-attention tutorial, NOT yet tuned on a GPU (benchmarks/gpu_bench.py
+# sweeps the prefill tiles and reports the best). A launch that runs out of shared memory or
+# registers falls back to the next, smaller entry.
+CUDA_TILES = dict(
+    prefill=[(64, 64, 4, 2), (64, 32, 4, 2), (32, 32, 4, 1)],
+    prefill_fp32=[(64, 32, 4, 2), (32, 32, 4, 1)],
+    decode=[(64, 4, 2), (32, 4, 1)],
+    store=16,
+)
 
 
 def _overrides():
     """DCA_TRITON_BLOCKS='BM,BN,warps,stages' (prefill) for tuning runs on a GPU."""
     text = os.environ.get("DCA_TRITON_BLOCKS")
     return tuple(int(x) for x in text.split(",")) if text else None
+
+
+def _tile_choices(kind: str, device: torch.device, dtype: torch.dtype) -> list:
+    if device.type != "cuda":
+        return [CPU_TILES[kind]]
+    if kind == "prefill":
+        override = _overrides()
+        if override:
+            return [override]
+        return CUDA_TILES["prefill_fp32" if dtype in (torch.float32, torch.float64) else "prefill"]
+    return CUDA_TILES[kind] if kind == "decode" else [CUDA_TILES[kind]]
+
+
+def _launch_with_fallback(kind: str, device, dtype, launch):
+    """launch(tiles) with the first tile choice that compiles on this GPU (remembered)."""
+    from triton.runtime.errors import OutOfResources
+
+    key = (kind, device.type, dtype)
+    choices = _tile_choices(kind, device, dtype)
+    start = _WORKING.get(key, 0) if len(choices) > 1 else 0
+    for index in range(start, len(choices)):
+        try:
+            result = launch(choices[index])
+            _WORKING[key] = index
+            return result
+        except OutOfResources:
+            if index == len(choices) - 1:
+                raise
+
+
+_WORKING: dict = {}
 
 
 def _flags(q: torch.Tensor) -> dict:
@@ -435,6 +465,8 @@ def _check(q, k, v, cos, config_ids):
         raise ValueError(f"{hq} query heads are not a multiple of {k.shape[1]} key/value heads")
     if d % 2:
         raise ValueError(f"head_dim must be even for rotate-half RoPE, got {d}")
+    if cos.stride(-1) != 1:
+        raise ValueError("the rope table must be contiguous along head_dim")
     if cos.shape[0] <= max(config_ids):
         raise ValueError(f"the rope table has {cos.shape[0]} rows; DCA uses ids up to {max(config_ids)}")
 
@@ -456,20 +488,23 @@ def prefill(q, k, v, row_start, seq_end, scale, cos, sin, config, k_scale=None, 
     _check(q, k, v, cos, (config.chunk_size, config.inter_query_id))
     int8 = k.dtype == torch.int8
     out = torch.empty(b, hq, tq, d, device=q.device, dtype=q.dtype)
-    bm, bn, warps, stages = _overrides() or _blocks(q.device, q.dtype, d)["prefill"]
-    grid = (triton.cdiv(tq, bm), b * hq)
     ks = k_scale if int8 else k
     vs = v_scale if int8 else k
-    _prefill_kernel[grid](
-        q, k, v, ks, vs, out, cos, sin, row_start, seq_end, scale,
-        *q.stride(), *k.stride(), *v.stride(), *_scale_strides(k_scale if int8 else None),
-        *out.stride(), cos.stride(0),
-        hq, hq // k.shape[1], tq, d,
-        config.chunk_len, config.chunk_size, config.inter_query_id,
-        BLOCK_D=_pow2(d), INT8=int8, **_flags(q), BLOCK_M=bm, BLOCK_N=bn,
-        num_warps=warps, num_stages=stages,
-    )
-    return out
+
+    def launch(tiles):
+        bm, bn, warps, stages = tiles
+        _prefill_kernel[(triton.cdiv(tq, bm), b * hq)](
+            q, k, v, ks, vs, out, cos, sin, row_start, seq_end, scale,
+            *q.stride(), *k.stride(), *v.stride(), *_scale_strides(k_scale if int8 else None),
+            *out.stride(), cos.stride(0),
+            hq, hq // k.shape[1], tq, d,
+            config.chunk_len, config.chunk_size, config.inter_query_id,
+            BLOCK_D=_pow2(d), INT8=int8, **_flags(q), BLOCK_M=bm, BLOCK_N=bn,
+            num_warps=warps, num_stages=stages,
+        )
+        return out
+
+    return _launch_with_fallback("prefill", q.device, q.dtype, launch)
 
 
 def _num_splits(q: torch.Tensor, batch_heads: int, capacity: int, block_n: int) -> int:
@@ -505,22 +540,27 @@ def decode(q, k, v, row_start, seq_end, scale, cos, sin, config, k_scale=None, v
     if group * tq > _DECODE_MAX_ROWS:
         raise ValueError(f"decode folds group * queries = {group * tq} rows; at most {_DECODE_MAX_ROWS}")
     int8 = k.dtype == torch.int8
-    bn, warps, stages = _blocks(q.device, q.dtype, d)["decode"]
-    splits = num_splits or _num_splits(q, b * hkv, k.shape[2], bn)
     acc = torch.float64 if q.dtype == torch.float64 else torch.float32
-    part = torch.empty(b, hq, tq, splits, d, device=q.device, dtype=acc)
-    lse = torch.empty(b, hq, tq, splits, device=q.device, dtype=acc)
     ks = k_scale if int8 else k
     vs = v_scale if int8 else k
-    _decode_kernel[(b * hkv, splits)](
-        q, k, v, ks, vs, part, lse, cos, sin, row_start, seq_end, scale,
-        *q.stride(), *k.stride(), *v.stride(), *_scale_strides(k_scale if int8 else None),
-        *part.stride(), *lse.stride(), cos.stride(0),
-        hkv, group, tq, d,
-        config.chunk_len, config.chunk_size, config.inter_query_id,
-        BLOCK_R=_pow2(group * tq), BLOCK_D=_pow2(d), INT8=int8, **_flags(q), BLOCK_N=bn,
-        num_warps=warps, num_stages=stages,
-    )
+
+    def launch(tiles):
+        bn, warps, stages = tiles
+        splits = num_splits or _num_splits(q, b * hkv, k.shape[2], bn)
+        part = torch.empty(b, hq, tq, splits, d, device=q.device, dtype=acc)
+        lse = torch.empty(b, hq, tq, splits, device=q.device, dtype=acc)
+        _decode_kernel[(b * hkv, splits)](
+            q, k, v, ks, vs, part, lse, cos, sin, row_start, seq_end, scale,
+            *q.stride(), *k.stride(), *v.stride(), *_scale_strides(k_scale if int8 else None),
+            *part.stride(), *lse.stride(), cos.stride(0),
+            hkv, group, tq, d,
+            config.chunk_len, config.chunk_size, config.inter_query_id,
+            BLOCK_R=_pow2(group * tq), BLOCK_D=_pow2(d), INT8=int8, **_flags(q), BLOCK_N=bn,
+            num_warps=warps, num_stages=stages,
+        )
+        return splits, part, lse
+
+    splits, part, lse = _launch_with_fallback("decode", q.device, q.dtype, launch)
     if splits == 1:  # nothing to merge: the one partial result is the output
         return part[:, :, :, 0].to(q.dtype)
     out = torch.empty(b, hq, tq, d, device=q.device, dtype=q.dtype)
@@ -550,7 +590,7 @@ def store(key, value, k_buf, v_buf, cos, sin, row_start, write_start, chunk_len,
     """
     b, hkv, t, d = key.shape
     int8 = k_buf.dtype == torch.int8
-    block_t = _blocks(key.device, key.dtype, d)["store"]
+    block_t = _tile_choices("store", key.device, key.dtype)[0]
     ks = k_scale if int8 else k_buf
     vs = v_scale if int8 else k_buf
     _store_kernel[(b * hkv, triton.cdiv(t, block_t))](
