@@ -1,12 +1,17 @@
 """`apply_dca`: turns one loaded transformers model into its DCA version, in place.
 
-The only module of `dca` that knows transformers. It swaps the attention module of every decoder
+The module of `dca` that knows transformers' models (dca/kv_quant.py and dca/cache.py know its
+Cache classes). It swaps the attention module of every decoder
 layer of THIS instance for a `DCAAttention` that reuses the layer's own q/k/v/o projections (no
 copy), and gives the instance a private copy of its config whose attention implementation is
 "dca". That name is not in transformers' mask registry, so the model builds no (B, 1, n, n)
 mask at all: nothing n x n is ever allocated. The 2D padding mask reaches the layers through a
 forward pre-hook on this instance's base model. No transformers class or global registry is
 touched.
+
+On the "triton" backend (the default on CUDA) a layer writes its new keys and values into the
+cache with one kernel and attends with one more (two at decode); the bookkeeping they share is
+computed once per forward, on the device, without reading anything back (`_ForwardPlan`).
 """
 
 from __future__ import annotations

@@ -1,4 +1,6 @@
-"""Partial attention kernels that also return the log-sum-exp, and the LSE merge.
+"""Partial attention kernels that also return the log-sum-exp, the LSE merge, and backend choice.
+
+(The "triton" backend does not use these: dca/triton_kernels.py computes DCA in one pass.)
 
 DCA splits every query row's keys into up to three groups, each seen with a different query
 rotation, and joins them with ONE softmax. Each group is an ordinary attention call that returns
