@@ -373,6 +373,9 @@ def _softmax_scales(cache, prompt, config: DCAConfig, scaling: float, bsz: int, 
         # m^2 where the prompt lengths live: host values are moved once, GPU values never read.
         factors = positions.temperature_factors(torch.as_tensor(prompt).reshape(-1), config)
         scale = (scaling * factors).to(dtype).to(device, non_blocking=True)
+        if scale.numel() not in (1, bsz):
+            raise ValueError(f"the cache's prompt length has {scale.numel()} values for a batch of {bsz} rows "
+                             "(dca.set_prompt_length takes one per row, or one for all)")
         scale = scale.expand(bsz).contiguous() if scale.numel() == 1 else scale
     if cache is not None:
         cache._dca_scale = (key, prompt, scale)

@@ -62,6 +62,8 @@ def resolve_backend(requested: str, device: torch.device, dtype: torch.dtype) ->
                            "TRITON_INTERPRET=1 before dca is imported; slow, meant for tests)")
         elif device.type not in ("cpu", "cuda"):
             missing.append(f"the model is on {device.type}; Triton needs CUDA")
+        elif device.type == "cuda" and dtype not in (torch.float16, torch.bfloat16, torch.float32):
+            missing.append(f"the model dtype is {dtype}; the compiled kernels take float16, bfloat16 or float32")
         if missing:
             raise RuntimeError("DCA backend 'triton' cannot run: " + "; ".join(missing) + ". Use backend='torch' or 'auto'.")
         return "triton"

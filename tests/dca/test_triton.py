@@ -307,6 +307,8 @@ def test_backend_resolution(monkeypatch):
         assert kernels.resolve_backend("auto", torch.device("cuda"), dtype) == "triton"
     assert kernels.resolve_backend("auto", torch.device("cuda"), torch.float64) == "torch"
     assert kernels.resolve_backend("torch", torch.device("cuda"), torch.bfloat16) == "torch"
+    with pytest.raises(RuntimeError, match="float16, bfloat16 or float32"):
+        kernels.resolve_backend("triton", torch.device("cuda"), torch.float64)
     with pytest.raises(RuntimeError, match="TRITON_INTERPRET"):
         kernels.resolve_backend("triton", torch.device("cpu"), torch.float32)
     monkeypatch.setattr(kernels, "triton_available", lambda: False)
