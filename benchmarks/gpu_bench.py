@@ -42,11 +42,11 @@ sys.path.insert(0, str(ROOT))
 FULL = dict(
     hidden=8192, heads=32, kv_heads=4, head_dim=128, intermediate=14336, vocab=32000, layers=2, pretraining=4096,
     attention=[16384, 32768, 65536, 100000], prefill=[32768, 65536, 100000], decode=[32768, 100000],
-    batches=[1, 4], warm_tokens=4096, decode_steps=20,
+    batches=[1, 4], warm_tokens=4096, decode_steps=20, decode_warmup=2,
 )
 SMOKE = dict(
     hidden=64, heads=4, kv_heads=2, head_dim=16, intermediate=96, vocab=101, layers=2, pretraining=32,
-    attention=[64, 96], prefill=[96], decode=[80], batches=[1, 2], warm_tokens=16, decode_steps=2,
+    attention=[64], prefill=[64], decode=[48], batches=[2], warm_tokens=16, decode_steps=1, decode_warmup=0,
 )
 ROW_FRACTIONS = (1.0, 0.9, 0.75, 0.5)  # lengths of the left-padded decode rows
 KV_LABEL = {"cuda": "bf16", "cpu": "model dtype"}  # the smoke run's model is float32
@@ -298,7 +298,7 @@ def bench_plain_decode(model, shape, device, timer, results, label="plain"):
                     model(ids, attention_mask=mask, position_ids=positions, cache=cache, use_cache=True, logits_to_keep=1)
                 cache.crop(-1)
 
-            ms = timer(step, shape["decode_steps"], warmup=2)
+            ms = timer(step, shape["decode_steps"], warmup=shape["decode_warmup"])
             add_decode_row(results, shape, model, n, batch, label, KV_LABEL[device.type], "eager", ms, lengths)
             del cache
             empty_cache(device)
@@ -339,7 +339,7 @@ def bench_dca_decode(model, shape, device, timer, results, kv_dtypes=("auto", "i
                         model(ids, cache=cache, use_cache=True, logits_to_keep=1)
 
                 name = "int8" if kv_dtype == "int8" else KV_LABEL[device.type]
-                ms = timer(step, steps, warmup=2)
+                ms = timer(step, steps, warmup=shape["decode_warmup"])
                 add_decode_row(results, shape, model, n, batch, label, name, "eager", ms, lengths)
                 if graphs and device.type == "cuda":
                     set_cache_length(cache, n + 1)

@@ -339,12 +339,13 @@ def _store_kernel(
     n_kv_heads, n_new, head_dim, chunk_len,
     BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, INT8: tl.constexpr, F64: tl.constexpr,
 ):
+    # Rows are (KV head, new token) pairs of one batch row: one program per row at decode.
     acc_t = tl.float64 if F64 else tl.float32
-    pid = tl.program_id(0)
-    b = (pid // n_kv_heads).to(tl.int64)
-    hk = (pid % n_kv_heads).to(tl.int64)
-    t = tl.program_id(1) * BLOCK_T + tl.arange(0, BLOCK_T)
-    t_ok = t < n_new
+    b = tl.program_id(0).to(tl.int64)
+    g = tl.program_id(1) * BLOCK_T + tl.arange(0, BLOCK_T)
+    hk = (g // n_new).to(tl.int64)
+    t = g % n_new
+    t_ok = g < n_kv_heads * n_new
     col = (tl.load(WRITE_START) + t).to(tl.int64)  # cache slot of each new token
     key_id = tl.maximum(col - tl.load(ROW_START + b), 0) % chunk_len  # j mod L (pads: 0)
     offs_d = tl.arange(0, BLOCK_D)
@@ -353,7 +354,7 @@ def _store_kernel(
     offs_sw = tl.where(offs_d < half, offs_d + half, offs_d - half)
     sign = tl.where(offs_d < half, -1.0, 1.0).to(acc_t)
     mask = t_ok[:, None] & d_ok[None, :]
-    k_rows = K_NEW + b * stride_nb + hk * stride_nh + t[:, None] * stride_nt
+    k_rows = K_NEW + b * stride_nb + hk[:, None] * stride_nh + t[:, None] * stride_nt
     k = tl.load(k_rows + offs_d[None, :] * stride_nd, mask=mask, other=0.0).to(acc_t)
     k_sw = tl.load(k_rows + offs_sw[None, :] * stride_nd, mask=mask, other=0.0).to(acc_t) * sign[None, :]
     ids = key_id[:, None] * stride_cos + offs_d[None, :]
@@ -361,10 +362,10 @@ def _store_kernel(
     s = tl.load(SIN + ids, mask=mask, other=0.0).to(acc_t)
     # The rotated key in the model dtype: what the torch path stores.
     k = (k * c + k_sw * s).to(K_NEW.dtype.element_ty)
-    v = tl.load(V_NEW + b * stride_mb + hk * stride_mh + t[:, None] * stride_mt + offs_d[None, :] * stride_md,
+    v = tl.load(V_NEW + b * stride_mb + hk[:, None] * stride_mh + t[:, None] * stride_mt + offs_d[None, :] * stride_md,
                 mask=mask, other=0.0)
-    k_dst = K_BUF + b * stride_kb + hk * stride_kh + col[:, None] * stride_kt + offs_d[None, :] * stride_kd
-    v_dst = V_BUF + b * stride_vb + hk * stride_vh + col[:, None] * stride_vt + offs_d[None, :] * stride_vd
+    k_dst = K_BUF + b * stride_kb + hk[:, None] * stride_kh + col[:, None] * stride_kt + offs_d[None, :] * stride_kd
+    v_dst = V_BUF + b * stride_vb + hk[:, None] * stride_vh + col[:, None] * stride_vt + offs_d[None, :] * stride_vd
     if INT8:
         # dca/kv_quant.quantize_int8: scale = max|x| / 127 per (row, head, token), round half to even.
         s_off = b * stride_sb + hk * stride_sh + col * stride_st
@@ -397,7 +398,7 @@ def _pow2(n: int, at_least: int = 16) -> int:
 # Tile sizes and key splits on CPU (the interpreter): its cost is per operation and per program,
 # not per element, so large tiles and one split are cheapest; the kernel tests shrink the tiles
 # to 16 and use several splits to cross more block, chunk and split boundaries.
-CPU_TILES = dict(prefill=(32, 32, 1, 1), decode=(64, 1, 1), store=32, splits=1)
+CPU_TILES = dict(prefill=(32, 32, 1, 1), decode=(64, 1, 1), store=64, splits=1)
 # On CUDA: prefill (BLOCK_M, BLOCK_N, warps, stages), decode (BLOCK_N, warps, stages). Moderate
 # choices from Triton's fused-attention tutorial, NOT yet tuned on a GPU (benchmarks/gpu_bench.py
 # sweeps the prefill tiles and reports the best). A launch that runs out of shared memory or
@@ -406,7 +407,7 @@ CUDA_TILES = dict(
     prefill=[(64, 64, 4, 2), (64, 32, 4, 2), (32, 32, 4, 1)],
     prefill_fp32=[(64, 32, 4, 2), (32, 32, 4, 1)],
     decode=[(64, 4, 2), (32, 4, 1)],
-    store=16,
+    store=32,
 )
 
 
@@ -593,7 +594,7 @@ def store(key, value, k_buf, v_buf, cos, sin, row_start, write_start, chunk_len,
     block_t = _tile_choices("store", key.device, key.dtype)[0]
     ks = k_scale if int8 else k_buf
     vs = v_scale if int8 else k_buf
-    _store_kernel[(b * hkv, triton.cdiv(t, block_t))](
+    _store_kernel[(b, triton.cdiv(hkv * t, block_t))](
         key, value, k_buf, v_buf, ks, vs, cos, sin, row_start, write_start,
         *key.stride(), *value.stride(), *k_buf.stride(), *v_buf.stride(),
         *_scale_strides(k_scale if int8 else None), cos.stride(0),

@@ -60,12 +60,32 @@ def _no_grad():
 
 
 def _fast_interpreter() -> None:
-    """The interpreter checks every int32 operation for overflow; the kernels index in int64 where
-    it matters, and the check is a third of the interpreter's time."""
+    """Two shortcuts in Triton's interpreter (test speed only, not results):
+
+    - it checks every int32 operation for overflow (a third of its time); the kernels index in
+      int64 where it matters;
+    - every call of a nested @jit function (tl.max, tl.sum in the kernels' loops) re-patches
+      triton.language's modules, and never undoes it: patching each function once is enough.
+    """
     from triton.runtime import interpreter
 
     builder = interpreter.interpreter_builder
     builder.options = dataclasses.replace(builder.options, sanitize_overflow=False)
+    patch, patched = interpreter._patch_lang, set()
+
+    def patch_nested_once(fn):
+        if fn not in patched:
+            patched.add(fn)
+            patch(fn)
+
+    def call(self, *args, **kwargs):  # InterpretedFunction.__call__ with the patching above
+        patch_nested_once(self.fn)
+        try:
+            return self.rewrite()(*args, **kwargs)
+        except Exception as e:
+            raise interpreter.InterpreterError(repr(e)) from e
+
+    interpreter.InterpretedFunction.__call__ = call
 
 
 if HAS_TRITON and kernels.triton_interpreted():

@@ -34,7 +34,9 @@ def test_blocks_are_aligned_to_absolute_multiples():
 
 @pytest.mark.parametrize("block_size", [1, 7, 20, 33, None, 200])
 @pytest.mark.parametrize("alpha", [0.0, 0.1])
-def test_equals_one_shot_prefill(block_size, alpha):
+def test_equals_one_shot_prefill(block_size, alpha, dca_backend):
+    if dca_backend == "triton" and block_size == 1:
+        pytest.skip("one-token blocks are decode steps: test_semantics' decode tests cover them on Triton")
     config = DCAConfig(pretraining_length=32, chunk_size=24, local_window=4, temperature_alpha=alpha)
     model = dca_model(config)
     x = ids(95)

@@ -28,5 +28,5 @@ def test_gpu_bench_smoke_mode(tmp_path):
     for part in ("attention", "prefill", "decode"):
         assert {(part, "plain"), (part, "dca_triton"), (part, "dca_torch_before")} <= modes
     assert {row["kv"] for row in result["decode"] if row["mode"] == "dca_triton"} == {"model dtype", "int8"}
-    assert "prefill_ratio_96" in result["summary"] and "int8_over_bf16_decode_80_b2" in result["summary"]
+    assert "prefill_ratio_64" in result["summary"] and "int8_over_bf16_decode_48_b2" in result["summary"]
     assert "| measure | value | target | met |" in proc.stdout
