@@ -432,6 +432,8 @@ def main(argv=None):
     if not args.smoke and not torch.cuda.is_available():
         sys.exit("gpu_bench: CUDA is not available here (use --smoke on CPU to check the script runs)")
     device = torch.device("cuda" if torch.cuda.is_available() and not args.smoke else "cpu")
+    if device.type == "cpu":
+        torch.set_num_threads(1)  # the interpreter's numpy threads and torch's would fight over the cores
     shape = SMOKE if args.smoke else FULL
     import triton
 

@@ -92,6 +92,16 @@ if HAS_TRITON and kernels.triton_interpreted():
     _fast_interpreter()
 
 
+@pytest.fixture
+def one_torch_thread():
+    """The interpreter's tl.dot runs numpy's BLAS threads; next to torch's OpenMP threads on a small
+    shared machine, both spin and every tiny torch op waits (twice the time). One torch thread."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(params=["torch", "triton"])
 def dca_backend(request, monkeypatch):
     """Runs a test twice: with the torch backend, and with "auto" resolving to the Triton kernels
@@ -106,4 +116,5 @@ def dca_backend(request, monkeypatch):
         monkeypatch.setattr(kernels, "resolve_backend",
                             lambda requested, device, dtype: resolve("triton" if requested == "auto" else requested,
                                                                      device, dtype))
+        request.getfixturevalue("one_torch_thread")
     return request.param

@@ -20,9 +20,10 @@ from dca.prefill import chunked_prefill
 from tests.dca.conftest import HAS_TRITON, TINY_DCA, left_pad, tiny_model
 from tests.dca.reference import reference_cache_attention, reference_logits
 
-pytestmark = pytest.mark.skipif(
-    not (HAS_TRITON and kernels.triton_interpreted()), reason="needs triton and its interpreter (CPU)"
-)
+pytestmark = [
+    pytest.mark.skipif(not (HAS_TRITON and kernels.triton_interpreted()), reason="needs triton and its interpreter (CPU)"),
+    pytest.mark.usefixtures("one_torch_thread"),
+]
 TRITON = DCAConfig(32, chunk_size=24, local_window=4, backend="triton")  # L = 20
 
 
