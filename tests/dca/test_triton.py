@@ -345,3 +345,21 @@ def test_tensor_level_dca_attention_on_triton_matches_torch():
     want = dca_attention(q, k, v, index, index, rope, 0.25, backend="torch", prompt_length=prompt)
     got = dca_attention(q, k, v, index, index, rope, 0.25, backend="triton", prompt_length=prompt)
     assert_close(got, want, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("tq", [2, 40])
+def test_float16_kernels_through_the_interpreter(small_tiles, tq):
+    """Low precision on CPU. float16 only: the interpreter's tl.dot multiplies bfloat16's raw bits
+    (it stores bf16 as uint16), so bf16 is checked on a GPU only (test_triton_gpu.py)."""
+    g = torch.Generator().manual_seed(tq)
+    b, hq, hkv, d = 2, 8, 2, 32
+    row_start = torch.tensor([0, 30], dtype=torch.int32)
+    q = torch.randn(b, hq, tq, d, generator=g).half()
+    k, v = torch.randn(b, hkv, 96, d, generator=g).half(), torch.randn(b, hkv, 96, d, generator=g).half()
+    cos, sin = rope_table(TRITON, d, torch.float16)
+    scale = torch.full((b,), d**-0.5)
+    seq = torch.tensor([87], dtype=torch.int32)
+    ref = reference_cache_attention(q, k, v, row_start, 87, scale, cos, sin, TRITON)
+    out = small_tiles.attention(q, k, v, row_start, seq, scale, cos, sin, TRITON)
+    assert out.dtype == torch.float16
+    assert relative_error(out, ref) < 2e-3  # fp16 rounding of q, p and the output
