@@ -83,6 +83,8 @@ def dca_attention(
 ) -> torch.Tensor:
     """Dual Chunk Attention output, (B, Hq, Tq, D) in the query dtype.
 
+    backend "torch" or "flash" (kernels.attend, chunk by chunk) or "triton" (dca/triton_kernels.py).
+
     query       (B, Hq, Tq, D)  not rotated
     key         (B, Hkv, Tk, D) rotated at j mod L (see `rotate_keys`)
     value       (B, Hkv, Tk, D)
@@ -94,6 +96,8 @@ def dca_attention(
     what left padding and a KV cache give. Pad query rows come out as zeros.
     """
     config = rope.config
+    if backend == "triton":
+        return _triton(query, key, value, key_index, rope, scale, prompt_length)
     b, _, tq, _ = query.shape
     tk = key.shape[2]
     real_keys = (key_index >= 0).sum(-1)  # (B,)
@@ -130,6 +134,24 @@ def dca_attention(
         t0 = kr.shape[2] - (tq - q0)
         out[row : row + 1, :, q0:] = _chunked(query[row : row + 1, :, q0:], kr, vr, t0, rope, scale_b, backend)
     return out
+
+
+def _triton(q, k, v, key_index, rope: RopeTable, scale: float, prompt_length) -> torch.Tensor:
+    """The Triton kernels (dca/triton_kernels.py): one launch, nothing read back to the host.
+
+    Left padding is assumed (not checked: that would read the GPU): a row's pads are its first
+    slots, so their count is the slot of its first real token.
+    """
+    from dca import triton_kernels
+
+    row_start = (key_index < 0).sum(-1).to(torch.int32)  # (B,)
+    n = prompt_length if prompt_length is not None else key_index.shape[1] - row_start
+    dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
+    scales = (scale * positions.temperature_factors(torch.as_tensor(n, device=q.device), rope.config)).to(dtype)
+    seq_end = torch.full((1,), k.shape[2], dtype=torch.int32, device=q.device)
+    cos, sin = rope.tables(q.device, q.dtype)
+    return triton_kernels.attention(q, k, v, row_start, seq_end, scales.expand(q.shape[0]).contiguous(), cos, sin,
+                                    rope.config)
 
 
 def _check_contiguous(q_idx: torch.Tensor, k_idx: torch.Tensor) -> None:

@@ -7,7 +7,7 @@ import json
 import os
 from dataclasses import dataclass
 
-BACKENDS = ("auto", "torch", "flash")
+BACKENDS = ("auto", "torch", "flash", "triton")
 
 
 @dataclass(frozen=True)
@@ -28,8 +28,10 @@ class DCAConfig:
     # alpha of spec section 5: logits are scaled by m^2, m = 1 + alpha * ln(n / P) for prompt
     # length n > P. 0 turns it off.
     temperature_alpha: float = 0.0
-    # "auto" | "torch" | "flash". "auto" picks flash-attn only on CUDA, in fp16/bf16, when it
-    # is importable; "torch" runs everywhere.
+    # "auto" | "torch" | "flash" | "triton". "auto" picks the Triton kernels on CUDA (fp16, bf16,
+    # fp32) when triton is importable, else flash-attn on CUDA in fp16/bf16 when importable, else
+    # "torch", which runs everywhere (and is what CPUs use). "triton" on CPU needs the interpreter
+    # (TRITON_INTERPRET=1 before dca.triton_kernels is imported): slow, for tests.
     backend: str = "auto"
 
     def __post_init__(self) -> None:

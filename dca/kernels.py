@@ -1,4 +1,6 @@
-"""Partial attention kernels that also return the log-sum-exp, and the LSE merge.
+"""Partial attention kernels that also return the log-sum-exp, the LSE merge, and backend choice.
+
+(The "triton" backend does not use these: dca/triton_kernels.py computes DCA in one pass.)
 
 DCA splits every query row's keys into up to three groups, each seen with a different query
 rotation, and joins them with ONE softmax. Each group is an ordinary attention call that returns
@@ -22,6 +24,8 @@ from __future__ import annotations
 
 import importlib.util
 import math
+import os
+import sys
 
 import torch
 
@@ -33,9 +37,36 @@ def flash_available() -> bool:
     return torch.cuda.is_available() and importlib.util.find_spec("flash_attn") is not None
 
 
+def triton_available() -> bool:
+    return importlib.util.find_spec("triton") is not None
+
+
+def triton_interpreted() -> bool:
+    """Whether dca.triton_kernels runs (or will run, once imported) in Triton's CPU interpreter."""
+    module = sys.modules.get("dca.triton_kernels")
+    if module is not None:
+        return module.INTERPRETED
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
 def resolve_backend(requested: str, device: torch.device, dtype: torch.dtype) -> str:
-    """'auto' | 'torch' | 'flash' -> the backend that will run; raises if 'flash' cannot."""
+    """'auto' | 'torch' | 'flash' | 'triton' -> the backend that will run; raises if 'flash' or
+    'triton' cannot."""
     half = dtype in (torch.float16, torch.bfloat16)
+    if requested == "triton":
+        missing = []
+        if not triton_available():
+            missing.append("the triton package is not installed (it ships with CUDA builds of torch)")
+        elif device.type == "cpu" and not triton_interpreted():
+            missing.append("the model is on CPU: Triton runs there only in its interpreter (set "
+                           "TRITON_INTERPRET=1 before dca is imported; slow, meant for tests)")
+        elif device.type not in ("cpu", "cuda"):
+            missing.append(f"the model is on {device.type}; Triton needs CUDA")
+        elif device.type == "cuda" and dtype not in (torch.float16, torch.bfloat16, torch.float32):
+            missing.append(f"the model dtype is {dtype}; the compiled kernels take float16, bfloat16 or float32")
+        if missing:
+            raise RuntimeError("DCA backend 'triton' cannot run: " + "; ".join(missing) + ". Use backend='torch' or 'auto'.")
+        return "triton"
     if requested == "flash":
         missing = []
         if importlib.util.find_spec("flash_attn") is None:
@@ -48,6 +79,8 @@ def resolve_backend(requested: str, device: torch.device, dtype: torch.dtype) ->
             raise RuntimeError("DCA backend 'flash' cannot run: " + "; ".join(missing) + ". Use backend='torch' or 'auto'.")
         return "flash"
     if requested == "auto":
+        if device.type == "cuda" and (half or dtype == torch.float32) and triton_available() and not triton_interpreted():
+            return "triton"
         return "flash" if (device.type == "cuda" and half and flash_available()) else "torch"
     if requested == "torch":
         return "torch"

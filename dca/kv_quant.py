@@ -10,11 +10,12 @@ whatever block sizes filled it (one-shot and chunked prefill give the same cache
 `generate`. Every `update` returns the layer's WHOLE cache dequantised to the model dtype, the
 new tokens included (so a prefill block attends to exactly what later decode steps will see).
 That costs transient memory: one layer's K and V in the model dtype while that layer's
-attention runs (the memory planner counts it, `pipeline/memory_plan.py`). Dequantising per key
-block inside the attention kernel would remove it; the DCA core does not do that yet.
+attention runs (the memory planner counts it, `pipeline/memory_plan.py`). On the Triton backend
+(the default on CUDA) an empty Int8KVCache is adopted by dca/cache.py: the same int8 format in
+preallocated buffers, dequantised per key block inside the attention kernels, with no such copy.
 
-This is the one module of `dca` besides `dca.hf` that depends on transformers (its Cache base
-classes); nothing else in `dca` imports it.
+With dca/cache.py, one of the two modules of `dca` besides `dca.hf` that depend on transformers
+(its Cache base classes).
 """
 
 from __future__ import annotations

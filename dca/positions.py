@@ -53,6 +53,16 @@ def temperature_factor(prompt_length: int, config: DCAConfig) -> float:
     return m * m
 
 
+def temperature_factors(prompt_lengths: torch.Tensor, config: DCAConfig) -> torch.Tensor:
+    """`temperature_factor` of each element of a tensor of prompt lengths, computed where the tensor
+    lives (float64): no value is read back from a GPU."""
+    n = prompt_lengths.to(torch.float64)
+    if config.temperature_alpha == 0.0:
+        return torch.ones_like(n)
+    m = 1.0 + config.temperature_alpha * torch.log(n / config.pretraining_length)
+    return torch.where(n > config.pretraining_length, m * m, torch.ones_like(m))
+
+
 def token_indices_from_mask(padding_mask: torch.Tensor) -> torch.Tensor:
     """(B, K) 0/1 padding mask -> (B, K) token index of every slot, -1 for pads."""
     mask = padding_mask.to(torch.long)

@@ -84,6 +84,9 @@ def chunked_prefill(
         if prompt_length is None:
             prompt_length = attention_mask.sum(-1) if attention_mask is not None else total
         set_prompt_length(cache, prompt_length)
+        # A growable dca.cache.StaticKVCache (or an adopted DynamicCache) allocates the whole
+        # prompt at the first block instead of growing block by block.
+        cache.dca_capacity_hint = total
 
     blocks = prefill_blocks(past, input_ids.shape[1], block_size)
     logits = None

@@ -1,18 +1,22 @@
-"""The prepared GPU check: one command, under 5 minutes on one H100/A100.
+"""The prepared GPU check: one command, under 8 minutes on one H100/A100.
 
     PYTHONPATH=. python scripts/gpu_check.py            # writes benchmarks/results/gpu_check.json
+                                                        # and benchmarks/results/gpu_bench.json
 
-Needs only torch (CUDA) and transformers; flash-attn, Ray and DeepSpeed are optional.
-1. Backends agree: DCA attention with the torch backend (aten memory-efficient kernel) and, when
-   flash-attn is importable, the flash backend, in bf16, each against a float32 torch-backend run
-   of the same inputs (Llama-2-70B head layout per GPU at tp 2: 32 query heads, 4 KV heads).
+Needs only torch (CUDA), triton and transformers; flash-attn, Ray and DeepSpeed are optional.
+1. Backends agree: DCA attention with the torch backend (aten memory-efficient kernel), the Triton
+   kernels and, when flash-attn is importable, the flash backend, in bf16, each against a float32
+   torch-backend run of the same inputs (Llama-2-70B head layout per GPU at tp 2: 32 query heads,
+   4 KV heads); the Triton kernels in float32 too.
 2. Prefill time and peak memory, DCA vs plain (SDPA, and flash-attn 2 when installed), at 16k,
    32k and 64k tokens on a Llama-2-7B-shaped stack of a few layers in bf16 with random weights.
-3. Continuous batching and the device-time rule (scripts/gpu_check_metering.py, one process):
+3. benchmarks/gpu_bench.py (the 2-layer Llama-2-70B rank stack: prefill, attention and decode,
+   plain vs DCA, torch vs Triton), unless --skip-bench.
+4. Continuous batching and the device-time rule (scripts/gpu_check_metering.py, one process):
    greedy tokens of each request alone, per-request GPU time summing to the rank's busy time
    within the run's CUDA-event span, and the throughput benchmark (continuous vs static) on a
    Llama-2-70B rank stack.
-4. The engine check (scripts/gpu_check_engine.py), when Ray and DeepSpeed are installed.
+5. The engine check (scripts/gpu_check_engine.py), when Ray and DeepSpeed are installed.
 """
 
 from __future__ import annotations
@@ -57,17 +61,25 @@ def check_backends(results: dict) -> None:
         return dca_attention(q.to(dtype), kr, v.to(dtype), idx, idx, rope, 128**-0.5, backend=backend).float()
 
     ref = run(torch.float32, "torch")
-    backends = ["torch"] + (["flash"] if importlib.util.find_spec("flash_attn") else [])
+    backends = ["torch"] + (["triton"] if importlib.util.find_spec("triton") else [])
+    backends += ["flash"] if importlib.util.find_spec("flash_attn") else []
     rows = []
+    if "triton" in backends:
+        out = run(torch.float32, "triton")
+        rows.append({"backend": "triton", "dtype": "float32", "max_abs_err_vs_fp32": (out - ref).abs().max().item(),
+                     "max_rel_err_vs_fp32": ((out - ref).abs().max() / ref.abs().max()).item()})
     for backend in backends:
         out = run(torch.bfloat16, backend)
         rows.append({"backend": backend, "dtype": "bfloat16", "max_abs_err_vs_fp32": (out - ref).abs().max().item(),
                      "mean_abs_err_vs_fp32": (out - ref).abs().mean().item()})
-    if len(backends) == 2:
+    if "flash" in backends:
         a, b = run(torch.bfloat16, "torch"), run(torch.bfloat16, "flash")
         rows.append({"backend": "flash vs torch", "dtype": "bfloat16", "max_abs_err": (a - b).abs().max().item()})
     else:
         rows.append({"backend": "flash", "note": "flash-attn is not installed: flash backend not checked"})
+    errors = {r["backend"]: r["max_abs_err_vs_fp32"] for r in rows if r.get("dtype") == "bfloat16"}
+    if "triton" in errors:
+        rows.append({"check": "triton bf16 error <= 2 x torch bf16 error", "met": errors["triton"] <= 2 * errors["torch"]})
     results["backends"] = rows
     print("\nbackend agreement (16k tokens, 32 q heads / 4 kv heads, head_dim 128):")
     for r in rows:
@@ -85,6 +97,8 @@ def time_prefill(results: dict, lengths, layers: int) -> None:
         num_attention_heads=32, num_key_value_heads=32, max_position_embeddings=4096, rope_theta=10000.0,
     )
     modes = [("plain sdpa", "sdpa", None), ("dca torch", "sdpa", "torch")]
+    if importlib.util.find_spec("triton"):
+        modes.append(("dca triton", "sdpa", "triton"))
     if importlib.util.find_spec("flash_attn"):
         modes = [("plain flash-attn", "flash_attention_2", None)] + modes + [("dca flash", "sdpa", "flash")]
     else:
@@ -132,6 +146,7 @@ def main():
     p.add_argument("--lengths", type=int, nargs="*", default=[16384, 32768, 65536])
     p.add_argument("--layers", type=int, default=4)
     p.add_argument("--output", default=str(ROOT / "benchmarks" / "results" / "gpu_check.json"))
+    p.add_argument("--skip-bench", action="store_true", help="do not run benchmarks/gpu_bench.py")
     args = p.parse_args()
     import torch
 
@@ -146,6 +161,16 @@ def main():
     t0 = time.time()
     check_backends(results)
     time_prefill(results, args.lengths, args.layers)
+    if args.skip_bench:
+        results["gpu_bench"] = "skipped (--skip-bench)"
+    else:
+        torch.cuda.empty_cache()
+        sys.path.insert(0, str(ROOT / "benchmarks"))
+        import gpu_bench
+
+        bench = gpu_bench.main([])
+        results["gpu_bench"] = {"output": "benchmarks/results/gpu_bench.json", "summary": bench["summary"]}
+    torch.cuda.empty_cache()
     # Continuous batching and the device-time rule, in process (no Ray or DeepSpeed needed).
     metering = ROOT / "scripts" / "gpu_check_metering.py"
     proc = subprocess.run([sys.executable, str(metering)], cwd=ROOT, capture_output=True, text=True)

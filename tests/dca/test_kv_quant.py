@@ -1,5 +1,6 @@
 """The int8 KV cache (dca/kv_quant.py): storage, equality of prefill paths, and its cost in logits."""
 
+import pytest
 import torch
 from torch.testing import assert_close
 from transformers import DynamicCache
@@ -43,6 +44,7 @@ def test_stores_int8_and_reports_its_size():
     assert int8_bytes_per_element(16) == 1.25 and int8_bytes_per_element(128) == 1.03125
 
 
+@pytest.mark.usefixtures("dca_backend")
 def test_chunked_prefill_gives_the_same_cache_and_logits_as_one_shot():
     model = apply_dca(tiny_model(), TINY_DCA)
     x = ids(95)
@@ -55,6 +57,7 @@ def test_chunked_prefill_gives_the_same_cache_and_logits_as_one_shot():
         assert torch.equal(a._keys[0], b._keys[0]) and torch.equal(a._values[1], b._values[1])
 
 
+@pytest.mark.usefixtures("dca_backend")
 def test_logit_difference_against_full_precision_cache_is_small():
     # float32 tiny model: int8 KV moves logits by a small fraction of their spread.
     model = apply_dca(tiny_model(dtype=torch.float32, layers=4), TINY_DCA)
@@ -66,6 +69,7 @@ def test_logit_difference_against_full_precision_cache_is_small():
     assert torch.equal(got.argmax(-1), ref.argmax(-1)) or (got.argmax(-1) == ref.argmax(-1)).float().mean() > 0.95
 
 
+@pytest.mark.usefixtures("dca_backend")
 def test_generate_with_int8_cache_matches_decode_steps():
     model = apply_dca(tiny_model(dtype=torch.float32), TINY_DCA)
     x = ids(50)
@@ -81,6 +85,7 @@ def test_generate_with_int8_cache_matches_decode_steps():
     assert torch.equal(out[:, 50:], torch.cat(tokens, dim=1))
 
 
+@pytest.mark.usefixtures("dca_backend")
 def test_batch_select_and_reorder_keep_rows():
     model = apply_dca(tiny_model(dtype=torch.float32), TINY_DCA)
     cache = Int8KVCache()

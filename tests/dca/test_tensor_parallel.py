@@ -10,6 +10,8 @@ from torch.testing import assert_close
 from dca import apply_dca
 from tests.dca.conftest import TINY_DCA, tiny_model
 
+pytestmark = pytest.mark.usefixtures("dca_backend")  # torch backend and Triton kernels
+
 
 def shard(attn, q_heads, kv_heads):
     """A copy of a DCAAttention holding only some heads, as DeepSpeed AutoTP leaves it:
