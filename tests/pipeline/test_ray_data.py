@@ -156,38 +156,3 @@ def test_summaries_on_tp2_with_non_utf8_rows(ray_local, tiny_chat_model, tmp_pat
     assert rows["a"]["status"] == "ok" and rows["c"]["status"] == "ok"
     assert rows["b"]["error_type"] == "invalid_input" and "text is not valid UTF-8" in rows["b"]["error_message"]
     assert rows["a"]["question_index"] is None and len(rows) == 3
-
-
-def test_a_worker_node_removed_mid_run_loses_no_row(tiny_chat_model, tmp_path):
-    """A head and two worker nodes on this machine; the node of a serving rank leaves after the
-    first rows came out, and every document still comes out exactly once, all ok."""
-    import ray
-    from ray.cluster_utils import Cluster
-    from ray.util.state import list_actors
-
-    if ray.is_initialized():
-        ray.shutdown()
-    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0})
-    workers = {cluster.add_node(num_cpus=2).node_id: None for _ in range(2)}
-    nodes = {n.node_id: n for n in cluster.worker_nodes}
-    try:
-        ray.init(address=cluster.address, log_to_driver=False)
-        ray.data.DataContext.get_current().enable_progress_bars = False
-        write_corpus(str(tmp_path / "corpus"), 40, bad_rows=False, min_words=60, max_words=120, files=4)
-        config = _config(tiny_chat_model, concurrency=2, batch_size=2, max_new_tokens=12)
-        ds = build_processor(config)(ray.data.read_parquet(str(tmp_path / "corpus"), override_num_blocks=8))
-        rows, removed = [], None
-        for row in ds.iter_rows():
-            rows.append(row)
-            if removed is None and len(rows) >= 4:
-                serving = [a.node_id for a in list_actors(filters=[("class_name", "=", "RankWorker"),
-                                                                   ("state", "=", "ALIVE")])]
-                removed = next(n for n in serving if n in workers)
-                cluster.remove_node(nodes[removed])
-        assert removed is not None
-        ids = Counter(r["id"] for r in rows)
-        assert len(ids) == 40 and set(ids.values()) == {1}
-        assert all(r["status"] == "ok" for r in rows), [r["error_message"] for r in rows if r["status"] != "ok"][:3]
-    finally:
-        ray.shutdown()
-        cluster.shutdown()
