@@ -154,7 +154,7 @@ def test_static_cache_with_fixed_capacity_generates_like_the_torch_path():
     expected = apply_dca(copy.deepcopy(model), DCAConfig(32, 24, 4, backend="torch")).generate(x, **kw)
     triton_model = apply_dca(copy.deepcopy(model), TRITON)
     cache = StaticKVCache(max_tokens=62)
-    got = triton_model.generate(x, past_key_values=cache, **kw)
+    got = triton_model.generate(x, cache=cache, **kw)
     assert torch.equal(got, expected)
     layer = cache.layers[0]
     assert isinstance(layer, StaticKVLayer) and layer.capacity == 62 and layer.length == 61
