@@ -20,6 +20,8 @@ returning the row's whole keys and values, and may carry `dca_prompt_length`.
 On the "triton" backend (the default on CUDA) a layer writes its new keys and values into the
 cache with one kernel and attends with one more (two at decode); the bookkeeping they share is
 computed once per forward, on the device, without reading anything back (`_ForwardPlan`).
+Packed rows on that backend still run row by row (one Triton launch per row and layer, through
+`dca_attention(backend="triton")`).
 """
 
 from __future__ import annotations

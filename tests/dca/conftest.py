@@ -89,7 +89,10 @@ def _fast_interpreter() -> None:
 
 
 if HAS_TRITON and kernels.triton_interpreted():
-    _fast_interpreter()
+    try:
+        _fast_interpreter()
+    except (AttributeError, TypeError, ImportError):  # another Triton's internals: just slower
+        pass
 
 
 @pytest.fixture

@@ -154,7 +154,7 @@ def test_static_cache_with_fixed_capacity_generates_like_the_torch_path():
     expected = apply_dca(copy.deepcopy(model), DCAConfig(32, 24, 4, backend="torch")).generate(x, **kw)
     triton_model = apply_dca(copy.deepcopy(model), TRITON)
     cache = StaticKVCache(max_tokens=62)
-    got = triton_model.generate(x, past_key_values=cache, **kw)
+    got = triton_model.generate(x, cache=cache, **kw)
     assert torch.equal(got, expected)
     layer = cache.layers[0]
     assert isinstance(layer, StaticKVLayer) and layer.capacity == 62 and layer.length == 61
@@ -363,3 +363,27 @@ def test_float16_kernels_through_the_interpreter(small_tiles, tq):
     out = small_tiles.attention(q, k, v, row_start, seq, scale, cos, sin, TRITON)
     assert out.dtype == torch.float16
     assert relative_error(out, ref) < 2e-3  # fp16 rounding of q, p and the output
+
+
+def test_packed_rows_on_the_triton_backend_match_the_torch_backend():
+    """Continuous batching's packed forward (a cache with `packed_rows`, dca/hf.py): each row
+    attends to its own cache; on the Triton backend through dca_attention(backend="triton")."""
+
+    class Packed:
+        def __init__(self, rows):
+            self.packed_rows = rows
+
+    def run(backend):
+        model = apply_dca(tiny_model(), DCAConfig(32, 24, 4, temperature_alpha=0.3, backend=backend))
+        attn = model.model.layers[0].self_attn
+        attn.dca_state.padding_mask = None
+        g = torch.Generator().manual_seed(4)
+        prefix = torch.randn(1, 47, 64, generator=g, dtype=torch.float64)
+        step = torch.randn(1, 1 + 20, 64, generator=g, dtype=torch.float64)  # row A: 1 token, row B: 20
+        a, b = DynamicCache(), DynamicCache()
+        attn(prefix, cache=a)  # row A already holds 47 tokens (3 chunks)
+        for cache, n in ((a, 47), (b, 20)):
+            cache.dca_prompt_length = torch.tensor([n])
+        return attn(step, cache=Packed([(a, 0, 1), (b, 1, 21)]))[0]
+
+    assert_close(run("triton"), run("torch"), rtol=1e-9, atol=1e-9)
