@@ -106,8 +106,9 @@ class DCAProcessorConfig:
     question_column: str | None = None
     # "middle" keeps beginning and end of an over-long document, "end" the beginning.
     truncation: str = "middle"
-    # Prompt tokens per prefill forward: None one shot, "chunk" one DCA chunk, or a number.
-    prefill_block: int | str | None = None
+    # Prompt tokens per prefill forward: "auto" (the engine's default: prompt blocks interleaved
+    # with the running decode steps), None one shot, "chunk" one DCA chunk, or a number.
+    prefill_block: int | str | None = "auto"
     # CPUs (and torch threads) per rank.
     cpus_per_rank: int = 1
     # Greedy unless do_sample; stop strings end generation.
