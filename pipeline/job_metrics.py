@@ -345,30 +345,78 @@ class JobMetrics:
         return {"plot": path}
 
     def plot(self, path: str) -> None:
+        """Latency (and prefill) and peak memory against prompt length, one point per output row.
+
+        Readable whatever the lengths: both axes start at 0 (a 5% memory difference is drawn as
+        one, not as the whole height), the x axis always reaches the job's max_input_tokens and
+        DCA's pretraining_length P when known (where the plain model would leave its trained
+        context), points are translucent so that rows of equal length (QA questions, a corpus of
+        equal prompts) show as darker marks, and the titles say how many rows are drawn."""
         import matplotlib
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
+        from matplotlib.ticker import FuncFormatter, MaxNLocator
 
-        prompt = [p[0] for p in self.points]
-        fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
-        ax1.scatter(prompt, [p[1] for p in self.points], s=14, label="request latency")
-        pre = [(p[0], p[2]) for p in self.points if p[2] is not None]
+        points = self.points
+        rows = len(points)
+        lengths = {p[0] for p in points}
+        config = self.config or {}
+        references = []  # (x, label, style)
+        dca = config.get("dca_in_effect") or {}
+        if dca.get("dca_enabled") and dca.get("dca_pretraining_length"):
+            references.append((dca["dca_pretraining_length"],
+                               f"DCA pretraining_length P = {dca['dca_pretraining_length']:,} (trained context)", ":"))
+        longest = max(p[0] for p in points)
+        # The prompt limit when it is near the data (truncated documents pile up against it);
+        # far above it, it would only squeeze the points into a corner.
+        if config.get("max_input_tokens") and config["max_input_tokens"] <= 1.5 * longest:
+            references.append((config["max_input_tokens"], f"--max-input-tokens {config['max_input_tokens']:,}", "--"))
+        x_max = max([longest] + [x for x, _, _ in references]) * 1.08
+
+        fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4.8))
+        style = dict(s=26, alpha=0.55, edgecolors="none")
+        prompt = [p[0] for p in points]
+        ax1.scatter(prompt, [p[1] for p in points], label="request (prefill + decode)", color="tab:blue", **style)
+        pre = [(p[0], p[2]) for p in points if p[2] is not None]
         if pre:
-            ax1.scatter([a for a, _ in pre], [b for _, b in pre], s=14, marker="x", label="prefill (time to first token)")
-        ax1.set_xlabel("prompt tokens")
-        ax1.set_ylabel("seconds")
-        ax1.set_title("Latency vs prompt length")
-        ax1.legend()
-        mem = [(p[0], p[3] / 2**30) for p in self.points if p[3] is not None]
-        kind = ", ".join(sorted(self.memory_kinds)) or "n/a"
+            ax1.scatter([a for a, _ in pre], [b for _, b in pre], marker="x", color="tab:orange", s=26,
+                        linewidths=1.2, alpha=0.8, label="prefill (time to first token)")
+        mem = [(p[0], p[3] / 2**30) for p in points if p[3] is not None]
         if mem:
-            ax2.scatter([a for a, _ in mem], [b for _, b in mem], s=14, color="tab:red")
-        ax2.set_xlabel("prompt tokens")
-        ax2.set_ylabel("GiB")
-        ax2.set_title(f"Peak memory per request, max over ranks ({kind})")
+            ax2.scatter([a for a, _ in mem], [b for _, b in mem], color="tab:red", label="peak memory", **style)
+        else:
+            ax2.text(0.5, 0.5, "no memory measurements", ha="center", va="center", transform=ax2.transAxes,
+                     color="grey")
+        y1 = max([p[1] for p in points] + [b for _, b in pre]) if points else 1.0
+        y2 = max((b for _, b in mem), default=1.0)
+        tokens = FuncFormatter(lambda x, _: f"{x:,.0f}")
+        what = f"{rows} row{'s' if rows != 1 else ''}" + (
+            f", {len(lengths)} prompt length{'s' if len(lengths) != 1 else ''}" if len(lengths) < rows else "")
+        kind = ", ".join(sorted(self.memory_kinds)) or "n/a"
+        for ax, top, ylabel, title in (
+            (ax1, y1, "seconds", f"Latency vs prompt length ({what})"),
+            (ax2, y2, "GiB", f"Peak memory per request, max over ranks ({kind})"),
+        ):
+            for x, label, ls in references:
+                ax.axvline(x, color="grey", ls=ls, lw=1, label=label)
+            ax.set_xlim(0, x_max)
+            ax.set_ylim(0, max(top, 1e-9) * 1.1)
+            ax.xaxis.set_major_formatter(tokens)
+            ax.xaxis.set_major_locator(MaxNLocator(6, steps=[1, 2, 4, 5, 10], integer=True))
+            ax.set_xlabel("prompt tokens")
+            ax.set_ylabel(ylabel)
+            ax.set_title(title, fontsize=10)
+            ax.grid(True, alpha=0.3)
+        # One legend below both panels: it never hides a point, wherever the points are.
+        handles = {}
+        for ax in (ax1, ax2):
+            for handle, label in zip(*ax.get_legend_handles_labels()):
+                handles.setdefault(label, handle)
+        fig.legend(handles.values(), handles.keys(), loc="lower center", ncol=min(len(handles), 3), fontsize=8,
+                   frameon=False)
         fig.suptitle(f"{self.task} job {self.job_id}")
-        fig.tight_layout()
+        fig.tight_layout(rect=(0, 0.08 if len(handles) <= 3 else 0.12, 1, 1))
         tmp = path + ".tmp.png"
         fig.savefig(tmp, dpi=110)
         plt.close(fig)

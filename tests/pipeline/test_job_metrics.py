@@ -1,0 +1,79 @@
+"""The job metrics plot (pipeline/job_metrics.py JobMetrics.plot) reads well whatever the lengths:
+all-equal prompt lengths, one document, QA rows sharing a length, a wide range."""
+
+from __future__ import annotations
+
+import pytest
+
+from pipeline.job_metrics import JobMetrics
+
+GiB = 1 << 30
+DCA = {"dca_enabled": True, "dca_pretraining_length": 8192}
+
+
+def _metrics(points, *, task="summarize", max_input_tokens=16384, dca=DCA, kinds=("cpu_peak_rss",)):
+    m = JobMetrics(job_id=f"{task}-0123", task=task, total_input_rows=len(points),
+                   config={"max_input_tokens": max_input_tokens, "dca_in_effect": dca})
+    m.points = list(points)
+    m.memory_kinds = set(kinds)
+    return m
+
+
+@pytest.fixture
+def figures(monkeypatch):
+    """The figures plot() draws, kept open for inspection."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    kept, close = [], plt.close
+    monkeypatch.setattr(plt, "close", lambda fig=None: kept.append(fig))
+    yield kept
+    for fig in kept:
+        close(fig)
+
+
+CASES = {
+    "all_equal": [(2048, 7.0 + i * 0.3, 4.1, int(1.05 * GiB)) for i in range(6)],
+    "one_document": [(12491, 240.0, 170.0, int(1.9 * GiB))],
+    "qa_rows": [(1040, 3.0 + q, 1.1, int(0.9 * GiB)) for q in range(3)] + [(2050, 5.0 + q, 2.0, int(0.95 * GiB))
+                                                                          for q in range(2)],
+    "wide_range": [(n, n / 200, n / 300, int((0.8 + n / 40000) * GiB)) for n in range(200, 30000, 700)],
+    "no_memory": [(3000, 10.0, None, None), (5000, 20.0, None, None)],
+}
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_axes_start_at_zero_and_show_the_trained_length(case, figures, tmp_path):
+    points = CASES[case]
+    path = tmp_path / f"{case}.png"
+    _metrics(points, task="qa" if case == "qa_rows" else "summarize").plot(str(path))
+    assert path.stat().st_size > 10_000 and path.read_bytes()[:4] == b"\x89PNG"
+    (fig,) = figures
+    latency, memory = fig.axes
+    longest = max(p[0] for p in points)
+    for ax in (latency, memory):
+        left, right = ax.get_xlim()
+        bottom, top = ax.get_ylim()
+        assert left == 0 and bottom == 0  # a 5% difference is drawn as 5%, not as the whole height
+        assert right >= max(longest, 8192)  # P is on the axis: where the plain model leaves its training
+        assert any("pretraining_length P = 8,192" in t.get_text() for t in fig.legends[0].get_texts())
+    assert top >= max(p[3] or 0 for p in points) / GiB
+    assert f"{len(points)} row" in latency.get_title()
+    if case in ("all_equal", "qa_rows"):
+        assert "prompt length" in latency.get_title().split("(")[1]  # "6 rows, 1 prompt length"
+
+
+def test_prompt_limit_is_drawn_only_near_the_data(figures, tmp_path):
+    _metrics([(2048, 5.0, 3.0, GiB)] * 3, max_input_tokens=2048).plot(str(tmp_path / "capped.png"))
+    _metrics([(2048, 5.0, 3.0, GiB)] * 3, max_input_tokens=32768).plot(str(tmp_path / "far.png"))
+    capped, far = (fig.legends[0].get_texts() for fig in figures)
+    assert any("--max-input-tokens 2,048" in t.get_text() for t in capped)
+    assert not any("max-input-tokens" in t.get_text() for t in far)
+    assert figures[1].axes[0].get_xlim()[1] < 32768  # the points are not squeezed into a corner
+
+
+def test_without_dca_there_is_no_trained_length_line(figures, tmp_path):
+    _metrics([(500, 1.0, 0.5, GiB)], dca={"dca_enabled": False}).plot(str(tmp_path / "plain.png"))
+    assert not any("pretraining_length" in t.get_text() for t in figures[0].legends[0].get_texts())
