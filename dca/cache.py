@@ -32,7 +32,7 @@ import functools
 import torch
 from transformers.cache_utils import Cache, DynamicCache, DynamicLayer
 
-from dca.kv_quant import Int8KVCache, Int8KVLayer, dequantize_int8, quantize_int8
+from dca.kv_quant import BatchOpsByMap, Int8KVCache, Int8KVLayer, dequantize_int8, quantize_int8
 
 KV_DTYPES = ("auto", "int8")
 # Capacity granularity in tokens, and the growth step of growable buffers (1/32 of the length).
@@ -44,7 +44,7 @@ def _round_up(n: int, to: int) -> int:
     return -(-n // to) * to
 
 
-class StaticKVLayer(DynamicLayer):
+class StaticKVLayer(BatchOpsByMap, DynamicLayer):
     """One layer's preallocated keys and values, `length` tokens of them filled."""
 
     is_croppable = True
@@ -177,18 +177,6 @@ class StaticKVLayer(DynamicLayer):
             value = getattr(self, name)
             if value is not None:
                 setattr(self, name, fn(value))
-
-    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
-        self._map(lambda t: t.index_select(0, beam_idx.to(t.device)))
-
-    def batch_repeat_interleave(self, repeats: int) -> None:
-        self._map(lambda t: t.repeat_interleave(repeats, dim=0))
-
-    def batch_select_indices(self, indices: torch.Tensor) -> None:
-        self._map(lambda t: t[indices, ...])
-
-    def offload(self):
-        self._map(lambda t: t.to("cpu", non_blocking=True))
 
     def prefetch(self):
         if self.k is not None and self.k.device != self.device:

@@ -41,7 +41,24 @@ def dequantize_int8(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) ->
     return out.mul_(scale.to(dtype))
 
 
-class Int8KVLayer(DynamicLayer):
+class BatchOpsByMap:
+    """The batch-wise cache-layer operations transformers calls (beam reorder, repeat, select,
+    offload), for layers that store several tensors and apply one function to all with `_map`."""
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        self._map(lambda t: t.index_select(0, beam_idx.to(t.device)))
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        self._map(lambda t: t.repeat_interleave(repeats, dim=0))
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        self._map(lambda t: t[indices, ...])
+
+    def offload(self):
+        self._map(lambda t: t.to("cpu", non_blocking=True))
+
+
+class Int8KVLayer(BatchOpsByMap, DynamicLayer):
     """One layer's int8 keys and values with their per-(token, head) scales."""
 
     is_croppable = True
@@ -103,18 +120,6 @@ class Int8KVLayer(DynamicLayer):
         if self._keys is not None:
             self._keys = tuple(fn(t) for t in self._keys)
             self._values = tuple(fn(t) for t in self._values)
-
-    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
-        self._map(lambda t: t.index_select(0, beam_idx.to(t.device)))
-
-    def batch_repeat_interleave(self, repeats: int) -> None:
-        self._map(lambda t: t.repeat_interleave(repeats, dim=0))
-
-    def batch_select_indices(self, indices: torch.Tensor) -> None:
-        self._map(lambda t: t[indices, ...])
-
-    def offload(self):
-        self._map(lambda t: t.to("cpu", non_blocking=True))
 
     def prefetch(self):
         if self._keys is not None and self._keys[0].device != self.device:
