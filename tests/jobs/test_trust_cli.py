@@ -99,30 +99,43 @@ def _committed_rows(out) -> int:
     return read_output(str(out)).num_rows if committed_parts(str(out)) else 0
 
 
+def _job_args(tmp_path, model, *, max_error_fraction, new_tokens, part_rows) -> tuple[list[str], object]:
+    """Arguments of a job over tmp_path/corpus into tmp_path/out, one request at a time."""
+    out = tmp_path / "out"
+    config = tmp_path / "job.yaml"
+    config.write_text(json.dumps({"dca": TINY_DCA, "max_error_fraction": max_error_fraction}))
+    return ["--input", str(tmp_path / "corpus"), "--output", str(out), "--model", model, "--config", str(config),
+            "--max-input-tokens", "150", "--max-new-tokens", str(new_tokens), "--part-rows", str(part_rows),
+            "--max-in-flight", "1", "--no-progress"], out
+
+
+def _signal_once_committed(job: str, args, tmp_path, committed, signum) -> tuple[int, str, float]:
+    """Starts `python -m jobs.JOB`, sends `signum` once committed() is true, waits for the exit.
+    -> (exit code, stderr, seconds from the signal to the exit)."""
+    proc = subprocess.Popen([PYTHON, "-m", f"jobs.{job}", *args], cwd=REPO, env=job_env(tmp_path),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        _wait_for(lambda: committed() or proc.poll() is not None, 240, "committed output")
+        assert proc.poll() is None, proc.stderr.read()[-3000:]
+        proc.send_signal(signum)
+        sent = time.monotonic()
+        _, stderr = proc.communicate(timeout=60)
+        return proc.returncode, stderr, time.monotonic() - sent
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+
+
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
 def test_stop_signal_commits_writes_metrics_and_resumes(tiny_chat_model, tmp_path, signum):
     """The job starts its own local Ray, as a user's does: ray.init installs a SIGTERM handler
     that kills the Ray processes and exits before anything is committed (exit 134 was seen)."""
     valid = write_corpus(str(tmp_path / "corpus"), 60, min_words=100, max_words=140)
-    out = tmp_path / "out"
-    config = tmp_path / "job.yaml"
-    config.write_text(json.dumps({"dca": TINY_DCA, "max_error_fraction": 0.5}))
-    args = ["--input", str(tmp_path / "corpus"), "--output", str(out), "--model", tiny_chat_model,
-            "--config", str(config), "--max-input-tokens", "150", "--max-new-tokens", "16",
-            "--part-rows", "1", "--max-in-flight", "1", "--no-progress"]
-    proc = subprocess.Popen([PYTHON, "-m", "jobs.summarize", *args], cwd=REPO, env=job_env(tmp_path),
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    try:
-        _wait_for(lambda: _committed_rows(out) >= 8 or proc.poll() is not None, 240, "committed rows")
-        assert proc.poll() is None, proc.stderr.read()[-3000:]
-        proc.send_signal(signum)
-        stopped_at = time.monotonic()
-        _, stderr = proc.communicate(timeout=60)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-    assert proc.returncode == 128 + signum, stderr[-3000:]
-    assert time.monotonic() - stopped_at < 30
+    args, out = _job_args(tmp_path, tiny_chat_model, max_error_fraction=0.5, new_tokens=16, part_rows=1)
+    code, stderr, seconds = _signal_once_committed("summarize", args, tmp_path, lambda: _committed_rows(out) >= 8,
+                                                   signum)
+    assert code == 128 + signum, stderr[-3000:]
+    assert seconds < 30
     assert "Traceback" not in stderr, stderr[-3000:]
     assert f"job stopped by {signal.Signals(signum).name}" in stderr.strip().splitlines()[-1]
     assert not (out / STAGING).exists()
@@ -149,23 +162,10 @@ def test_qa_job_with_null_and_repeated_ids_survives_sigkill_exactly_once(tiny_ch
     from tests.pipeline.test_trust import _expected_keys, _keys, _write_messy_corpus
 
     per_row = _write_messy_corpus(str(tmp_path / "corpus"), 36, qa=True)
-    out = tmp_path / "out"
-    config = tmp_path / "job.yaml"
-    config.write_text(json.dumps({"dca": TINY_DCA, "max_error_fraction": 1.0}))
-    args = ["--input", str(tmp_path / "corpus"), "--output", str(out), "--model", tiny_chat_model,
-            "--config", str(config), "--max-input-tokens", "150", "--max-new-tokens", "8",
-            "--part-rows", "2", "--max-in-flight", "1", "--no-progress"]
-    proc = subprocess.Popen([PYTHON, "-m", "jobs.qa", *args], cwd=REPO, env=job_env(tmp_path),
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    try:
-        _wait_for(lambda: len(committed_parts(str(out))) >= 5 or proc.poll() is not None, 240, "committed parts")
-        assert proc.poll() is None, proc.stderr.read()[-3000:]
-        proc.send_signal(signal.SIGKILL)
-        proc.wait(timeout=60)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-        proc.stderr.close()
+    args, out = _job_args(tmp_path, tiny_chat_model, max_error_fraction=1.0, new_tokens=8, part_rows=2)
+    code, _, _ = _signal_once_committed("qa", args, tmp_path, lambda: len(committed_parts(str(out))) >= 5,
+                                        signal.SIGKILL)
+    assert code == -signal.SIGKILL
     killed = read_output(str(out))
     assert 0 < killed.num_rows < sum(per_row) and max(_keys(killed).values()) == 1
 
