@@ -11,13 +11,15 @@ from tests.pipeline.test_ray_data import _config
 from pipeline.ray_data import build_processor
 
 
-def _node_of_a_serving_rank(list_actors, workers, timeout_s: float = 60.0) -> str:
+def _node_of_a_serving_rank(list_actors, address: str, workers, timeout_s: float = 60.0) -> str:
     """A worker node holding an alive rank actor (the state API can lag behind the actors)."""
     import time
 
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
-        alive = list_actors(filters=[("class_name", "=", "RankWorker"), ("state", "=", "ALIVE")])
+        # The address explicitly: without it the state API finds "the latest cluster started on
+        # this machine", which is another one when other jobs run Ray beside the test.
+        alive = list_actors(address=address, filters=[("class_name", "=", "RankWorker"), ("state", "=", "ALIVE")])
         serving = [a.node_id for a in alive if a.node_id in workers]
         if serving:
             return serving[0]
@@ -34,7 +36,11 @@ def test_a_worker_node_removed_mid_run_loses_no_row(tiny_chat_model, tmp_path):
 
     if ray.is_initialized():
         ray.shutdown()
-    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0})
+    # Its own dashboard port: the state API goes through the dashboard, and another Ray on the
+    # machine may hold the default one.
+    from tests.pipeline.test_ray_data import _free_port
+
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0, "dashboard_port": _free_port()})
     workers = {cluster.add_node(num_cpus=2).node_id: None for _ in range(2)}
     nodes = {n.node_id: n for n in cluster.worker_nodes}
     try:
@@ -47,7 +53,7 @@ def test_a_worker_node_removed_mid_run_loses_no_row(tiny_chat_model, tmp_path):
         for row in ds.iter_rows():
             rows.append(row)
             if removed is None and len(rows) >= 4:
-                removed = _node_of_a_serving_rank(list_actors, workers)
+                removed = _node_of_a_serving_rank(list_actors, cluster.address, workers)
                 cluster.remove_node(nodes[removed])
         assert removed is not None
         ids = Counter(r["id"] for r in rows)
