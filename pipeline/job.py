@@ -374,7 +374,7 @@ class _Driver:
         self.model_errors = 0
         from pipeline.live_metrics import LiveMetrics
 
-        self.live = LiveMetrics()
+        self.live = LiveMetrics(run=metrics.job_id)
 
     # -- rows
 

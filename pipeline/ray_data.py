@@ -188,6 +188,8 @@ class Processor:
         # The engine stage's class: _EngineStage, or a stand-in with its constructor and call
         # signature (benchmarks/data_plane.py measures the data plane with one that answers at once).
         self.engine_stage = engine_stage or _EngineStage
+        # Tags this run's live metrics (`run`), so runs sharing a cluster stay apart on a dashboard.
+        self.run_id = f"ray-data-{config.task}-{uuid.uuid4().hex[:12]}"
 
     def __call__(self, ds):
         from ray.data import ActorPoolStrategy
@@ -205,7 +207,7 @@ class Processor:
                                                                                              max_size=size[1])
         # The actor only coordinates: its replica's ranks reserve the CPUs/GPUs (placement group).
         ds = ds.map_batches(
-            self.engine_stage, fn_constructor_kwargs={"config": values}, batch_format="pyarrow",
+            self.engine_stage, fn_constructor_kwargs={"config": values, "run_id": self.run_id}, batch_format="pyarrow",
             batch_size=config.batch_size, compute=pool, num_cpus=0, max_restarts=-1, max_task_retries=-1,
         )
         if self.postprocess is not None:
@@ -305,7 +307,7 @@ class _EngineStage:
 
     _ids = itertools.count()
 
-    def __init__(self, config: dict) -> None:
+    def __init__(self, config: dict, run_id: str) -> None:
         from pipeline.job import dca_columns
         from pipeline.live_metrics import LiveMetrics
         from pipeline.models import load_model_config
@@ -314,7 +316,7 @@ class _EngineStage:
         spec = self.config.model_spec()
         self.dca = dca_columns(spec, load_model_config(spec))
         self.name = f"dca-{os.getpid()}-{uuid.uuid4().hex[:6]}"
-        self.metrics = LiveMetrics(replica=self.name)
+        self.metrics = LiveMetrics(run=run_id, replica=self.name)
         self.pool = self._start_engine()
 
     def _start_engine(self):

@@ -70,9 +70,10 @@ def ray_local():
     ray.shutdown()
 
 
-def _scrape(port: int, name: str, timeout_s: float = 60.0) -> dict[str, float]:
-    """Sum of a metric over the processes reporting it, per value of its `status` tag (Ray
-    exports every ray.util.metrics metric with a `ray_` prefix, some seconds after recording)."""
+def _scrape(port: int, name: str, run: str, timeout_s: float = 60.0) -> dict[str, float]:
+    """Sum of a metric of one run over the processes reporting it, per value of its `status` tag
+    (Ray exports every ray.util.metrics metric with a `ray_` prefix, some seconds after recording;
+    other runs in this process, e.g. jobs of earlier tests, export theirs under their own `run`)."""
     import re
     import time
     import urllib.request
@@ -82,7 +83,7 @@ def _scrape(port: int, name: str, timeout_s: float = 60.0) -> dict[str, float]:
         text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
         sums = {}
         for line in text.splitlines():
-            if line.startswith(f"ray_{name}{{"):
+            if line.startswith(f"ray_{name}{{") and f'run="{run}"' in line:
                 status = re.search(r'status="([^"]*)"', line)
                 key = status.group(1) if status else ""
                 sums[key] = sums.get(key, 0.0) + float(line.rsplit(" ", 1)[1])
@@ -107,6 +108,7 @@ def test_qa_processor_answers_like_the_job(ray_local, tiny_chat_model, tmp_path)
     config = _config(tiny_chat_model, task="qa", batch_size=3)
     processor = build_processor(config, postprocess=lambda row: {**row, "n_chars": len(row["output"] or "")})
     rows = _read(processor(ray.data.read_parquet(str(tmp_path / "corpus"))))
+    assert processor.run_id != build_processor(config).run_id
 
     table = pa.concat_tables(pq.read_table(tmp_path / "corpus" / f) for f in sorted(os.listdir(tmp_path / "corpus")))
     expected = sum(max(1, len(q or [])) for q in table["questions"].to_pylist())
@@ -126,8 +128,8 @@ def test_qa_processor_answers_like_the_job(ray_local, tiny_chat_model, tmp_path)
 
     # Live metrics on Ray's Prometheus endpoint count the same rows and documents.
     by_status = Counter(r["status"] for r in rows)
-    assert _scrape(ray_local, "dca_rows_total") == {s: float(n) for s, n in by_status.items()}
-    documents = _scrape(ray_local, "dca_documents_total")
+    assert _scrape(ray_local, "dca_rows_total", processor.run_id) == {s: float(n) for s, n in by_status.items()}
+    documents = _scrape(ray_local, "dca_documents_total", processor.run_id)
     # Error documents: null text, empty text, null id, no questions, one null question. (A repeated
     # id is answered again: the processor maps rows, it does not deduplicate a dataset.)
     assert documents == {"ok": table.num_rows - 5, "error": 5}
@@ -135,10 +137,15 @@ def test_qa_processor_answers_like_the_job(ray_local, tiny_chat_model, tmp_path)
     # The job on the same corpus, through the same engine: the same greedy answers.
     job = JobConfig(task="qa", input_path=str(tmp_path / "corpus"), output_dir=str(tmp_path / "out"),
                     model_spec=ModelSpec(model=tiny_chat_model, dca=TINY_DCA), max_input_tokens=150,
-                    max_new_tokens=6, progress=False, max_error_fraction=1.0, device="cpu")
-    run_job(job)
-    answers = {(r["id"], r["question_index"]): r["output"] for r in read_output(job.output_dir).to_pylist()
+                    max_new_tokens=6, progress=False, max_error_fraction=1.0, device="cpu",
+                    job_id=f"qa-{os.getpid()}-{id(tmp_path):x}")  # a run of its own (ids derive from content)
+    summary = run_job(job)
+    job_rows = read_output(job.output_dir).to_pylist()
+    answers = {(r["id"], r["question_index"]): r["output"] for r in job_rows
                if r["status"] == "ok" and r["id"] != "doc0000"}
+    # The job's live metrics: its own run, its own counts (the processor's above are unchanged).
+    job_by_status = Counter(r["status"] for r in job_rows)
+    assert _scrape(ray_local, "dca_rows_total", summary["job_id"]) == {s: float(n) for s, n in job_by_status.items()}
     mine = {(r["id"], r["question_index"]): r["output"] for r in ok if r["id"] != "doc0000"}
     assert mine == answers
 

@@ -4,11 +4,13 @@ not a local Ray another module's fixture keeps running."""
 
 from __future__ import annotations
 
+import os
+import threading
 from collections import Counter
 
 from tests.jobs.conftest import tiny_chat_model, write_corpus  # noqa: F401 (fixture)
 from tests.pipeline.test_ray_data import _config
-from pipeline.ray_data import build_processor
+from pipeline.ray_data import Processor, _EngineStage
 
 
 def _node_of_a_serving_rank(list_actors, address: str, workers, timeout_s: float = 60.0) -> str:
@@ -27,9 +29,48 @@ def _node_of_a_serving_rank(list_actors, address: str, workers, timeout_s: float
     raise AssertionError(f"no alive rank actor on a worker node within {timeout_s} s")
 
 
+def _gated_engine_stage(gate: str) -> type:
+    """The engine stage, holding each actor's calls after its first until `gate` exists (and
+    touching `gate`.first when a first call is done): the run cannot end before the test has
+    removed a node (on a fast machine it otherwise could, leaving no rank to remove). Defined here
+    so Ray pickles it by value, `gate` included."""
+
+    class GatedEngineStage(_EngineStage):
+        def __call__(self, batch):
+            import os
+            import time
+
+            self.calls = getattr(self, "calls", 0) + 1
+            deadline = time.monotonic() + 300
+            while self.calls > 1 and not os.path.exists(gate) and time.monotonic() < deadline:
+                time.sleep(0.1)
+            out = super().__call__(batch)
+            open(gate + ".first", "a").close()
+            return out
+
+    return GatedEngineStage
+
+
+def _remove_a_serving_node(cluster, list_actors, workers, nodes, gate, removed: list) -> None:
+    """Once a first batch is answered: removes the node of a serving rank, then opens the gate.
+    (A thread: Ray Data hands rows on per finished task, so the consumer sees none before.)"""
+    import time
+
+    deadline = time.monotonic() + 300
+    while not os.path.exists(str(gate) + ".first") and time.monotonic() < deadline:
+        time.sleep(0.1)
+    try:
+        node = _node_of_a_serving_rank(list_actors, cluster.address, workers)
+        cluster.remove_node(nodes[node])
+        removed.append(node)
+    finally:
+        gate.touch()
+
+
 def test_a_worker_node_removed_mid_run_loses_no_row(tiny_chat_model, tmp_path):
     """A head and two worker nodes on this machine; the node of a serving rank leaves after the
-    first rows came out, and every document still comes out exactly once, all ok."""
+    first batch is answered (and before the rest can be), and every document still comes out exactly
+    once, all ok."""
     import ray
     from ray.cluster_utils import Cluster
     from ray.util.state import list_actors
@@ -48,14 +89,16 @@ def test_a_worker_node_removed_mid_run_loses_no_row(tiny_chat_model, tmp_path):
         ray.data.DataContext.get_current().enable_progress_bars = False
         write_corpus(str(tmp_path / "corpus"), 40, bad_rows=False, min_words=60, max_words=120, files=4)
         config = _config(tiny_chat_model, concurrency=2, batch_size=2, max_new_tokens=12)
-        ds = build_processor(config)(ray.data.read_parquet(str(tmp_path / "corpus"), override_num_blocks=8))
-        rows, removed = [], None
-        for row in ds.iter_rows():
-            rows.append(row)
-            if removed is None and len(rows) >= 4:
-                removed = _node_of_a_serving_rank(list_actors, cluster.address, workers)
-                cluster.remove_node(nodes[removed])
-        assert removed is not None
+        gate = tmp_path / "gate"
+        processor = Processor(config, engine_stage=_gated_engine_stage(str(gate)))
+        ds = processor(ray.data.read_parquet(str(tmp_path / "corpus"), override_num_blocks=8))
+        removed: list[str] = []
+        remover = threading.Thread(target=_remove_a_serving_node,
+                                   args=(cluster, list_actors, workers, nodes, gate, removed), daemon=True)
+        remover.start()
+        rows = list(ds.iter_rows())
+        remover.join(timeout=60)
+        assert len(removed) == 1
         ids = Counter(r["id"] for r in rows)
         assert len(ids) == 40 and set(ids.values()) == {1}
         assert all(r["status"] == "ok" for r in rows), [r["error_message"] for r in rows if r["status"] != "ok"][:3]
