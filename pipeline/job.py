@@ -379,8 +379,23 @@ def ensure_ray(config: JobConfig) -> JobConfig:
         ray.init(address=address, log_to_driver=True)
     else:
         need = ranks * (config.cpus_per_rank or 1)
+        _quiet_local_ray_notice()
         ray.init(address="local", num_cpus=max(cpus, need), include_dashboard=False, log_to_driver=True)
     return config
+
+
+class _DropRayAuthNotice(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "Token authentication is enabled for this Ray cluster" not in record.getMessage()
+
+
+def _quiet_local_ray_notice() -> None:
+    """Ray 2.60 warns at every start of a local cluster that token authentication is on (its
+    default, and what the private cluster of a job should have): one warning per job run in every
+    log, about nothing to act on. A filter on that logger drops exactly that message."""
+    logger = logging.getLogger("ray._private.authentication.authentication_token_setup")
+    if not any(isinstance(f, _DropRayAuthNotice) for f in logger.filters):
+        logger.addFilter(_DropRayAuthNotice())
 
 
 # ------------------------------------------------------------------------------------- driver
@@ -670,13 +685,15 @@ def release_gpu_request() -> None:
 
 
 def log_memory_plan(config: JobConfig, engine_config) -> None:
-    """Prints the memory planner's table for this job's longest request (a GPU plan where the
-    job runs on GPUs; on CPU the same components, without a device limit)."""
+    """Prints the memory planner's estimate for this job's longest request on one line (a GPU plan
+    where the job runs on GPUs; on CPU the same components, without a device limit), with the
+    jobs.plan command that prints the full table: the planner takes the job's own flags."""
+    import shlex
     import sys
 
     import ray
 
-    from pipeline.memory_plan import MemoryPlan, ModelShape, ServingConfig
+    from pipeline.memory_plan import COMPONENTS, MemoryPlan, ModelShape, ServingConfig, fmt_bytes
 
     try:
         device = "cuda" if config.device == "cuda" or (
@@ -697,11 +714,22 @@ def log_memory_plan(config: JobConfig, engine_config) -> None:
             else engine_config.prefill_block, device=device, chunk_len=chunk_len,
             attention_backend="flash" if device == "cuda" else "torch",
         )
-        table = MemoryPlan(shape, serving).format_table(config.max_input_tokens, config.max_new_tokens)
+        estimate = MemoryPlan(shape, serving).estimate(config.max_input_tokens, config.max_new_tokens)
     except Exception as error:  # the plan is advice: a model the planner cannot read still runs
         log.warning("no memory plan for %s: %s", config.model_spec.model, error)
         return
-    print(table, file=sys.stderr, flush=True)
+    parts = ", ".join(f"{c.replace('_', ' ')} {fmt_bytes(getattr(estimate, c))}" for c in COMPONENTS
+                      if getattr(estimate, c))
+    flags = ["--model", config.model_spec.model, "--tp", str(config.tp), "--max-input-tokens",
+             str(config.max_input_tokens), "--max-new-tokens", str(config.max_new_tokens), "--dtype", dtype,
+             "--kv-cache-dtype", engine_config.kv_cache_dtype, "--prefill-block",
+             "none" if engine_config.prefill_block is None else str(engine_config.prefill_block), "--device", device]
+    for key in ("pretraining_length", "chunk_size", "local_window"):
+        if (config.model_spec.dca or {}).get(key) is not None:
+            flags += [f"--dca-{key.replace('_', '-')}", str(config.model_spec.dca[key])]
+    print(f"memory plan: {fmt_bytes(estimate.total)} per rank for the longest request "
+          f"({config.max_input_tokens} + {config.max_new_tokens} tokens): {parts}; {serving.describe()}\n"
+          f"  (python -m jobs.plan {shlex.join(flags)} for the table)", file=sys.stderr, flush=True)
 
 
 def effective_prefill_block(config: JobConfig) -> int | str | None:
