@@ -12,7 +12,7 @@ repetitive / empty). Corpora and prompt limits are those of the README's command
 
 - examples/corpus (6 documents, 3.5k-29k tokens) capped at 2048 prompt tokens, as the quickstart
   ran them before (the issue that asked for this benchmark saw half of them continued);
-- examples/quickstart (3 documents, 1.8k-12.4k tokens) un-truncated, as scripts/quickstart.sh
+- examples/quickstart (2 documents, 1.8k and 12.4k tokens) un-truncated, as scripts/quickstart.sh
   runs them now.
 
 Variants:

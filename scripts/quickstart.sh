@@ -5,7 +5,7 @@
 #   bash scripts/quickstart.sh                 # output in out/quickstart/
 #   bash scripts/quickstart.sh /tmp/summaries  # output elsewhere
 #
-# The corpus: Jonah and Ruth (King James Bible, 1.8k and 3.5k tokens) and chapters 1-4 of Alice's
+# The corpus: the Book of Jonah (King James Bible, 1.8k tokens) and chapters 1-4 of Alice's
 # Adventures in Wonderland (12.4k tokens, past the 8,192 SmolLM2 was trained on), summarised
 # whole (no truncation) with the default DCA settings and chunked prefill. Then, for the long
 # document, the plain model and DCA side by side: perplexity of its tokens before and past 8,192.
@@ -17,7 +17,7 @@ OUT=${1:-$(pwd)/out/quickstart}
 start=$(date +%s)
 bash scripts/install.sh
 echo
-echo "== summarising examples/quickstart (3 documents, the longest 12.4k tokens) -> $OUT"
+echo "== summarising examples/quickstart (2 documents, 1.8k and 12.4k tokens) -> $OUT"
 .venv/bin/python -m jobs.summarize --input examples/quickstart --output "$OUT" \
   --max-input-tokens 16384 --max-new-tokens 64
 echo
