@@ -93,7 +93,16 @@ def config_from_args(args) -> "EvalConfig":  # noqa: F821
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Errors a user can act on (a missing file or model, bad settings) are one line, exit code 2."""
     args = build_parser().parse_args(argv)
+    try:
+        return _main(args)
+    except (FileNotFoundError, ValueError) as e:  # ModelError is a ValueError
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        return 2
+
+
+def _main(args) -> int:
     from pipeline import evaluation
 
     if args.plot_only:

@@ -922,7 +922,8 @@ def write_plots(results: dict, out_dir: str | os.PathLike) -> list[Path]:
                 for j, (v, rows) in enumerate(per_pos.items()):
                     k = min(len(x) for x in rows)
                     mean = [sum(x[i] for x in rows) / len(rows) for i in range(k)]
-                    ax.plot([(i + 1) * bucket for i in range(k)], mean, marker=".", ls=("-", "--", ":", "-.")[j % 4],
+                    ends = [min((i + 1) * bucket, n) for i in range(k)]  # the last bucket may be short
+                    ax.plot(ends, mean, marker=".", ls=("-", "--", ":", "-.")[j % 4],
                             label=f"{v} ({len(rows)} window{'s' if len(rows) > 1 else ''})")
                 if max_pos:
                     ax.axvline(max_pos, color="grey", ls="--", lw=1, label=f"training length {max_pos}")

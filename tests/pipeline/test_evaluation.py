@@ -418,3 +418,11 @@ def test_cli_document_compares_plain_and_dca_on_one_text(tmp_path, capsys):
     assert "tokens 0-64 (trained length)" in out and "tokens 64-100 (past it)" in out and "96-100" in out
     records = json.loads((tmp_path / "out" / "results.json").read_text())["records"]
     assert {r["variant"] for r in records} == {"plain", "dca"} and {r["length"] for r in records} == {100}
+
+
+def test_cli_errors_are_one_line(tmp_path, capsys):
+    from jobs import evaluate
+
+    assert evaluate.main(["--document", str(tmp_path / "missing.txt"), "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "missing.txt" in err and err.count("\n") == 1
