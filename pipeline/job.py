@@ -708,10 +708,12 @@ def log_memory_plan(config: JobConfig, engine_config) -> None:
             from pipeline.models import dca_config_for, load_model_config
 
             chunk_len = dca_config_for(config.model_spec, load_model_config(config.model_spec)).chunk_len
+        # "auto" is one shot with the static scheduler (pipeline.engine.worker).
+        block = engine_config.prefill_block
+        block = None if block == "auto" and engine_config.scheduler == "static" else block
         serving = ServingConfig(
             tp_size=config.tp, weight_dtype=dtype, kv_cache_dtype=engine_config.kv_cache_dtype,
-            prefill_block=None if engine_config.prefill_block == "auto" and engine_config.scheduler == "static"
-            else engine_config.prefill_block, device=device, chunk_len=chunk_len,
+            prefill_block=block, device=device, chunk_len=chunk_len,
             attention_backend="flash" if device == "cuda" else "torch",
         )
         estimate = MemoryPlan(shape, serving).estimate(config.max_input_tokens, config.max_new_tokens)
@@ -723,7 +725,7 @@ def log_memory_plan(config: JobConfig, engine_config) -> None:
     flags = ["--model", config.model_spec.model, "--tp", str(config.tp), "--max-input-tokens",
              str(config.max_input_tokens), "--max-new-tokens", str(config.max_new_tokens), "--dtype", dtype,
              "--kv-cache-dtype", engine_config.kv_cache_dtype, "--prefill-block",
-             "none" if engine_config.prefill_block is None else str(engine_config.prefill_block), "--device", device]
+             "none" if block is None else str(block), "--device", device]
     for key in ("pretraining_length", "chunk_size", "local_window"):
         if (config.model_spec.dca or {}).get(key) is not None:
             flags += [f"--dca-{key.replace('_', '-')}", str(config.model_spec.dca[key])]
