@@ -213,7 +213,7 @@ def _warm_up(device, dtype, kv_dtype) -> None:
 def predict(shape: dict, case: dict, device: str) -> dict:
     shape_obj = ModelShape(name=case["name"], **shape)
     config = ServingConfig(
-        tp_size=1, weight_dtype=case["dtype"], compute_dtype=case["dtype"], kv_dtype=case["kv_dtype"],
+        tp_size=1, weight_dtype=case["dtype"], compute_dtype=case["dtype"], kv_cache_dtype=case["kv_dtype"],
         prefill_block=case["prefill_block"], logits="last", attention_backend="torch", device=device,
     )
     plan = MemoryPlan(shape_obj, config)
@@ -281,12 +281,12 @@ def cuda_row(case: dict, measured: dict, full_layers: int = 80) -> dict:
     layers = case["shape"]["num_layers"]
     # The stack itself: the planner for the rank's shape at tp=1 and this depth, without overhead.
     stack = MemoryPlan(ModelShape(name=case["name"], **case["shape"]), ServingConfig(
-        tp_size=1, kv_dtype=case["kv_dtype"], prefill_block=case["prefill_block"], attention_backend="torch",
+        tp_size=1, kv_cache_dtype=case["kv_dtype"], prefill_block=case["prefill_block"], attention_backend="torch",
     )).estimate(case["prompt_tokens"], case["new_tokens"], case["batch"])
     stack_dynamic = stack.kv_cache + stack.activations + stack.logits
     # Full depth: Llama-2-70B at tp=2; measured = stack peak + the missing layers' weights and KV.
     shape70 = ModelShape.load("llama2-70b")
-    config70 = ServingConfig(tp_size=2, kv_dtype=case["kv_dtype"], prefill_block=case["prefill_block"],
+    config70 = ServingConfig(tp_size=2, kv_cache_dtype=case["kv_dtype"], prefill_block=case["prefill_block"],
                              attention_backend="torch")
     plan = MemoryPlan(shape70, config70)
     pred = plan.estimate(case["prompt_tokens"], case["new_tokens"], case["batch"])

@@ -12,7 +12,7 @@ repetitive / empty). Corpora and prompt limits are those of the README's command
 
 - examples/corpus (6 documents, 3.5k-29k tokens) capped at 2048 prompt tokens, as the quickstart
   ran them before (the issue that asked for this benchmark saw half of them continued);
-- examples/quickstart (3 documents, 1.8k-12.4k tokens) un-truncated, as scripts/quickstart.sh
+- examples/quickstart (2 documents, 1.8k and 12.4k tokens) un-truncated, as scripts/quickstart.sh
   runs them now.
 
 Variants:
@@ -79,6 +79,12 @@ def load_engine_context():
     return tokenizer, ctx
 
 
+def variant_settings(chosen: dict) -> dict:
+    return {name: {"user_template": templates["user"], "response": templates.get("response", ""),
+                   **{k: list(v) if isinstance(v, tuple) else v for k, v in generation.items()}}
+            for name, (templates, generation) in chosen.items()}
+
+
 def rates(records: list[dict]) -> dict:
     from pipeline.summary_check import LABELS
 
@@ -101,7 +107,8 @@ def markdown(results: dict) -> str:
     for name, r in results["rates"].items():
         lines.append(f"| {name} | {r['outputs']} | {r['summary']} | {r['continuation']} | {r['repetitive']} | "
                      f"{r['empty']} | {r['summary_rate']:.0%} |")
-    lines += ["", "Variants (chat template; the system message is the same in all):", ""]
+    lines += ["", "Variants (chat template; the system message is the same in all; `response` starts the "
+              "answer and is not part of the output):", ""]
     lines += [f"- **{k}**: `{json.dumps(v)}`" for k, v in results["variant_settings"].items()]
     lines.append("")
     for corpus in dict.fromkeys(r["corpus"] for r in results["records"]):
@@ -122,7 +129,15 @@ def main(argv=None) -> int:
     parser.add_argument("--max-new-tokens", type=int, default=64, help="as scripts/quickstart.sh (default 64)")
     parser.add_argument("--threads", type=int, default=os.cpu_count())
     parser.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "results", "summary_quality"))
+    parser.add_argument("--markdown-only", action="store_true", help="rewrite OUT.md from OUT.json, run nothing")
     args = parser.parse_args(argv)
+    if args.markdown_only:
+        with open(args.out + ".json", encoding="utf-8") as f:
+            results = json.load(f)
+        with open(args.out + ".md", "w", encoding="utf-8") as f:
+            f.write(markdown(results))
+        print(f"wrote {args.out}.md")
+        return 0
 
     import pyarrow.dataset as ds
     import torch
@@ -160,15 +175,13 @@ def main(argv=None) -> int:
                 print(f"{corpus} {doc['id']:22} {name:9} {check.label:13} ({records[-1]['seconds']:.0f} s) "
                       f"{' '.join((result.output or '').split())[:90]!r}", flush=True)
     results = {
-        "command": "python benchmarks/summary_quality.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "command": " ".join(["python benchmarks/summary_quality.py", *(argv if argv is not None else sys.argv[1:])]),
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
         "host": platform.node(),
         "load": "load average " + " ".join(f"{x:.1f}" for x in os.getloadavg()) + " at the end",
         "threads": args.threads,
         "max_new_tokens": args.max_new_tokens,
-        "variant_settings": {k: {"user_template": t["user"], **{g: list(v) if isinstance(v, tuple) else v
-                                                                 for g, v in gen.items()}}
-                             for k, (t, gen) in chosen.items()},
+        "variant_settings": variant_settings(chosen),
         "rates": {name: rates([r for r in records if r["variant"] == name]) for name in chosen},
         "records": records,
     }

@@ -6,6 +6,7 @@
         --lengths 4096,8192,16384,32768 --out results/llama2
     python -m jobs.evaluate --config eval.json            # every EvalConfig field from a file
     python -m jobs.evaluate --plot-only docs/eval/smollm2/results.json
+    python -m jobs.evaluate --document examples/texts/alice-chapters-1-4.txt   # plain vs DCA on one text
 
 Writes results.json, results.csv, summary.md and PNG plots to --out (see docs/evaluation.md).
 """
@@ -53,6 +54,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tp", type=int, default=1, help="tensor-parallel ranks (DeepSpeed AutoTP, local processes)")
     p.add_argument("--resume", action="store_true", help="keep the records already in --out and run only the rest")
     p.add_argument("--plot-only", metavar="RESULTS_JSON", help="redraw plots and summary from a results file")
+    p.add_argument("--document", metavar="TEXT_FILE",
+                   help="perplexity of the variants over this whole text (one window, every token), printed "
+                        "side by side before and past the model's trained length")
     return p
 
 
@@ -89,7 +93,16 @@ def config_from_args(args) -> "EvalConfig":  # noqa: F821
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Errors a user can act on (a missing file or model, bad settings) are one line, exit code 2."""
     args = build_parser().parse_args(argv)
+    try:
+        return _main(args)
+    except (FileNotFoundError, ValueError) as e:  # ModelError is a ValueError
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        return 2
+
+
+def _main(args) -> int:
     from pipeline import evaluation
 
     if args.plot_only:
@@ -101,13 +114,29 @@ def main(argv: list[str] | None = None) -> int:
         print(evaluation.summary_markdown(results))
         return 0
     config = config_from_args(args)
+    tokenizer = None
+    if args.document:
+        from pipeline.models import load_model_config, load_tokenizer
+
+        path = Path(args.document).resolve()
+        tokenizer = load_tokenizer(config.model)
+        n = len(evaluation.encode(tokenizer, evaluation.read_book(str(path))))
+        trained = int(load_model_config(config.model).max_position_embeddings)
+        # Buckets of P/8 tokens (1k for SmolLM2): the table splits at P and shows blocks past it.
+        config = dataclasses.replace(config, books=(str(path),), lengths=(n,), windows=1, tasks=("perplexity",),
+                                     position_bucket=max(1, trained // 8))
     out = Path(args.out or f"out/eval/{args.mode}").resolve()
     print(f"evaluating {config.model.model}: variants {[v.name for v in config.variants]}, "
           f"lengths {list(config.lengths)} -> {out}", flush=True)
     if args.tp > 1:
         results = evaluation.run_evaluation_tp(config, out, args.tp, resume=args.resume)
     else:
-        results = evaluation.run_evaluation(config, out, resume=args.resume, log=lambda m: print(m, flush=True))
+        results = evaluation.run_evaluation(config, out, resume=args.resume, tokenizer=tokenizer,
+                                            log=lambda m: print(m, flush=True))
+    if args.document:
+        print(evaluation.document_comparison(results))
+        print(f"results and plots in {out}")
+        return 0
     print(evaluation.summary_markdown(results))
     print(f"results and plots in {out}")
     return 0

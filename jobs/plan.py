@@ -1,13 +1,17 @@
 """Print the memory plan of a model on a device: what a request needs per GPU, and what fits.
 
     python -m jobs.plan --model llama2-70b --tp 2 --gpu-memory a100-80g \\
-        --prompt-tokens 100000 --new-tokens 512 --kv-dtype int8
+        --max-input-tokens 100000 --max-new-tokens 512 --kv-cache-dtype int8
     python -m jobs.plan --model llama2-70b --tp 2 --gpu-memory 80GiB --compare   # configurations side by side
     python -m jobs.plan --model /models/Llama-2-7b-hf --tp 1 --gpu-memory 40GB --json
 
---model takes a preset (llama2-7b, llama2-13b, llama2-70b, llama3-8b, llama3-70b, smollm2: shapes
-only, no weights needed), a Hugging Face directory, a config.json or a .gguf file. Nothing is
-loaded but the config. The model behind the numbers: pipeline/memory_plan.py, docs/memory.md.
+The flags a job also has (--model, --tp, --max-input-tokens, --max-new-tokens, --dtype,
+--kv-cache-dtype, --prefill-block, --dca-*, --device) mean the same and default to the same
+values as in `python -m jobs.summarize`, so the plan printed is the plan of the job run with those
+flags (a job prints it at start). --model takes a preset (llama2-7b, llama2-13b, llama2-70b,
+llama3-8b, llama3-70b, smollm2: shapes only, no weights needed), a Hugging Face directory, a
+config.json or a .gguf file. Nothing is loaded but the config. The model behind the numbers:
+pipeline/memory_plan.py, docs/memory.md.
 """
 
 from __future__ import annotations
@@ -16,37 +20,29 @@ import argparse
 import json
 import sys
 
+from jobs.common import (
+    DEFAULT_MAX_INPUT_TOKENS, DEFAULT_MAX_NEW_TOKENS, add_dca_flags, add_engine_memory_flags, deprecated_alias,
+)
 from pipeline.memory_plan import (
-    COMPONENTS, DEVICE_MEMORY, KV_DTYPES, WEIGHT_BYTES, MemoryPlan, ModelShape, ServingConfig, fmt_bytes,
+    COMPONENTS, DEVICE_MEMORY, WEIGHT_BYTES, MemoryPlan, ModelShape, ServingConfig, dca_chunk_len, fmt_bytes,
     parse_bytes,
 )
 
 # (label, ServingConfig overrides) compared by --compare, the naive one first.
 COMPARED = [
-    ("bf16 weights, bf16 KV, one-shot prefill, all logits", dict(kv_dtype="auto", prefill_block=None, logits="all")),
-    ("bf16 weights, bf16 KV, one-shot prefill", dict(kv_dtype="auto", prefill_block=None)),
-    ("bf16 weights, bf16 KV, chunked prefill", dict(kv_dtype="auto", prefill_block="chunk")),
-    ("bf16 weights, int8 KV, one-shot prefill", dict(kv_dtype="int8", prefill_block=None)),
-    ("bf16 weights, int8 KV, chunked prefill", dict(kv_dtype="int8", prefill_block="chunk")),
+    ("bf16 weights, bf16 KV, one-shot prefill, all logits",
+     dict(kv_cache_dtype="auto", prefill_block=None, logits="all")),
+    ("bf16 weights, bf16 KV, one-shot prefill", dict(kv_cache_dtype="auto", prefill_block=None)),
+    ("bf16 weights, bf16 KV, chunked prefill", dict(kv_cache_dtype="auto", prefill_block="chunk")),
+    ("bf16 weights, int8 KV, one-shot prefill", dict(kv_cache_dtype="int8", prefill_block=None)),
+    ("bf16 weights, int8 KV, chunked prefill", dict(kv_cache_dtype="int8", prefill_block="chunk")),
     ("bf16 weights, int8 KV, chunked prefill, torch attention (no flash-attn)",
-     dict(kv_dtype="int8", prefill_block="chunk", attention_backend="torch")),
-    ("int8 weights*, bf16 KV, chunked prefill", dict(weight_dtype="int8", kv_dtype="auto", prefill_block="chunk")),
-    ("int8 weights*, int8 KV, chunked prefill", dict(weight_dtype="int8", kv_dtype="int8", prefill_block="chunk")),
+     dict(kv_cache_dtype="int8", prefill_block="chunk", attention_backend="torch")),
+    ("int8 weights*, bf16 KV, chunked prefill",
+     dict(weight_dtype="int8", kv_cache_dtype="auto", prefill_block="chunk")),
+    ("int8 weights*, int8 KV, chunked prefill",
+     dict(weight_dtype="int8", kv_cache_dtype="int8", prefill_block="chunk")),
 ]
-
-
-def _block(text: str):
-    if text in ("none", "one-shot"):
-        return None
-    if text == "chunk":
-        return "chunk"
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"--prefill-block must be 'none', 'chunk' or a number of tokens, got {text!r}")
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"--prefill-block must be positive, got {value}")
-    return value
 
 
 def _memory(text: str) -> int:
@@ -58,30 +54,57 @@ def _memory(text: str) -> int:
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m jobs.plan", description=__doc__.split("\n\n")[0])
-    p.add_argument("--model", required=True, help="preset name, Hugging Face directory, config.json or .gguf")
-    p.add_argument("--tp", type=int, default=1, help="tensor-parallel GPUs per replica")
-    p.add_argument("--gpu-memory", type=_memory, default=None,
+    g = p.add_argument_group("the job (same flags and defaults as jobs.summarize / jobs.qa)")
+    g.add_argument("--model", default="smollm2", help="preset name, Hugging Face directory, config.json or .gguf "
+                   "(default smollm2)")
+    g.add_argument("--tp", type=int, default=1, help="tensor-parallel GPUs per replica (default 1)")
+    g.add_argument("--max-input-tokens", type=int, default=DEFAULT_MAX_INPUT_TOKENS,
+                   help=f"the longest prompt, planned for (default {DEFAULT_MAX_INPUT_TOKENS})")
+    g.add_argument("--max-new-tokens", type=int, default=DEFAULT_MAX_NEW_TOKENS,
+                   help=f"tokens generated per request at most (default {DEFAULT_MAX_NEW_TOKENS})")
+    g.add_argument("--dtype", default="auto", choices=["auto", *sorted(WEIGHT_BYTES)],
+                   help="weight dtype (default auto: bfloat16 on cuda, float32 on cpu); int8/int4 model "
+                        "quantised weights this project does not ship")
+    add_engine_memory_flags(g, planner=True)
+    g.add_argument("--device", default="auto", choices=("auto", "cuda", "cpu"),
+                   help="auto (default) plans for GPUs, as a job does on a cluster that has them")
+    add_dca_flags(p, planner=True)
+    g = p.add_argument_group("the plan")
+    g.add_argument("--gpu-memory", type=_memory, default=None,
                    help=f"memory of one GPU: '80GiB', '40GB', bytes, or {', '.join(sorted(DEVICE_MEMORY))}")
-    p.add_argument("--prompt-tokens", type=int, default=100_000)
-    p.add_argument("--new-tokens", type=int, default=512)
-    p.add_argument("--batch", type=int, default=1)
-    p.add_argument("--weight-dtype", default="bfloat16", choices=sorted(WEIGHT_BYTES))
-    p.add_argument("--kv-dtype", default="auto", choices=KV_DTYPES)
-    p.add_argument("--prefill-block", type=_block, default="chunk", help="'none' (one shot), 'chunk' (DCA chunk_len) or tokens")
-    p.add_argument("--logits", default="last", choices=("last", "all"))
-    p.add_argument("--attention-backend", default="flash", choices=("flash", "torch"))
-    p.add_argument("--chunk-len", type=int, default=None, help="DCA chunk_len (default 5P/8 of the model)")
-    p.add_argument("--device", default="cuda", choices=("cuda", "cpu"))
-    p.add_argument("--compare", action="store_true", help="print standard configurations side by side")
-    p.add_argument("--json", action="store_true", help="machine-readable output")
-    return p.parse_args(argv)
+    g.add_argument("--batch", type=int, default=1, help="requests of max-input-tokens prefilled together (default 1)")
+    g.add_argument("--logits", default="last", choices=("last", "all"))
+    g.add_argument("--attention-backend", default="flash", choices=("flash", "torch"))
+    g.add_argument("--compare", action="store_true", help="print standard configurations side by side")
+    g.add_argument("--json", action="store_true", help="machine-readable output")
+    # Earlier names, still accepted (with a warning).
+    deprecated_alias(g, "--prompt-tokens", "--max-input-tokens", type=int)
+    deprecated_alias(g, "--new-tokens", "--max-new-tokens", type=int)
+    deprecated_alias(g, "--weight-dtype", "--dtype", choices=sorted(WEIGHT_BYTES))
+    deprecated_alias(g, "--chunk-len", "--dca-chunk-len", type=int)
+    args = p.parse_args(argv)
+    if args.prefill_block == "none":
+        args.prefill_block = None
+    if args.device == "auto":
+        args.device = "cuda"
+    if args.dtype == "auto":
+        args.dtype = "bfloat16" if args.device == "cuda" else "float32"
+    return args
 
 
-def _config(args, **overrides) -> ServingConfig:
+def _chunk_len(args, shape: ModelShape) -> int:
+    """DCA chunk_len L from the --dca-* flags and the model's P (or the deprecated --chunk-len L)."""
+    if getattr(args, "dca_chunk_len", None):
+        return args.dca_chunk_len
+    return dca_chunk_len(args.dca_pretraining_length or shape.pretraining_length, args.dca_chunk_size,
+                         args.dca_local_window)
+
+
+def _config(args, shape: ModelShape, **overrides) -> ServingConfig:
     values = dict(
-        tp_size=args.tp, weight_dtype=args.weight_dtype, kv_dtype=args.kv_dtype, prefill_block=args.prefill_block,
-        logits=args.logits, attention_backend=args.attention_backend, chunk_len=args.chunk_len, device=args.device,
-        device_memory=args.gpu_memory,
+        tp_size=args.tp, weight_dtype=args.dtype, kv_cache_dtype=args.kv_cache_dtype,
+        prefill_block=args.prefill_block, logits=args.logits, attention_backend=args.attention_backend,
+        chunk_len=_chunk_len(args, shape), device=args.device, device_memory=args.gpu_memory,
     )
     values.update(overrides)
     return ServingConfig(**values)
@@ -91,16 +114,16 @@ def compare_table(shape: ModelShape, args) -> tuple[str, list[dict]]:
     rows, lines = [], []
     head = f"| configuration | {' | '.join(COMPONENTS)} | total | fits | longest prompt |"
     lines += [
-        f"{shape.name}, tp={args.tp}, {fmt_bytes(args.gpu_memory)} per GPU; request: {args.prompt_tokens} prompt + "
-        f"{args.new_tokens} new tokens, batch {args.batch}. Per GPU.",
+        f"{shape.name}, tp={args.tp}, {fmt_bytes(args.gpu_memory)} per GPU; request: {args.max_input_tokens} prompt + "
+        f"{args.max_new_tokens} new tokens, batch {args.batch}. Per GPU.",
         "",
         head,
         "|" + " --- |" * (len(COMPONENTS) + 4),
     ]
     for label, overrides in COMPARED:
-        plan = MemoryPlan(shape, _config(args, **overrides))
-        e = plan.estimate(args.prompt_tokens, args.new_tokens, args.batch)
-        longest = plan.longest_prompt(args.new_tokens, args.batch) if args.gpu_memory else None
+        plan = MemoryPlan(shape, _config(args, shape, **overrides))
+        e = plan.estimate(args.max_input_tokens, args.max_new_tokens, args.batch)
+        longest = plan.longest_prompt(args.max_new_tokens, args.batch) if args.gpu_memory else None
         fits = {True: "yes", False: "no", None: "?"}[e.fits]
         cells = " | ".join(fmt_bytes(getattr(e, c)) for c in COMPONENTS)
         lines.append(f"| {label} | {cells} | {fmt_bytes(e.total)} | {fits} | {longest if longest is not None else '?'} |")
@@ -114,22 +137,22 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     try:
         shape = ModelShape.load(args.model)
-        plan = MemoryPlan(shape, _config(args))
+        plan = MemoryPlan(shape, _config(args, shape))
         if args.compare:
             text, rows = compare_table(shape, args)
             print(json.dumps(rows, indent=2) if args.json else text)
             return 0
-        estimate = plan.estimate(args.prompt_tokens, args.new_tokens, args.batch)
+        estimate = plan.estimate(args.max_input_tokens, args.max_new_tokens, args.batch)
     except (ValueError, FileNotFoundError) as e:
         print(f"jobs.plan: {e}", file=sys.stderr)
         return 2
     if args.json:
         out = {"model": shape.name, "serving": plan.config.to_dict(), **estimate.to_dict()}
         if args.gpu_memory:
-            out["longest_prompt"] = plan.longest_prompt(args.new_tokens, args.batch)
+            out["longest_prompt"] = plan.longest_prompt(args.max_new_tokens, args.batch)
         print(json.dumps(out, indent=2))
     else:
-        print(plan.format_table(args.prompt_tokens, args.new_tokens, args.batch))
+        print(plan.format_table(args.max_input_tokens, args.max_new_tokens, args.batch))
     return 0
 
 

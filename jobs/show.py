@@ -83,9 +83,9 @@ def dca_line(rows: list[dict], config: dict | None) -> str:
     if not first["dca_enabled"]:
         return f"DCA off; prefill block {prefill}, KV cache {kv}"
     p, s, w = first["dca_pretraining_length"], first["dca_chunk_size"], first["dca_local_window"]
-    return (f"DCA on: pretraining_length P={_n(p)}, chunk_size S={_n(s)}, local_window W={_n(w)} "
-            f"(chunk_len L=S-W={_n(s - w) if s and w else '?'}), temperature_alpha {first['dca_temperature_alpha']:g}; "
-            f"prefill block {prefill}, KV cache {kv}")
+    return (f"DCA on: pretraining_length P={_n(p)}, chunk_size S={_n(s)}, local_window W={_n(w)}, "
+            f"chunk_len L=S-W={_n(s - w) if s and w else '?'}, temperature_alpha {first['dca_temperature_alpha']:g}\n"
+            f"  engine: prefill block {prefill}, KV cache {kv}")
 
 
 def metrics_lines(m: dict) -> list[str]:
@@ -148,12 +148,10 @@ def show(output_dir: str, *, ids: list[str] | None = None, errors_only: bool = F
     if line and metrics:
         print("  " + line, file=out)
     if metrics:
-        files = [f"metrics {path}"] if os.path.exists(path) else []
         plot = os.path.join(output_dir, "_metrics.png")
-        if os.path.exists(plot):
-            files.append(f"plot {plot}")
-        if files:
-            print("  files: " + ", ".join(files), file=out)
+        for name, file in (("metrics", path), ("plot", plot)):
+            if os.path.exists(file):
+                print(f"  {name}: {file}", file=out)
     return len(shown)
 
 

@@ -812,6 +812,44 @@ def summary_markdown(results: dict) -> str:
     return "\n".join(lines)
 
 
+def document_comparison(results: dict, *, split: int | None = None, block: int | None = None) -> str:
+    """Plain model vs DCA on one document (a perplexity run with one window): perplexity before and
+    after `split` (default: the model's max_position_embeddings, its trained length) and per block
+    of `block` tokens past it (default: the run's position_bucket), side by side. Uses each
+    record's nll_by_position, so the run's position_bucket must divide `split` and `block`."""
+    records = [r for r in results["records"] if r["task"] == "perplexity" and r.get("nll_by_position")]
+    if not records:
+        raise ValueError("no perplexity record with nll_by_position: run with --tasks perplexity")
+    length = records[0]["length"]
+    bucket = results["meta"]["config"].get("position_bucket") or 0
+    split = split or results["meta"].get("max_position_embeddings") or length
+    block = block or bucket
+    if not bucket or split % bucket or block % bucket:
+        raise ValueError(f"position_bucket {bucket} must divide the split {split} and the block {block}")
+    variants = list(dict.fromkeys(r["variant"] for r in records))
+    by_variant = {v: next(r for r in records if r["variant"] == v) for v in variants}
+    # Bucket b holds the losses of targets b * bucket + 1 .. (b + 1) * bucket (length - 1 targets).
+    sizes = [min(bucket, length - 1 - b * bucket) for b in range((length - 2) // bucket + 1)]
+
+    def ppl(variant: str, lo: int, hi: int) -> float | None:
+        nll = by_variant[variant]["nll_by_position"]
+        picked = [(nll[b], sizes[b]) for b in range(len(sizes)) if lo <= b * bucket < hi]
+        total = sum(n for _, n in picked)
+        return math.exp(sum(x * n for x, n in picked) / total) if total else None
+
+    rows = [(f"tokens 0-{split:,} (trained length)", 0, split), (f"tokens {split:,}-{length:,} (past it)", split, length)]
+    rows += [(f"  {lo:,}-{lo + block if lo + block < length - 1 else length:,}", lo, lo + block)
+             for lo in range(split, length - 1, block)]
+    name = Path(by_variant[variants[0]].get("book") or "?").name
+    lines = [f"Perplexity of {results['meta'].get('model')} on {name} ({length:,} tokens), trained on "
+             f"{results['meta'].get('max_position_embeddings') or '?':,} tokens (lower is better):", "",
+             f"{'':34}" + "".join(f"{v:>10}" for v in variants)]
+    for label, lo, hi in rows:
+        cells = [ppl(v, lo, hi) for v in variants]
+        lines.append(f"{label:34}" + "".join(f"{c:>10.1f}" if c is not None else f"{'-':>10}" for c in cells))
+    return "\n".join(lines)
+
+
 def write_summary(results: dict, out_dir: str | os.PathLike) -> Path:
     path = Path(out_dir) / "summary.md"
     meta = results["meta"]
@@ -884,7 +922,8 @@ def write_plots(results: dict, out_dir: str | os.PathLike) -> list[Path]:
                 for j, (v, rows) in enumerate(per_pos.items()):
                     k = min(len(x) for x in rows)
                     mean = [sum(x[i] for x in rows) / len(rows) for i in range(k)]
-                    ax.plot([(i + 1) * bucket for i in range(k)], mean, marker=".", ls=("-", "--", ":", "-.")[j % 4],
+                    ends = [min((i + 1) * bucket, n) for i in range(k)]  # the last bucket may be short
+                    ax.plot(ends, mean, marker=".", ls=("-", "--", ":", "-.")[j % 4],
                             label=f"{v} ({len(rows)} window{'s' if len(rows) > 1 else ''})")
                 if max_pos:
                     ax.axvline(max_pos, color="grey", ls="--", lw=1, label=f"training length {max_pos}")

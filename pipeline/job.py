@@ -47,6 +47,21 @@ log = logging.getLogger("pipeline.job")
 
 # The engine's default rows per replica batch (pipeline.engine.EngineConfig.max_batch_size).
 _ENGINE_MAX_BATCH_SIZE = 8
+# Production defaults, shared with the memory planner's flags (jobs.plan) so that a plan is made
+# for what a job runs: DCA on (pipeline.models.ModelSpec), the engine's "auto" prefill (one DCA
+# chunk, at least 1024 tokens, per step of the continuous scheduler: activation memory set by
+# DCA's chunk_len, not by the prompt), the model's own KV dtype.
+DEFAULT_MAX_INPUT_TOKENS = 32768
+DEFAULT_MAX_NEW_TOKENS = 256
+DEFAULT_PREFILL_BLOCK = "auto"
+KV_CACHE_DTYPES = ("auto", "int8")
+# Per-task generation defaults (JobConfig fields left at None take these). Summaries: stop at the
+# first blank line and keep the small models from looping (benchmarks/summary_quality.py measures
+# what each setting does on the example corpus).
+TASK_GENERATION_DEFAULTS = {
+    "summarize": {"stop": ("\n\n",), "repetition_penalty": 1.1, "no_repeat_ngram_size": 4},
+    "qa": {"stop": ("\n\n",), "repetition_penalty": 1.0, "no_repeat_ngram_size": 4},
+}
 
 
 class JobFailed(RuntimeError):
@@ -145,9 +160,9 @@ class JobConfig:
     tp: int = 1
     replicas: int = 1
     # Longest prompt sent to the model (tokens): longer documents are truncated (see truncation).
-    max_input_tokens: int = 8192
+    max_input_tokens: int = DEFAULT_MAX_INPUT_TOKENS
     # Tokens generated per output row at most.
-    max_new_tokens: int = 256
+    max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS
     # "middle": keep beginning and end of the document; "end": keep the beginning only.
     truncation: str = "middle"
     # YAML/JSON file overriding the prompt templates (pipeline.prompts.DEFAULT_TEMPLATES).
@@ -159,7 +174,14 @@ class JobConfig:
     temperature: float = 1.0
     top_p: float = 1.0
     seed: int | None = None
-    stop: tuple[str, ...] = ()
+    # Generation stops at the first of these strings (cut from the output). None: the task's
+    # default (TASK_GENERATION_DEFAULTS).
+    stop: tuple[str, ...] | None = None
+    # Repetition guard on the tokens generated so far (prompt tokens are not penalised: a summary
+    # may reuse the document's names): their logits are divided by repetition_penalty (> 1), and
+    # no n-gram of no_repeat_ngram_size tokens is generated twice. None: the task's default.
+    repetition_penalty: float | None = None
+    no_repeat_ngram_size: int | None = None
     # Requests inside the engine at once (backpressure) and the longest-first reordering window.
     max_in_flight: int | None = None  # None: 2 x max_batch_size per replica
     schedule_window: int | None = None  # None: 4 x max_in_flight
@@ -171,10 +193,13 @@ class JobConfig:
     max_restarts: int | None = None
     request_retries: int | None = None
     device: str | None = None
-    # KV cache storage "auto" | "int8", and prompt tokens per prefill forward (None one shot,
-    # "chunk" one DCA chunk, or a number): see docs/memory.md for what each buys.
-    kv_cache_dtype: str | None = None
-    prefill_block: int | str | None = None
+    # KV cache storage "auto" (the model dtype) | "int8", and prompt tokens per prefill forward:
+    # "auto" (the engine's: one DCA chunk, at least 1024 tokens, per continuous-batching step; one
+    # shot with the static scheduler or without DCA), "chunk" one DCA chunk of chunk_len L tokens
+    # (one shot when DCA is off), None (or "none") one shot, or a number. docs/memory.md says
+    # what each buys.
+    kv_cache_dtype: str = "auto"
+    prefill_block: int | str | None = DEFAULT_PREFILL_BLOCK
     # CPUs (and torch threads) per rank. None: on a local Ray, this machine's cores shared evenly
     # between all ranks; on a cluster, the engine's default (1).
     cpus_per_rank: int | None = None
@@ -210,6 +235,26 @@ class JobConfig:
                 raise ValueError(f"{name} must be a positive integer or None, got {value!r}")
         if not 0.0 <= self.max_error_fraction <= 1.0:
             raise ValueError(f"max_error_fraction must be in [0, 1], got {self.max_error_fraction}")
+        if self.prefill_block in ("none", "one-shot"):
+            object.__setattr__(self, "prefill_block", None)
+        block = self.prefill_block
+        if not (block is None or block in ("auto", "chunk")
+                or (isinstance(block, int) and not isinstance(block, bool) and block > 0)):
+            raise ValueError(f"prefill_block must be 'auto', 'chunk', 'none' (one shot) or a positive int, got {block!r}")
+        if self.kv_cache_dtype not in KV_CACHE_DTYPES:
+            raise ValueError(f"kv_cache_dtype must be one of {KV_CACHE_DTYPES}, got {self.kv_cache_dtype!r}")
+        defaults = TASK_GENERATION_DEFAULTS[self.task]
+        for name in ("stop", "repetition_penalty", "no_repeat_ngram_size"):
+            if getattr(self, name) is None:
+                object.__setattr__(self, name, defaults[name])
+        if isinstance(self.stop, (list, str)):
+            object.__setattr__(self, "stop", (self.stop,) if isinstance(self.stop, str) else tuple(self.stop))
+        if isinstance(self.repetition_penalty, bool) or not isinstance(self.repetition_penalty, (int, float)) \
+                or self.repetition_penalty < 1.0:
+            raise ValueError(f"repetition_penalty must be a number >= 1 (1 = off), got {self.repetition_penalty!r}")
+        if isinstance(self.no_repeat_ngram_size, bool) or not isinstance(self.no_repeat_ngram_size, int) \
+                or self.no_repeat_ngram_size < 0:
+            raise ValueError(f"no_repeat_ngram_size must be an int >= 0 (0 = off), got {self.no_repeat_ngram_size!r}")
         if isinstance(self.model_spec, dict):
             object.__setattr__(self, "model_spec", ModelSpec.from_dict(self.model_spec))
 
@@ -225,7 +270,8 @@ class JobConfig:
     def sampling(self) -> SamplingParams:
         return SamplingParams(
             do_sample=self.do_sample, temperature=self.temperature, top_p=self.top_p, seed=self.seed,
-            max_new_tokens=self.max_new_tokens, stop=self.stop,
+            max_new_tokens=self.max_new_tokens, stop=self.stop, repetition_penalty=float(self.repetition_penalty),
+            no_repeat_ngram_size=self.no_repeat_ngram_size,
         )
 
     def to_dict(self) -> dict:
@@ -333,8 +379,23 @@ def ensure_ray(config: JobConfig) -> JobConfig:
         ray.init(address=address, log_to_driver=True)
     else:
         need = ranks * (config.cpus_per_rank or 1)
+        _quiet_local_ray_notice()
         ray.init(address="local", num_cpus=max(cpus, need), include_dashboard=False, log_to_driver=True)
     return config
+
+
+class _DropRayAuthNotice(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "Token authentication is enabled for this Ray cluster" not in record.getMessage()
+
+
+def _quiet_local_ray_notice() -> None:
+    """Ray 2.60 warns at every start of a local cluster that token authentication is on (its
+    default, and what the private cluster of a job should have): one warning per job run in every
+    log, about nothing to act on. A filter on that logger drops exactly that message."""
+    logger = logging.getLogger("ray._private.authentication.authentication_token_setup")
+    if not any(isinstance(f, _DropRayAuthNotice) for f in logger.filters):
+        logger.addFilter(_DropRayAuthNotice())
 
 
 # ------------------------------------------------------------------------------------- driver
@@ -548,7 +609,7 @@ class _Driver:
                 continue
             rows.append(self._row(
                 doc, question_index=question_index, question=question,
-                output=result.output if result.status == "ok" else None,
+                output=self.builder.output_text(result.output) if result.status == "ok" else None,
                 status=result.status, error_type=result.error_type,
                 error_message=(f"{doc.source}: {result.error_message}" if result.error_message else None),
                 prompt_tokens=result.prompt_tokens, output_tokens=result.output_tokens,
@@ -624,13 +685,15 @@ def release_gpu_request() -> None:
 
 
 def log_memory_plan(config: JobConfig, engine_config) -> None:
-    """Prints the memory planner's table for this job's longest request (a GPU plan where the
-    job runs on GPUs; on CPU the same components, without a device limit)."""
+    """Prints the memory planner's estimate for this job's longest request on one line (a GPU plan
+    where the job runs on GPUs; on CPU the same components, without a device limit), with the
+    jobs.plan command that prints the full table: the planner takes the job's own flags."""
+    import shlex
     import sys
 
     import ray
 
-    from pipeline.memory_plan import MemoryPlan, ModelShape, ServingConfig
+    from pipeline.memory_plan import COMPONENTS, MemoryPlan, ModelShape, ServingConfig, fmt_bytes
 
     try:
         device = "cuda" if config.device == "cuda" or (
@@ -640,17 +703,42 @@ def log_memory_plan(config: JobConfig, engine_config) -> None:
         if dtype == "auto":
             dtype = "bfloat16" if device == "cuda" else "float32"
         shape = ModelShape.load(config.model_spec.model)
+        chunk_len = None
+        if config.model_spec.dca is not None:
+            from pipeline.models import dca_config_for, load_model_config
+
+            chunk_len = dca_config_for(config.model_spec, load_model_config(config.model_spec)).chunk_len
+        # "auto" is one shot with the static scheduler (pipeline.engine.worker).
+        block = engine_config.prefill_block
+        block = None if block == "auto" and engine_config.scheduler == "static" else block
         serving = ServingConfig(
-            tp_size=config.tp, weight_dtype=dtype, kv_dtype=engine_config.kv_cache_dtype,
-            prefill_block="chunk" if engine_config.prefill_block == "auto" else engine_config.prefill_block,
-            device=device,
+            tp_size=config.tp, weight_dtype=dtype, kv_cache_dtype=engine_config.kv_cache_dtype,
+            prefill_block=block, device=device, chunk_len=chunk_len,
             attention_backend="flash" if device == "cuda" else "torch",
         )
-        table = MemoryPlan(shape, serving).format_table(config.max_input_tokens, config.max_new_tokens)
+        estimate = MemoryPlan(shape, serving).estimate(config.max_input_tokens, config.max_new_tokens)
     except Exception as error:  # the plan is advice: a model the planner cannot read still runs
         log.warning("no memory plan for %s: %s", config.model_spec.model, error)
         return
-    print(table, file=sys.stderr, flush=True)
+    parts = ", ".join(f"{c.replace('_', ' ')} {fmt_bytes(getattr(estimate, c))}" for c in COMPONENTS
+                      if getattr(estimate, c))
+    flags = ["--model", config.model_spec.model, "--tp", str(config.tp), "--max-input-tokens",
+             str(config.max_input_tokens), "--max-new-tokens", str(config.max_new_tokens), "--dtype", dtype,
+             "--kv-cache-dtype", engine_config.kv_cache_dtype, "--prefill-block",
+             "none" if block is None else str(block), "--device", device]
+    for key in ("pretraining_length", "chunk_size", "local_window"):
+        if (config.model_spec.dca or {}).get(key) is not None:
+            flags += [f"--dca-{key.replace('_', '-')}", str(config.model_spec.dca[key])]
+    print(f"memory plan: {fmt_bytes(estimate.total)} per rank for the longest request "
+          f"({config.max_input_tokens} + {config.max_new_tokens} tokens): {parts}; {serving.describe()}\n"
+          f"  (python -m jobs.plan {shlex.join(flags)} for the table)", file=sys.stderr, flush=True)
+
+
+def effective_prefill_block(config: JobConfig) -> int | str | None:
+    """The engine's prefill_block for a job: "chunk" means one shot when DCA is off."""
+    if config.prefill_block == "chunk" and config.model_spec.dca is None:
+        return None
+    return config.prefill_block
 
 
 def make_pool(config: JobConfig):
@@ -659,7 +747,9 @@ def make_pool(config: JobConfig):
 
     engine_kwargs = {k: getattr(config, k) for k in (
         "scheduler", "max_batch_tokens", "max_batch_size", "max_restarts", "request_retries", "device",
-        "cpus_per_rank", "kv_cache_dtype", "prefill_block") if getattr(config, k) is not None}
+        "cpus_per_rank", "kv_cache_dtype") if getattr(config, k) is not None}
+    # "chunk" is one DCA chunk: without DCA there is none, and the prompt goes in one shot.
+    engine_kwargs["prefill_block"] = effective_prefill_block(config)
     engine_config = EngineConfig(
         model_spec=config.model_spec, tp_size=config.tp, replicas=config.replicas,
         max_input_tokens=config.max_input_tokens, **engine_kwargs,
@@ -715,7 +805,9 @@ def _run_job(config: JobConfig, stopper: _StopSignals, *, pool_factory, tokenize
         config.output_dir, job_id=job_id, fingerprint=fingerprint, config=config.to_dict(),
         overwrite=config.overwrite, part_rows=config.part_rows, part_seconds=config.part_seconds,
     )
-    metrics = JobMetrics(job_id=job_id, task=config.task, config=config.to_dict(), total_input_rows=plan.num_rows)
+    # The resolved DCA settings next to the job's (the metrics plot marks P; jobs.show prints them).
+    metrics = JobMetrics(job_id=job_id, task=config.task, config={**config.to_dict(), "dca_in_effect": dca_cols},
+                         total_input_rows=plan.num_rows)
     if writer.manifest.get("runs", 1) > 1:  # a resumed job: its metrics cover the earlier runs too
         metrics.resume(config.output_dir, runs_before=writer.manifest["runs"] - 1)
     metrics_extra.update(template_kind=builder.template_kind, config_hash=cfg_hash, output_dir=config.output_dir,

@@ -1,7 +1,7 @@
 """Memory planner: predicted peak memory per GPU of one request, by component, before running it.
 
     shape = ModelShape.load("llama2-70b")            # a preset, a HF directory, a config or a dict
-    plan = MemoryPlan(shape, ServingConfig(tp_size=2, kv_dtype="int8", prefill_block="chunk",
+    plan = MemoryPlan(shape, ServingConfig(tp_size=2, kv_cache_dtype="int8", prefill_block="chunk",
                                            device_memory=parse_bytes("a100-80g")))
     plan.estimate(prompt_tokens=100_000, new_tokens=512, batch=1)   # -> MemoryEstimate
     plan.check(100_000, 512)           # raises WontFit (error_type "wont_fit") with the numbers
@@ -52,6 +52,9 @@ KiB, MiB, GiB = 1 << 10, 1 << 20, 1 << 30
 WEIGHT_BYTES = {"float32": 4.0, "bfloat16": 2.0, "float16": 2.0, "int8": 1.0, "int4": 0.5 + 2 / 128}
 COMPUTE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 KV_DTYPES = ("auto", "float32", "bfloat16", "float16", "int8")
+# prefill_block "auto": one DCA chunk but at least this many tokens per step, as the engine's
+# continuous scheduler does (pipeline.engine.continuous.MIN_AUTO_PREFILL_TOKENS).
+AUTO_PREFILL_MIN_TOKENS = 1024
 INT8_SCALE_BYTES = 4  # dca/kv_quant.py: one float32 scale per (token, head)
 BACKENDS = ("flash", "torch")
 DEVICES = ("cuda", "cpu")
@@ -183,15 +186,19 @@ class ServingConfig:
     weight_dtype: str = "bfloat16"
     # Dtype of activations and attention; None = the weight dtype (bfloat16 for quantised weights).
     compute_dtype: str | None = None
-    # KV cache dtype: "auto" (= compute dtype) | float32 | bfloat16 | float16 | int8 (dca/kv_quant.py).
-    kv_dtype: str = "auto"
-    # Prompt tokens per prefill forward: None = one shot, "chunk" = the DCA chunk_len, or a number.
-    prefill_block: int | str | None = "chunk"
+    # KV cache dtype, as the jobs' --kv-cache-dtype: "auto" (= compute dtype) | float32 | bfloat16 |
+    # float16 | int8 (dca/kv_quant.py).
+    kv_cache_dtype: str = "auto"
+    # Prompt tokens per prefill forward, as the jobs' --prefill-block: "auto" = the engine's
+    # default with continuous batching (one DCA chunk, at least AUTO_PREFILL_MIN_TOKENS), "chunk"
+    # = one DCA chunk of chunk_len L = S - W tokens, None = one shot, or a number.
+    prefill_block: int | str | None = "auto"
     # "last": logits of the last position only; "all": every position of each forward.
     logits: str = "last"
     # DCA attention kernels: "flash" (flash-attn, no key copies) | "torch" (copies key ranges).
     attention_backend: str = "flash"
-    # DCA chunk_len L (query chunk of the attention kernels); None = 5P/8 of the model.
+    # DCA chunk_len L = chunk_size S - local_window W (query chunk of the attention kernels);
+    # None = the default 5P/8 of the model (S = 3P/4, W = P/8).
     chunk_len: int | None = None
     # "cuda" or "cpu" (CPU: no runtime overhead; used to validate the model against measured RSS).
     device: str = "cuda"
@@ -203,6 +210,8 @@ class ServingConfig:
     communication_buffers: int = GiB // 2
     # Allocator fragmentation: this share of KV + activations + logits is added (CUDA).
     fragmentation: float = 0.05
+    # Deprecated name of kv_cache_dtype (the field was renamed to the jobs' term); None = unused.
+    kv_dtype: str | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.tp_size, bool) or not isinstance(self.tp_size, int) or self.tp_size < 1:
@@ -213,11 +222,18 @@ class ServingConfig:
         if compute not in COMPUTE_BYTES:
             raise ValueError(f"compute_dtype must be one of {sorted(COMPUTE_BYTES)}, got {self.compute_dtype!r}")
         object.__setattr__(self, "compute_dtype", compute)
-        if self.kv_dtype not in KV_DTYPES:
-            raise ValueError(f"kv_dtype must be one of {KV_DTYPES}, got {self.kv_dtype!r}")
+        if self.kv_dtype is not None:
+            if self.kv_dtype not in KV_DTYPES:
+                raise ValueError(f"kv_dtype (deprecated name of kv_cache_dtype) must be one of {KV_DTYPES}, "
+                                 f"got {self.kv_dtype!r}")
+            object.__setattr__(self, "kv_cache_dtype", self.kv_dtype)
+            object.__setattr__(self, "kv_dtype", None)
+        if self.kv_cache_dtype not in KV_DTYPES:
+            raise ValueError(f"kv_cache_dtype must be one of {KV_DTYPES}, got {self.kv_cache_dtype!r}")
         block = self.prefill_block
-        if not (block is None or block == "chunk" or (isinstance(block, int) and not isinstance(block, bool) and block > 0)):
-            raise ValueError(f"prefill_block must be None (one shot), 'chunk' or a positive int, got {block!r}")
+        if not (block is None or block in ("auto", "chunk")
+                or (isinstance(block, int) and not isinstance(block, bool) and block > 0)):
+            raise ValueError(f"prefill_block must be None (one shot), 'auto', 'chunk' or a positive int, got {block!r}")
         if self.logits not in ("last", "all"):
             raise ValueError(f"logits must be 'last' or 'all', got {self.logits!r}")
         if self.attention_backend not in BACKENDS:
@@ -233,17 +249,20 @@ class ServingConfig:
 
     @property
     def resolved_kv_dtype(self) -> str:
-        return self.compute_dtype if self.kv_dtype == "auto" else self.kv_dtype
+        return self.compute_dtype if self.kv_cache_dtype == "auto" else self.kv_cache_dtype
 
     def describe(self) -> str:
-        block = {None: "one-shot prefill", "chunk": "chunked prefill (1 DCA chunk)"}.get(
+        block = {None: "one-shot prefill", "chunk": "chunked prefill (1 DCA chunk)",
+                 "auto": f"chunked prefill (1 DCA chunk, >= {AUTO_PREFILL_MIN_TOKENS} tokens)"}.get(
             self.prefill_block, f"chunked prefill ({self.prefill_block} tokens)"
         )
         return (f"tp={self.tp_size}, weights {self.weight_dtype}, KV {self.resolved_kv_dtype}, {block}, "
                 f"logits {self.logits}, attention {self.attention_backend}")
 
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        values = dataclasses.asdict(self)
+        del values["kv_dtype"]
+        return values
 
 
 COMPONENTS = ("weights", "kv_cache", "activations", "logits", "runtime_overhead")
@@ -320,8 +339,7 @@ class MemoryPlan:
         self.act_bytes = COMPUTE_BYTES[config.compute_dtype]
         kv = config.resolved_kv_dtype
         self.kv_elem_bytes = (1 + INT8_SCALE_BYTES / shape.head_dim) if kv == "int8" else COMPUTE_BYTES[kv]
-        p = shape.pretraining_length
-        self.chunk_len = config.chunk_len or ((3 * p) // 4 - p // 8)
+        self.chunk_len = config.chunk_len or dca_chunk_len(shape.pretraining_length)
 
     # --- components --------------------------------------------------------------------------
 
@@ -349,6 +367,8 @@ class MemoryPlan:
             return prompt_tokens
         if block == "chunk":
             block = self.chunk_len
+        elif block == "auto":
+            block = max(self.chunk_len, AUTO_PREFILL_MIN_TOKENS)
         return min(block, prompt_tokens)
 
     def activation_bytes(self, new: int, keys: int, batch: int = 1) -> int:
@@ -448,9 +468,9 @@ class MemoryPlan:
         if batch > 1:
             out.append("a smaller batch")
         if c.resolved_kv_dtype != "int8":
-            out.append("the int8 KV cache (kv_dtype='int8')")
+            out.append("the int8 KV cache (--kv-cache-dtype int8)")
         if c.prefill_block is None:
-            out.append("chunked prefill (prefill_block='chunk')")
+            out.append("chunked prefill (--prefill-block chunk)")
         if c.logits == "all":
             out.append("last-position logits only")
         return tuple(out)
@@ -475,7 +495,9 @@ class MemoryPlan:
             f"memory plan: {s.name} ({s.num_parameters / 1e9:.2f}B params, {s.num_layers} layers, "
             f"{s.num_kv_heads} kv heads x {s.head_dim}), {self.config.describe()}",
             f"request: {prompt_tokens} prompt + {new_tokens} new tokens, batch {batch}; "
-            f"prefill block {self.block_size(prompt_tokens)} tokens; peak activations in {e.peak_phase}",
+            f"prefill block {self.block_size(prompt_tokens)} tokens"
+            f"{' (DCA chunk_len L)' if self.block_size(prompt_tokens) == self.chunk_len else ''}; "
+            f"peak activations in {e.peak_phase}",
             f"KV cache: {fmt_bytes(self.kv_bytes_per_token())} per token per GPU",
             "",
             f"{'component':<18} {'per GPU':>12}",
@@ -489,6 +511,19 @@ class MemoryPlan:
             lines.append(f"longest prompt that fits with {new_tokens} new tokens at batch {batch}: "
                          f"{self.longest_prompt(new_tokens, batch)} tokens")
         return "\n".join(lines)
+
+
+def dca_chunk_len(pretraining_length: int, chunk_size: int | None = None, local_window: int | None = None) -> int:
+    """DCA's chunk_len L = chunk_size S - local_window W, with dca.DCAConfig's defaults (S = 3P/4,
+    W = P/8) and validation, without importing torch (the planner runs on machines without it)."""
+    p = pretraining_length
+    s = chunk_size if chunk_size is not None else (3 * p) // 4
+    w = local_window if local_window is not None else p // 8
+    if not 0 < s <= p:
+        raise ValueError(f"DCA chunk_size must satisfy 0 < chunk_size <= pretraining_length ({p}), got {s}")
+    if not 0 < w < s:
+        raise ValueError(f"DCA local_window must satisfy 0 < local_window < chunk_size ({s}), got {w}")
+    return s - w
 
 
 def fmt_bytes(n: float | None) -> str:

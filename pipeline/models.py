@@ -2,15 +2,23 @@
 
 Driver-side code may import this module freely: torch and transformers are imported inside
 `load_model` / `load_tokenizer` only, in the processes that hold a model.
+
+The embedded default (SmolLM2-135M-Instruct) ships as a Q4_1 GGUF file that transformers
+dequantises to float32 at every load (10-20 s on 2 CPU cores, plus 5 s for its tokenizer).
+`prepare_embedded_model()` (run by scripts/install.sh) does that once and saves the result as a
+Hugging Face directory inside the environment (`<sys.prefix>/share/dca-pipeline/`), which loads
+in well under a second with the same weights; without it the GGUF file is used, as before.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import hashlib
+import contextlib
 import importlib.util
 import json
 import os
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -76,6 +84,86 @@ def smollm2_gguf_path() -> Path:
     return path
 
 
+# The dequantised copy of the embedded model (see the module docstring).
+EMBEDDED_CACHE = Path(sys.prefix) / "share" / "dca-pipeline" / "SmolLM2-135M-Instruct"
+_CACHE_SOURCE = "source.json"  # which GGUF file the copy was made from
+
+
+def _gguf_identity(path: Path) -> dict:
+    stat = path.stat()
+    return {"file": path.name, "size": stat.st_size}
+
+
+def embedded_cache_dir() -> Path | None:
+    """The prepared copy of the embedded model, when it exists and was made from the installed GGUF."""
+    try:
+        with open(EMBEDDED_CACHE / _CACHE_SOURCE, encoding="utf-8") as f:
+            source = json.load(f)
+        gguf = smollm2_gguf_path()
+    except (OSError, ValueError):
+        return None
+    if source != _gguf_identity(gguf) or not (EMBEDDED_CACHE / "model.safetensors").is_file():
+        return None
+    return EMBEDDED_CACHE
+
+
+def _quiet_progress_bars() -> None:
+    """No weight-loading / shard-writing progress bars in the processes that load models: in Ray
+    worker logs and CI output each redraw is a line. (Process-wide, transformers' own switch.)"""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+
+
+@contextlib.contextmanager
+def _quiet_gguf_conversion():
+    """transformers prints one progress line per GGUF tensor (a tqdm bar that, in Ray worker logs,
+    becomes hundreds of lines); it has no switch for it, so its module's tqdm is swapped for a
+    disabled one while the model loads."""
+    try:
+        from transformers import modeling_gguf_pytorch_utils as gguf_utils
+    except ImportError:
+        yield
+        return
+    original = getattr(gguf_utils, "tqdm", None)
+    if original is None:
+        yield
+        return
+    gguf_utils.tqdm = lambda iterable=None, *args, **kwargs: iterable
+    try:
+        yield
+    finally:
+        gguf_utils.tqdm = original
+
+
+def prepare_embedded_model(force: bool = False) -> Path:
+    """Dequantises the embedded GGUF once into EMBEDDED_CACHE (config, float32 safetensors and
+    tokenizer files); later loads of "smollm2" read it. Returns the directory."""
+    import shutil
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if not force and embedded_cache_dir() is not None:
+        return EMBEDDED_CACHE
+    _quiet_progress_bars()
+    gguf = smollm2_gguf_path()
+    with _quiet_gguf_conversion():
+        model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, device_map="cpu")
+    tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    # save_pretrained refuses a model loaded from GGUF: rebuild it from its config and weights.
+    fresh = type(model)(model.config)
+    fresh.load_state_dict(model.state_dict())
+    staging = EMBEDDED_CACHE.with_name(EMBEDDED_CACHE.name + ".tmp")
+    shutil.rmtree(staging, ignore_errors=True)
+    fresh.save_pretrained(staging)
+    tokenizer.save_pretrained(staging)
+    with open(staging / _CACHE_SOURCE, "w", encoding="utf-8") as f:
+        json.dump(_gguf_identity(gguf), f)
+    shutil.rmtree(EMBEDDED_CACHE, ignore_errors=True)
+    staging.rename(EMBEDDED_CACHE)
+    return EMBEDDED_CACHE
+
+
 class ModelError(ValueError):
     """The model exists but cannot be used as given (broken config, unsupported settings)."""
 
@@ -89,7 +177,9 @@ def model_fingerprint(model: str) -> str:
     file its name, size and the sha256 of its first and last MiB (safetensors and GGUF headers
     name every tensor's shape and offset; the last MiB holds weight values, which any fine-tune
     changes). Stable when the checkpoint is copied or moved, unlike paths and mtimes."""
-    directory, gguf = locate_model(model)
+    # The embedded model is fingerprinted by its GGUF file whether or not the prepared copy is used
+    # (the same weights: a job's identity does not change when the copy appears).
+    directory, gguf = (str(smollm2_gguf_path().parent), SMOLLM2_GGUF) if model == EMBEDDED_DEFAULT else locate_model(model)
     root = Path(directory)
     names = [gguf] if gguf else sorted(
         p.name for p in root.iterdir()
@@ -125,6 +215,9 @@ def load_model_config(spec: ModelSpec):
 def locate_model(model: str) -> tuple[str, str | None]:
     """-> (directory for from_pretrained, gguf file name or None). Raises FileNotFoundError."""
     if model == EMBEDDED_DEFAULT:
+        cache = embedded_cache_dir()
+        if cache is not None:
+            return str(cache), None
         path = smollm2_gguf_path()
         return str(path.parent), path.name
     path = Path(model).expanduser()
@@ -189,10 +282,12 @@ def _load_on_cpu(spec: ModelSpec, device_type: str):
     directory, gguf = locate_model(spec.model)
     dtype = resolve_dtype(spec.dtype, device_type)
     kwargs = {"gguf_file": gguf} if gguf else {}
-    model = AutoModelForCausalLM.from_pretrained(
-        directory, dtype=dtype, attn_implementation=spec.attn_implementation, trust_remote_code=False,
-        device_map="cpu", **kwargs,
-    )
+    _quiet_progress_bars()
+    with _quiet_gguf_conversion():
+        model = AutoModelForCausalLM.from_pretrained(
+            directory, dtype=dtype, attn_implementation=spec.attn_implementation, trust_remote_code=False,
+            device_map="cpu", **kwargs,
+        )
     if model.dtype != dtype:  # GGUF is dequantised to float32
         model = model.to(dtype)
     model.eval()

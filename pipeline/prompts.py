@@ -6,6 +6,11 @@ to fit `max_input_tokens`, and sends token ids to the engine.
 
 For QA the rendered prompt is split at the question: prefix = everything up to the question
 (instructions + document), suffix = question + the rest (end of the user turn, assistant header).
+
+Chat prompts can also start the model's answer (`response`, after the assistant header): SmolLM2
+asked to summarise a text of "Ruth Chapter N" headings answers "Ruth Chapter 5" - more of the
+text - unless its answer already began with "Summary:". The response is not part of the output
+(`PromptBuilder.output_text` drops the whitespace the model writes after it).
 Every question of a document shares the prefix, which the engine prefills once.
 
 Truncation (documents only; instructions and questions are never cut):
@@ -25,20 +30,26 @@ from dataclasses import dataclass
 TASKS = ("summarize", "qa")
 TRUNCATION_POLICIES = ("middle", "end")
 TRUNCATION_MARKER = " [...] "
+TEMPLATE_KEYS = ("system", "user", "response", "base")
 
-# "system": the chat system message ("" for none); "user": the chat user message; "base": the
+# "system": the chat system message ("" for none); "user": the chat user message; "response":
+# the start of the model's answer in chat prompts ("" for none; not in the output); "base": the
 # whole prompt for models without a chat template. {document} and (QA) {question} are filled in;
 # {question} must come after {document}.
 DEFAULT_TEMPLATES: dict[str, dict[str, str]] = {
+    # The instruction comes after the document: a small model that read it first has forgotten it
+    # thousands of tokens later and continues the document instead (benchmarks/summary_quality.py).
     "summarize": {
         "system": "You are a careful assistant. You write short, faithful summaries.",
-        "user": "Summarise the following document in three to five sentences.\n\n{document}",
-        "base": "Document:\n{document}\n\nSummary of the document in three sentences:",
+        "user": "{document}\n\n---\nSummarise the text above in two or three sentences, in your own words.",
+        "response": "Summary:",
+        "base": "Document:\n{document}\n\nSummary of the document in two or three sentences:",
     },
     "qa": {
         "system": "You are a careful assistant. You answer questions using only the given document.",
         "user": "Document:\n{document}\n\nAnswer the question about the document in one or two sentences.\n"
                 "Question: {question}",
+        "response": "",
         "base": "Document:\n{document}\n\nQuestion: {question}\nAnswer:",
     },
 }
@@ -52,7 +63,7 @@ class PromptError(ValueError):
 
 
 def load_templates(path: str | None) -> dict[str, dict[str, str]]:
-    """Default templates, with overrides from a YAML or JSON file ({task: {system|user|base: str}})."""
+    """Default templates, with overrides from a YAML or JSON file ({task: {system|user|response|base: str}})."""
     templates = copy.deepcopy(DEFAULT_TEMPLATES)
     if not path:
         return templates
@@ -64,14 +75,19 @@ def load_templates(path: str | None) -> dict[str, dict[str, str]]:
         else:
             values = json.load(f)
     if not isinstance(values, dict):
-        raise ValueError(f"templates file {path}: expected a mapping {{task: {{system|user|base: text}}}}")
+        raise ValueError(f"templates file {path}: expected a mapping {{task: {{system|user|response|base: text}}}}")
     for task, fields in values.items():
         if task not in TASKS or not isinstance(fields, dict):
             raise ValueError(f"templates file {path}: unknown task {task!r} (tasks: {TASKS})")
         for key, text in fields.items():
-            if key not in ("system", "user", "base") or not isinstance(text, str):
-                raise ValueError(f"templates file {path}: {task}.{key} must be one of system/user/base, a string")
+            if key not in TEMPLATE_KEYS or not isinstance(text, str):
+                raise ValueError(f"templates file {path}: {task}.{key} must be one of {'/'.join(TEMPLATE_KEYS)}, "
+                                 "a string")
             templates[task][key] = text
+        if "user" in fields and "response" not in fields:
+            # A user message of one's own comes without the default's answer start (written for
+            # the default message).
+            templates[task]["response"] = ""
     for task in TASKS:
         _check_template(task, templates[task], source=path)
     return templates
@@ -88,6 +104,8 @@ def _check_template(task: str, fields: dict[str, str], source: str | None = None
                 raise ValueError(f"{where}.{key} must contain {{question}} once, after {{document}}")
         elif "{question}" in text:
             raise ValueError(f"{where}.{key}: {{question}} is only for the qa task")
+    if "{document}" in fields.get("response", "") or "{question}" in fields.get("response", ""):
+        raise ValueError(f"{where}.response is the start of the answer: no {{document}} or {{question}} in it")
 
 
 @dataclass(frozen=True)
@@ -118,6 +136,7 @@ class PromptBuilder:
         _check_template(task, fields)
         has_chat = bool(getattr(tokenizer, "chat_template", None))
         self.chat = has_chat if use_chat_template is None else (use_chat_template and has_chat)
+        self.response = fields.get("response", "") if self.chat else ""
         text = self._render(fields)
         before, rest = _split_once(text, _DOC, "document")
         if task == "qa":
@@ -142,7 +161,13 @@ class PromptBuilder:
         if fields.get("system"):
             messages.append({"role": "system", "content": fields["system"]})
         messages.append({"role": "user", "content": fields["user"].format(**values)})
-        return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        prompt = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        return prompt + self.response
+
+    def output_text(self, text: str | None) -> str | None:
+        """A generated text as it goes into the output: after a response prefix ("Summary:") the
+        model starts with a space or a new line, which is not part of the answer."""
+        return text.lstrip() if text is not None and self.response else text
 
     def _encode(self, text: str, first: bool = False) -> list[int]:
         ids = self.tokenizer(text, add_special_tokens=False)["input_ids"] if text else []

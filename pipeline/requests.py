@@ -27,10 +27,19 @@ class SamplingParams:
     top_p: float = 1.0
     seed: int | None = None
     max_new_tokens: int = 256
-    # Generation stops at the first of these strings (the string is cut from the output).
+    # Generation stops at the first of these strings (the string is cut from the output), looked
+    # for after the output's leading whitespace: "\n\n" ends a paragraph, not an answer that
+    # starts on a new line.
     stop: tuple[str, ...] = ()
     # Keep generating past end-of-sequence tokens up to max_new_tokens (benchmarks: fixed lengths).
     ignore_eos: bool = False
+    # Repetition guard over the tokens generated so far (the prompt is not penalised), applied
+    # before greedy choice or sampling (pipeline.engine.generation.repetition_guard): logits of tokens
+    # already generated are divided by repetition_penalty (multiplied when negative, as in
+    # transformers; 1 = off), and a token that would complete an n-gram of no_repeat_ngram_size
+    # tokens already generated is excluded (0 = off).
+    repetition_penalty: float = 1.0
+    no_repeat_ngram_size: int = 0
 
 
 @dataclass(frozen=True, kw_only=True)

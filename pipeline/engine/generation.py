@@ -104,6 +104,27 @@ class _Row:
     done: bool = False
 
 
+def repetition_guard(logits: torch.Tensor, output_ids: list[int], params) -> torch.Tensor:
+    """(V,) logits of one row -> the same logits with SamplingParams' repetition guard applied to
+    the tokens generated so far (`output_ids`; the prompt is not penalised). Unchanged (the same
+    tensor) when the guard is off or nothing was generated yet."""
+    penalty, n = params.repetition_penalty, params.no_repeat_ngram_size
+    if not output_ids or (penalty == 1.0 and n <= 0):
+        return logits
+    logits = logits.float().clone()
+    if penalty != 1.0:
+        seen = torch.tensor(sorted(set(output_ids)), dtype=torch.long, device=logits.device)
+        values = logits[seen]
+        logits[seen] = torch.where(values > 0, values / penalty, values * penalty)
+    if n > 0 and len(output_ids) >= n:
+        prefix = tuple(output_ids[len(output_ids) - n + 1:]) if n > 1 else ()
+        banned = {output_ids[i + n - 1] for i in range(len(output_ids) - n + 1)
+                  if tuple(output_ids[i:i + n - 1]) == prefix}
+        if banned:
+            logits[torch.tensor(sorted(banned), dtype=torch.long, device=logits.device)] = float("-inf")
+    return logits
+
+
 def _choose(ctx: RankContext, rows: list[_Row], logits: torch.Tensor) -> torch.Tensor:
     """(B, V) logits of the last position -> (B,) next tokens (rank 0's decision)."""
     next_ids = torch.full((len(rows),), ctx.pad_token_id, dtype=torch.long, device=logits.device)
@@ -112,10 +133,12 @@ def _choose(ctx: RankContext, rows: list[_Row], logits: torch.Tensor) -> torch.T
         params = row.request.sampling
         if row.done:
             continue
+        row_logits = logits[i]
+        guarded = repetition_guard(row_logits, row.output_ids, params)
         if not params.do_sample or params.temperature <= 0:
-            next_ids[i] = greedy[i]
+            next_ids[i] = greedy[i] if guarded is row_logits else guarded.argmax(-1)
             continue
-        scores = logits[i].float() / params.temperature
+        scores = guarded.float() / params.temperature
         probs = torch.softmax(scores, -1)
         if params.top_p < 1.0:
             sorted_probs, order = probs.sort(descending=True)
@@ -138,7 +161,8 @@ def _advance(ctx: RankContext, rows: list[_Row], next_ids: list[int]) -> list[bo
         row.output_ids.append(token)
         if params.stop and ctx.tokenizer is not None:
             text = ctx.tokenizer.decode(row.output_ids, skip_special_tokens=True)
-            cut = min((text.find(s) for s in params.stop if s and s in text), default=-1)
+            start = len(text) - len(text.lstrip())  # leading whitespace never stops a row
+            cut = min((i for i in (text.find(s, start) for s in params.stop if s) if i >= 0), default=-1)
             if cut >= 0:
                 row.text = text[:cut]
                 row.done = True

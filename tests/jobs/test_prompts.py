@@ -90,3 +90,28 @@ def test_template_file_overrides_and_validation(tmp_path, chat_tok):
     broken["summarize"]["user"] = "no placeholder"
     with pytest.raises(ValueError, match="exactly once"):
         PromptBuilder(chat_tok, task="summarize", templates=broken, max_input_tokens=200)
+
+
+def test_response_starts_the_answer_in_chat_prompts_only(chat_tok, base_tok, tmp_path):
+    t = copy.deepcopy(T)
+    t["summarize"]["response"] = "w100"
+    t["qa"]["response"] = "w101"
+    chat = PromptBuilder(chat_tok, task="summarize", templates=t, max_input_tokens=500)
+    assert chat_tok.decode(chat.build(_doc(2)).prefix_ids) == "<s> w110 w120 </s> <s> w111 w121 w3 w4 w122 </s> <s> w112 w100"
+    assert chat.output_text("\n A summary.") == "A summary." and chat.output_text(None) is None
+    qa = PromptBuilder(chat_tok, task="qa", templates=t, max_input_tokens=500)
+    assert [chat_tok.decode(s) for s in qa.build(_doc(2), ["w9"]).suffix_ids] == ["w9 </s> <s> w112 w101"]
+    base = PromptBuilder(base_tok, task="summarize", templates=t, max_input_tokens=500)
+    assert base_tok.decode(base.build(_doc(2)).prefix_ids) == "<s> w123 w3 w4 w124"  # the base prompt is whole
+    assert base.output_text(" kept as is") == " kept as is"
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("summarize:\n  response: 'w1 {document}'\n")
+    with pytest.raises(ValueError, match="response is the start of the answer"):
+        load_templates(str(bad))
+
+
+def test_default_summary_prompt_asks_after_the_document():
+    # A small model forgets an instruction read thousands of tokens earlier and continues the text.
+    user = DEFAULT_TEMPLATES["summarize"]["user"]
+    assert user.startswith("{document}") and "Summarise the text above" in user
+    assert DEFAULT_TEMPLATES["summarize"]["response"] == "Summary:"

@@ -61,7 +61,7 @@ def test_rows_in_corpus_order_with_lengths_timings_and_metrics(output, capsys):
     assert "Alice falls down a rabbit hole" in lines[5]
     assert "3 row(s)" in out and "ok 2, error 1" in out
     assert "summarize job summarize-abc: complete" in out and "documents: 3 in the input" in out
-    assert "chunk_size S=6,144" in out and "chunk_len L=S-W=5,120" in out and "prefill block chunk" in out
+    assert "chunk_size S=6,144" in out and "chunk_len L=S-W=5,120" in out and "engine: prefill block chunk" in out
     assert "latency by prompt length" in out and os.path.join(output, "_metrics.json") in out
 
 

@@ -379,3 +379,50 @@ def test_cli_config_file_overrides_only_the_fields_it_names(tmp_path):
     config = evaluate.config_from_args(evaluate.build_parser().parse_args(["--mode", "full", "--config", str(path)]))
     assert [v.name for v in config.variants] == ["plain", "dca"]
     assert config.lengths == ev.EvalConfig.full().lengths and config.fillers == ev.EvalConfig.full().fillers
+
+
+def test_document_comparison_splits_at_the_trained_length():
+    # 25 tokens (24 targets), buckets of 4 targets, trained length 16: rows 0-16 | 16-25: 16-20, 20-25.
+    results = {"meta": {"model": "m", "max_position_embeddings": 16, "config": {"position_bucket": 4}},
+               "records": [
+                   {"task": "perplexity", "variant": "plain", "length": 25, "book": "/x/doc.txt",
+                    "nll_by_position": [1.0, 1.0, 1.0, 1.0, 2.0, 3.0]},
+                   {"task": "perplexity", "variant": "dca", "length": 25, "book": "/x/doc.txt",
+                    "nll_by_position": [1.0, 1.0, 1.0, 1.0, 1.0, 1.5]},
+               ]}
+    text = ev.document_comparison(results)
+    lines = text.splitlines()
+    assert "doc.txt (25 tokens), trained on 16 tokens" in lines[0]
+    assert lines[2].split() == ["plain", "dca"]
+    row = {line[:34].strip(): line[34:].split() for line in lines[3:]}
+    assert row["tokens 0-16 (trained length)"] == [f"{math.e:.1f}", f"{math.e:.1f}"]
+    past = math.exp((2.0 * 4 + 3.0 * 4) / 8)  # the last bucket holds 4 targets too (24 = 6 x 4)
+    assert row["tokens 16-25 (past it)"] == [f"{past:.1f}", f"{math.exp((4 + 6) / 8):.1f}"]
+    assert row["16-20"] == [f"{math.exp(2):.1f}", f"{math.e:.1f}"] and row["20-25"] == [f"{math.exp(3):.1f}", f"{math.exp(1.5):.1f}"]
+    assert "-" not in text.replace("0-16", "").replace("16-", "").replace("20-", "")  # no empty cells
+    with pytest.raises(ValueError, match="must divide"):
+        ev.document_comparison(results, split=10)
+
+
+def test_cli_document_compares_plain_and_dca_on_one_text(tmp_path, capsys):
+    from jobs import evaluate
+    from tests.pipeline.conftest import build_tiny_model
+
+    model = build_tiny_model(str(tmp_path / "model"))  # P = 64, word tokenizer
+    doc = tmp_path / "doc.txt"
+    doc.write_text(" ".join(f"w{3 + (i * 31) % 120}" for i in range(100)))
+    assert evaluate.main(["--document", str(doc), "--model", model, "--out", str(tmp_path / "out"),
+                          "--device", "cpu"]) == 0
+    out = capsys.readouterr().out
+    assert "doc.txt (100 tokens), trained on 64 tokens" in out
+    assert "tokens 0-64 (trained length)" in out and "tokens 64-100 (past it)" in out and "96-100" in out
+    records = json.loads((tmp_path / "out" / "results.json").read_text())["records"]
+    assert {r["variant"] for r in records} == {"plain", "dca"} and {r["length"] for r in records} == {100}
+
+
+def test_cli_errors_are_one_line(tmp_path, capsys):
+    from jobs import evaluate
+
+    assert evaluate.main(["--document", str(tmp_path / "missing.txt"), "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "missing.txt" in err and err.count("\n") == 1

@@ -161,3 +161,40 @@ def test_memory_plan_refuses_a_request_that_cannot_fit_before_running_it(model_a
     assert results[1][0].status == "error" and results[1][0].error_type == WONT_FIT
     message = results[1][0].error_message
     assert message.startswith("not started") and "2000 prompt tokens" in message and "needs" in message
+
+
+def test_repetition_guard_penalises_and_bans_only_generated_tokens():
+    from pipeline.engine.generation import repetition_guard
+
+    logits = torch.tensor([1.0, -1.0, 2.0, 0.5, 4.0, 3.0, -2.0, 1.5])
+    off = SamplingParams()
+    assert repetition_guard(logits, [4, 5], off) is logits  # off: the same tensor, untouched
+    assert repetition_guard(logits, [], SamplingParams(repetition_penalty=2.0)) is logits
+    penalised = repetition_guard(logits, [1, 4, 4], SamplingParams(repetition_penalty=2.0))
+    assert penalised[4] == 2.0 and penalised[1] == -2.0  # divided when positive, multiplied when negative
+    assert torch.equal(penalised[[0, 2, 3, 5, 6, 7]], logits[[0, 2, 3, 5, 6, 7]])
+    # Generated 5 6 7 5: a 6 now would repeat the 2-gram (5, 6), so it is banned; nothing else is.
+    banned = repetition_guard(logits, [5, 6, 7, 5], SamplingParams(no_repeat_ngram_size=2))
+    assert banned[6] == float("-inf") and torch.isfinite(banned[[0, 1, 2, 3, 4, 5, 7]]).all()
+    once = repetition_guard(logits, [3, 2], SamplingParams(no_repeat_ngram_size=1))
+    assert torch.isinf(once[[2, 3]]).all() and torch.isfinite(once[[0, 1, 4, 5, 6, 7]]).all()
+
+
+def test_no_repeat_ngram_size_in_the_generation_loop(model_and_ctx):
+    model, ctx = model_and_ctx
+    prompt = _prompts(60, seed=7)[0]
+
+    def bigrams(ids):
+        return [tuple(ids[i:i + 2]) for i in range(len(ids) - 1)]
+
+    (plain,), = generate_batch(ctx, [_request("p", prompt, max_new_tokens=40, ignore_eos=True)])
+    assert len(set(bigrams(plain.output_ids))) < len(bigrams(plain.output_ids))  # the tiny model loops
+    guarded = generate_batch(ctx, [
+        _request("g", prompt, max_new_tokens=40, ignore_eos=True, no_repeat_ngram_size=2),
+        _request("s", prompt, max_new_tokens=40, ignore_eos=True, no_repeat_ngram_size=2, do_sample=True, seed=3),
+    ])
+    for (result,) in guarded:
+        assert result.status == "ok" and result.output_tokens == 40
+        assert len(set(bigrams(result.output_ids))) == len(bigrams(result.output_ids))
+    # The prompt is not penalised: a guard-free first step is the plain model's first token.
+    assert guarded[0][0].output_ids[0] == plain.output_ids[0]

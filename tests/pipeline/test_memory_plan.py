@@ -226,3 +226,35 @@ def test_prediction_within_15_percent_of_the_live_tensor_peak(block, kv):
     e = plan.estimate(prompt, new)
     predicted = e.kv_cache + e.activations + e.logits
     assert predicted == pytest.approx(live.peak, rel=0.15), (predicted / MiB, live.peak / MiB)
+
+
+def test_kv_cache_dtype_is_the_jobs_name_and_kv_dtype_still_works():
+    assert ServingConfig(kv_cache_dtype="int8").resolved_kv_dtype == "int8"
+    assert ServingConfig(kv_dtype="int8") == ServingConfig(kv_cache_dtype="int8")
+    assert "kv_dtype" not in ServingConfig().to_dict() and ServingConfig().to_dict()["kv_cache_dtype"] == "auto"
+    with pytest.raises(ValueError, match="kv_cache_dtype"):
+        ServingConfig(kv_cache_dtype="fp8")
+
+
+@pytest.mark.parametrize("p, s, w", [(8192, None, None), (4096, None, None), (4096, 3072, 512), (64, 48, 8),
+                                     (100, None, 30)])
+def test_planner_chunk_len_is_dca_chunk_len(p, s, w):
+    from dca import DCAConfig
+    from pipeline.memory_plan import dca_chunk_len
+
+    assert dca_chunk_len(p, s, w) == DCAConfig(pretraining_length=p, chunk_size=s, local_window=w).chunk_len
+    with pytest.raises(ValueError, match="local_window"):
+        dca_chunk_len(p, s, p)
+
+
+def test_auto_prefill_block_is_the_engines():
+    from pipeline.engine.continuous import MIN_AUTO_PREFILL_TOKENS
+    from pipeline.memory_plan import AUTO_PREFILL_MIN_TOKENS
+
+    assert AUTO_PREFILL_MIN_TOKENS == MIN_AUTO_PREFILL_TOKENS
+    smol = ModelShape.load("smollm2")  # chunk_len 5120
+    assert MemoryPlan(smol, ServingConfig(prefill_block="auto")).block_size(20000) == 5120
+    tiny = ModelShape(num_layers=1, hidden_size=8, num_heads=1, num_kv_heads=1, head_dim=8, intermediate_size=8,
+                      vocab_size=16, pretraining_length=64)  # chunk_len 40
+    assert MemoryPlan(tiny, ServingConfig(prefill_block="auto")).block_size(5000) == 1024
+    assert MemoryPlan(tiny, ServingConfig(prefill_block="chunk")).block_size(5000) == 40
