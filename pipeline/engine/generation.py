@@ -106,23 +106,21 @@ class _Row:
 
 def repetition_guard(logits: torch.Tensor, output_ids: list[int], params) -> torch.Tensor:
     """(V,) logits of one row -> the same logits with SamplingParams' repetition guard applied to
-    the tokens generated so far (`output_ids`; the prompt is not penalised). Unchanged (the same
-    tensor) when the guard is off or nothing was generated yet."""
+    the tokens generated so far (`output_ids`; the prompt is not penalised: a summary may reuse the
+    document's words). transformers' own logits processors do the work, fed the generated tokens
+    only. Unchanged (the same tensor) when the guard is off or nothing was generated yet."""
+    from transformers import NoRepeatNGramLogitsProcessor, RepetitionPenaltyLogitsProcessor
+
     penalty, n = params.repetition_penalty, params.no_repeat_ngram_size
     if not output_ids or (penalty == 1.0 and n <= 0):
         return logits
-    logits = logits.float().clone()
+    ids = torch.tensor([output_ids], dtype=torch.long, device=logits.device)
+    scores = logits.float()[None]
     if penalty != 1.0:
-        seen = torch.tensor(sorted(set(output_ids)), dtype=torch.long, device=logits.device)
-        values = logits[seen]
-        logits[seen] = torch.where(values > 0, values / penalty, values * penalty)
-    if n > 0 and len(output_ids) >= n:
-        prefix = tuple(output_ids[len(output_ids) - n + 1:]) if n > 1 else ()
-        banned = {output_ids[i + n - 1] for i in range(len(output_ids) - n + 1)
-                  if tuple(output_ids[i:i + n - 1]) == prefix}
-        if banned:
-            logits[torch.tensor(sorted(banned), dtype=torch.long, device=logits.device)] = float("-inf")
-    return logits
+        scores = RepetitionPenaltyLogitsProcessor(penalty)(ids, scores)
+    if n > 0:
+        scores = NoRepeatNGramLogitsProcessor(n)(ids, scores.clone())
+    return scores[0]
 
 
 def _choose(ctx: RankContext, rows: list[_Row], logits: torch.Tensor) -> torch.Tensor:
