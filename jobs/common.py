@@ -70,7 +70,7 @@ def add_common_flags(parser: argparse.ArgumentParser, *, task: str | None) -> No
     g.add_argument("--cpus-per-rank", type=int,
                    help="CPUs and torch threads per rank (default: local Ray: cores / ranks; cluster: 1)")
     g = parser.add_argument_group("job control")
-    g.add_argument("--max-in-flight", type=int, help="requests inside the engine at once (default 4 per replica)")
+    g.add_argument("--max-in-flight", type=int, help="requests inside the engine at once (default 2 x max-batch-size per replica)")
     g.add_argument("--schedule-window", type=int,
                    help="documents reordered longest-first at a time (default 4 x max-in-flight)")
     g.add_argument("--max-error-fraction", type=float, help="failure budget (default 0.1)")
