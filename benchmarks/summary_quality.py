@@ -20,7 +20,7 @@ Variants:
   above the document, no stop string, no repetition guard);
 - template: the current templates (instruction after the document), no stop, no guard;
 - after: the current defaults of jobs.summarize (template + stop at a blank line + repetition
-  guard: pipeline.job.TASK_GENERATION_DEFAULTS).
+  guard: pipeline.config_files.TASK_GENERATION_DEFAULTS).
 
 Writes benchmarks/results/summary_quality.json (every output with its measures) and .md.
 """
@@ -48,7 +48,7 @@ CORPORA = {"examples/corpus": 2048, "examples/quickstart": 16384}
 
 
 def variants():
-    from pipeline.job import TASK_GENERATION_DEFAULTS
+    from pipeline.config_files import TASK_GENERATION_DEFAULTS
     from pipeline.prompts import DEFAULT_TEMPLATES
 
     after = TASK_GENERATION_DEFAULTS["summarize"]

@@ -47,8 +47,9 @@ os.environ.setdefault("RAY_AUTH_MODE", "token")  # before anything imports ray (
 TINY_DCA = {"pretraining_length": 64, "chunk_size": 48, "local_window": 8}
 
 
-def _build_tiny_model(directory: str) -> str:
-    """The test suite's tiny random Llama (9 heads / 3 KV heads, head_dim 8, 2 layers, P = 64)."""
+def _build_tiny_model(directory: str, pretraining_length: int = 64) -> str:
+    """The test suite's tiny random Llama (9 heads / 3 KV heads, head_dim 8, 2 layers, P = 64, or
+    the pretraining length given)."""
     import torch
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
@@ -56,7 +57,7 @@ def _build_tiny_model(directory: str) -> str:
     torch.manual_seed(0)
     config = LlamaConfig(
         vocab_size=128, hidden_size=72, intermediate_size=96, num_hidden_layers=2, num_attention_heads=9,
-        num_key_value_heads=3, head_dim=8, max_position_embeddings=64, initializer_range=0.2, bos_token_id=1,
+        num_key_value_heads=3, head_dim=8, max_position_embeddings=pretraining_length, initializer_range=0.2, bos_token_id=1,
         eos_token_id=2, pad_token_id=0, tie_word_embeddings=False,
     )
     LlamaForCausalLM(config).eval().save_pretrained(directory)
@@ -199,6 +200,9 @@ def _git_commit() -> str:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--model", default="tiny", help="tiny | smollm2 | llama2-70b-rank | a HF directory")
+    parser.add_argument("--tiny-pretraining-length", type=int, default=64,
+                        help="tiny: the model's P (64 as in the tests: a 16k prompt is ~340 DCA chunks; "
+                             "1024: 16x past P at 16k, the product's ratio of 4k to 64k)")
     parser.add_argument("--layers", type=int, default=2, help="llama2-70b-rank: decoder layers of the stack")
     parser.add_argument("--documents", type=int, default=40)
     parser.add_argument("--min-tokens", type=int, default=1024)
@@ -227,7 +231,9 @@ def main(argv=None) -> int:
         torch.set_num_threads(args.threads)
     tmp = tempfile.TemporaryDirectory()
     if args.model == "tiny":
-        spec = ModelSpec(model=_build_tiny_model(tmp.name), dca=TINY_DCA, dtype="float32")
+        p = args.tiny_pretraining_length
+        dca = TINY_DCA if p == 64 else {"pretraining_length": p}  # the spec's default chunk_size, local_window
+        spec = ModelSpec(model=_build_tiny_model(tmp.name, p), dca=dca, dtype="float32")
     elif args.model == "llama2-70b-rank":
         spec = ModelSpec(model=_build_rank_stack(tmp.name, args.layers), dca={}, dtype="bfloat16")
     else:
@@ -291,6 +297,7 @@ def main(argv=None) -> int:
         first_diff = next((rid for rid, ok in same.items() if not ok), None)
     out = {
         "model": args.model,
+        "tiny_pretraining_length": args.tiny_pretraining_length if args.model == "tiny" else None,
         "device": args.device,
         "device_name": torch.cuda.get_device_name() if args.device == "cuda" else platform.processor() or "cpu",
         "engine": args.engine,

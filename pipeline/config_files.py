@@ -13,9 +13,20 @@ def reject_unknown_fields(cls, values: dict) -> None:
         raise ValueError(f"unknown {cls.__name__} field(s) {unknown}; known: {sorted(known)}")
 
 
+# Per-task generation defaults (config fields left at None take these), shared by the jobs and the
+# processor so that both answer alike. Summaries: stop at the first blank line and keep the small
+# models from looping (benchmarks/summary_quality.py measures what each setting does on the example
+# corpus).
+TASK_GENERATION_DEFAULTS = {
+    "summarize": {"stop": ("\n\n",), "repetition_penalty": 1.1, "no_repeat_ngram_size": 4},
+    "qa": {"stop": ("\n\n",), "repetition_penalty": 1.0, "no_repeat_ngram_size": 4},
+}
+
+
 def settle_task_fields(config) -> None:
     """The task fields shared by the jobs' and the processor's configs (frozen dataclasses with
-    task, truncation, question_column and stop): checked, and defaults filled in place."""
+    task, truncation, question_column, stop, repetition_penalty and no_repeat_ngram_size):
+    checked, and defaults filled in place."""
     from pipeline.prompts import TASKS, TRUNCATION_POLICIES
 
     if config.task not in TASKS:
@@ -26,5 +37,14 @@ def settle_task_fields(config) -> None:
         object.__setattr__(config, "question_column", "questions")
     if config.task == "summarize" and config.question_column:
         raise ValueError("question_column is only for the qa task")
-    if isinstance(config.stop, list):
-        object.__setattr__(config, "stop", tuple(config.stop))
+    defaults = TASK_GENERATION_DEFAULTS[config.task]
+    for name in ("stop", "repetition_penalty", "no_repeat_ngram_size"):
+        if getattr(config, name) is None:
+            object.__setattr__(config, name, defaults[name])
+    if isinstance(config.stop, (list, str)):
+        object.__setattr__(config, "stop", (config.stop,) if isinstance(config.stop, str) else tuple(config.stop))
+    penalty, ngram = config.repetition_penalty, config.no_repeat_ngram_size
+    if isinstance(penalty, bool) or not isinstance(penalty, (int, float)) or penalty < 1.0:
+        raise ValueError(f"repetition_penalty must be a number >= 1 (1 = off), got {penalty!r}")
+    if isinstance(ngram, bool) or not isinstance(ngram, int) or ngram < 0:
+        raise ValueError(f"no_repeat_ngram_size must be an int >= 0 (0 = off), got {ngram!r}")

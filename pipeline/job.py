@@ -35,7 +35,7 @@ from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
-from pipeline.config_files import settle_task_fields
+from pipeline.config_files import TASK_GENERATION_DEFAULTS, settle_task_fields  # noqa: F401 (re-exported)
 from pipeline.io import INPUT_ERROR_TYPES, INVALID_INPUT, Document, InputSpec, check_input, iter_documents
 from pipeline.job_metrics import JobMetrics
 from pipeline.models import ModelError, ModelSpec, load_model_config, model_fingerprint
@@ -55,13 +55,7 @@ DEFAULT_MAX_INPUT_TOKENS = 32768
 DEFAULT_MAX_NEW_TOKENS = 256
 DEFAULT_PREFILL_BLOCK = "auto"
 KV_CACHE_DTYPES = ("auto", "int8")
-# Per-task generation defaults (JobConfig fields left at None take these). Summaries: stop at the
-# first blank line and keep the small models from looping (benchmarks/summary_quality.py measures
-# what each setting does on the example corpus).
-TASK_GENERATION_DEFAULTS = {
-    "summarize": {"stop": ("\n\n",), "repetition_penalty": 1.1, "no_repeat_ngram_size": 4},
-    "qa": {"stop": ("\n\n",), "repetition_penalty": 1.0, "no_repeat_ngram_size": 4},
-}
+
 
 
 class JobFailed(RuntimeError):
@@ -175,7 +169,7 @@ class JobConfig:
     top_p: float = 1.0
     seed: int | None = None
     # Generation stops at the first of these strings (cut from the output). None: the task's
-    # default (TASK_GENERATION_DEFAULTS).
+    # default (pipeline.config_files.TASK_GENERATION_DEFAULTS).
     stop: tuple[str, ...] | None = None
     # Repetition guard on the tokens generated so far (prompt tokens are not penalised: a summary
     # may reuse the document's names): their logits are divided by repetition_penalty (> 1), and
@@ -243,18 +237,6 @@ class JobConfig:
             raise ValueError(f"prefill_block must be 'auto', 'chunk', 'none' (one shot) or a positive int, got {block!r}")
         if self.kv_cache_dtype not in KV_CACHE_DTYPES:
             raise ValueError(f"kv_cache_dtype must be one of {KV_CACHE_DTYPES}, got {self.kv_cache_dtype!r}")
-        defaults = TASK_GENERATION_DEFAULTS[self.task]
-        for name in ("stop", "repetition_penalty", "no_repeat_ngram_size"):
-            if getattr(self, name) is None:
-                object.__setattr__(self, name, defaults[name])
-        if isinstance(self.stop, (list, str)):
-            object.__setattr__(self, "stop", (self.stop,) if isinstance(self.stop, str) else tuple(self.stop))
-        if isinstance(self.repetition_penalty, bool) or not isinstance(self.repetition_penalty, (int, float)) \
-                or self.repetition_penalty < 1.0:
-            raise ValueError(f"repetition_penalty must be a number >= 1 (1 = off), got {self.repetition_penalty!r}")
-        if isinstance(self.no_repeat_ngram_size, bool) or not isinstance(self.no_repeat_ngram_size, int) \
-                or self.no_repeat_ngram_size < 0:
-            raise ValueError(f"no_repeat_ngram_size must be an int >= 0 (0 = off), got {self.no_repeat_ngram_size!r}")
         if isinstance(self.model_spec, dict):
             object.__setattr__(self, "model_spec", ModelSpec.from_dict(self.model_spec))
 

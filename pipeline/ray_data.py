@@ -111,12 +111,16 @@ class DCAProcessorConfig:
     prefill_block: int | str | None = "auto"
     # CPUs (and torch threads) per rank.
     cpus_per_rank: int = 1
-    # Greedy unless do_sample; stop strings end generation.
+    # Greedy unless do_sample. stop strings end generation; the repetition guard works on the
+    # tokens generated so far. None: the task's defaults, the jobs' too
+    # (pipeline.config_files.TASK_GENERATION_DEFAULTS).
     do_sample: bool = False
     temperature: float = 1.0
     top_p: float = 1.0
     seed: int | None = None
-    stop: tuple[str, ...] = ()
+    stop: tuple[str, ...] | None = None
+    repetition_penalty: float | None = None
+    no_repeat_ngram_size: int | None = None
     # None: the tokenizer's chat template when it has one; False: the plain base template.
     use_chat_template: bool | None = None
 
@@ -174,7 +178,9 @@ class DCAProcessorConfig:
         from pipeline.requests import SamplingParams
 
         return SamplingParams(do_sample=self.do_sample, temperature=self.temperature, top_p=self.top_p,
-                              seed=self.seed, max_new_tokens=self.max_new_tokens, stop=self.stop)
+                              seed=self.seed, max_new_tokens=self.max_new_tokens, stop=self.stop,
+                              repetition_penalty=float(self.repetition_penalty),
+                              no_repeat_ngram_size=self.no_repeat_ngram_size)
 
 
 class Processor:

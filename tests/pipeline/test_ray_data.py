@@ -34,6 +34,15 @@ def test_config_is_validated_up_front(tiny_chat_model):
     with pytest.raises(ValueError, match=r"unknown DCAProcessorConfig field\(s\) \['modle'\]"):
         DCAProcessorConfig.from_dict({"modle": "x"})
     config = _config(tiny_chat_model, task="qa", concurrency=[1, 2])
+    # The jobs' generation defaults for the task (stop, repetition guard): both answer alike.
+    from pipeline.job import JobConfig
+    from pipeline.models import ModelSpec
+
+    job = JobConfig(task="qa", input_path="in", output_dir="out", model_spec=ModelSpec(model=tiny_chat_model),
+                    max_new_tokens=6)
+    assert config.sampling() == job.sampling() and config.sampling().no_repeat_ngram_size > 0
+    with pytest.raises(ValueError, match="repetition_penalty"):
+        _config(tiny_chat_model, repetition_penalty=0.5)
     assert config.question_column == "questions" and config.concurrency == (1, 2)
     assert DCAProcessorConfig.from_dict(config.to_dict()) == config
     with pytest.raises(TypeError):
@@ -70,10 +79,12 @@ def ray_local():
     ray.shutdown()
 
 
-def _scrape(port: int, name: str, run: str, timeout_s: float = 60.0) -> dict[str, float]:
-    """Sum of a metric of one run over the processes reporting it, per value of its `status` tag
-    (Ray exports every ray.util.metrics metric with a `ray_` prefix, some seconds after recording;
-    other runs in this process, e.g. jobs of earlier tests, export theirs under their own `run`)."""
+def _scrape(port: int, name: str, run: str, expected: dict[str, float], timeout_s: float = 60.0) -> dict[str, float]:
+    """Sum of a metric of one run over the processes reporting it, per value of its `status` tag.
+    Ray exports every ray.util.metrics metric with a `ray_` prefix, each process every few seconds,
+    so a read may see part of the counts: reads until they equal `expected` or `timeout_s` passes,
+    and returns the last read. (Other runs in this process, e.g. jobs of earlier tests, export
+    theirs under their own `run`.)"""
     import re
     import time
     import urllib.request
@@ -87,9 +98,9 @@ def _scrape(port: int, name: str, run: str, timeout_s: float = 60.0) -> dict[str
                 status = re.search(r'status="([^"]*)"', line)
                 key = status.group(1) if status else ""
                 sums[key] = sums.get(key, 0.0) + float(line.rsplit(" ", 1)[1])
-        if sums:
+        if sums == expected:
             return sums
-        time.sleep(2)
+        time.sleep(1)
     return sums
 
 
@@ -128,11 +139,12 @@ def test_qa_processor_answers_like_the_job(ray_local, tiny_chat_model, tmp_path)
 
     # Live metrics on Ray's Prometheus endpoint count the same rows and documents.
     by_status = Counter(r["status"] for r in rows)
-    assert _scrape(ray_local, "dca_rows_total", processor.run_id) == {s: float(n) for s, n in by_status.items()}
-    documents = _scrape(ray_local, "dca_documents_total", processor.run_id)
+    rows_by_status = {s: float(n) for s, n in by_status.items()}
+    assert _scrape(ray_local, "dca_rows_total", processor.run_id, rows_by_status) == rows_by_status
     # Error documents: null text, empty text, null id, no questions, one null question. (A repeated
     # id is answered again: the processor maps rows, it does not deduplicate a dataset.)
-    assert documents == {"ok": table.num_rows - 5, "error": 5}
+    documents = {"ok": table.num_rows - 5, "error": 5}
+    assert _scrape(ray_local, "dca_documents_total", processor.run_id, documents) == documents
 
     # The job on the same corpus, through the same engine: the same greedy answers.
     job = JobConfig(task="qa", input_path=str(tmp_path / "corpus"), output_dir=str(tmp_path / "out"),
@@ -144,8 +156,8 @@ def test_qa_processor_answers_like_the_job(ray_local, tiny_chat_model, tmp_path)
     answers = {(r["id"], r["question_index"]): r["output"] for r in job_rows
                if r["status"] == "ok" and r["id"] != "doc0000"}
     # The job's live metrics: its own run, its own counts (the processor's above are unchanged).
-    job_by_status = Counter(r["status"] for r in job_rows)
-    assert _scrape(ray_local, "dca_rows_total", summary["job_id"]) == {s: float(n) for s, n in job_by_status.items()}
+    job_by_status = {s: float(n) for s, n in Counter(r["status"] for r in job_rows).items()}
+    assert _scrape(ray_local, "dca_rows_total", summary["job_id"], job_by_status) == job_by_status
     mine = {(r["id"], r["question_index"]): r["output"] for r in ok if r["id"] != "doc0000"}
     assert mine == answers
 
