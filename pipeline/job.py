@@ -494,26 +494,10 @@ class _Driver:
         with 3% of them is bad luck, 10 of 20 is a broken corpus."""
         if self.stop_reason is not None:
             return
-        fraction, floor = self.config.max_error_fraction, self.config.budget_min_documents
-        rates = (("input", self.input_errors, self.documents_read), ("model", self.model_errors, self.model_decided))
-        tripped = [(kind, errors, n) for kind, errors, n in rates
-                   if n >= floor and _wilson_lower_bound(errors, n) > fraction]
-        if not tripped:
-            return
-        m = self.metrics
-        common = m.error_types.most_common(3)
-        detail = "; ".join(f"{t} x{n} (e.g. {m.first_errors.get(t, '')[:200]})" for t, n in common)
-        self.stop_reason = (
-            "failure budget exceeded: "
-            + "; ".join(f"{errors} of {n} documents {'read had invalid input' if kind == 'input' else 'sent to the model failed'}"
-                        for kind, errors, n in tripped)
-            + f" (invalid input {self.input_errors} of {self.documents_read} read, model failures "
-            f"{self.model_errors} of {self.model_decided} answered; max_error_fraction {fraction:g}, counted over at "
-            f"least {floor} documents). Most common: {detail}. Committed results are kept; "
-            + ("fix the input (or the --id-column/--text-column choice)" if tripped[0][0] == "input" else
-               "see the errors above")
-            + " (or raise --max-error-fraction) and rerun the same command to resume."
-        )
+        self.stop_reason = budget_stop_reason(
+            self.config, input_errors=self.input_errors, documents_read=self.documents_read,
+            model_errors=self.model_errors, model_decided=self.model_decided, error_types=self.metrics.error_types,
+            first_errors=self.metrics.first_errors)
 
     # -- requests
 
@@ -620,6 +604,31 @@ class _Driver:
             ))
         rows.sort(key=lambda r: -1 if r["question_index"] is None else r["question_index"])
         self._emit(rows, results, pending.prompt_tokens_sent)
+
+
+def budget_stop_reason(config: JobConfig, *, input_errors: int, documents_read: int, model_errors: int,
+                       model_decided: int, error_types, first_errors: dict) -> str | None:
+    """The failure budget's verdict (see _Driver._check_budget): None while within budget, else
+    the message the job stops with. Shared by both dataflows."""
+    fraction, floor = config.max_error_fraction, config.budget_min_documents
+    rates = (("input", input_errors, documents_read), ("model", model_errors, model_decided))
+    tripped = [(kind, errors, n) for kind, errors, n in rates
+               if n >= floor and _wilson_lower_bound(errors, n) > fraction]
+    if not tripped:
+        return None
+    common = error_types.most_common(3)
+    detail = "; ".join(f"{t} x{n} (e.g. {first_errors.get(t, '')[:200]})" for t, n in common)
+    return (
+        "failure budget exceeded: "
+        + "; ".join(f"{errors} of {n} documents {'read had invalid input' if kind == 'input' else 'sent to the model failed'}"
+                    for kind, errors, n in tripped)
+        + f" (invalid input {input_errors} of {documents_read} read, model failures "
+        f"{model_errors} of {model_decided} answered; max_error_fraction {fraction:g}, counted over at "
+        f"least {floor} documents). Most common: {detail}. Committed results are kept; "
+        + ("fix the input (or the --id-column/--text-column choice)" if tripped[0][0] == "input" else
+           "see the errors above")
+        + " (or raise --max-error-fraction) and rerun the same command to resume."
+    )
 
 
 def _wilson_lower_bound(errors: int, n: int, z: float = 1.96) -> float:
