@@ -97,3 +97,130 @@ def test_same_rows_as_the_driver_dataflow(ray_local, tiny_chat_model, tmp_path, 
     metrics = json.loads((tmp_path / "units" / "_metrics.json").read_text())
     assert metrics["dataflow"] == "ray-data" and metrics["status"] == "complete"
     assert metrics["device"]["cpu_seconds_all_ranks"] > 0
+
+
+def _crashing_engine_stage(log_path: str, output_dir: str, crash_after: int | None) -> type:
+    """The engine stage, logging the unit keys it answers to `log_path`; with crash_after, the call
+    after that many answered units raises (once their parts are committed), failing the job.
+    Defined in a function so Ray pickles it by value."""
+    from pipeline.ray_data_job import _UnitEngineStage
+
+    class CrashingEngineStage(_UnitEngineStage):
+        def __call__(self, batch):
+            import os
+            import time
+
+            calls = len(open(log_path).read().split()) if os.path.exists(log_path) else 0
+            if crash_after is not None and calls >= crash_after:
+                deadline = time.monotonic() + 60
+                while sum(n.startswith("part-u") for n in os.listdir(output_dir)) < crash_after \
+                        and time.monotonic() < deadline:
+                    time.sleep(0.1)
+                raise RuntimeError("injected engine crash")
+            out = super().__call__(batch)
+            with open(log_path, "a") as f:
+                f.write(" ".join(batch.column("key").to_pylist()) + "\n")
+            return out
+
+    return CrashingEngineStage
+
+
+def test_crash_then_resume_answers_every_row_once_without_redoing_units(ray_local, tiny_chat_model, tmp_path):
+    from pipeline.io import InputSpec, check_input, plan_units
+    from pipeline.job import run_job
+    from pipeline.output import committed_unit_keys, read_manifest, unit_part_name
+
+    write_corpus(str(tmp_path / "corpus"), 20, qa=True, max_words=80)
+    config = _config(tiny_chat_model, tmp_path, "out", task="qa", question_column="questions")
+    out = config.output_dir
+    first_log, second_log = str(tmp_path / "first.log"), str(tmp_path / "second.log")
+    with pytest.raises(Exception, match="injected engine crash"):
+        run_job(config, engine_stage=_crashing_engine_stage(first_log, out, crash_after=2))
+    committed = committed_unit_keys(out)
+    answered_first = set(open(first_log).read().split())
+    assert committed == answered_first and len(committed) == 2
+    assert read_manifest(out)["complete"] is False
+    mtimes = {k: os.stat(os.path.join(out, unit_part_name(k))).st_mtime_ns for k in committed}
+
+    summary = run_job(config, engine_stage=_crashing_engine_stage(second_log, out, crash_after=None))
+    plan = check_input(InputSpec(path=config.input_path, question_column="questions"))
+    units = {u.key: u for u in plan_units(plan, config.unit_rows)}
+    answered_second = set(open(second_log).read().split())
+    assert answered_second == set(units) - committed  # committed units were not redone
+    assert {k: os.stat(os.path.join(out, unit_part_name(k))).st_mtime_ns for k in committed} == mtimes
+    assert committed_unit_keys(out) == set(units)
+    rows = _rows(out)
+    keys = Counter((r[0], r[1], r[3]) for r in rows)
+    assert set(keys.values()) == {1}  # every (input row, question) exactly once
+    assert len({(r[0], r[1]) for r in rows}) == plan.num_rows
+    assert summary["documents"]["already_committed"] == sum(units[k].num_rows for k in committed)
+    assert summary["run"] == 2 and read_manifest(out)["complete"] is True
+
+
+def _normalised(message: str) -> str:
+    return re.sub(r"\d+(\.\d+)?", "N", message)
+
+
+def test_failure_budget_trips_with_the_driver_message(ray_local, tiny_chat_model, tmp_path, capsys):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from jobs.common import run_main
+    from jobs.summarize import main
+    from pipeline.job import JobFailed, run_job
+
+    (tmp_path / "corpus").mkdir()
+    rows = [{"id": f"d{i:03d}", "text": None if i % 5 else "w5 w6 w7 w8"} for i in range(40)]
+    pq.write_table(pa.Table.from_pylist(rows, schema=pa.schema([("id", pa.string()), ("text", pa.string())])),
+                   tmp_path / "corpus" / "part0.parquet")
+    with pytest.raises(JobFailed) as driver:
+        run_job(_config(tiny_chat_model, tmp_path, "driver", dataflow="driver", max_error_fraction=0.1))
+    args = ["--input", str(tmp_path / "corpus"), "--output", str(tmp_path / "units"), "--model", tiny_chat_model,
+            "--dca-pretraining-length", "64", "--dca-chunk-size", "48", "--dca-local-window", "8",
+            "--max-input-tokens", "150", "--max-new-tokens", "5", "--no-progress", "--device", "cpu",
+            "--cpus-per-rank", "1", "--dataflow", "ray-data", "--unit-rows", "4", "--job-id", "summarize-test"]
+    with pytest.raises(SystemExit) as exit_info:
+        run_main(lambda: main(args))
+    assert exit_info.value.code == 1
+    err = capsys.readouterr().err
+    line = next(line for line in err.splitlines() if line.startswith("job failed: "))
+    message = line[len("job failed: "):]
+    assert message.startswith("failure budget exceeded: ") and "documents read had invalid input" in message
+    assert _normalised(message) == _normalised(str(driver.value))
+
+
+def test_lock_overwrite_and_the_other_dataflow(ray_local, tiny_chat_model, tmp_path):
+    from pipeline.job import run_job
+    from pipeline.output import OutputError, OutputWriter, committed_parts, read_manifest, unit_part_name
+
+    write_corpus(str(tmp_path / "corpus"), 6, bad_rows=False, max_words=60)
+    config = _config(tiny_chat_model, tmp_path, "out")
+    # An output of the driver dataflow is refused in one line, and replaced with --overwrite.
+    OutputWriter(config.output_dir, job_id="other", fingerprint="other", config={}).close(complete=True)
+    with pytest.raises(OutputError) as refused:
+        run_job(config)
+    assert "written by the driver dataflow" in str(refused.value) and "\n" not in str(refused.value)
+    summary = run_job(dataclasses.replace(config, overwrite=True))
+    assert summary["documents"]["ok"] == 6
+    assert committed_parts(config.output_dir) == ["part-00000.parquet", unit_part_name("000000-000000-000000000"),
+                                                  unit_part_name("000001-000000-000000000")]
+    assert read_manifest(config.output_dir)["job_id"] == "summarize-test"
+    # ... and the driver dataflow refuses this one.
+    with pytest.raises(OutputError, match="written by the ray-data dataflow"):
+        run_job(dataclasses.replace(config, dataflow="driver"))
+    # The lock: a second writer is refused while the first holds the directory.
+    import fcntl
+
+    handle = open(os.path.join(config.output_dir, "_lock"), "a+")
+    fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    try:
+        with pytest.raises(OutputError, match="being written by another job"):
+            run_job(config)
+    finally:
+        handle.close()
+    # A rerun of the complete job redoes nothing.
+    mtimes = {p: os.stat(os.path.join(config.output_dir, p)).st_mtime_ns for p in committed_parts(config.output_dir)}
+    again = run_job(config)
+    assert again["documents"]["already_committed"] == 6 and again["documents"]["ok"] == 0
+    assert {p: os.stat(os.path.join(config.output_dir, p)).st_mtime_ns
+            for p in committed_parts(config.output_dir)} == mtimes
