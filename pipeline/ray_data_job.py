@@ -187,7 +187,22 @@ class _UnitEngineStage:
         self.base_row, self.ledger = base_row, ledger
         self.name = f"dca-{os.getpid()}-{uuid.uuid4().hex[:6]}"
         self.rows = _UnitRows(self.config, _builder(config), base_row)
-        self.pool = self._start_engine()
+        self.pool = self._start_with_retries()
+
+    def _start_with_retries(self, attempts: int = 3):
+        """A replica whose rank lands on a node that leaves while it loads fails to start; Ray
+        Data does not retry a failed actor constructor, so the engine start is retried here (the
+        model and settings were checked by the driver: what fails here is the cluster)."""
+        from pipeline.engine import EngineStartupError
+
+        for attempt in range(attempts):
+            try:
+                return self._start_engine()
+            except EngineStartupError as error:
+                if attempt == attempts - 1:
+                    raise
+                log.warning("engine start failed (%s); retrying (%d of %d)", error, attempt + 2, attempts)
+                time.sleep(2.0)
 
     def _start_engine(self):
         from pipeline.job import make_pool

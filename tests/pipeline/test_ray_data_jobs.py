@@ -224,3 +224,70 @@ def test_lock_overwrite_and_the_other_dataflow(ray_local, tiny_chat_model, tmp_p
     assert again["documents"]["already_committed"] == 6 and again["documents"]["ok"] == 0
     assert {p: os.stat(os.path.join(config.output_dir, p)).st_mtime_ns
             for p in committed_parts(config.output_dir)} == mtimes
+
+
+def _gated_engine_stage(gate: str) -> type:
+    """The engine stage, holding each actor's units after its first until `gate` exists (and
+    touching `gate`.first once a first unit is answered): the job cannot end before the test has
+    removed a node. Defined in a function so Ray pickles it by value, `gate` included."""
+    from pipeline.ray_data_job import _UnitEngineStage
+
+    class GatedEngineStage(_UnitEngineStage):
+        def __call__(self, batch):
+            import os
+            import time
+
+            self.calls = getattr(self, "calls", 0) + 1
+            deadline = time.monotonic() + 300
+            while self.calls > 1 and not os.path.exists(gate) and time.monotonic() < deadline:
+                time.sleep(0.1)
+            out = super().__call__(batch)
+            open(gate + ".first", "a").close()
+            return out
+
+    return GatedEngineStage
+
+
+def test_a_worker_node_removed_mid_job_loses_and_duplicates_no_row(tiny_chat_model, tmp_path):
+    """A head (no CPUs: the driver and the ledger) and two worker nodes, one replica on each; the
+    node of a serving rank leaves after a first unit is answered, and the job still commits every
+    row exactly once, all ok. Last in this module: it replaces the module's local Ray."""
+    import ray
+    from ray.cluster_utils import Cluster
+    from ray.util.state import list_actors
+
+    from pipeline.job import run_job
+    from tests.pipeline.test_ray_data import _free_port
+    from tests.pipeline.test_ray_data_nodes import _remove_a_serving_node
+
+    if ray.is_initialized():
+        ray.shutdown()
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0, "dashboard_port": _free_port()})
+    workers = {cluster.add_node(num_cpus=3).node_id: None for _ in range(2)}
+    nodes = {n.node_id: n for n in cluster.worker_nodes}
+    try:
+        ray.init(address=cluster.address, log_to_driver=False)
+        ray.data.DataContext.get_current().enable_progress_bars = False
+        write_corpus(str(tmp_path / "corpus"), 32, bad_rows=False, min_words=40, max_words=100, files=4)
+        gate = tmp_path / "gate"
+        config = _config(tiny_chat_model, tmp_path, "out", replicas=2, ray_address=cluster.address)
+        removed: list[str] = []
+        remover = threading.Thread(target=_remove_a_serving_node,
+                                   args=(cluster, list_actors, workers, nodes, gate, removed), daemon=True)
+        remover.start()
+        summary = run_job(config, engine_stage=_gated_engine_stage(str(gate)))
+        remover.join(timeout=60)
+        assert len(removed) == 1
+        rows = _rows(config.output_dir)
+        keys = Counter((r[0], r[1]) for r in rows)
+        assert len(keys) == 32 and set(keys.values()) == {1}
+        assert Counter(r[2] for r in rows) == Counter({f"doc{i:04d}": 1 for i in range(32)})
+        assert all(r[6] == "ok" for r in rows), [r[8] for r in rows if r[6] != "ok"][:3]
+        assert summary["documents"]["ok"] == 32 and summary["status"] == "complete"
+        from pipeline.output import read_output
+
+        actors = {r.split("/")[0] for r in read_output(config.output_dir).column("replica").to_pylist()}
+        assert len(actors) >= 2  # units were answered by more than one replica
+    finally:
+        ray.shutdown()
+        cluster.shutdown()
