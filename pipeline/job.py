@@ -876,6 +876,7 @@ def _run_job(config: JobConfig, stopper: _StopSignals, *, pool_factory, tokenize
             message, engine_stats = run_dataflow(
                 config, plan=plan, writer=writer, metrics=metrics, base_row=base_row,
                 skip=skip_factory(cfg_hash) if skip_factory is not None else None, engine_stage=engine_stage)
+            metrics_extra["resumed_from_committed_rows"] = metrics.documents_resumed
             status = "complete" if message is None else "failed"
         else:
             progress = driver.progress = _progress_bar(config, max(plan.num_rows - len(writer.committed), 0))
