@@ -354,7 +354,9 @@ def run_dataflow(config: JobConfig, *, plan: InputPlan, writer: OutputWriter, me
     items = [{"file_index": u.file_index, "row_group": u.row_group, "start": u.start, "stop": u.stop,
               "first_row": u.first_row} for u in todo]
     ds = ray.data.from_items(items, override_num_blocks=len(items))
-    ds = ds.map_batches(_read_units, batch_size=1, batch_format="pyarrow",
+    # Reads in Ray tasks spread over the nodes (a scheduling strategy of their own also keeps
+    # Ray Data from fusing them into the prompt actors: reading runs beside tokenising).
+    ds = ds.map_batches(_read_units, batch_size=1, batch_format="pyarrow", scheduling_strategy="SPREAD",
                         fn_kwargs={"plan": plan, "duplicates": {u.key: duplicates[u.key] for u in todo
                                                                 if u.key in duplicates}})
     ds = ds.map_batches(_UnitPromptStage, batch_size=1, batch_format="pyarrow", num_cpus=1,
