@@ -381,7 +381,10 @@ def run_dataflow(config: JobConfig, *, plan: InputPlan, writer: OutputWriter, me
             metrics.merge(result["metrics"])
         except Exception:  # noqa: BLE001 - counts are best effort after a crash
             log.exception("the ledger's counts could not be read")
-        ray.kill(ledger)
+        try:
+            ray.kill(ledger)
+        except Exception:  # noqa: BLE001 - it goes with the job anyway
+            pass
     engine_stats = result["engine_stats"] if result else None
     if result and result["stop_reason"]:
         return result["stop_reason"], engine_stats

@@ -226,6 +226,37 @@ def test_lock_overwrite_and_the_other_dataflow(ray_local, tiny_chat_model, tmp_p
             for p in committed_parts(config.output_dir)} == mtimes
 
 
+def test_nightly_on_ray_data_skips_what_earlier_nights_summarised(ray_local, tiny_chat_model, tmp_path):
+    import json
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from jobs.nightly import main
+    from pipeline.output import read_manifest, read_output
+
+    corpus, root = tmp_path / "corpus", tmp_path / "summaries"
+    write_corpus(str(corpus), 5, bad_rows=False, files=1, max_words=60)
+    args = ["--input", str(corpus), "--output", str(root), "--model", tiny_chat_model,
+            "--dca-pretraining-length", "64", "--dca-chunk-size", "48", "--dca-local-window", "8",
+            "--max-input-tokens", "150", "--max-new-tokens", "5", "--no-progress", "--device", "cpu",
+            "--cpus-per-rank", "1", "--unit-rows", "2"]
+    # The first night on the driver dataflow (each date is its own output): what it summarised is
+    # skipped by the next night on Ray Data all the same.
+    main([*args, "--date", "2026-11-24", "--dataflow", "driver"])
+    assert sorted(read_output(str(root / "run_date=2026-11-24"))["id"].to_pylist()) == [f"doc{i:04d}" for i in range(5)]
+    table = pq.read_table(corpus / "part0.parquet").to_pylist()
+    table[2]["text"] = "w5 w6 w7 changed text"
+    table.append({"id": "new-doc", "text": "w9 w10 w11 w12"})
+    pq.write_table(pa.Table.from_pylist(table), corpus / "part0.parquet")
+    main([*args, "--date", "2026-11-25", "--dataflow", "ray-data"])
+    second = root / "run_date=2026-11-25"
+    assert sorted(read_output(str(second))["id"].to_pylist()) == ["doc0002", "new-doc"]
+    metrics = json.loads((second / "_metrics.json").read_text())
+    assert metrics["documents"]["skipped"] == 4 and metrics["documents"]["ok"] == 2
+    assert read_manifest(str(second))["dataflow"] == "ray-data"
+
+
 def _gated_engine_stage(gate: str) -> type:
     """The engine stage, holding each actor's units after its first until `gate` exists (and
     touching `gate`.first.<actor> once its first unit is answered): the job cannot end before the
