@@ -67,6 +67,28 @@ def test_units_read_the_rows_iter_documents_reads(tmp_path):
     assert Counter(d.error_type for d in by_units)["duplicate_id"] == 1
 
 
+def test_dataflow_settings_are_checked_up_front(tmp_path, capsys):
+    """Bad dataflow settings are one-line usage errors (exit 2) before any Ray or model work."""
+    from jobs.common import run_main
+    from jobs.summarize import main
+    from pipeline.job import JobConfig
+
+    with pytest.raises(ValueError, match="dataflow must be one of driver, ray-data, got 'spark'"):
+        JobConfig(task="summarize", input_path="x", output_dir="/tmp/x", dataflow="spark")
+    write_corpus(str(tmp_path / "corpus"), 2, bad_rows=False)
+    base = ["--input", str(tmp_path / "corpus"), "--output", str(tmp_path / "out"), "--dataflow", "ray-data"]
+    for flag, value in (("--unit-rows", "0"), ("--prompt-actors", "-1")):
+        with pytest.raises(SystemExit) as exit_info:
+            run_main(lambda: main([*base, flag, value]))
+        assert exit_info.value.code == 2
+        err = capsys.readouterr().err.strip()
+        assert err == f"error: {flag[2:].replace('-', '_')} must be a positive integer, got {value}"
+    assert not (tmp_path / "out").exists()
+    with pytest.raises(SystemExit) as exit_info:
+        main([*base[:-1], "spark"])
+    assert exit_info.value.code == 2 and "invalid choice: 'spark'" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("task", ["summarize", "qa"])
 def test_same_rows_as_the_driver_dataflow(ray_local, tiny_chat_model, tmp_path, task):
     import json
