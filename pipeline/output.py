@@ -160,7 +160,8 @@ def read_manifest(output_dir: str) -> dict | None:
 def committed_parts(output_dir: str) -> list[str]:
     if not os.path.isdir(output_dir):
         return []
-    return sorted(name for name in os.listdir(output_dir) if _PART_RE.match(name) or _UNIT_PART_RE.match(name))
+    return sorted(name for name in os.listdir(output_dir)
+                  if _PART_RE.match(name) or _UNIT_PART_RE.match(name))
 
 
 def read_output(output_dir: str, columns=None) -> pa.Table:
