@@ -10,7 +10,10 @@ what is measured is reading, checking, tokenising, prompt building, scheduling a
 - `job_driver`: `pipeline.job.run_job` (the jobs today): one driver process reads every file,
   tokenises every document, schedules and commits every part (exactly once, manifest, lock);
 - `ray_data`: `pipeline.ray_data.build_processor` with a stand-in engine stage, then
-  `Dataset.write_parquet`: reading, prompts and writing run in Ray tasks and actors.
+  `Dataset.write_parquet`: reading, prompts and writing run in Ray tasks and actors;
+- `ray_data_job`: `pipeline.job.run_job` with `dataflow="ray-data"` (the jobs' `--dataflow
+  ray-data`) and the same stand-in in its engine stage: work units read in Ray tasks, prompts in
+  CPU actors, one committed part per unit (exactly once, manifest, lock, metrics) from Ray tasks.
 
 Per mode: wall time, documents/s, and the DRIVER's CPU seconds per document (getrusage of this
 process; Ray workers excluded), the figure that limits how many replicas one driver can feed.
@@ -103,6 +106,39 @@ class InstantEngineStage(_EngineStage):
         return self.pool.run(requests, max_in_flight=len(requests))
 
 
+def _instant_unit_engine_stage():
+    from pipeline.ray_data_job import _UnitEngineStage
+
+    class InstantUnitEngineStage(_UnitEngineStage):
+        """The jobs' ray-data engine stage with InstantPool in place of a replica."""
+
+        def _start_engine(self):
+            return InstantPool()
+
+    return InstantUnitEngineStage
+
+
+def run_ray_data_job(corpus: Path, out: Path, max_input_tokens: int, prompt_actors: int) -> dict:
+    import ray
+
+    from pipeline.job import JobConfig, run_job
+    from pipeline.models import ModelSpec
+
+    ray.init(address="local", include_dashboard=False, log_to_driver=False)
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    try:
+        config = JobConfig(task="summarize", input_path=str(corpus), output_dir=str(out), model_spec=ModelSpec(),
+                           max_input_tokens=max_input_tokens, max_new_tokens=4, progress=False, dataflow="ray-data",
+                           unit_rows=64, prompt_actors=prompt_actors, cpus_per_rank=1)
+        cpu0, t0 = _cpu_s(), time.perf_counter()
+        summary = run_job(config, engine_stage=_instant_unit_engine_stage())
+        wall, cpu = time.perf_counter() - t0, _cpu_s() - cpu0
+        return {"wall_s": wall, "driver_cpu_s": cpu, "documents_ok": summary["documents"]["ok"],
+                "prompt_tokens": summary["tokens"]["prompt"]}
+    finally:
+        ray.shutdown()
+
+
 def run_job_driver(corpus: Path, out: Path, max_input_tokens: int) -> dict:
     from pipeline.job import JobConfig, run_job
     from pipeline.models import ModelSpec
@@ -149,7 +185,7 @@ def main(argv=None) -> None:
                         help="a replica's time per 100k-token document, for the scaling argument "
                              "(default: Llama-2-70B tp 2 on A100-80G, see the output's note)")
     parser.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "data_plane.json"))
-    parser.add_argument("--modes", default="job_driver,ray_data")
+    parser.add_argument("--modes", default="job_driver,ray_data,ray_data_job")
     args = parser.parse_args(argv)
 
     from pipeline.models import ModelSpec, load_tokenizer
@@ -165,6 +201,8 @@ def main(argv=None) -> None:
             out = work / f"out-{mode}"
             if mode == "job_driver":
                 r = run_job_driver(work / "corpus", out, args.max_input_tokens)
+            elif mode == "ray_data_job":
+                r = run_ray_data_job(work / "corpus", out, args.max_input_tokens, args.prompt_actors)
             else:
                 r = run_ray_data(work / "corpus", out, args.max_input_tokens, args.prompt_actors)
             r["documents_per_s"] = r["documents_ok"] / r["wall_s"]
@@ -176,10 +214,10 @@ def main(argv=None) -> None:
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
-    header = f"{'mode':<11} {'docs':>6} {'wall s':>8} {'docs/s':>8} {'driver cpu s':>13} {'cpu ms/doc':>11} {'cpu s/100k tok':>15} {'replicas fed @100k':>19}"
+    header = f"{'mode':<12} {'docs':>6} {'wall s':>8} {'docs/s':>8} {'driver cpu s':>13} {'cpu ms/doc':>11} {'cpu s/100k tok':>15} {'replicas fed @100k':>19}"
     print(header)
     for mode, r in results.items():
-        print(f"{mode:<11} {r['documents_ok']:>6} {r['wall_s']:>8.1f} {r['documents_per_s']:>8.1f} "
+        print(f"{mode:<12} {r['documents_ok']:>6} {r['wall_s']:>8.1f} {r['documents_per_s']:>8.1f} "
               f"{r['driver_cpu_s']:>13.1f} {r['driver_cpu_ms_per_document']:>11.2f} "
               f"{r['driver_cpu_s_per_100k_tokens']:>15.4f} {r['replicas_one_driver_feeds_at_100k']:>19.0f}")
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True).stdout.strip()

@@ -80,6 +80,16 @@ def add_common_flags(parser: argparse.ArgumentParser, *, task: str | None) -> No
     g.add_argument("--job-id", help="label written to every row (default: derived from the config)")
     g.add_argument("--no-progress", dest="progress", action="store_const", const=False, help="no progress bar")
     g.add_argument("--ray-address", help="Ray cluster to use (default: RAY_ADDRESS, else a local Ray)")
+    g.add_argument("--dataflow", choices=["driver", "ray-data"],
+                   help="driver (default): this process reads, tokenises and commits every document; ray-data: "
+                        "a Ray Data dataflow reads, prompts and commits in Ray tasks and actors, one part per "
+                        "work unit (the output must be on storage every node writes); an output is resumed "
+                        "only with the dataflow that wrote it")
+    g.add_argument("--unit-rows", type=int,
+                   help="ray-data: input rows per work unit, the piece read, answered and committed together "
+                        "(default 64)")
+    g.add_argument("--prompt-actors", type=int,
+                   help="ray-data: CPU actors that check rows and build prompts (1 CPU each, default 1)")
     g.add_argument("-v", "--verbose", action="store_true", help="debug logging")
 
 

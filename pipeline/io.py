@@ -403,32 +403,82 @@ class _Rows:
         self.raw_id, self.raw_text, self.raw_question, self.unreadable = raw_id, raw_text, raw_question, unreadable
 
 
+def _read_row_group(parquet: pq.ParquetFile, group: int, group_rows: int, columns: list[str], batch_rows: int,
+                    stop: int | None = None) -> Iterator[_Rows]:
+    """The rows of one row group, from its first row up to `stop` (None: all). A row group that
+    cannot be read (a corrupt page behind a valid footer) yields its remaining rows as unreadable,
+    with their ids when the id column alone still reads."""
+    stop = group_rows if stop is None else min(stop, group_rows)
+    done = 0
+    try:
+        for batch in parquet.iter_batches(batch_size=batch_rows, row_groups=[group], columns=columns,
+                                          use_threads=False):
+            cells = [_as_bytes(batch.column(i)).to_pylist() for i in range(len(columns))]
+            if len(cells) < 3:
+                cells.append([None] * batch.num_rows)
+            for raw_id, raw_text, raw_q in zip(*cells):
+                if done >= stop:
+                    return
+                done += 1
+                yield _Rows(raw_id, raw_text, raw_q)
+            if done >= stop:
+                return
+    except Exception as error:  # noqa: BLE001 - any decoding failure of the file's pages
+        reason = f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
+        try:
+            ids = _as_bytes(parquet.read_row_group(group, columns=[columns[0]]).column(0)).to_pylist()
+        except Exception:  # noqa: BLE001 - the id column is unreadable too
+            ids = [None] * group_rows
+        for raw_id in ids[done:stop]:
+            yield _Rows(raw_id, None, None, unreadable=f"row group {group} cannot be read ({reason})")
+
+
 def _read_file(plan: InputPlan, file: InputFile, columns: list[str]) -> Iterator[_Rows]:
-    """The rows of one file, a row group at a time. A row group that cannot be read (a corrupt
-    page behind a valid footer) yields its remaining rows as unreadable, with their ids when the
-    id column alone still reads, and reading goes on with the next row group."""
+    """The rows of one file, a row group at a time; reading goes on after an unreadable row group."""
     spec = plan.spec
     with plan.filesystem.open_input_file(file.path) as handle:
         parquet = pq.ParquetFile(handle)
         for group, group_rows in enumerate(file.row_group_rows):
-            done = 0
-            try:
-                for batch in parquet.iter_batches(batch_size=spec.batch_rows, row_groups=[group], columns=columns,
-                                                  use_threads=False):
-                    cells = [_as_bytes(batch.column(i)).to_pylist() for i in range(len(columns))]
-                    if len(cells) < 3:
-                        cells.append([None] * batch.num_rows)
-                    for raw_id, raw_text, raw_q in zip(*cells):
-                        done += 1
-                        yield _Rows(raw_id, raw_text, raw_q)
-            except Exception as error:  # noqa: BLE001 - any decoding failure of the file's pages
-                reason = f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
-                try:
-                    ids = _as_bytes(parquet.read_row_group(group, columns=[columns[0]]).column(0)).to_pylist()
-                except Exception:  # noqa: BLE001 - the id column is unreadable too
-                    ids = [None] * group_rows
-                for raw_id in ids[done:group_rows]:
-                    yield _Rows(raw_id, None, None, unreadable=f"row group {group} cannot be read ({reason})")
+            yield from _read_row_group(parquet, group, group_rows, columns, spec.batch_rows)
+
+
+def _columns(spec: InputSpec) -> list[str]:
+    return [spec.id_column, spec.text_column] + ([spec.question_column] if spec.question_column else [])
+
+
+def _document(plan: InputPlan, file: InputFile, row: int, cells: _Rows, occurrence_of) -> Document:
+    """One input row as a Document. occurrence_of(doc_id) -> how many rows before this one (in
+    corpus order) had the same id."""
+    spec = plan.spec
+    source = f"{file.path} row {row}"
+    doc_id, id_error = _decode(cells.raw_id, "id")
+    doc_id = None if doc_id is None else str(doc_id)
+    occurrence = occurrence_of(doc_id) if doc_id is not None else 0
+    if cells.unreadable:
+        text, text_error = None, cells.unreadable
+    else:
+        text, text_error = _decode_text(cells.raw_text)
+    questions, q_errors = (None, [])
+    if spec.question_column:
+        questions, q_errors = _questions(cells.raw_question, plan.questions_are_lists)
+    doc = Document(
+        id=doc_id, text=text, questions=questions, source=source, source_file=file.relative,
+        source_row=row, content_hash=content_hash(text) if text is not None else None,
+        question_errors=q_errors, occurrence=occurrence,
+    )
+    if cells.unreadable:
+        doc.error_type, doc.error_message = UNREADABLE_INPUT, f"{source}: {cells.unreadable}"
+    elif id_error:
+        doc.error_type, doc.error_message = INVALID_INPUT, f"{source}: {id_error}"
+    elif occurrence > 0:
+        doc.error_type = DUPLICATE_ID
+        doc.error_message = (
+            f"{source}: id {doc_id!r} already appeared earlier in the input "
+            f"(occurrence {occurrence + 1}); only the first row with an id is processed"
+        )
+    elif text_error:
+        doc.error_type, doc.error_message = INVALID_INPUT, f"{source}: {text_error}"
+    return doc
 
 
 def iter_documents(plan: InputPlan) -> Iterator[Document]:
@@ -436,40 +486,111 @@ def iter_documents(plan: InputPlan) -> Iterator[Document]:
 
     Keeps only the set of ids seen (for duplicate detection), never the texts.
     """
-    spec = plan.spec
-    columns = [spec.id_column, spec.text_column] + ([spec.question_column] if spec.question_column else [])
+    columns = _columns(plan.spec)
     seen: Counter = Counter()
+
+    def occurrence_of(doc_id: str) -> int:
+        occurrence = seen[doc_id]
+        seen[doc_id] += 1
+        return occurrence
+
     for file in plan.files:
         for row, cells in enumerate(_read_file(plan, file, columns)):
-            source = f"{file.path} row {row}"
-            doc_id, id_error = _decode(cells.raw_id, "id")
-            doc_id = None if doc_id is None else str(doc_id)
-            occurrence = 0
-            if doc_id is not None:
-                occurrence = seen[doc_id]
-                seen[doc_id] += 1
-            if cells.unreadable:
-                text, text_error = None, cells.unreadable
-            else:
-                text, text_error = _decode_text(cells.raw_text)
-            questions, q_errors = (None, [])
-            if spec.question_column:
-                questions, q_errors = _questions(cells.raw_question, plan.questions_are_lists)
-            doc = Document(
-                id=doc_id, text=text, questions=questions, source=source, source_file=file.relative,
-                source_row=row, content_hash=content_hash(text) if text is not None else None,
-                question_errors=q_errors, occurrence=occurrence,
-            )
-            if cells.unreadable:
-                doc.error_type, doc.error_message = UNREADABLE_INPUT, f"{source}: {cells.unreadable}"
-            elif id_error:
-                doc.error_type, doc.error_message = INVALID_INPUT, f"{source}: {id_error}"
-            elif occurrence > 0:
-                doc.error_type = DUPLICATE_ID
-                doc.error_message = (
-                    f"{source}: id {doc_id!r} already appeared earlier in the input "
-                    f"(occurrence {occurrence + 1}); only the first row with an id is processed"
-                )
-            elif text_error:
-                doc.error_type, doc.error_message = INVALID_INPUT, f"{source}: {text_error}"
-            yield doc
+            yield _document(plan, file, row, cells, occurrence_of)
+
+
+# ------------------------------------------------------------------------------- work units
+
+
+@dataclass(frozen=True)
+class WorkUnit:
+    """A slice of at most unit_rows rows of one row group: what the Ray Data dataflow of the jobs
+    reads, prompts, answers and commits as one piece (`part-u<key>.parquet`)."""
+
+    file_index: int
+    row_group: int
+    start: int  # first row inside the row group
+    stop: int  # one past the last row inside the row group
+    first_row: int  # source_row of the unit's first row (row number in the file)
+
+    @property
+    def key(self) -> str:
+        """Deterministic and sortable in corpus order: file, row group, first row in the group."""
+        return f"{self.file_index:06d}-{self.row_group:06d}-{self.start:09d}"
+
+    @property
+    def num_rows(self) -> int:
+        return self.stop - self.start
+
+
+def plan_units(plan: InputPlan, unit_rows: int) -> list[WorkUnit]:
+    """The corpus cut into work units, from the footers alone (no row is read)."""
+    if unit_rows < 1:
+        raise ValueError(f"unit_rows must be >= 1, got {unit_rows}")
+    units = []
+    for index, file in enumerate(plan.files):
+        offset = 0
+        for group, group_rows in enumerate(file.row_group_rows):
+            for start in range(0, group_rows, unit_rows):
+                units.append(WorkUnit(index, group, start, min(start + unit_rows, group_rows), offset + start))
+            offset += group_rows
+    return units
+
+
+def _read_ids(plan: InputPlan, file: InputFile) -> Iterator[str | None]:
+    """The decoded ids of one file (None for a null, non-UTF-8 or unreadable id), row by row."""
+    column = [plan.spec.id_column]
+    with plan.filesystem.open_input_file(file.path) as handle:
+        parquet = pq.ParquetFile(handle)
+        for group, group_rows in enumerate(file.row_group_rows):
+            try:
+                values = _as_bytes(parquet.read_row_group(group, columns=column).column(0)).to_pylist()
+            except Exception:  # noqa: BLE001 - unreadable ids are no duplicates of anything
+                values = [None] * group_rows
+            for value in values:
+                doc_id, _ = _decode(value, "id")
+                yield None if doc_id is None else str(doc_id)
+
+
+def unit_duplicates(plan: InputPlan, units: list[WorkUnit]) -> dict[str, dict[int, int]]:
+    """Duplicate ids in corpus order, as iter_documents finds them: {unit key: {source_row:
+    occurrence}} for the rows whose id appeared earlier (occurrence >= 1). Reads the id column
+    only; meant to run in one Ray task, so only this small map travels back."""
+    by_row = {}
+    for unit in units:
+        by_row.setdefault(unit.file_index, []).append(unit)
+    seen: Counter = Counter()
+    found: dict[str, dict[int, int]] = {}
+    for index, file in enumerate(plan.files):
+        starts = sorted(by_row.get(index, ()), key=lambda u: u.first_row)
+        u = 0
+        for row, doc_id in enumerate(_read_ids(plan, file)):
+            if doc_id is None:
+                continue
+            occurrence = seen[doc_id]
+            seen[doc_id] += 1
+            if occurrence:
+                while u + 1 < len(starts) and starts[u + 1].first_row <= row:
+                    u += 1
+                if starts:
+                    found.setdefault(starts[u].key, {})[row] = occurrence
+    return found
+
+
+def read_unit(plan: InputPlan, unit: WorkUnit, duplicates: dict[int, int] | None = None) -> list[Document]:
+    """The Documents of one work unit, as iter_documents would yield them: the same per-row checks
+    (error rows naming file, row and column; `unreadable_input` rows for an unreadable row group)
+    and, given `unit_duplicates`' map for this unit, the same duplicate-id rows."""
+    file = plan.files[unit.file_index]
+    duplicates = duplicates or {}
+    docs = []
+    with plan.filesystem.open_input_file(file.path) as handle:
+        parquet = pq.ParquetFile(handle)
+        rows = _read_row_group(parquet, unit.row_group, file.row_group_rows[unit.row_group], _columns(plan.spec),
+                               plan.spec.batch_rows, stop=unit.stop)
+        for position, cells in enumerate(rows):
+            if position < unit.start:
+                continue
+            row = unit.first_row + position - unit.start
+            docs.append(_document(plan, file, row, cells, lambda doc_id, row=row: duplicates.get(row, 0)))
+    return docs

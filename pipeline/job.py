@@ -39,7 +39,7 @@ from pipeline.config_files import TASK_GENERATION_DEFAULTS, settle_task_fields  
 from pipeline.io import INPUT_ERROR_TYPES, INVALID_INPUT, Document, InputSpec, check_input, iter_documents
 from pipeline.job_metrics import JobMetrics
 from pipeline.models import ModelError, ModelSpec, load_model_config, model_fingerprint
-from pipeline.output import OutputWriter
+from pipeline.output import DATAFLOWS, OutputWriter
 from pipeline.prompts import PromptBuilder, PromptError, load_templates
 from pipeline.requests import INTERNAL, PROMPT_TOO_LONG, GenerationRequest, GenerationResult, SamplingParams
 
@@ -216,10 +216,21 @@ class JobConfig:
     ray_address: str | None = None
     # Rows per input record batch.
     input_batch_rows: int = 64
+    # "driver": one driver process reads, tokenises, schedules and commits every document.
+    # "ray-data": a Ray Data dataflow (pipeline.ray_data_job): reading and prompts in Ray tasks and
+    # CPU actors, the engine in one actor per replica, one committed part per work unit of at most
+    # unit_rows rows; the driver lists files and footers, plans units and sums per-unit counts.
+    dataflow: str = "driver"
+    unit_rows: int = 64
+    # ray-data: CPU actors that check rows and build prompts (1 CPU and a tokenizer each).
+    prompt_actors: int = 1
 
     def __post_init__(self) -> None:
         settle_task_fields(self)
-        for name in ("tp", "replicas", "max_input_tokens", "max_new_tokens", "budget_min_documents", "part_rows"):
+        if self.dataflow not in DATAFLOWS:
+            raise ValueError(f"dataflow must be one of {', '.join(DATAFLOWS)}, got {self.dataflow!r}")
+        for name in ("tp", "replicas", "max_input_tokens", "max_new_tokens", "budget_min_documents", "part_rows",
+                     "unit_rows", "prompt_actors"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
@@ -361,6 +372,9 @@ def ensure_ray(config: JobConfig) -> JobConfig:
         ray.init(address=address, log_to_driver=True)
     else:
         need = ranks * (config.cpus_per_rank or 1)
+        if config.dataflow == "ray-data":  # logical CPUs for the prompt actors and the read/write tasks
+            need += config.prompt_actors + 1
+            cpus += config.prompt_actors + 1
         _quiet_local_ray_notice()
         ray.init(address="local", num_cpus=max(cpus, need), include_dashboard=False, log_to_driver=True)
     return config
@@ -439,17 +453,14 @@ class _Driver:
     def _emit(self, rows: list[dict], results: list[GenerationResult] | None = None, prompt_tokens: int = 0) -> None:
         """All rows of one document: committed, counted and budgeted as one step (a stop signal
         waits for its end, so a document is never half counted or half committed)."""
-        input_error = all(r["status"] == "ok" or r["error_type"] in INPUT_ERROR_TYPES for r in rows)
         with self.lock, self.stopper.critical():
             self.writer.add_document(rows)
             self.metrics.add_document(rows, results, prompt_tokens)
             self.live.document(rows)
-            failed = any(r["status"] != "ok" for r in rows)
-            if input_error:
-                self.input_errors += failed
-            else:
-                self.model_decided += 1
-                self.model_errors += failed
+            input_errors, model_decided, model_errors = budget_counts(rows)
+            self.input_errors += input_errors
+            self.model_decided += model_decided
+            self.model_errors += model_errors
             self._update_progress()
             self._check_budget()
 
@@ -476,26 +487,10 @@ class _Driver:
         with 3% of them is bad luck, 10 of 20 is a broken corpus."""
         if self.stop_reason is not None:
             return
-        fraction, floor = self.config.max_error_fraction, self.config.budget_min_documents
-        rates = (("input", self.input_errors, self.documents_read), ("model", self.model_errors, self.model_decided))
-        tripped = [(kind, errors, n) for kind, errors, n in rates
-                   if n >= floor and _wilson_lower_bound(errors, n) > fraction]
-        if not tripped:
-            return
-        m = self.metrics
-        common = m.error_types.most_common(3)
-        detail = "; ".join(f"{t} x{n} (e.g. {m.first_errors.get(t, '')[:200]})" for t, n in common)
-        self.stop_reason = (
-            "failure budget exceeded: "
-            + "; ".join(f"{errors} of {n} documents {'read had invalid input' if kind == 'input' else 'sent to the model failed'}"
-                        for kind, errors, n in tripped)
-            + f" (invalid input {self.input_errors} of {self.documents_read} read, model failures "
-            f"{self.model_errors} of {self.model_decided} answered; max_error_fraction {fraction:g}, counted over at "
-            f"least {floor} documents). Most common: {detail}. Committed results are kept; "
-            + ("fix the input (or the --id-column/--text-column choice)" if tripped[0][0] == "input" else
-               "see the errors above")
-            + " (or raise --max-error-fraction) and rerun the same command to resume."
-        )
+        self.stop_reason = budget_stop_reason(
+            self.config, input_errors=self.input_errors, documents_read=self.documents_read,
+            model_errors=self.model_errors, model_decided=self.model_decided, error_types=self.metrics.error_types,
+            first_errors=self.metrics.first_errors)
 
     # -- requests
 
@@ -602,6 +597,39 @@ class _Driver:
             ))
         rows.sort(key=lambda r: -1 if r["question_index"] is None else r["question_index"])
         self._emit(rows, results, pending.prompt_tokens_sent)
+
+
+def budget_counts(rows: list[dict]) -> tuple[int, int, int]:
+    """One document's (input errors, model decided, model errors) for the failure budget."""
+    failed = any(r["status"] != "ok" for r in rows)
+    if all(r["status"] == "ok" or r["error_type"] in INPUT_ERROR_TYPES for r in rows):
+        return int(failed), 0, 0
+    return 0, 1, int(failed)
+
+
+def budget_stop_reason(config: JobConfig, *, input_errors: int, documents_read: int, model_errors: int,
+                       model_decided: int, error_types, first_errors: dict) -> str | None:
+    """The failure budget's verdict (see _Driver._check_budget): None while within budget, else
+    the message the job stops with. Shared by both dataflows."""
+    fraction, floor = config.max_error_fraction, config.budget_min_documents
+    rates = (("input", input_errors, documents_read), ("model", model_errors, model_decided))
+    tripped = [(kind, errors, n) for kind, errors, n in rates
+               if n >= floor and _wilson_lower_bound(errors, n) > fraction]
+    if not tripped:
+        return None
+    common = error_types.most_common(3)
+    detail = "; ".join(f"{t} x{n} (e.g. {first_errors.get(t, '')[:200]})" for t, n in common)
+    return (
+        "failure budget exceeded: "
+        + "; ".join(f"{errors} of {n} documents {'read had invalid input' if kind == 'input' else 'sent to the model failed'}"
+                    for kind, errors, n in tripped)
+        + f" (invalid input {input_errors} of {documents_read} read, model failures "
+        f"{model_errors} of {model_decided} answered; max_error_fraction {fraction:g}, counted over at "
+        f"least {floor} documents). Most common: {detail}. Committed results are kept; "
+        + ("fix the input (or the --id-column/--text-column choice)" if tripped[0][0] == "input" else
+           "see the errors above")
+        + " (or raise --max-error-fraction) and rerun the same command to resume."
+    )
 
 
 def _wilson_lower_bound(errors: int, n: int, z: float = 1.96) -> float:
@@ -745,6 +773,7 @@ def make_pool(config: JobConfig):
 def run_job(
     config: JobConfig, *, pool_factory: Callable[[JobConfig], object] | None = None, tokenizer=None,
     skip_factory: Callable[[str], Callable[[Document], bool]] | None = None, extra_summary: dict | None = None,
+    engine_stage: type | None = None,
 ) -> dict:
     """Runs (or resumes) one job and returns its metrics summary. Raises JobFailed when it stops
     early, JobStopped on SIGTERM/SIGINT (after committing what is done and writing the metrics);
@@ -753,18 +782,20 @@ def run_job(
     corrected rerun is never refused as a different job.
 
     skip_factory(config_hash) -> predicate: documents to leave out (nightly: already summarised).
+    engine_stage: with dataflow "ray-data", the engine stage's class (a stand-in for benchmarks
+    and tests, see pipeline.ray_data_job._UnitEngineStage); pool_factory is for the driver dataflow.
     """
     stopper = _StopSignals()
     stopper.install()
     try:
         return _run_job(config, stopper, pool_factory=pool_factory, tokenizer=tokenizer,
-                        skip_factory=skip_factory, extra_summary=extra_summary)
+                        skip_factory=skip_factory, extra_summary=extra_summary, engine_stage=engine_stage)
     finally:
         stopper.restore()
 
 
 def _run_job(config: JobConfig, stopper: _StopSignals, *, pool_factory, tokenizer, skip_factory,
-             extra_summary) -> dict:
+             extra_summary, engine_stage=None) -> dict:
     metrics_extra = {"ray_submission_id": ray_submission_id(), **(extra_summary or {})}
     plan = check_input(InputSpec(
         path=config.input_path, id_column=config.id_column, text_column=config.text_column,
@@ -786,6 +817,7 @@ def _run_job(config: JobConfig, stopper: _StopSignals, *, pool_factory, tokenize
     writer = OutputWriter(
         config.output_dir, job_id=job_id, fingerprint=fingerprint, config=config.to_dict(),
         overwrite=config.overwrite, part_rows=config.part_rows, part_seconds=config.part_seconds,
+        dataflow=config.dataflow,
     )
     # The resolved DCA settings next to the job's (the metrics plot marks P; jobs.show prints them).
     metrics = JobMetrics(job_id=job_id, task=config.task, config={**config.to_dict(), "dca_in_effect": dca_cols},
@@ -793,7 +825,8 @@ def _run_job(config: JobConfig, stopper: _StopSignals, *, pool_factory, tokenize
     if writer.manifest.get("runs", 1) > 1:  # a resumed job: its metrics cover the earlier runs too
         metrics.resume(config.output_dir, runs_before=writer.manifest["runs"] - 1)
     metrics_extra.update(template_kind=builder.template_kind, config_hash=cfg_hash, output_dir=config.output_dir,
-                         resumed_from_committed_rows=len(writer.committed) if writer.resumed else 0)
+                         resumed_from_committed_rows=len(writer.committed) if writer.resumed else 0,
+                         dataflow=config.dataflow)
     base_row = {"task": config.task, "model": config.model_spec.model, "config_hash": cfg_hash, "job_id": job_id,
                 **dca_cols}
 
@@ -804,7 +837,7 @@ def _run_job(config: JobConfig, stopper: _StopSignals, *, pool_factory, tokenize
     requested_gpus = started_ray = False
     status, message, engine_stats = "failed", None, None
     try:
-        if pool_factory is None:
+        if pool_factory is None or config.dataflow == "ray-data":
             import ray
 
             started_ray = not ray.is_initialized()
@@ -814,21 +847,31 @@ def _run_job(config: JobConfig, stopper: _StopSignals, *, pool_factory, tokenize
             if local and started_ray:
                 check_devices(config)
             requested_gpus = wait_for_gpus(config)
-            pool = make_pool(config)
+            if config.dataflow == "driver":
+                pool = make_pool(config)
         else:
             pool = pool_factory(config)
         metrics.mark_serving()
-        progress = driver.progress = _progress_bar(config, max(plan.num_rows - len(writer.committed), 0))
-        for results in pool.run(driver.requests(iter_documents(plan)), config.in_flight):
-            driver.on_results(results)
-            if driver.stop_reason:
-                break
-        if driver.stop_reason:
-            message = driver.stop_reason
-        elif driver.pending:
-            message = f"the engine finished without answering {len(driver.pending)} request(s)"
+        if config.dataflow == "ray-data":
+            from pipeline.ray_data_job import run_dataflow
+
+            message, engine_stats = run_dataflow(
+                config, plan=plan, writer=writer, metrics=metrics, base_row=base_row,
+                skip=skip_factory(cfg_hash) if skip_factory is not None else None, engine_stage=engine_stage)
+            metrics_extra["resumed_from_committed_rows"] = metrics.documents_resumed
+            status = "complete" if message is None else "failed"
         else:
-            status = "complete"
+            progress = driver.progress = _progress_bar(config, max(plan.num_rows - len(writer.committed), 0))
+            for results in pool.run(driver.requests(iter_documents(plan)), config.in_flight):
+                driver.on_results(results)
+                if driver.stop_reason:
+                    break
+            if driver.stop_reason:
+                message = driver.stop_reason
+            elif driver.pending:
+                message = f"the engine finished without answering {len(driver.pending)} request(s)"
+            else:
+                status = "complete"
     except JobStopped as e:
         status = "stopped"
         message = (f"stopped by {e} after committing the finished documents; "
@@ -843,7 +886,8 @@ def _run_job(config: JobConfig, stopper: _StopSignals, *, pool_factory, tokenize
         if progress is not None:
             progress.close()
         try:
-            engine_stats = pool.stats() if pool is not None and hasattr(pool, "stats") else None
+            if pool is not None and hasattr(pool, "stats"):
+                engine_stats = pool.stats()
         except Exception as e:  # stats are best effort when the pool is broken
             engine_stats = {"error": str(e)}
         summary = metrics.summary(status=status, message=message, engine_stats=engine_stats, extra=metrics_extra)

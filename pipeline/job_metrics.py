@@ -137,6 +137,22 @@ class JobMetrics:
         for result in results or ():
             self._add_result(result)
 
+    def merge(self, other: JobMetrics) -> None:
+        """Adds another accumulator's documents (the Ray Data dataflow counts its documents in a
+        ledger actor, off the driver, and the driver merges the ledger's totals at the end)."""
+        for name in ("documents_ok", "documents_error", "documents_skipped", "rows_ok", "rows_error", "prompt_tokens",
+                     "output_tokens", "truncated_tokens", "documents_truncated", "device_seconds", "gpu_seconds"):
+            setattr(self, name, getattr(self, name) + getattr(other, name))
+        self.error_types.update(other.error_types)
+        for kind, message in other.first_errors.items():
+            self.first_errors.setdefault(kind, message)
+        self.device_kinds |= other.device_kinds
+        self.time_kinds |= other.time_kinds
+        self.memory_kinds |= other.memory_kinds
+        for key, value in other.peak_memory_per_rank.items():
+            self.peak_memory_per_rank[key] = max(self.peak_memory_per_rank.get(key, 0), value)
+        self.points.extend(other.points)
+
     def _add_result(self, result) -> None:
         if result.device_seconds_all_ranks is not None:
             self.device_seconds += result.device_seconds_all_ranks

@@ -16,6 +16,12 @@ finds the renamed part, checks it reads, and adds it to the manifest. All rows o
 Exactly once is keyed by the input row (`source_file`, `source_row`), never by the document id:
 ids can be null or repeated, and every such row still gets its own (error) rows exactly once.
 
+The Ray Data dataflow of the jobs (`--dataflow ray-data`, pipeline.ray_data_job) commits one
+part per work unit (a slice of a row group), `part-u<unit key>.parquet`, written by a Ray task:
+staged, fsynced, renamed into place. The name is the unit's completion record: a retried unit
+replaces its own part, and a resume skips the units whose part exists. The manifest records the
+dataflow; an output is resumed only by the dataflow that wrote it.
+
 A fresh output starts with an empty `part-00000.parquet` (the schema, no rows), so the directory
 reads as a dataset with the output schema even when nothing else was ever committed.
 Readers: `pyarrow.dataset.dataset(OUTPUT)` skips the `_*` files.
@@ -40,6 +46,23 @@ LOCK = "_lock"
 # 2: rows carry source_file/source_row (the exactly-once key); 1 keyed by id and is not resumable.
 MANIFEST_FORMAT = 2
 _PART_RE = re.compile(r"^part-(\d{5,})\.parquet$")
+# Parts of the Ray Data dataflow (--dataflow ray-data): one per work unit, named by the unit's key
+# (pipeline.io.WorkUnit.key): the name is the unit's completion record.
+_UNIT_PART_RE = re.compile(r"^part-u(\d{6}-\d{6}-\d{9})\.parquet$")
+# Which dataflow wrote an output (manifest key "dataflow"; absent: "driver"). The two commit
+# differently (numbered parts keyed by row vs one part per work unit): never mixed in one output.
+DATAFLOWS = ("driver", "ray-data")
+
+
+def unit_part_name(key: str) -> str:
+    return f"part-u{key}.parquet"
+
+
+def committed_unit_keys(output_dir: str) -> set[str]:
+    """Keys of the work units committed in an output of the ray-data dataflow (from names only)."""
+    if not os.path.isdir(output_dir):
+        return set()
+    return {m.group(1) for m in map(_UNIT_PART_RE.match, os.listdir(output_dir)) if m}
 
 # One row per (document, question). Declared up front: every part has exactly this schema, even
 # a part whose rows are all ok (error columns typed and null) or all errors.
@@ -137,7 +160,8 @@ def read_manifest(output_dir: str) -> dict | None:
 def committed_parts(output_dir: str) -> list[str]:
     if not os.path.isdir(output_dir):
         return []
-    return sorted(name for name in os.listdir(output_dir) if _PART_RE.match(name))
+    return sorted(name for name in os.listdir(output_dir)
+                  if _PART_RE.match(name) or _UNIT_PART_RE.match(name))
 
 
 def read_output(output_dir: str, columns=None) -> pa.Table:
@@ -185,8 +209,11 @@ class OutputWriter:
 
     def __init__(
         self, output_dir: str, *, job_id: str, fingerprint: str, config: dict,
-        overwrite: bool = False, part_rows: int = 512, part_seconds: float = 60.0,
+        overwrite: bool = False, part_rows: int = 512, part_seconds: float = 60.0, dataflow: str = "driver",
     ) -> None:
+        if dataflow not in DATAFLOWS:
+            raise ValueError(f"dataflow must be one of {DATAFLOWS}, got {dataflow!r}")
+        self.dataflow = dataflow
         if "://" in output_dir:
             raise OutputError(
                 f"output {output_dir!r}: only local (or mounted shared) directories are supported for output; "
@@ -239,6 +266,13 @@ class OutputWriter:
                 f"{manifest.get('format')}, this version writes {MANIFEST_FORMAT}) and cannot be resumed; choose "
                 "another --output, or pass --overwrite to replace it"
             )
+        elif manifest is not None and manifest.get("dataflow", "driver") != self.dataflow:
+            raise OutputError(
+                f"output {output_dir} was written by the {manifest.get('dataflow', 'driver')} dataflow and this job "
+                f"runs --dataflow {self.dataflow}; the two commit differently and are never mixed: rerun with "
+                f"--dataflow {manifest.get('dataflow', 'driver')} to resume it, choose another --output, or pass "
+                "--overwrite to replace it"
+            )
         elif manifest is not None and manifest.get("fingerprint") != fingerprint:
             raise OutputError(
                 f"output {output_dir} holds results of a different job (job_id {manifest.get('job_id')}, "
@@ -249,7 +283,7 @@ class OutputWriter:
         os.makedirs(os.path.join(output_dir, STAGING))
         self.manifest = manifest or {
             "format": MANIFEST_FORMAT, "job_id": job_id, "fingerprint": fingerprint, "config": config,
-            "parts": [], "complete": False, "runs": 0,
+            "parts": [], "complete": False, "runs": 0, "dataflow": self.dataflow,
         }
         self.manifest["runs"] = int(self.manifest.get("runs", 0)) + 1
         self.manifest["complete"] = False
@@ -261,6 +295,11 @@ class OutputWriter:
                 f"output {output_dir}: parts listed in {MANIFEST} are missing ({missing[:3]}...); "
                 "the directory was modified by hand. Pass --overwrite to start over"
             )
+        self.committed_units: set[str] = set()
+        if self.dataflow == "ray-data":
+            # Completion records are the unit part names: nothing is read, no row key is held.
+            self.committed_units = committed_unit_keys(output_dir)
+            parts = [p for p in parts if _PART_RE.match(p)]
         for name in parts:
             path = os.path.join(output_dir, name)
             try:
@@ -270,15 +309,15 @@ class OutputWriter:
             self.committed.add_rows(table.column("source_file").to_pylist(), table.column("source_row").to_pylist())
             if name not in listed:  # renamed, but the driver died before the manifest update
                 self.manifest["parts"].append({"file": name, "rows": table.num_rows, "recovered": True})
-        self.resumed = len(self.committed) > 0
-        self._next_part = max((int(_PART_RE.match(p).group(1)) + 1 for p in parts), default=0)
+        self.resumed = len(self.committed) > 0 or bool(self.committed_units)
+        self._next_part = max((int(_PART_RE.match(p).group(1)) + 1 for p in parts if _PART_RE.match(p)), default=0)
         _write_json_atomic(os.path.join(output_dir, MANIFEST), self.manifest)
         if not parts:
             self._commit(OUTPUT_SCHEMA.empty_table(), documents=0)  # the schema, readable from the start
 
     def _clear(self) -> None:
         for name in os.listdir(self.output_dir):
-            if _PART_RE.match(name) or name in (MANIFEST, "_metrics.json", "_metrics.png"):  # not _lock
+            if _PART_RE.match(name) or _UNIT_PART_RE.match(name) or name in (MANIFEST, "_metrics.json", "_metrics.png"):  # not _lock
                 os.remove(os.path.join(self.output_dir, name))
 
     def add_document(self, rows: list[dict]) -> None:
@@ -325,5 +364,5 @@ class OutputWriter:
 
 __all__ = [
     "OUTPUT_SCHEMA", "COLUMNS", "OutputWriter", "OutputError", "CommittedIndex", "read_output",
-    "read_manifest", "committed_parts", "INVALID_INPUT", "DUPLICATE_ID",
+    "read_manifest", "committed_parts", "committed_unit_keys", "unit_part_name", "INVALID_INPUT", "DUPLICATE_ID",
 ]

@@ -1,0 +1,398 @@
+"""The jobs on a Ray Data dataflow (`--dataflow ray-data`): the driver does no per-document work.
+
+    units (driver: footers only) -> read (Ray tasks) -> prompts (CPU actors) -> engine (one actor
+    per replica) -> UnitDatasink (Ray tasks: one committed part per unit)
+
+The driver lists the files and their footers (pipeline.io.check_input), cuts the corpus into
+WORK UNITS (pipeline.io.WorkUnit: a slice of at most `unit_rows` rows of one row group, with a
+deterministic key) and skips the units already committed. One id-only pass in a Ray task finds
+the duplicate ids in corpus order, so every row gets the same error rows as the driver dataflow.
+
+A unit stays whole through the dataflow: each stage maps ONE Ray Data row holding a whole unit
+(its Documents, then its prompts, then its output rows, pickled) to one row. The prompt stage and
+the engine stage reuse the driver dataflow's own row code (pipeline.job._Driver: the same prompt
+building, error rows and result rows), so both dataflows write the same rows. The engine stage
+owns one ReplicaPool of one replica per actor (tp rank actors in a placement group); a lost actor
+or node is restarted and its unit retried by Ray Data.
+
+Exactly once: the datasink writes a unit's rows to `_staging`, fsyncs and renames them to
+`part-u<unit key>.parquet`. The deterministic name is the unit's completion record: a retried unit
+replaces its own part, never adds a second one, and a resume lists the part names and skips those
+units (the driver holds unit keys, not row keys). Counts reach the driver through a small ledger
+actor (pinned to the driver's node), keyed by unit so a retried unit is counted once; it holds the
+failure budget's counts and stops the remaining units (they pass through unanswered and
+uncommitted) when the budget trips, and the job fails with the driver dataflow's message.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import pickle
+import time
+import uuid
+
+import pyarrow as pa
+
+from pipeline.io import InputPlan, WorkUnit, plan_units, read_unit, unit_duplicates
+from pipeline.job import JobConfig, _Driver, budget_counts, budget_stop_reason
+from pipeline.job_metrics import JobMetrics
+from pipeline.output import OUTPUT_SCHEMA, STAGING, OutputWriter, _fsync_dir, committed_unit_keys, unit_part_name
+
+log = logging.getLogger("pipeline.ray_data_job")
+
+
+# ------------------------------------------------------------------------------------- ledger
+
+
+class Ledger:
+    """Per-unit counts, summed off the driver (a Ray actor). A unit counts once, whatever its
+    retries; the failure budget is judged here after each unit."""
+
+    def __init__(self, config: JobConfig, job_id: str) -> None:
+        self.config = config
+        self.metrics = JobMetrics(job_id=job_id, task=config.task, config={}, total_input_rows=0)
+        self.units: set[str] = set()
+        self.documents_read = self.input_errors = self.model_decided = self.model_errors = 0
+        self.stop_reason: str | None = None
+        self.engine_stats: dict = {}
+
+    def add(self, key: str, emitted: list, counts: dict) -> bool:
+        if key in self.units:
+            return False
+        self.units.add(key)
+        self.documents_read += counts["read"]
+        self.metrics.documents_skipped += counts["skipped"]
+        for rows, results, prompt_tokens in emitted:
+            self.metrics.add_document(rows, results, prompt_tokens)
+            input_errors, model_decided, model_errors = budget_counts(rows)
+            self.input_errors += input_errors
+            self.model_decided += model_decided
+            self.model_errors += model_errors
+        if self.stop_reason is None:
+            self.stop_reason = budget_stop_reason(
+                self.config, input_errors=self.input_errors, documents_read=self.documents_read,
+                model_errors=self.model_errors, model_decided=self.model_decided,
+                error_types=self.metrics.error_types, first_errors=self.metrics.first_errors)
+        return True
+
+    def stopped(self) -> str | None:
+        return self.stop_reason
+
+    def engine(self, name: str, stats: dict) -> None:
+        """An engine actor's ReplicaPool.stats(), its replicas named `<actor>/<replica>`."""
+        for replica, values in (stats or {}).items():
+            self.engine_stats[f"{name}/{replica}"] = values
+
+    def progress(self) -> tuple[int, int, int, int]:
+        m = self.metrics
+        return m.documents_ok + m.documents_error + m.documents_skipped, m.documents_ok, m.documents_error, \
+            m.prompt_tokens + m.output_tokens
+
+    def result(self) -> dict:
+        return {"metrics": self.metrics, "units": len(self.units), "stop_reason": self.stop_reason,
+                "engine_stats": self.engine_stats}
+
+
+def _stopped(ledger) -> bool:
+    import ray
+
+    return ray.get(ledger.stopped.remote()) is not None
+
+
+# ------------------------------------------------------------------------------------- stages
+
+
+def _read_units(batch: pa.Table, *, plan: InputPlan, duplicates: dict) -> pa.Table:
+    """Ray task: each unit's rows as Documents (pipeline.io.read_unit), pickled."""
+    keys, payloads = [], []
+    for values in batch.to_pylist():
+        unit = WorkUnit(**{k: values[k] for k in ("file_index", "row_group", "start", "stop", "first_row")})
+        keys.append(unit.key)
+        payloads.append(pickle.dumps(read_unit(plan, unit, duplicates.get(unit.key)), protocol=5))
+    return pa.table({"key": pa.array(keys, pa.string()), "payload": pa.array(payloads, pa.large_binary())})
+
+
+class _UnitRows(_Driver):
+    """The driver dataflow's row code (_Driver: prompts, error rows, result rows) for one unit:
+    rows are collected instead of committed; the budget is the ledger's."""
+
+    def __init__(self, config: JobConfig, builder, base_row: dict) -> None:
+        class _Named:
+            job_id = base_row["job_id"]
+
+        super().__init__(config, builder=builder, writer=None, metrics=_Named(), base_row=base_row, skip=None,
+                         progress=None)
+        self.emitted: list[tuple[list[dict], list | None, int]] = []
+
+    def reset(self) -> _UnitRows:
+        """Ready for the next unit (one per stage actor: its live metrics are made once)."""
+        self.emitted, self.pending, self.answered = [], {}, set()
+        return self
+
+    def _emit(self, rows, results=None, prompt_tokens=0) -> None:
+        self.live.document(rows)
+        self.emitted.append((rows, results, prompt_tokens))
+
+    def _check_budget(self) -> None:  # judged by the ledger, over every unit
+        pass
+
+
+def _builder(config: JobConfig):
+    from pipeline.models import load_tokenizer
+    from pipeline.prompts import PromptBuilder, load_templates
+
+    return PromptBuilder(load_tokenizer(config.model_spec), task=config.task,
+                         templates=load_templates(config.templates_file), max_input_tokens=config.max_input_tokens,
+                         truncation=config.truncation, use_chat_template=config.use_chat_template)
+
+
+class _UnitPromptStage:
+    """CPU actor with the tokenizer: a unit's Documents -> its error rows and its requests."""
+
+    def __init__(self, config: JobConfig, base_row: dict, skip, ledger) -> None:
+        self.config, self.base_row, self.skip, self.ledger = config, base_row, skip, ledger
+        self.rows = _UnitRows(config, _builder(config), base_row)
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        keys, payloads = batch.column("key").to_pylist(), batch.column("payload").to_pylist()
+        out = []
+        for payload in payloads:
+            if _stopped(self.ledger):  # the failure budget tripped: leave the unit uncommitted
+                out.append(b"")
+                continue
+            unit = self.rows.reset()
+            items, read, skipped = [], 0, 0
+            for doc in pickle.loads(payload):
+                if self.skip is not None and self.skip(doc):
+                    skipped += 1
+                    continue
+                read += 1
+                item = unit._prepare(doc)
+                if item is not None:
+                    items.append(item)
+            out.append(pickle.dumps({"items": items, "emitted": unit.emitted,
+                                     "counts": {"read": read, "skipped": skipped}}, protocol=5))
+        return pa.table({"key": pa.array(keys, pa.string()), "payload": pa.array(out, pa.large_binary())})
+
+
+class _UnitEngineStage:
+    """One engine replica per actor (a ReplicaPool of one replica: tp rank actors in a placement
+    group); a unit's requests in (longest first), its output rows out."""
+
+    def __init__(self, config: JobConfig, base_row: dict, ledger) -> None:
+        import dataclasses
+
+        self.config = dataclasses.replace(config, replicas=1, progress=False)
+        self.base_row, self.ledger = base_row, ledger
+        self.name = f"dca-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+        self.rows = _UnitRows(self.config, _builder(config), base_row)
+        self.pool = self._start_with_retries()
+
+    def _start_with_retries(self, attempts: int = 3):
+        """A replica whose rank lands on a node that leaves while it loads fails to start; Ray
+        Data does not retry a failed actor constructor, so the engine start is retried here (the
+        model and settings were checked by the driver: what fails here is the cluster)."""
+        from pipeline.engine import EngineStartupError
+
+        for attempt in range(attempts):
+            try:
+                return self._start_engine()
+            except EngineStartupError as error:
+                if attempt == attempts - 1:
+                    raise
+                log.warning("engine start failed (%s); retrying (%d of %d)", error, attempt + 2, attempts)
+                time.sleep(2.0)
+
+    def _start_engine(self):
+        from pipeline.job import make_pool
+
+        return make_pool(self.config)
+
+    def _answer(self, requests):
+        """Results of each request (a list per request, in completion order)."""
+        return self.pool.run(requests, self.config.in_flight)
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        keys, payloads = batch.column("key").to_pylist(), batch.column("payload").to_pylist()
+        out = []
+        for payload in payloads:
+            if not payload or _stopped(self.ledger):
+                out.append(b"")
+                continue
+            prepared = pickle.loads(payload)
+            unit = self.rows.reset()
+            unit.emitted = prepared["emitted"]
+            items = sorted(prepared["items"], key=lambda item: item[0].prompt_tokens, reverse=True)
+            for request, pending in items:
+                unit.pending[request.request_id] = pending
+            unit.live.queued(len(items))
+            if items:
+                for results in self._answer([request for request, _ in items]):
+                    for result in results:  # which actor's replica answered (metrics per rank)
+                        result.replica = f"{self.name}/{result.replica}"
+                    unit.on_results(results)
+            if unit.pending:
+                raise RuntimeError(f"the engine finished without answering {len(unit.pending)} request(s)")
+            out.append(pickle.dumps({"emitted": unit.emitted, "counts": prepared["counts"]}, protocol=5))
+        if hasattr(self.pool, "stats"):
+            try:
+                self.ledger.engine.remote(self.name, self.pool.stats())
+            except Exception:  # noqa: BLE001 - stats are best effort
+                log.debug("engine stats failed", exc_info=True)
+        return pa.table({"key": pa.array(keys, pa.string()), "payload": pa.array(out, pa.large_binary())})
+
+    def __del__(self) -> None:
+        pool = getattr(self, "pool", None)
+        if pool is not None and hasattr(pool, "shutdown"):
+            try:
+                pool.shutdown()
+            except Exception:  # noqa: BLE001 - the actor is going away
+                pass
+
+
+def commit_unit(output_dir: str, key: str, rows: list[dict]) -> int:
+    """A unit's rows as `part-u<key>.parquet`: staged, fsynced, renamed into place (replacing the
+    part of an earlier attempt of the same unit, never adding a second one)."""
+    import pyarrow.parquet as pq
+
+    rows.sort(key=lambda r: (r["source_file"], r["source_row"],
+                             -1 if r["question_index"] is None else r["question_index"]))
+    table = pa.Table.from_pylist(rows, schema=OUTPUT_SCHEMA)
+    staging = os.path.join(output_dir, STAGING)
+    os.makedirs(staging, exist_ok=True)
+    staged = os.path.join(staging, f"{unit_part_name(key)}.{uuid.uuid4().hex}")
+    with open(staged, "wb") as f:
+        pq.write_table(table, f, compression="zstd")
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(staged, os.path.join(output_dir, unit_part_name(key)))  # the commit
+    _fsync_dir(output_dir)
+    return table.num_rows
+
+
+def _datasink(output_dir: str, ledger):
+    from ray.data import Datasink
+    from ray.data.block import BlockAccessor
+
+    class UnitDatasink(Datasink):
+        """Commits each unit as one part (commit_unit), then reports its counts to the ledger."""
+
+        def __init__(self) -> None:
+            self.output_dir, self.ledger = output_dir, ledger
+
+        def get_name(self) -> str:
+            return "DCAJobUnits"
+
+        def write(self, blocks, ctx) -> list[tuple[str, int]]:
+            import ray
+
+            written = []
+            for block in blocks:
+                table = BlockAccessor.for_block(block).to_arrow()
+                for key, payload in zip(table.column("key").to_pylist(), table.column("payload").to_pylist()):
+                    if not payload:  # stopped by the failure budget: not committed, done by a resume
+                        continue
+                    unit = pickle.loads(payload)
+                    rows = [row for doc_rows, _, _ in unit["emitted"] for row in doc_rows]
+                    written.append((key, commit_unit(self.output_dir, key, rows)))
+                    ray.get(self.ledger.add.remote(key, unit["emitted"], unit["counts"]))
+            return written
+
+    return UnitDatasink()
+
+
+# ------------------------------------------------------------------------------------- driver
+
+
+def _progress(config: JobConfig, total: int, ledger, done_event) -> None:
+    import ray
+
+    from pipeline.job import _progress_bar
+
+    bar = _progress_bar(config, total)
+    if bar is None:
+        return
+    t0, shown = time.monotonic(), 0
+    try:
+        while not done_event.wait(1.0):
+            try:
+                done, ok, error, tokens = ray.get(ledger.progress.remote(), timeout=10)
+            except Exception:  # noqa: BLE001 - progress is best effort
+                continue
+            bar.update(done - shown)
+            shown = done
+            bar.set_postfix(ok=ok, err=error, tok_s=f"{tokens / max(time.monotonic() - t0, 1e-9):.0f}", refresh=False)
+    finally:
+        bar.close()
+
+
+def run_dataflow(config: JobConfig, *, plan: InputPlan, writer: OutputWriter, metrics: JobMetrics, base_row: dict,
+                 skip=None, engine_stage: type | None = None) -> tuple[str | None, dict | None]:
+    """Runs the uncommitted units of a job on the connected Ray cluster. Returns (None when every
+    unit is committed, else why the job stops; the engine stats). The ledger's counts are added
+    to `metrics` whatever happens."""
+    import threading
+
+    import ray
+    from ray.data import ActorPoolStrategy
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    units = plan_units(plan, config.unit_rows)
+    done = writer.committed_units
+    todo = [u for u in units if u.key not in done]
+    metrics.documents_resumed += sum(u.num_rows for u in units if u.key in done)
+    log.info("ray-data dataflow: %d work unit(s) of at most %d rows, %d already committed", len(units),
+             config.unit_rows, len(units) - len(todo))
+    if not todo:
+        return None, None
+    here = NodeAffinitySchedulingStrategy(node_id=ray.get_runtime_context().get_node_id(), soft=False)
+    ledger = ray.remote(Ledger).options(num_cpus=0, scheduling_strategy=here).remote(config, base_row["job_id"])
+    duplicates = ray.get(ray.remote(unit_duplicates).options(num_cpus=0, scheduling_strategy=here).remote(plan, units))
+    context = ray.data.DataContext.get_current()
+    context.enable_progress_bars = False
+    items = [{"file_index": u.file_index, "row_group": u.row_group, "start": u.start, "stop": u.stop,
+              "first_row": u.first_row} for u in todo]
+    ds = ray.data.from_items(items, override_num_blocks=len(items))
+    # Reads in Ray tasks spread over the nodes (a scheduling strategy of their own also keeps
+    # Ray Data from fusing them into the prompt actors: reading runs beside tokenising).
+    ds = ds.map_batches(_read_units, batch_size=1, batch_format="pyarrow", scheduling_strategy="SPREAD",
+                        fn_kwargs={"plan": plan, "duplicates": {u.key: duplicates[u.key] for u in todo
+                                                                if u.key in duplicates}})
+    ds = ds.map_batches(_UnitPromptStage, batch_size=1, batch_format="pyarrow", num_cpus=1,
+                        fn_constructor_kwargs={"config": config, "base_row": base_row, "skip": skip, "ledger": ledger},
+                        compute=ActorPoolStrategy(size=config.prompt_actors))
+    # The actor only coordinates: its replica's ranks reserve the CPUs/GPUs (placement group).
+    ds = ds.map_batches(engine_stage or _UnitEngineStage, batch_size=1, batch_format="pyarrow", num_cpus=0,
+                        fn_constructor_kwargs={"config": config, "base_row": base_row, "ledger": ledger},
+                        compute=ActorPoolStrategy(size=config.replicas), max_restarts=-1, max_task_retries=-1)
+    finished = threading.Event()
+    bar = threading.Thread(target=_progress, args=(config, sum(u.num_rows for u in todo), ledger, finished),
+                           daemon=True)
+    bar.start()
+    result = None
+    try:
+        ds.write_datasink(_datasink(config.output_dir, ledger))
+    finally:
+        finished.set()
+        bar.join(timeout=5)
+        try:
+            result = ray.get(ledger.result.remote(), timeout=60)
+            metrics.merge(result["metrics"])
+        except Exception:  # noqa: BLE001 - counts are best effort after a crash
+            log.exception("the ledger's counts could not be read")
+        try:
+            ray.kill(ledger)
+        except Exception:  # noqa: BLE001 - it goes with the job anyway
+            pass
+    engine_stats = result["engine_stats"] if result else None
+    if result and result["stop_reason"]:
+        return result["stop_reason"], engine_stats
+    missing = [u.key for u in todo if u.key not in committed_unit_keys(config.output_dir)]
+    if missing:
+        return (f"{len(missing)} work unit(s) were not committed (first {missing[0]}); rerun the same command "
+                "to resume"), engine_stats
+    return None, engine_stats
+
+
+__all__ = ["run_dataflow", "commit_unit", "Ledger"]
