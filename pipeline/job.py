@@ -600,11 +600,14 @@ class _Driver:
 
 
 def budget_counts(rows: list[dict]) -> tuple[int, int, int]:
-    """One document's (input errors, model decided, model errors) for the failure budget."""
-    failed = any(r["status"] != "ok" for r in rows)
-    if all(r["status"] == "ok" or r["error_type"] in INPUT_ERROR_TYPES for r in rows):
-        return int(failed), 0, 0
-    return 0, 1, int(failed)
+    """One document's (input error, answered by the model, model failure), each 0 or 1, for the
+    failure budget. A document answered by the model counts in the model rate's denominator
+    whether it succeeded or not; a QA document with one invalid question and the others answered
+    is both an input error and an answered document."""
+    input_failed = any(r["status"] != "ok" and r["error_type"] in INPUT_ERROR_TYPES for r in rows)
+    model_failed = any(r["status"] != "ok" and r["error_type"] not in INPUT_ERROR_TYPES for r in rows)
+    answered = model_failed or any(r["status"] == "ok" for r in rows)
+    return int(input_failed), int(answered), int(model_failed)
 
 
 def budget_stop_reason(config: JobConfig, *, input_errors: int, documents_read: int, model_errors: int,

@@ -258,6 +258,30 @@ def test_failure_budget_names_invalid_input_apart_from_model_failures(tiny_chat_
     assert len(pool.order) < 100
 
 
+def test_model_failures_are_counted_against_every_answered_document(tiny_chat_model, tokenizer, tmp_path):
+    """25 of 100 documents fail in the model, one in four, budget 50%: the job completes (answered
+    documents that succeed count in the rate's denominator), and every failure has its row."""
+    _empty_text_corpus(str(tmp_path / "corpus"), 100, empty_rows=set())
+    pool = FakePool(fail_ids={f"d{i}" for i in range(1, 100, 4)})
+    config = _config(tiny_chat_model, tmp_path, task="summarize", max_error_fraction=0.5)
+    summary = run_job(config, pool_factory=lambda c: pool, tokenizer=tokenizer)
+    assert summary["status"] == "complete"
+    assert summary["documents"]["ok"] == 75 and summary["documents"]["error"] == 25
+
+
+def test_budget_counts_per_document():
+    from pipeline.job import budget_counts
+
+    ok, model, invalid = ({"status": "ok", "error_type": None}, {"status": "error", "error_type": "out_of_memory"},
+                          {"status": "error", "error_type": "invalid_input"})
+    # (input errors, documents answered by the model, model failures)
+    assert budget_counts([ok]) == (0, 1, 0)
+    assert budget_counts([model]) == (0, 1, 1)
+    assert budget_counts([invalid]) == (1, 0, 0)
+    assert budget_counts([ok, invalid, ok]) == (1, 1, 0)  # a QA document with one null question
+    assert budget_counts([model, invalid]) == (1, 1, 1)
+
+
 def test_resume_follows_the_corpus_content_not_its_path(tiny_chat_model, tokenizer, tmp_path):
     _write_messy_corpus(str(tmp_path / "corpus"), 20, qa=True)
     config = _config(tiny_chat_model, tmp_path)
