@@ -327,6 +327,56 @@ def _progress(config: JobConfig, total: int, ledger, done_event) -> None:
         bar.close()
 
 
+def _sees(paths: list[str]) -> list[str]:
+    """Ray task: the paths this node cannot see."""
+    return [p for p in paths if not os.path.exists(p)]
+
+
+def check_shared_paths(output_dir: str, plan: InputPlan, *, marker: str | None = None) -> None:
+    """Every alive node must see the output directory (its tasks commit parts there) and a local
+    input (its tasks read units): a path local to the driver's machine would scatter parts over
+    the nodes' disks, and a resume would redo what it cannot see. One zero-CPU task per node
+    looks for a marker file the driver writes into the output (and the input's first file).
+    Raises OutputError naming the nodes that do not. (`marker`: a path to look for instead of a
+    fresh marker, for tests.)"""
+    import pyarrow.fs as pafs
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    from pipeline.output import OutputError
+
+    nodes = [n for n in ray.nodes() if n.get("Alive")]
+    if len(nodes) <= 1 and marker is None:
+        return  # one machine: the driver's view is every task's
+    own = marker is None
+    if own:
+        os.makedirs(os.path.join(output_dir, STAGING), exist_ok=True)
+        marker = os.path.join(output_dir, STAGING, f".visible-{uuid.uuid4().hex}")
+        open(marker, "w").close()
+    paths = [marker]
+    if isinstance(plan.filesystem, pafs.LocalFileSystem) and plan.files:
+        paths.append(plan.files[0].path)
+    try:
+        checks = {
+            n["NodeManagerAddress"] + f" ({n['NodeID'][:8]})": ray.remote(_sees).options(
+                num_cpus=0, scheduling_strategy=NodeAffinitySchedulingStrategy(node_id=n["NodeID"], soft=False),
+            ).remote(paths)
+            for n in nodes
+        }
+        blind = {node: missing for node, ref in checks.items() if (missing := ray.get(ref, timeout=120))}
+    finally:
+        if own:
+            os.remove(marker)
+    if blind:
+        node, missing = next(iter(blind.items()))
+        what = "the output directory" if missing[0] == marker else f"the input file {missing[0]}"
+        raise OutputError(
+            f"--dataflow ray-data: {len(blind)} of {len(nodes)} node(s) cannot see {what} (first: node {node}); "
+            f"every node reads units and commits parts, so --input and --output ({output_dir}) must be on storage all "
+            "nodes share (a shared mount), or use --dataflow driver"
+        )
+
+
 def run_dataflow(config: JobConfig, *, plan: InputPlan, writer: OutputWriter, metrics: JobMetrics, base_row: dict,
                  skip=None, engine_stage: type | None = None) -> tuple[str | None, dict | None]:
     """Runs the uncommitted units of a job on the connected Ray cluster. Returns (None when every
@@ -346,6 +396,7 @@ def run_dataflow(config: JobConfig, *, plan: InputPlan, writer: OutputWriter, me
              config.unit_rows, len(units) - len(todo))
     if not todo:
         return None, None
+    check_shared_paths(config.output_dir, plan)
     here = NodeAffinitySchedulingStrategy(node_id=ray.get_runtime_context().get_node_id(), soft=False)
     ledger = ray.remote(Ledger).options(num_cpus=0, scheduling_strategy=here).remote(config, base_row["job_id"])
     duplicates = ray.get(ray.remote(unit_duplicates).options(num_cpus=0, scheduling_strategy=here).remote(plan, units))
@@ -395,4 +446,4 @@ def run_dataflow(config: JobConfig, *, plan: InputPlan, writer: OutputWriter, me
     return None, engine_stats
 
 
-__all__ = ["run_dataflow", "commit_unit", "Ledger"]
+__all__ = ["run_dataflow", "check_shared_paths", "commit_unit", "Ledger"]

@@ -354,6 +354,17 @@ def test_a_worker_node_removed_mid_job_loses_and_duplicates_no_row(tiny_chat_mod
         assert all(r[6] == "ok" for r in rows), [r[8] for r in rows if r[6] != "ok"][:3]
         assert summary["documents"]["ok"] == 32 and summary["status"] == "complete"
         assert len(list(tmp_path.glob("gate.first.*"))) >= 2  # both replicas (and any restarted one) answered
+
+        # Every node saw the output and the input (one machine here); a path that some node cannot
+        # see stops the job before any unit runs, naming the nodes.
+        from pipeline.io import InputSpec, check_input
+        from pipeline.output import OutputError
+        from pipeline.ray_data_job import check_shared_paths
+
+        plan = check_input(InputSpec(path=str(tmp_path / "corpus")))
+        check_shared_paths(config.output_dir, plan)
+        with pytest.raises(OutputError, match=r"2 of 2 node\(s\) cannot see the output directory .*--dataflow driver"):
+            check_shared_paths(config.output_dir, plan, marker=str(tmp_path / "not-there"))
     finally:
         ray.shutdown()
         cluster.shutdown()
