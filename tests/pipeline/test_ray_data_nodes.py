@@ -82,7 +82,10 @@ def test_a_worker_node_removed_mid_run_loses_no_row(tiny_chat_model, tmp_path):
     from tests.pipeline.test_ray_data import _free_port
 
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0, "dashboard_port": _free_port()})
-    workers = {cluster.add_node(num_cpus=2).node_id: None for _ in range(2)}
+    # 3 CPUs a node: after the removal the surviving node must hold its own rank, the lost
+    # replica's rank (restarted there) and a prompt actor; with 2 the restarted replica waits
+    # for a CPU that never frees and its start fails (placement_timeout_s).
+    workers = {cluster.add_node(num_cpus=3).node_id: None for _ in range(2)}
     nodes = {n.node_id: n for n in cluster.worker_nodes}
     try:
         ray.init(address=cluster.address, log_to_driver=False)
