@@ -8,7 +8,6 @@ import dataclasses
 import os
 import re
 import threading
-import time
 from collections import Counter
 
 import pytest
@@ -279,44 +278,6 @@ def test_nightly_on_ray_data_skips_what_earlier_nights_summarised(ray_local, tin
     assert read_manifest(str(second))["dataflow"] == "ray-data"
 
 
-def _gated_engine_stage(gate: str) -> type:
-    """The engine stage, holding each actor's units after its first until `gate` exists (and
-    touching `gate`.first.<actor> once its first unit is answered): the job cannot end before the
-    test has removed a node. Defined in a function so Ray pickles it by value, `gate` included."""
-    from pipeline.ray_data_job import _UnitEngineStage
-
-    class GatedEngineStage(_UnitEngineStage):
-        def __call__(self, batch):
-            import os
-            import time
-
-            self.calls = getattr(self, "calls", 0) + 1
-            deadline = time.monotonic() + 300
-            while self.calls > 1 and not os.path.exists(gate) and time.monotonic() < deadline:
-                time.sleep(0.1)
-            out = super().__call__(batch)
-            open(f"{gate}.first.{self.name}", "a").close()
-            return out
-
-    return GatedEngineStage
-
-
-def _remove_a_node_once_both_serve(cluster, list_actors, workers, nodes, gate, removed: list) -> None:
-    """Once both replicas have answered a unit: removes the node of a serving rank, then opens the
-    gate (each replica holds its next unit until then)."""
-    from tests.pipeline.test_ray_data_nodes import _node_of_a_serving_rank
-
-    deadline = time.monotonic() + 300
-    while len(list(gate.parent.glob(gate.name + ".first.*"))) < 2 and time.monotonic() < deadline:
-        time.sleep(0.1)
-    try:
-        node = _node_of_a_serving_rank(list_actors, cluster.address, workers)
-        cluster.remove_node(nodes[node])
-        removed.append(node)
-    finally:
-        gate.touch()
-
-
 def test_a_worker_node_removed_mid_job_loses_and_duplicates_no_row(tiny_chat_model, tmp_path):
     """A head (no CPUs: the driver and the ledger) and two worker nodes, one replica (rank) on
     each; once both replicas have answered a unit, the node of a serving rank leaves, and the job
@@ -327,7 +288,9 @@ def test_a_worker_node_removed_mid_job_loses_and_duplicates_no_row(tiny_chat_mod
     from ray.util.state import list_actors
 
     from pipeline.job import run_job
+    from pipeline.ray_data_job import _UnitEngineStage
     from tests.pipeline.test_ray_data import _free_port
+    from tests.pipeline.test_ray_data_nodes import _gated, _remove_a_serving_node
 
     if ray.is_initialized():
         ray.shutdown()
@@ -341,10 +304,11 @@ def test_a_worker_node_removed_mid_job_loses_and_duplicates_no_row(tiny_chat_mod
         gate = tmp_path / "gate"
         config = _config(tiny_chat_model, tmp_path, "out", replicas=2, ray_address=cluster.address)
         removed: list[str] = []
-        remover = threading.Thread(target=_remove_a_node_once_both_serve,
-                                   args=(cluster, list_actors, workers, nodes, gate, removed), daemon=True)
+        # Once both replicas have answered a unit (each holds its next one until the node is gone).
+        remover = threading.Thread(target=_remove_a_serving_node,
+                                   args=(cluster, list_actors, workers, nodes, gate, removed, 2), daemon=True)
         remover.start()
-        summary = run_job(config, engine_stage=_gated_engine_stage(str(gate)))
+        summary = run_job(config, engine_stage=_gated(_UnitEngineStage, str(gate)))
         remover.join(timeout=60)
         assert len(removed) == 1
         rows = _rows(config.output_dir)

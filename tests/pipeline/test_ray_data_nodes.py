@@ -4,7 +4,6 @@ not a local Ray another module's fixture keeps running."""
 
 from __future__ import annotations
 
-import os
 import threading
 from collections import Counter
 
@@ -29,13 +28,14 @@ def _node_of_a_serving_rank(list_actors, address: str, workers, timeout_s: float
     raise AssertionError(f"no alive rank actor on a worker node within {timeout_s} s")
 
 
-def _gated_engine_stage(gate: str) -> type:
-    """The engine stage, holding each actor's calls after its first until `gate` exists (and
-    touching `gate`.first when a first call is done): the run cannot end before the test has
-    removed a node (on a fast machine it otherwise could, leaving no rank to remove). Defined here
-    so Ray pickles it by value, `gate` included."""
+def _gated(stage: type, gate: str) -> type:
+    """`stage` (an engine stage class: the processor's or the jobs' ray-data one), holding each
+    actor's calls after its first until `gate` exists, and touching `gate`.first.<actor> once its
+    first call is answered: the run cannot end before the test has removed a node (on a fast
+    machine it otherwise could, leaving no rank to remove). Defined in a function so Ray pickles
+    it by value, `gate` included."""
 
-    class GatedEngineStage(_EngineStage):
+    class Gated(stage):
         def __call__(self, batch):
             import os
             import time
@@ -45,19 +45,20 @@ def _gated_engine_stage(gate: str) -> type:
             while self.calls > 1 and not os.path.exists(gate) and time.monotonic() < deadline:
                 time.sleep(0.1)
             out = super().__call__(batch)
-            open(gate + ".first", "a").close()
+            open(f"{gate}.first.{self.name}", "a").close()
             return out
 
-    return GatedEngineStage
+    return Gated
 
 
-def _remove_a_serving_node(cluster, list_actors, workers, nodes, gate, removed: list) -> None:
-    """Once a first batch is answered: removes the node of a serving rank, then opens the gate.
-    (A thread: Ray Data hands rows on per finished task, so the consumer sees none before.)"""
+def _remove_a_serving_node(cluster, list_actors, workers, nodes, gate, removed: list, answered: int = 1) -> None:
+    """Once `answered` engine actors have answered a first call: removes the node of a serving
+    rank, then opens the gate. (A thread: Ray Data hands rows on per finished task, so the
+    consumer sees none before.)"""
     import time
 
     deadline = time.monotonic() + 300
-    while not os.path.exists(str(gate) + ".first") and time.monotonic() < deadline:
+    while len(list(gate.parent.glob(gate.name + ".first.*"))) < answered and time.monotonic() < deadline:
         time.sleep(0.1)
     try:
         node = _node_of_a_serving_rank(list_actors, cluster.address, workers)
@@ -93,7 +94,7 @@ def test_a_worker_node_removed_mid_run_loses_no_row(tiny_chat_model, tmp_path):
         write_corpus(str(tmp_path / "corpus"), 40, bad_rows=False, min_words=60, max_words=120, files=4)
         config = _config(tiny_chat_model, concurrency=2, batch_size=2, max_new_tokens=12)
         gate = tmp_path / "gate"
-        processor = Processor(config, engine_stage=_gated_engine_stage(str(gate)))
+        processor = Processor(config, engine_stage=_gated(_EngineStage, str(gate)))
         ds = processor(ray.data.read_parquet(str(tmp_path / "corpus"), override_num_blocks=8))
         removed: list[str] = []
         remover = threading.Thread(target=_remove_a_serving_node,
