@@ -66,14 +66,6 @@ class StaticKVLayer(BatchOpsByMap, DynamicLayer):
     def capacity(self) -> int:
         return 0 if self.k is None else self.k.shape[2]
 
-    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
-        self.device = key_states.device
-        self.dtype = key_states.dtype
-        # Empty placeholders: transformers code that inspects `keys` sees dtype and device.
-        self.keys = key_states.new_empty((0,))
-        self.values = value_states.new_empty((0,))
-        self.is_initialized = True
-
     def reserve(self, key_states: torch.Tensor, needed: int, hint: int | None = None):
         """Room for `needed` tokens in all; returns (k, v, k_scale, v_scale) buffers.
 

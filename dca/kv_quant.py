@@ -42,8 +42,19 @@ def dequantize_int8(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) ->
 
 
 class BatchOpsByMap:
-    """The batch-wise cache-layer operations transformers calls (beam reorder, repeat, select,
-    offload), for layers that store several tensors and apply one function to all with `_map`."""
+    """For cache layers that keep their own tensors instead of DynamicLayer's keys and values:
+    the batch-wise operations transformers calls (beam reorder, repeat, select, offload), applying
+    one function to all of them with `_map`, and a first-update initialisation that keeps only
+    empty placeholders in `keys`/`values`."""
+
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        self.device = key_states.device
+        self.dtype = key_states.dtype
+        # Empty placeholders: transformers code that inspects `keys` sees dtype and device
+        # without a full-precision copy being kept.
+        self.keys = key_states.new_empty((0,))
+        self.values = value_states.new_empty((0,))
+        self.is_initialized = True
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         self._map(lambda t: t.index_select(0, beam_idx.to(t.device)))
@@ -70,15 +81,6 @@ class Int8KVLayer(BatchOpsByMap, DynamicLayer):
         # (int8 (B, Hkv, T, D), scale (B, Hkv, T, 1)) for keys and for values
         self._keys: tuple[torch.Tensor, torch.Tensor] | None = None
         self._values: tuple[torch.Tensor, torch.Tensor] | None = None
-
-    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
-        self.device = key_states.device
-        self.dtype = key_states.dtype
-        # Empty full-precision placeholders: transformers code that inspects `keys` sees the
-        # dtype and device without a full-precision copy being kept.
-        self.keys = key_states.new_empty((0,))
-        self.values = value_states.new_empty((0,))
-        self.is_initialized = True
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
         if not self.is_initialized:
