@@ -115,6 +115,9 @@ def dca_attention(
     ):
         _check_contiguous(first_q[0], first_k[0])
         scale_b = scale * positions.temperature_factor(n[0], config)
+        if b == 1 and tq == 1:  # one decode step
+            q3 = decode_queries(query.transpose(1, 2)[:, 0], [tk - 1], rope)
+            return decode_row(q3[0], key[0], value[0], tk - 1, config.chunk_len, scale_b)[None, :, None].to(query.dtype)
         return _chunked(query, key, value, tk - tq, rope, scale_b, backend)
 
     if tq <= _DENSE_PAD_QUERIES and b * query.shape[1] * tq * tk <= _DENSE_PAD_ELEMENTS:
@@ -134,6 +137,52 @@ def dca_attention(
         t0 = kr.shape[2] - (tq - q0)
         out[row : row + 1, :, q0:] = _chunked(query[row : row + 1, :, q0:], kr, vr, t0, rope, scale_b, backend)
     return out
+
+
+def decode_queries(query: torch.Tensor, tokens, rope: RopeTable) -> torch.Tensor:
+    """The three rotations of one new query per row, for `decode_row`.
+
+    query (R, Hq, D) not rotated; tokens: each row's token index (R ints) -> (R, Hq, 3, D) in the
+    accumulation dtype, rotated at the intra, successive and inter query ids (spec section 2).
+    Batched over the rows: three rotations per layer whatever the number of rows.
+    """
+    config = rope.config
+    index = torch.as_tensor(tokens, device=query.device).reshape(-1, 1)  # (R, 1)
+    q = query[:, :, None]  # (R, Hq, 1, D)
+    parts = (
+        rope.rotate(q, positions.intra_query_ids(index, config)),
+        rope.rotate(q, positions.successive_query_ids(index, config)),
+        rope.rotate(q, config.inter_query_id),
+    )
+    return torch.cat(parts, dim=2).to(kernels.accumulation_dtype(query.dtype))
+
+
+def decode_row(q3: torch.Tensor, key: torch.Tensor, value: torch.Tensor, token: int, chunk_len: int,
+               scale: float) -> torch.Tensor:
+    """DCA of ONE new query of one row against its keys: tokens 0..token, unpadded.
+
+    q3 (Hq, 3, D) from `decode_queries`; key, value (Hkv, token + 1, D), keys rotated at j mod L.
+    -> (Hq, D) in the accumulation dtype.
+
+    Why not `_chunked` for a decode step: it makes three attention calls and an LSE merge, and
+    the CPU attention kernel's fixed cost per call (~0.1 ms) dominates a one-query problem.
+    Here the three key ranges (inter: chunks before the previous one, successive: the previous
+    chunk, intra: the query's own chunk) are scored with exactly-sized matmuls, each with its own
+    query rotation, and joined by ONE softmax: the same value as the merge, in five small ops.
+    Continuous batching runs this once per decoding row and layer.
+    """
+    hq, _, d = q3.shape
+    hkv = key.shape[0]
+    q = q3.reshape(hkv, hq // hkv, 3, d)  # query heads of a group share their KV head
+    acc = q3.dtype
+    chunk = token // chunk_len
+    bounds = ((0, (chunk - 1) * chunk_len, 2), ((chunk - 1) * chunk_len, chunk * chunk_len, 1),
+              (chunk * chunk_len, token + 1, 0))
+    scores = [torch.matmul(q[:, :, which], key[:, lo:hi].to(acc).transpose(-1, -2))
+              for lo, hi, which in bounds if hi > max(lo, 0)]  # (Hkv, g, keys)
+    s = scores[0] if len(scores) == 1 else torch.cat(scores, dim=-1)
+    p = torch.softmax(s * scale, dim=-1)
+    return torch.matmul(p, value.to(acc)).reshape(hq, d)
 
 
 def _triton(q, k, v, key_index, rope: RopeTable, scale: float, prompt_length) -> torch.Tensor:

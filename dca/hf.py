@@ -34,7 +34,7 @@ import torch
 from torch import nn
 
 from dca import kernels, positions
-from dca.attention import RopeTable, dca_attention, rotate_keys
+from dca.attention import RopeTable, dca_attention, decode_queries, decode_row, rotate_keys
 from dca.config import DCAConfig
 
 # model_type -> attention layout identical to Llama's (q/k/v/o projections, rotate-half RoPE
@@ -196,12 +196,42 @@ class DCAAttention(nn.Module):
             # (continuous batching, pipeline.engine). Attention runs row by row, unpadded, with
             # the plain-tensor kernels of the layer's backend.
             out = torch.empty_like(query)  # (1, Hq, T, D)
+            per_token = state.backend(query.device, query.dtype) != "triton"
+            decoding = []
             for row_cache, start, stop in rows:
+                if per_token and stop - start == 1 and row_cache.get_seq_length(self.layer_idx) > 0:
+                    decoding.append((row_cache, start))
+                    continue
                 out[:, :, start:stop] = self._attend(
                     query[:, :, start:stop], key[:, :, start:stop], value[:, :, start:stop], row_cache, None, None
                 )
+            if decoding:
+                self._decode_rows(query, key, value, decoding, out)
         out = out.transpose(1, 2).reshape(bsz, q_len, -1)
         return self.o_proj(out), None
+
+    def _decode_rows(self, query, key, value, rows, out) -> None:
+        """Packed rows that each add one token to a non-empty cache (decode steps): rotations of
+        keys and queries batched over the rows, then `dca.attention.decode_row` per row, written
+        into `out` (1, Hq, T, D) with one scatter. Same values as `_attend` row by row (which
+        takes this path for a single decode row), without its per-row kernel calls."""
+        state = self.dca_state
+        config = state.config
+        at = torch.tensor([start for _, start in rows], device=query.device)
+        past = [cache.get_seq_length(self.layer_idx) for cache, _ in rows]
+        q = query[0, :, at].transpose(0, 1)  # (R, Hq, D)
+        k = key[0, :, at].transpose(0, 1)[:, :, None]  # (R, Hkv, 1, D)
+        v = value[0, :, at].transpose(0, 1)[:, :, None]
+        k = state.rope.rotate(k, positions.key_ids(torch.tensor(past, device=query.device)[:, None], config))
+        q3 = decode_queries(q, past, state.rope)
+        done = []
+        for r, (cache, _) in enumerate(rows):
+            keys, values = cache.update(k[r : r + 1], v[r : r + 1], self.layer_idx)
+            stored = getattr(cache, "dca_prompt_length", None)
+            n = int(stored.reshape(-1)[0]) if stored is not None else past[r] + 1
+            scale = self.scaling * positions.temperature_factor(n, config)
+            done.append(decode_row(q3[r], keys[0], values[0], past[r], config.chunk_len, scale))
+        out[0, :, at] = torch.stack(done).transpose(0, 1).to(out.dtype)
 
     def _attend(self, query, key, value, cache, padding_mask, position_ids) -> torch.Tensor:
         """New queries/keys/values (not rotated) of one batch -> DCA output (B, Hq, T, D); the

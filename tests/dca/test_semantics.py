@@ -140,3 +140,42 @@ def test_padded_decode_row_by_row_path(monkeypatch, dca_backend):
         pytest.skip("a branch of the torch backend")
     monkeypatch.setattr(attention, "_DENSE_PAD_ELEMENTS", 0)
     left_padded_generate_equals_each_row_alone(30)
+
+
+def test_packed_rows_decoding_beside_a_prefill_each_equal_their_reference(dca_backend):
+    """One packed forward as continuous batching runs it (dca/hf.py's `packed_rows`): three rows
+    add one token each to caches ending in chunks 0, 1 and 3 (L = 20), the decode steps batched
+    over rows, beside a fresh row prefilling 9 tokens. Every row equals the reference alone.
+    The new tokens sit early in their chunks (index mod L < S - L), where the successive query
+    id (L + index mod L) differs from the inter one (S): each key range needs its own rotation."""
+    import inspect
+
+    from transformers import DynamicCache
+
+    class Packed:
+        def __init__(self, rows):
+            self.packed_rows = rows
+
+        def get_seq_length(self, layer_idx=0):
+            return 0
+
+    config = DCAConfig(32, chunk_size=24, local_window=4, temperature_alpha=0.3)
+    model = tiny_model()
+    dca = patched(model, config)
+    name = "cache" if "cache" in inspect.signature(type(dca).forward).parameters else "past_key_values"
+    lengths = [13, 21, 62]
+    rows = [ids(n + 1, seed=n) for n in lengths]
+    caches = []
+    for row, n in zip(rows, lengths):
+        cache = DynamicCache()
+        dca(row[:, :n], use_cache=True, **{name: cache})
+        caches.append(cache)
+    fresh, fresh_cache = ids(9, seed=99), DynamicCache()
+    fresh_cache.dca_prompt_length = torch.tensor([9])
+    tokens = torch.cat([row[:, -1:] for row in rows] + [fresh], dim=1)
+    position_ids = torch.tensor([lengths + list(range(9))])
+    packed = Packed([(cache, i, i + 1) for i, cache in enumerate(caches)] + [(fresh_cache, 3, 12)])
+    logits = dca(tokens, position_ids=position_ids, use_cache=True, **{name: packed}).logits[0]
+    for i, (row, n) in enumerate(zip(rows, lengths)):
+        assert_close(logits[i], reference_logits(model, config, row, prompt_length=n)[0, -1], **TOL)
+    assert_close(logits[3:], reference_logits(model, config, fresh)[0], **TOL)
