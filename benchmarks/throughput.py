@@ -10,9 +10,13 @@
         --documents 16 --min-tokens 4096 --max-tokens 100000
 
 The corpus is synthetic: prompt lengths drawn log-uniformly between --min-tokens and
---max-tokens (seeded), token ids random, every document generating exactly --new-tokens tokens
-(ignore_eos: the schedulers are compared on the same work). Both schedulers run the same
-requests in the same order through the same code path (`--engine ray`: a `ReplicaPool` replica,
+--max-tokens (seeded), token ids random, every document generating exactly --new-tokens tokens,
+or with --new-tokens-max a seeded count of its own (ignore_eos: the schedulers are compared on the
+same work). With --prefill-runs each scheduler also runs the corpus with 1 new token per document,
+which splits its wall clock into prefill and what decoding added: continuous batching can only
+shrink the second part, so static's wall over continuous's prefill bounds its speedup.
+
+Both schedulers run the same requests in the same order through the same code path (`--engine ray`: a `ReplicaPool` replica,
 `EngineConfig.scheduler` "static" or "continuous"; `--engine in_process`: the rank-side code
 of that replica in this process). Reported per scheduler: serving wall clock (after the model is
 loaded), output tokens/s, documents/hour, device-seconds per document (the engine's busy time of
@@ -97,11 +101,23 @@ def corpus(documents: int, min_tokens: int, max_tokens: int, vocab: int, seed: i
     return out
 
 
-def _requests(prompts, new_tokens: int):
+def output_lengths(documents: int, new_tokens: int, new_tokens_max: int | None, seed: int) -> list[int]:
+    """Tokens each document generates: all `new_tokens`, or uniform in [new_tokens, new_tokens_max]
+    (seeded): real summaries end at different lengths, which a static batch pays for."""
+    if new_tokens_max is None:
+        return [new_tokens] * documents
+    rng = random.Random(seed + 1)
+    return [rng.randint(new_tokens, new_tokens_max) for _ in range(documents)]
+
+
+def _requests(prompts, new_tokens):
+    """new_tokens: one count for all, or one per prompt."""
     from pipeline.requests import GenerationRequest, SamplingParams
 
-    sampling = SamplingParams(max_new_tokens=new_tokens, ignore_eos=True)
-    return [GenerationRequest(request_id=f"doc{i:03d}", prefix_ids=p, sampling=sampling) for i, p in enumerate(prompts)]
+    counts = new_tokens if isinstance(new_tokens, list) else [new_tokens] * len(prompts)
+    return [GenerationRequest(request_id=f"doc{i:03d}", prefix_ids=p,
+                              sampling=SamplingParams(max_new_tokens=n, ignore_eos=True))
+            for i, (p, n) in enumerate(zip(prompts, counts))]
 
 
 def run_ray(spec, scheduler: str, requests, args) -> dict:
@@ -208,6 +224,12 @@ def main(argv=None) -> int:
     parser.add_argument("--min-tokens", type=int, default=1024)
     parser.add_argument("--max-tokens", type=int, default=16384)
     parser.add_argument("--new-tokens", type=int, default=64)
+    parser.add_argument("--new-tokens-max", type=int, default=None,
+                        help="each document generates a seeded uniform count in [--new-tokens, this] "
+                             "(default: exactly --new-tokens each)")
+    parser.add_argument("--prefill-runs", action="store_true",
+                        help="also run each scheduler once with 1 new token per document: the wall "
+                             "clock then splits into prefill and the marginal cost of decoding")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--schedulers", default="static,continuous")
     parser.add_argument("--engine", choices=("ray", "in_process"), default="ray")
@@ -242,10 +264,11 @@ def main(argv=None) -> int:
 
     vocab = int(load_model_config(spec).vocab_size)
     prompts = corpus(args.documents, args.min_tokens, args.max_tokens, vocab, args.seed)
-    requests = _requests(prompts, args.new_tokens)
+    lengths = output_lengths(len(prompts), args.new_tokens, args.new_tokens_max, args.seed)
+    requests = _requests(prompts, lengths)
     print(f"{len(requests)} documents, {sum(len(p) for p in prompts)} prompt tokens "
-          f"({min(len(p) for p in prompts)}-{max(len(p) for p in prompts)}), {args.new_tokens} new tokens each; "
-          f"model {args.model}, {args.engine} on {args.device}", flush=True)
+          f"({min(len(p) for p in prompts)}-{max(len(p) for p in prompts)}), {min(lengths)}-{max(lengths)} new "
+          f"tokens each; model {args.model}, {args.engine} on {args.device}", flush=True)
 
     ctx = None
     load_s = None
@@ -265,7 +288,16 @@ def main(argv=None) -> int:
                  include_dashboard=False, log_to_driver=False)
     names = args.schedulers.split(",")
     all_runs: dict[str, list] = {name: [] for name in names}
+    prefill_runs: dict[str, dict] = {}
     try:
+        if args.prefill_runs:
+            first_tokens = _requests(prompts, 1)
+            for name in names:
+                print(f"running {name} with 1 new token per document (prefill) ...", flush=True)
+                run = run_in_process(ctx, name, first_tokens, args) if ctx is not None else \
+                    run_ray(spec, name, first_tokens, args)
+                prefill_runs[name] = {"wall_s": round(run["wall_s"], 2), "device_seconds": round(run["busy_s"], 2)}
+                print(json.dumps({name: prefill_runs[name]}), flush=True)
         for repeat in range(args.repeats):
             # Alternate the order (A B, B A, ...): load from other work on a shared machine then
             # hits both schedulers alike instead of whichever runs second.
@@ -285,6 +317,14 @@ def main(argv=None) -> int:
     table = {name: summarise(name, run, args.new_tokens) for name, run in runs.items()}
     for name, rs in all_runs.items():
         table[name]["all_walls_s"] = [round(r["wall_s"], 2) for r in rs]
+    for name, prefill in prefill_runs.items():
+        # What decoding added to the run: the run's wall less the same documents' first tokens.
+        row = table[name]
+        decode_wall = row["wall_s"] - prefill["wall_s"]
+        row["prefill_wall_s"] = prefill["wall_s"]
+        row["decode_wall_s"] = round(decode_wall, 2)
+        row["decode_output_tokens_per_s"] = (
+            round((row["output_tokens"] - row["documents"]) / decode_wall, 2) if decode_wall > 0 else None)
     identical = None
     if {"static", "continuous"} <= set(runs):
         # Every run of either scheduler against the first static run.
@@ -307,6 +347,7 @@ def main(argv=None) -> int:
         "prompt_tokens_range": [args.min_tokens, args.max_tokens],
         "prompt_tokens": [len(p) for p in prompts],
         "new_tokens": args.new_tokens,
+        "new_tokens_max": args.new_tokens_max,
         "max_batch_size": args.max_batch_size,
         "in_flight": args.in_flight,
         "prefill_block": args.prefill_block,
@@ -319,6 +360,14 @@ def main(argv=None) -> int:
         "speedup_output_tokens_per_s": (
             round(table["continuous"]["output_tokens_per_s"] / table["static"]["output_tokens_per_s"], 2)
             if {"static", "continuous"} <= set(table) else None),
+        # With prefill runs: the speedup of decoding alone, and the most continuous batching could
+        # give on this corpus if its decoding cost nothing (static's wall / continuous prefill).
+        "decode_speedup": (
+            round(table["static"]["decode_wall_s"] / table["continuous"]["decode_wall_s"], 2)
+            if {"static", "continuous"} <= set(prefill_runs) and table["continuous"]["decode_wall_s"] > 0 else None),
+        "speedup_bound_if_decoding_were_free": (
+            round(table["static"]["wall_s"] / prefill_runs["continuous"]["wall_s"], 2)
+            if {"static", "continuous"} <= set(prefill_runs) else None),
         "commit": _git_commit(),
         "torch": torch.__version__,
         "host_load_average": os.getloadavg(),
@@ -333,6 +382,13 @@ def main(argv=None) -> int:
         print(f"{name:<12} {row['wall_s']:>8} {row['output_tokens_per_s']:>10} {row['documents_per_hour']:>8} "
               f"{row['device_seconds_per_document']:>10} {row['busy_fraction']:>6} {row['latency_p50_s']:>7} "
               f"{row['latency_p95_s']:>7}")
+    for name, row in table.items():
+        if "prefill_wall_s" in row:
+            print(f"{name:<12} prefill (1 token each) {row['prefill_wall_s']} s, decoding added {row['decode_wall_s']} s "
+                  f"({row['decode_output_tokens_per_s']} tok/s)")
+    if out["decode_speedup"] is not None:
+        print(f"decode speedup {out['decode_speedup']}x; bound if decoding were free: "
+              f"{out['speedup_bound_if_decoding_were_free']}x")
     print(f"identical greedy outputs: {out['identical_greedy_outputs']}; speedup (output tok/s): "
           f"{out['speedup_output_tokens_per_s']}; written to {path}")
     tmp.cleanup()
