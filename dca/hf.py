@@ -13,7 +13,8 @@ Packed rows: a cache object with a `packed_rows` attribute, a list of (row_cache
 marks a forward whose one sequence (batch 1) packs several independent rows: tokens start:stop
 continue row_cache's sequence (appended after what it holds) and attend to that cache only.
 Rows of different lengths (prefill blocks and decode tokens alike) then share one forward's
-projections and MLP without padding; attention runs row by row. Continuous batching in
+projections and MLP without padding; attention runs per row (rows that decode one token have
+their rotations batched over the rows, `DCAAttention._decode_rows`). Continuous batching in
 `pipeline.engine` uses it. A row cache needs `get_seq_length(layer)`, `update(k, v, layer)`
 returning the row's whole keys and values, and may carry `dca_prompt_length`.
 
@@ -193,8 +194,9 @@ class DCAAttention(nn.Module):
         else:
             # One packed sequence (B = 1) holding several independent rows, each with its own
             # cache: rows of different lengths share the projections and the MLP of one forward
-            # (continuous batching, pipeline.engine). Attention runs row by row, unpadded, with
-            # the plain-tensor kernels of the layer's backend.
+            # (continuous batching, pipeline.engine). Attention runs per row, unpadded: decode
+            # rows through `_decode_rows`, prompt blocks (and every row on Triton) through the
+            # layer backend's kernels.
             out = torch.empty_like(query)  # (1, Hq, T, D)
             per_token = state.backend(query.device, query.dtype) != "triton"
             decoding = []
@@ -227,10 +229,8 @@ class DCAAttention(nn.Module):
         done = []
         for r, (cache, _) in enumerate(rows):
             keys, values = cache.update(k[r : r + 1], v[r : r + 1], self.layer_idx)
-            stored = getattr(cache, "dca_prompt_length", None)
-            n = int(stored.reshape(-1)[0]) if stored is not None else past[r] + 1
-            scale = self.scaling * positions.temperature_factor(n, config)
-            done.append(decode_row(q3[r], keys[0], values[0], past[r], config.chunk_len, scale))
+            done.append(decode_row(q3[r], keys[0], values[0], past[r], config.chunk_len,
+                                   self.scaling * _decode_temperature(cache, past[r] + 1, config)))
         out[0, :, at] = torch.stack(done).transpose(0, 1).to(out.dtype)
 
     def _attend(self, query, key, value, cache, padding_mask, position_ids) -> torch.Tensor:
@@ -275,6 +275,21 @@ def _token_indices(attention_mask, position_ids, bsz, q_len, past, device):
     # Unpadded: keys are the tokens just before and including the queries.
     key_index = torch.arange(k_len, device=device) - (k_len - 1 - query_index[:, -1:])
     return query_index, key_index.clamp(min=-1)
+
+
+def _decode_temperature(cache, keys: int, config: DCAConfig) -> float:
+    """m^2 of a row's decode steps, read from its cache's prompt length once and kept on the cache
+    (reading a GPU tensor at every step and layer would stall the device). `keys`: the row's keys,
+    the prompt length when the cache has none."""
+    stored = getattr(cache, "dca_prompt_length", None)
+    memo = getattr(cache, "_dca_decode_temperature", None)
+    if stored is not None and memo is not None and memo[0] is stored:
+        return memo[1]
+    n = int(stored.reshape(-1)[0]) if stored is not None else keys
+    factor = positions.temperature_factor(n, config)
+    if stored is not None:
+        cache._dca_decode_temperature = (stored, factor)
+    return factor
 
 
 def _prompt_length(cache, past, key_index):
