@@ -143,9 +143,11 @@ def test_padded_decode_row_by_row_path(monkeypatch, dca_backend):
 
 
 def test_packed_rows_decoding_beside_a_prefill_each_equal_their_reference(dca_backend):
-    """One packed forward as continuous batching runs it (dca/hf.py's `packed_rows`): three rows
-    add one token each to caches ending in chunks 0, 1 and 3 (L = 20), the decode steps batched
-    over rows, beside a fresh row prefilling 9 tokens. Every row equals the reference alone.
+    """Packed forwards as continuous batching runs them (dca/hf.py's `packed_rows`): four rows
+    add one token each to caches ending in chunks 0, 1, 2 and 3 (L = 20), the decode steps batched
+    over rows, beside a fresh row prefilling 9 tokens; then a second step where all five decode
+    (each row's temperature now read from what its cache kept). Every row equals the reference
+    alone, with its own prompt length as the temperature's n.
     The new tokens sit early in their chunks (index mod L < S - L), where the successive query
     id (L + index mod L) differs from the inter one (S): each key range needs its own rotation."""
     import inspect
@@ -163,19 +165,31 @@ def test_packed_rows_decoding_beside_a_prefill_each_equal_their_reference(dca_ba
     model = tiny_model()
     dca = patched(model, config)
     name = "cache" if "cache" in inspect.signature(type(dca).forward).parameters else "past_key_values"
-    lengths = [13, 21, 62]
-    rows = [ids(n + 1, seed=n) for n in lengths]
+    lengths = [13, 21, 43, 62]  # the last two past P = 32: temperatures of their own
+    rows = [ids(n + 2, seed=n) for n in lengths]
     caches = []
     for row, n in zip(rows, lengths):
         cache = DynamicCache()
         dca(row[:, :n], use_cache=True, **{name: cache})
         caches.append(cache)
-    fresh, fresh_cache = ids(9, seed=99), DynamicCache()
+    fresh, fresh_cache = ids(10, seed=99), DynamicCache()
     fresh_cache.dca_prompt_length = torch.tensor([9])
-    tokens = torch.cat([row[:, -1:] for row in rows] + [fresh], dim=1)
+    references = [reference_logits(model, config, row, prompt_length=n)[0] for row, n in zip(rows, lengths)]
+    fresh_reference = reference_logits(model, config, fresh, prompt_length=9)[0]
+
+    tokens = torch.cat([row[:, n : n + 1] for row, n in zip(rows, lengths)] + [fresh[:, :9]], dim=1)
     position_ids = torch.tensor([lengths + list(range(9))])
-    packed = Packed([(cache, i, i + 1) for i, cache in enumerate(caches)] + [(fresh_cache, 3, 12)])
+    k = len(lengths)
+    packed = Packed([(cache, i, i + 1) for i, cache in enumerate(caches)] + [(fresh_cache, k, k + 9)])
     logits = dca(tokens, position_ids=position_ids, use_cache=True, **{name: packed}).logits[0]
-    for i, (row, n) in enumerate(zip(rows, lengths)):
-        assert_close(logits[i], reference_logits(model, config, row, prompt_length=n)[0, -1], **TOL)
-    assert_close(logits[3:], reference_logits(model, config, fresh)[0], **TOL)
+    for i, n in enumerate(lengths):
+        assert_close(logits[i], references[i][n], **TOL)
+    assert_close(logits[k:], fresh_reference[:9], **TOL)
+
+    tokens = torch.cat([row[:, n + 1 : n + 2] for row, n in zip(rows, lengths)] + [fresh[:, 9:]], dim=1)
+    position_ids = torch.tensor([[n + 1 for n in lengths] + [9]])
+    packed = Packed([(cache, i, i + 1) for i, cache in enumerate([*caches, fresh_cache])])
+    logits = dca(tokens, position_ids=position_ids, use_cache=True, **{name: packed}).logits[0]
+    for i, n in enumerate(lengths):
+        assert_close(logits[i], references[i][n + 1], **TOL)
+    assert_close(logits[k], fresh_reference[9], **TOL)
