@@ -110,14 +110,13 @@ def output_lengths(documents: int, new_tokens: int, new_tokens_max: int | None, 
     return [rng.randint(new_tokens, new_tokens_max) for _ in range(documents)]
 
 
-def _requests(prompts, new_tokens):
-    """new_tokens: one count for all, or one per prompt."""
+def _requests(prompts, new_tokens: list[int]):
+    """One request per prompt, generating exactly its count of `new_tokens`."""
     from pipeline.requests import GenerationRequest, SamplingParams
 
-    counts = new_tokens if isinstance(new_tokens, list) else [new_tokens] * len(prompts)
     return [GenerationRequest(request_id=f"doc{i:03d}", prefix_ids=p,
                               sampling=SamplingParams(max_new_tokens=n, ignore_eos=True))
-            for i, (p, n) in enumerate(zip(prompts, counts))]
+            for i, (p, n) in enumerate(zip(prompts, new_tokens))]
 
 
 def run_ray(spec, scheduler: str, requests, args) -> dict:
@@ -292,7 +291,7 @@ def main(argv=None) -> int:
     prefill_runs: dict[str, dict] = {}
     try:
         if args.prefill_runs:
-            first_tokens = _requests(prompts, 1)
+            first_tokens = _requests(prompts, [1] * len(prompts))
             for name in names if args.prefill_runs == "all" else args.prefill_runs.split(","):
                 print(f"running {name} with 1 new token per document (prefill) ...", flush=True)
                 run = run_in_process(ctx, name, first_tokens, args) if ctx is not None else \

@@ -116,7 +116,7 @@ def dca_attention(
         _check_contiguous(first_q[0], first_k[0])
         scale_b = scale * positions.temperature_factor(n[0], config)
         if b == 1 and tq == 1:  # one decode step
-            q3 = decode_queries(query.transpose(1, 2)[:, 0], [tk - 1], rope)
+            q3 = decode_queries(query[:, :, 0], [tk - 1], rope)
             return decode_row(q3[0], key[0], value[0], tk - 1, config.chunk_len, scale_b)[None, :, None].to(query.dtype)
         return _chunked(query, key, value, tk - tq, rope, scale_b, backend)
 
@@ -142,7 +142,8 @@ def dca_attention(
 def decode_queries(query: torch.Tensor, tokens, rope: RopeTable) -> torch.Tensor:
     """The three rotations of one new query per row, for `decode_row`.
 
-    query (R, Hq, D) not rotated; tokens: each row's token index (R ints) -> (R, Hq, 3, D) in the
+    query (R, Hq, D) not rotated; tokens: each row's token index (R ints or an (R,) tensor) ->
+    (R, Hq, 3, D) in the
     accumulation dtype, rotated at the intra, successive and inter query ids (spec section 2).
     Batched over the rows: three rotations per layer whatever the number of rows.
     """

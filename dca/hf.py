@@ -221,11 +221,11 @@ class DCAAttention(nn.Module):
         config = state.config
         at = torch.tensor([start for _, start in rows], device=query.device)
         past = [cache.get_seq_length(self.layer_idx) for cache, _ in rows]
+        index = torch.tensor(past, device=query.device)  # each row's new token index
         q = query[0, :, at].transpose(0, 1)  # (R, Hq, D)
-        k = key[0, :, at].transpose(0, 1)[:, :, None]  # (R, Hkv, 1, D)
+        k = rotate_keys(key[0, :, at].transpose(0, 1)[:, :, None], index[:, None], state.rope)  # (R, Hkv, 1, D)
         v = value[0, :, at].transpose(0, 1)[:, :, None]
-        k = state.rope.rotate(k, positions.key_ids(torch.tensor(past, device=query.device)[:, None], config))
-        q3 = decode_queries(q, past, state.rope)
+        q3 = decode_queries(q, index, state.rope)
         done = []
         for r, (cache, _) in enumerate(rows):
             keys, values = cache.update(k[r : r + 1], v[r : r + 1], self.layer_idx)
