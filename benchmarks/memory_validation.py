@@ -326,7 +326,7 @@ def kv_quality(args) -> dict:
     from dca.hf import dca_config_of
     from dca.kv_quant import Int8KVCache
     from dca.prefill import chunked_prefill
-    from pipeline import evaluation
+    import evaluation
     from pipeline.models import ModelSpec, load_model, load_tokenizer
 
     spec = ModelSpec()
@@ -383,7 +383,7 @@ def _passkey(args, model, tokenizer, n: int, result: dict, t0: float) -> dict:
 
     from dca.kv_quant import Int8KVCache
     from dca.prefill import chunked_prefill
-    from pipeline import evaluation
+    import evaluation
 
     for depth in args.depths:
         key = evaluation.make_passkey(int(depth * 1000))

@@ -7,7 +7,7 @@ after the prompt and generation changes.
 Every document of the example corpora is summarised once per variant, greedily, through the same
 code a job runs (pipeline.prompts.PromptBuilder for the prompt, pipeline.generation.generate_batch
 for the decoding loop, DCA on, chunked prefill), in this process (no Ray: the engine adds nothing
-to the tokens). Each output is labelled by pipeline.summary_check (summary / continuation /
+to the tokens). Each output is labelled by evaluation.summary_check (summary / continuation /
 repetitive / empty). Corpora and prompt limits are those of the README's commands:
 
 - examples/corpus (6 documents, 3.5k-29k tokens) capped at 2048 prompt tokens, as the quickstart
@@ -86,7 +86,7 @@ def variant_settings(chosen: dict) -> dict:
 
 
 def rates(records: list[dict]) -> dict:
-    from pipeline.summary_check import LABELS
+    from evaluation.summary_check import LABELS
 
     n = len(records)
     counts = {label: sum(r["label"] == label for r in records) for label in LABELS}
@@ -99,7 +99,7 @@ def markdown(results: dict) -> str:
         "",
         f"Command: `{results['command']}`; {results['date']}, {results['host']} ({results['load']}), "
         f"torch threads {results['threads']}, max_new_tokens {results['max_new_tokens']}, greedy, DCA on.",
-        "Labels from `pipeline/summary_check.py` (a screen: a fluent but wrong summary is a summary).",
+        "Labels from `evaluation/summary_check.py` (a screen: a fluent but wrong summary is a summary).",
         "",
         "| variant | outputs | summary | continuation | repetitive | empty | summary rate |",
         "| --- | --- | --- | --- | --- | --- | --- |",
@@ -145,7 +145,7 @@ def main(argv=None) -> int:
     from pipeline.generation import generate_batch
     from pipeline.prompts import PromptBuilder
     from pipeline.requests import GenerationRequest, SamplingParams
-    from pipeline.summary_check import SourceIndex, check_summary
+    from evaluation.summary_check import SourceIndex, check_summary
 
     torch.set_num_threads(args.threads)
     chosen = {k: v for k, v in variants().items() if k in args.variants.split(",")}

@@ -61,7 +61,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def config_from_args(args) -> "EvalConfig":  # noqa: F821
-    from pipeline.evaluation import EvalConfig, Variant
+    from evaluation import EvalConfig, Variant
     from pipeline.models import ModelSpec
 
     preset = EvalConfig.quick() if args.mode == "quick" else EvalConfig.full()
@@ -103,7 +103,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _main(args) -> int:
-    from pipeline import evaluation
+    import evaluation
 
     if args.plot_only:
         path = Path(args.plot_only).resolve()

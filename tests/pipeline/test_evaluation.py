@@ -1,4 +1,4 @@
-"""The evaluation harness (pipeline/evaluation.py, jobs/evaluate.py) on a tiny random Llama.
+"""The evaluation harness (evaluation/, jobs/evaluate.py) on a tiny random Llama.
 
 A character-level tokenizer keeps prompt arithmetic exact and needs no files.
 """
@@ -14,7 +14,7 @@ import sys
 import pytest
 import torch
 
-from pipeline import evaluation as ev
+import evaluation as ev
 
 
 class CharTokenizer:
@@ -333,7 +333,7 @@ def test_config_validation_and_file_round_trip(tmp_path):
 
 def test_driver_side_imports_stay_light():
     code = (
-        "import sys, jobs.evaluate, pipeline.evaluation; "
+        "import sys, jobs.evaluate, evaluation; "
         "heavy = [m for m in ('torch', 'transformers', 'matplotlib', 'dca') if m in sys.modules]; "
         "print(heavy); sys.exit(1 if heavy else 0)"
     )

@@ -1,11 +1,11 @@
-"""The summary-or-continuation screen (pipeline/summary_check.py) on outputs seen from SmolLM2."""
+"""The summary-or-continuation screen (evaluation.summary_check.py) on outputs seen from SmolLM2."""
 
 from __future__ import annotations
 
 import subprocess
 import sys
 
-from pipeline.summary_check import SourceIndex, check_summary, repetitive, words
+from evaluation.summary_check import SourceIndex, check_summary, repetitive, words
 
 RUTH = """The King James Bible: Ruth
 
@@ -62,5 +62,5 @@ def test_one_index_serves_many_outputs():
 
 
 def test_imports_nothing_heavy():
-    code = "import sys, pipeline.summary_check; assert 'torch' not in sys.modules and 'pyarrow' not in sys.modules"
+    code = "import sys, evaluation.summary_check; assert 'torch' not in sys.modules and 'pyarrow' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], check=True)

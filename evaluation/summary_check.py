@@ -1,6 +1,6 @@
 """Is a generated "summary" a summary, or the model continuing (or copying) the document?
 
-A cheap, model-free check used by `benchmarks/summary_quality.py` and `python -m jobs.show`:
+A cheap, model-free check used by `benchmarks/summary_quality.py`:
 
 - copied: the share of the output's word 6-grams that occur verbatim in the document. A summary
   paraphrases (names and short phrases recur, whole 6-word runs rarely do); a model that copies
