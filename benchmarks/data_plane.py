@@ -45,7 +45,7 @@ import pyarrow as pa  # noqa: E402
 import pyarrow.parquet as pq  # noqa: E402
 
 from pipeline.ray_data import _EngineStage  # noqa: E402
-from pipeline.requests import GenerationResult  # noqa: E402
+from pipeline.engine.requests import GenerationResult  # noqa: E402
 
 OUTPUT = "a fixed summary"
 
@@ -121,8 +121,9 @@ def _instant_unit_engine_stage():
 def run_ray_data_job(corpus: Path, out: Path, max_input_tokens: int, prompt_actors: int) -> dict:
     import ray
 
-    from pipeline.job import JobConfig, run_job
-    from pipeline.models import ModelSpec
+    from pipeline.config.job import JobConfig
+    from pipeline.job import run_job
+    from pipeline.config.model import ModelSpec
 
     ray.init(address="local", include_dashboard=False, log_to_driver=False)
     ray.data.DataContext.get_current().enable_progress_bars = False
@@ -140,8 +141,9 @@ def run_ray_data_job(corpus: Path, out: Path, max_input_tokens: int, prompt_acto
 
 
 def run_job_driver(corpus: Path, out: Path, max_input_tokens: int) -> dict:
-    from pipeline.job import JobConfig, run_job
-    from pipeline.models import ModelSpec
+    from pipeline.config.job import JobConfig
+    from pipeline.job import run_job
+    from pipeline.config.model import ModelSpec
 
     config = JobConfig(task="summarize", input_path=str(corpus), output_dir=str(out), model_spec=ModelSpec(),
                        max_input_tokens=max_input_tokens, max_new_tokens=4, progress=False, part_rows=512)
@@ -155,7 +157,8 @@ def run_job_driver(corpus: Path, out: Path, max_input_tokens: int) -> dict:
 def run_ray_data(corpus: Path, out: Path, max_input_tokens: int, prompt_actors: int) -> dict:
     import ray
 
-    from pipeline.ray_data import DCAProcessorConfig, Processor
+    from pipeline.config.processor import DCAProcessorConfig
+    from pipeline.ray_data import Processor
 
     ray.init(address="local", include_dashboard=False, log_to_driver=False)
     ray.data.DataContext.get_current().enable_progress_bars = False
@@ -188,7 +191,8 @@ def main(argv=None) -> None:
     parser.add_argument("--modes", default="job_driver,ray_data,ray_data_job")
     args = parser.parse_args(argv)
 
-    from pipeline.models import ModelSpec, load_tokenizer
+    from pipeline.config.model import ModelSpec
+    from pipeline.engine.models import load_tokenizer
 
     tokenizer = load_tokenizer(ModelSpec())
     work = Path(tempfile.mkdtemp(prefix="dca-data-plane-"))

@@ -54,10 +54,13 @@ def main() -> None:
     import ray
     import torch
 
-    from pipeline.engine import EngineConfig, ReplicaPool
+    from pipeline.config.engine import EngineConfig
+    from pipeline.engine import ReplicaPool
     from pipeline.generation import RankContext, generate_batch
-    from pipeline.models import ModelSpec, load_model, load_tokenizer
-    from pipeline.requests import GenerationRequest, SamplingParams
+    from pipeline.config.model import ModelSpec
+    from pipeline.engine.models import load_model, load_tokenizer
+    from pipeline.engine.requests import GenerationRequest
+    from pipeline.config.task import SamplingParams
 
     torch.set_num_threads(args.threads)
     spec = ModelSpec(model=args.model)

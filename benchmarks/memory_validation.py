@@ -50,7 +50,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from pipeline.memory_plan import MiB, MemoryPlan, ModelShape, ServingConfig  # noqa: E402
+from pipeline.engine.memory_plan import MiB, MemoryPlan, ModelShape, ServingConfig  # noqa: E402
 
 # Llama-layout shapes measured on CPU (random weights). P is DCA's pretraining_length.
 CPU_SHAPES = {
@@ -327,7 +327,8 @@ def kv_quality(args) -> dict:
     from dca.kv_quant import Int8KVCache
     from dca.prefill import chunked_prefill
     import evaluation
-    from pipeline.models import ModelSpec, load_model, load_tokenizer
+    from pipeline.config.model import ModelSpec
+    from pipeline.engine.models import load_model, load_tokenizer
 
     spec = ModelSpec()
     model = load_model(spec, device="cpu")

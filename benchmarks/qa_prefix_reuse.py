@@ -49,10 +49,13 @@ def main(argv=None) -> None:
 
     import ray
 
-    from pipeline.engine import EngineConfig, ReplicaPool
-    from pipeline.models import ModelSpec, load_tokenizer
+    from pipeline.config.engine import EngineConfig
+    from pipeline.engine import ReplicaPool
+    from pipeline.config.model import ModelSpec
+    from pipeline.engine.models import load_tokenizer
     from pipeline.prompts import PromptBuilder
-    from pipeline.requests import GenerationRequest, SamplingParams
+    from pipeline.engine.requests import GenerationRequest
+    from pipeline.config.task import SamplingParams
 
     spec = ModelSpec(model=args.model)
     tokenizer = load_tokenizer(spec)

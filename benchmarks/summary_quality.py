@@ -48,7 +48,7 @@ CORPORA = {"examples/corpus": 2048, "examples/quickstart": 16384}
 
 
 def variants():
-    from pipeline.config_files import TASK_GENERATION_DEFAULTS
+    from pipeline.config.task import TASK_GENERATION_DEFAULTS
     from pipeline.prompts import DEFAULT_TEMPLATES
 
     after = TASK_GENERATION_DEFAULTS["summarize"]
@@ -65,8 +65,9 @@ def load_engine_context():
     import torch
 
     from pipeline.generation import RankContext
-    from pipeline.job import DEFAULT_PREFILL_BLOCK
-    from pipeline.models import ModelSpec, load_model, load_tokenizer
+    from pipeline.config.job import DEFAULT_PREFILL_BLOCK
+    from pipeline.config.model import ModelSpec
+    from pipeline.engine.models import load_model, load_tokenizer
 
     spec = ModelSpec()
     tokenizer = load_tokenizer(spec)
@@ -144,7 +145,8 @@ def main(argv=None) -> int:
 
     from pipeline.generation import generate_batch
     from pipeline.prompts import PromptBuilder
-    from pipeline.requests import GenerationRequest, SamplingParams
+    from pipeline.engine.requests import GenerationRequest
+    from pipeline.config.task import SamplingParams
     from evaluation.summary_check import SourceIndex, check_summary
 
     torch.set_num_threads(args.threads)

@@ -112,7 +112,8 @@ def output_lengths(documents: int, new_tokens: int, new_tokens_max: int | None, 
 
 def _requests(prompts, new_tokens: list[int]):
     """One request per prompt, generating exactly its count of `new_tokens`."""
-    from pipeline.requests import GenerationRequest, SamplingParams
+    from pipeline.engine.requests import GenerationRequest
+    from pipeline.config.task import SamplingParams
 
     return [GenerationRequest(request_id=f"doc{i:03d}", prefix_ids=p,
                               sampling=SamplingParams(max_new_tokens=n, ignore_eos=True))
@@ -120,7 +121,8 @@ def _requests(prompts, new_tokens: list[int]):
 
 
 def run_ray(spec, scheduler: str, requests, args) -> dict:
-    from pipeline.engine import EngineConfig, ReplicaPool
+    from pipeline.config.engine import EngineConfig
+    from pipeline.engine import ReplicaPool
 
     config = EngineConfig(
         model_spec=spec, tp_size=args.tp, scheduler=scheduler, max_input_tokens=args.max_tokens + 16,
@@ -247,7 +249,7 @@ def main(argv=None) -> int:
 
     import torch
 
-    from pipeline.models import ModelSpec
+    from pipeline.config.model import ModelSpec
 
     if args.engine == "in_process" or args.device == "cpu":
         torch.set_num_threads(args.threads)
@@ -260,7 +262,7 @@ def main(argv=None) -> int:
         spec = ModelSpec(model=_build_rank_stack(tmp.name, args.layers), dca={}, dtype="bfloat16")
     else:
         spec = ModelSpec(model=args.model, dca={})
-    from pipeline.models import load_model_config
+    from pipeline.engine.models import load_model_config
 
     vocab = int(load_model_config(spec).vocab_size)
     prompts = corpus(args.documents, args.min_tokens, args.max_tokens, vocab, args.seed)
@@ -274,7 +276,7 @@ def main(argv=None) -> int:
     load_s = None
     if args.engine == "in_process":
         from pipeline.engine.generation import RankContext
-        from pipeline.models import load_model
+        from pipeline.engine.models import load_model
 
         start = time.monotonic()
         model = load_model(spec, args.device)

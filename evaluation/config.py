@@ -11,8 +11,8 @@ import os
 import re
 from dataclasses import dataclass, field
 
-from pipeline.config_files import reject_unknown_fields
-from pipeline.models import ModelSpec
+from pipeline.config.files import reject_unknown_fields
+from pipeline.config.model import ModelSpec
 
 TASKS = ("perplexity", "passkey")
 FILLERS = ("book", "repeat")

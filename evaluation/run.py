@@ -168,14 +168,14 @@ def run_evaluation(
         torch.set_num_threads(config.threads)
     t_load = time.time()
     if tokenizer is None:
-        from pipeline.models import load_tokenizer
+        from pipeline.engine.models import load_tokenizer
 
         tokenizer = load_tokenizer(config.model)
     if runners is not None:
         info = runners[config.variants[0].name].info()
     else:
         if model is None:
-            from pipeline.models import load_model
+            from pipeline.engine.models import load_model
 
             model = load_model(dataclasses.replace(config.model, dca=None), device=config.device)
         model.eval()
@@ -298,7 +298,8 @@ def run_evaluation_tp(
     """
     import ray
 
-    from pipeline.engine import EngineConfig, ReplicaPool
+    from pipeline.config.engine import EngineConfig
+    from pipeline.engine import ReplicaPool
 
     if tp_size < 1:
         raise ValueError(f"tp_size must be >= 1, got {tp_size}")
@@ -317,7 +318,7 @@ def run_evaluation_tp(
             )
             pools[v.name] = ReplicaPool(engine).start()
         if tokenizer is None:
-            from pipeline.models import load_tokenizer
+            from pipeline.engine.models import load_tokenizer
 
             tokenizer = load_tokenizer(config.model)
         runners = {name: ReplicaRunner(pool) for name, pool in pools.items()}

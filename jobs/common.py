@@ -18,10 +18,10 @@ import logging
 import os
 import sys
 
-from pipeline.job import (
-    DEFAULT_MAX_INPUT_TOKENS, DEFAULT_MAX_NEW_TOKENS, DEFAULT_PREFILL_BLOCK, KV_CACHE_DTYPES, under_ray_job,
-)
-from pipeline.models import ModelSpec
+from pipeline.config.job import DEFAULT_MAX_INPUT_TOKENS, DEFAULT_MAX_NEW_TOKENS, DEFAULT_PREFILL_BLOCK
+from pipeline.config.resolve import KV_CACHE_DTYPES
+from pipeline.job import under_ray_job
+from pipeline.config.model import ModelSpec
 
 # Config-file keys and flags that map onto JobConfig fields under another name.
 _RENAMED = {"input": "input_path", "output": "output_dir", "templates": "templates_file"}
@@ -236,7 +236,7 @@ def job_config_kwargs(values: dict) -> dict:
     kwargs = {_RENAMED.get(k, k): v for k, v in values.items()}
     import dataclasses
 
-    from pipeline.job import JobConfig
+    from pipeline.config.job import JobConfig
 
     known = {f.name for f in dataclasses.fields(JobConfig)} - {"task", "model_spec"}
     unknown = sorted(set(kwargs) - known)
@@ -275,7 +275,8 @@ def task_main(task: str, doc: str, argv=None) -> None:
     add_common_flags(parser, task=task)
     args = parser.parse_args(argv)
     setup_logging(args.verbose)
-    from pipeline.job import JobConfig, run_job
+    from pipeline.config.job import JobConfig
+    from pipeline.job import run_job
 
     config = JobConfig(task=task, **job_config_kwargs(build_values(args)))
     report(run_job(config))

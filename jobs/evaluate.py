@@ -62,7 +62,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def config_from_args(args) -> "EvalConfig":  # noqa: F821
     from evaluation import EvalConfig, Variant
-    from pipeline.models import ModelSpec
+    from pipeline.config.model import ModelSpec
 
     preset = EvalConfig.quick() if args.mode == "quick" else EvalConfig.full()
     values = {f.name: getattr(preset, f.name) for f in dataclasses.fields(preset)}
@@ -116,7 +116,7 @@ def _main(args) -> int:
     config = config_from_args(args)
     tokenizer = None
     if args.document:
-        from pipeline.models import load_model_config, load_tokenizer
+        from pipeline.engine.models import load_model_config, load_tokenizer
 
         path = Path(args.document).resolve()
         tokenizer = load_tokenizer(config.model)

@@ -34,7 +34,8 @@ def main(argv=None) -> None:
     datetime.date.fromisoformat(run_date)  # ValueError on a malformed date
     print_id = args.print_submission_id
     del args.run_date, args.print_submission_id
-    from pipeline.job import JobConfig, nightly_submission_id, run_nightly
+    from pipeline.config.job import JobConfig
+    from pipeline.job import nightly_submission_id, run_nightly
 
     values = build_values(args, required=("input",) if print_id else ("input", "output"))
     # The id comes from the input as written (not resolved): the same on the submitting machine

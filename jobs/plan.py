@@ -20,12 +20,12 @@ import argparse
 import json
 import sys
 
-from jobs.common import (
-    DEFAULT_MAX_INPUT_TOKENS, DEFAULT_MAX_NEW_TOKENS, add_dca_flags, add_engine_memory_flags, deprecated_alias,
-)
-from pipeline.memory_plan import (
-    COMPONENTS, DEVICE_MEMORY, WEIGHT_BYTES, MemoryPlan, ModelShape, ServingConfig, dca_chunk_len, fmt_bytes,
-    parse_bytes,
+from jobs.common import add_dca_flags, add_engine_memory_flags, deprecated_alias
+from pipeline.config.job import DEFAULT_MAX_INPUT_TOKENS, DEFAULT_MAX_NEW_TOKENS
+from pipeline.config.model import dca_chunk_len
+from pipeline.config.resolve import normalize_prefill_block, planned_weight_dtype
+from pipeline.engine.memory_plan import (
+    COMPONENTS, DEVICE_MEMORY, WEIGHT_BYTES, MemoryPlan, ModelShape, ServingConfig, fmt_bytes, parse_bytes,
 )
 
 # (label, ServingConfig overrides) compared by --compare, the naive one first.
@@ -83,12 +83,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     deprecated_alias(g, "--weight-dtype", "--dtype", choices=sorted(WEIGHT_BYTES))
     deprecated_alias(g, "--chunk-len", "--dca-chunk-len", type=int)
     args = p.parse_args(argv)
-    if args.prefill_block == "none":
-        args.prefill_block = None
-    if args.device == "auto":
+    args.prefill_block = normalize_prefill_block(args.prefill_block)
+    if args.device == "auto":  # plan for GPUs, as a job does on a cluster that has them
         args.device = "cuda"
-    if args.dtype == "auto":
-        args.dtype = "bfloat16" if args.device == "cuda" else "float32"
+    args.dtype = planned_weight_dtype(args.dtype, args.device)
     return args
 
 

@@ -33,29 +33,18 @@ import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
-from pipeline.config_files import TASK_GENERATION_DEFAULTS, settle_task_fields  # noqa: F401 (re-exported)
+from pipeline.config.job import JobConfig, check_parallelism, config_hash, job_fingerprint
+from pipeline.config.model import ModelError, ModelSpec
+from pipeline.engine.models import load_model_config, model_fingerprint
+from pipeline.engine.requests import INTERNAL, PROMPT_TOO_LONG, GenerationRequest, GenerationResult
 from pipeline.io import INPUT_ERROR_TYPES, INVALID_INPUT, Document, InputSpec, check_input, iter_documents
 from pipeline.job_metrics import JobMetrics
-from pipeline.models import ModelError, ModelSpec, load_model_config, model_fingerprint
-from pipeline.output import DATAFLOWS, OutputWriter
+from pipeline.output import OutputWriter
 from pipeline.prompts import PromptBuilder, PromptError, load_templates
-from pipeline.requests import INTERNAL, PROMPT_TOO_LONG, GenerationRequest, GenerationResult, SamplingParams
 
 log = logging.getLogger("pipeline.job")
-
-# The engine's default rows per replica batch (pipeline.engine.EngineConfig.max_batch_size).
-_ENGINE_MAX_BATCH_SIZE = 8
-# Production defaults, shared with the memory planner's flags (jobs.plan) so that a plan is made
-# for what a job runs: DCA on (pipeline.models.ModelSpec), the engine's "auto" prefill (one DCA
-# chunk, at least 1024 tokens, per step of the continuous scheduler: activation memory set by
-# DCA's chunk_len, not by the prompt), the model's own KV dtype.
-DEFAULT_MAX_INPUT_TOKENS = 32768
-DEFAULT_MAX_NEW_TOKENS = 256
-DEFAULT_PREFILL_BLOCK = "auto"
-KV_CACHE_DTYPES = ("auto", "int8")
-
 
 
 class JobFailed(RuntimeError):
@@ -134,178 +123,13 @@ class _StopSignals:
             raise JobStopped(self.signum)
 
 
-@dataclass(frozen=True, kw_only=True)
-class JobConfig:
-    """Everything a batch job needs. Loadable from a YAML/JSON file via jobs.common."""
-
-    # "summarize" | "qa".
-    task: str
-    # Parquet file, directory or glob (local or s3://, gs://...).
-    input_path: str
-    # Local (or mounted shared) directory; must be absolute (jobs.common resolves CLI paths).
-    output_dir: str
-    # Input column names. question_column: QA only; "question" (string) or "questions" (list<string>).
-    id_column: str = "id"
-    text_column: str = "text"
-    question_column: str | None = None
-    # Which model, dtype and DCA settings (pipeline.models.ModelSpec).
-    model_spec: ModelSpec = field(default_factory=ModelSpec)
-    # Ranks per replica (tensor parallelism) and number of replicas.
-    tp: int = 1
-    replicas: int = 1
-    # Longest prompt sent to the model (tokens): longer documents are truncated (see truncation).
-    max_input_tokens: int = DEFAULT_MAX_INPUT_TOKENS
-    # Tokens generated per output row at most.
-    max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS
-    # "middle": keep beginning and end of the document; "end": keep the beginning only.
-    truncation: str = "middle"
-    # YAML/JSON file overriding the prompt templates (pipeline.prompts.DEFAULT_TEMPLATES).
-    templates_file: str | None = None
-    # None: the tokenizer's chat template when it has one; False: always the base template.
-    use_chat_template: bool | None = None
-    # Sampling: greedy unless do_sample; seed makes sampling reproducible.
-    do_sample: bool = False
-    temperature: float = 1.0
-    top_p: float = 1.0
-    seed: int | None = None
-    # Generation stops at the first of these strings (cut from the output). None: the task's
-    # default (pipeline.config_files.TASK_GENERATION_DEFAULTS).
-    stop: tuple[str, ...] | None = None
-    # Repetition guard on the tokens generated so far (prompt tokens are not penalised: a summary
-    # may reuse the document's names): their logits are divided by repetition_penalty (> 1), and
-    # no n-gram of no_repeat_ngram_size tokens is generated twice. None: the task's default.
-    repetition_penalty: float | None = None
-    no_repeat_ngram_size: int | None = None
-    # Requests inside the engine at once (backpressure) and the longest-first reordering window.
-    max_in_flight: int | None = None  # None: 2 x max_batch_size per replica
-    schedule_window: int | None = None  # None: 4 x max_in_flight
-    # Engine limits (None: the engine's defaults). scheduler: "continuous" or "static"
-    # (pipeline.engine.EngineConfig.scheduler).
-    scheduler: str | None = None
-    max_batch_tokens: int | None = None
-    max_batch_size: int | None = None
-    max_restarts: int | None = None
-    request_retries: int | None = None
-    device: str | None = None
-    # KV cache storage "auto" (the model dtype) | "int8", and prompt tokens per prefill forward:
-    # "auto" (the engine's: one DCA chunk, at least 1024 tokens, per continuous-batching step; one
-    # shot with the static scheduler or without DCA), "chunk" one DCA chunk of chunk_len L tokens
-    # (one shot when DCA is off), None (or "none") one shot, or a number. docs/memory.md says
-    # what each buys.
-    kv_cache_dtype: str = "auto"
-    prefill_block: int | str | None = DEFAULT_PREFILL_BLOCK
-    # CPUs (and torch threads) per rank. None: on a local Ray, this machine's cores shared evenly
-    # between all ranks; on a cluster, the engine's default (1).
-    cpus_per_rank: int | None = None
-    # Autoscaling clusters (device "cuda", GPU workers scaled from 0): how long to wait for the
-    # autoscaler to bring up the GPUs of all replicas before giving up.
-    scale_up_timeout_s: float = 1800.0
-    # Failure budget: stop when error documents exceed this fraction of max(done, budget_min_documents).
-    max_error_fraction: float = 0.1
-    budget_min_documents: int = 20
-    # Output commit cadence: a part every part_rows rows or part_seconds seconds, whichever first.
-    part_rows: int = 256
-    part_seconds: float = 30.0
-    # Replace an output directory that holds another job's results.
-    overwrite: bool = False
-    # Label written to every row; None: "<task>-<fingerprint>" (stable across resumes).
-    job_id: str | None = None
-    # Progress bar on stderr (documents done/total, tokens/s, ETA).
-    progress: bool = True
-    # Ray: None = RAY_ADDRESS if set (ray job submit sets it), else start a local Ray.
-    ray_address: str | None = None
-    # Rows per input record batch.
-    input_batch_rows: int = 64
-    # "driver": one driver process reads, tokenises, schedules and commits every document.
-    # "ray-data": a Ray Data dataflow (pipeline.ray_data_job): reading and prompts in Ray tasks and
-    # CPU actors, the engine in one actor per replica, one committed part per work unit of at most
-    # unit_rows rows; the driver lists files and footers, plans units and sums per-unit counts.
-    dataflow: str = "driver"
-    unit_rows: int = 64
-    # ray-data: CPU actors that check rows and build prompts (1 CPU and a tokenizer each).
-    prompt_actors: int = 1
-
-    def __post_init__(self) -> None:
-        settle_task_fields(self)
-        if self.dataflow not in DATAFLOWS:
-            raise ValueError(f"dataflow must be one of {', '.join(DATAFLOWS)}, got {self.dataflow!r}")
-        for name in ("tp", "replicas", "max_input_tokens", "max_new_tokens", "budget_min_documents", "part_rows",
-                     "unit_rows", "prompt_actors"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be a positive integer, got {value!r}")
-        for name in ("max_in_flight", "schedule_window"):
-            value = getattr(self, name)
-            if value is not None and (not isinstance(value, int) or value < 1):
-                raise ValueError(f"{name} must be a positive integer or None, got {value!r}")
-        if not 0.0 <= self.max_error_fraction <= 1.0:
-            raise ValueError(f"max_error_fraction must be in [0, 1], got {self.max_error_fraction}")
-        if self.prefill_block in ("none", "one-shot"):
-            object.__setattr__(self, "prefill_block", None)
-        block = self.prefill_block
-        if not (block is None or block in ("auto", "chunk")
-                or (isinstance(block, int) and not isinstance(block, bool) and block > 0)):
-            raise ValueError(f"prefill_block must be 'auto', 'chunk', 'none' (one shot) or a positive int, got {block!r}")
-        if self.kv_cache_dtype not in KV_CACHE_DTYPES:
-            raise ValueError(f"kv_cache_dtype must be one of {KV_CACHE_DTYPES}, got {self.kv_cache_dtype!r}")
-        if isinstance(self.model_spec, dict):
-            object.__setattr__(self, "model_spec", ModelSpec.from_dict(self.model_spec))
-
-    @property
-    def in_flight(self) -> int:
-        # Enough to fill every replica's running batch and have as many waiting to join it.
-        return self.max_in_flight or 2 * (self.max_batch_size or _ENGINE_MAX_BATCH_SIZE) * self.replicas
-
-    @property
-    def window(self) -> int:
-        return self.schedule_window or 4 * self.in_flight
-
-    def sampling(self) -> SamplingParams:
-        return SamplingParams(
-            do_sample=self.do_sample, temperature=self.temperature, top_p=self.top_p, seed=self.seed,
-            max_new_tokens=self.max_new_tokens, stop=self.stop, repetition_penalty=float(self.repetition_penalty),
-            no_repeat_ngram_size=self.no_repeat_ngram_size,
-        )
-
-    def to_dict(self) -> dict:
-        values = dataclasses.asdict(self)
-        values["model_spec"] = self.model_spec.to_dict()
-        values["stop"] = list(self.stop)
-        return values
-
-
-def _hash(value) -> str:
-    return hashlib.sha256(json.dumps(value, sort_keys=True, default=str).encode()).hexdigest()
-
-
-def config_hash(config: JobConfig, templates: dict, template_kind: str, model_fp: str) -> str:
-    """What determines a document's output besides its text: model (its content fingerprint, not
-    its path), prompt, generation settings."""
-    spec = {k: v for k, v in config.model_spec.to_dict().items() if k != "model"}
-    return _hash({
-        "task": config.task, "model_spec": spec, "model_fingerprint": model_fp, "templates": templates[config.task],
-        "template_kind": template_kind, "max_input_tokens": config.max_input_tokens,
-        "truncation": config.truncation, "sampling": dataclasses.asdict(config.sampling()),
-    })[:16]
-
-
-def job_fingerprint(config: JobConfig, cfg_hash: str, input_identity: str) -> str:
-    """Identity of a job's output: the config hash plus the corpus content (resume only the same
-    job). Paths are left out on purpose: under `ray job submit` the input lives in a copy of the
-    working dir whose path changes when the cluster restarts; the content does not."""
-    return _hash({
-        "config_hash": cfg_hash, "input": input_identity, "id": config.id_column,
-        "text": config.text_column, "question": config.question_column,
-    })[:16]
-
-
 def dca_columns(spec: ModelSpec, model_config) -> dict:
     """The resolved DCA settings as output columns; ValueError for settings DCA rejects."""
     cols = {"dca_enabled": spec.dca is not None, "dca_pretraining_length": None, "dca_chunk_size": None,
             "dca_local_window": None, "dca_temperature_alpha": None}
     if spec.dca is None:
         return cols
-    from pipeline.models import dca_config_for
+    from pipeline.config.model import dca_config_for
 
     try:
         dca = dca_config_for(spec, model_config)
@@ -314,16 +138,6 @@ def dca_columns(spec: ModelSpec, model_config) -> dict:
     cols.update(dca_pretraining_length=dca.pretraining_length, dca_chunk_size=dca.chunk_size,
                 dca_local_window=dca.local_window, dca_temperature_alpha=dca.temperature_alpha)
     return cols
-
-
-def check_parallelism(config: JobConfig, model_config) -> None:
-    """Tensor parallelism splits the KV heads between ranks: more ranks than KV heads cannot work."""
-    heads = getattr(model_config, "num_key_value_heads", None) or getattr(model_config, "num_attention_heads", None)
-    if heads and config.tp > heads:
-        raise ModelError(
-            f"--tp {config.tp} is larger than the {heads} key/value heads of {config.model_spec.model}: "
-            f"tensor parallelism splits the heads between ranks; use --tp {heads} or fewer"
-        )
 
 
 def check_devices(config: JobConfig) -> None:
@@ -706,28 +520,28 @@ def log_memory_plan(config: JobConfig, engine_config) -> None:
 
     import ray
 
-    from pipeline.memory_plan import COMPONENTS, MemoryPlan, ModelShape, ServingConfig, fmt_bytes
+    from pipeline.config.resolve import (
+        planned_attention_backend, planned_device, planned_weight_dtype, static_prefill_block,
+    )
+    from pipeline.engine.memory_plan import COMPONENTS, MemoryPlan, ModelShape, ServingConfig, fmt_bytes
 
     try:
-        device = "cuda" if config.device == "cuda" or (
-            config.device in (None, "auto") and ray.is_initialized() and ray.cluster_resources().get("GPU", 0) > 0
-        ) else "cpu"
-        dtype = config.model_spec.dtype
-        if dtype == "auto":
-            dtype = "bfloat16" if device == "cuda" else "float32"
+        gpus = ray.cluster_resources().get("GPU", 0) if ray.is_initialized() else 0
+        device = planned_device(config.device, gpus)
+        dtype = planned_weight_dtype(config.model_spec.dtype, device)
         shape = ModelShape.load(config.model_spec.model)
         chunk_len = None
         if config.model_spec.dca is not None:
-            from pipeline.models import dca_config_for, load_model_config
+            from pipeline.config.model import dca_config_for
 
             chunk_len = dca_config_for(config.model_spec, load_model_config(config.model_spec)).chunk_len
         # "auto" is one shot with the static scheduler (pipeline.engine.worker).
         block = engine_config.prefill_block
-        block = None if block == "auto" and engine_config.scheduler == "static" else block
+        block = static_prefill_block(block) if engine_config.scheduler == "static" else block
         serving = ServingConfig(
             tp_size=config.tp, weight_dtype=dtype, kv_cache_dtype=engine_config.kv_cache_dtype,
             prefill_block=block, device=device, chunk_len=chunk_len,
-            attention_backend="flash" if device == "cuda" else "torch",
+            attention_backend=planned_attention_backend(device),
         )
         estimate = MemoryPlan(shape, serving).estimate(config.max_input_tokens, config.max_new_tokens)
     except Exception as error:  # the plan is advice: a model the planner cannot read still runs
@@ -747,22 +561,17 @@ def log_memory_plan(config: JobConfig, engine_config) -> None:
           f"  (python -m jobs.plan {shlex.join(flags)} for the table)", file=sys.stderr, flush=True)
 
 
-def effective_prefill_block(config: JobConfig) -> int | str | None:
-    """The engine's prefill_block for a job: "chunk" means one shot when DCA is off."""
-    if config.prefill_block == "chunk" and config.model_spec.dca is None:
-        return None
-    return config.prefill_block
-
-
 def make_pool(config: JobConfig):
     """A started ReplicaPool for this job (the engine of pipeline.engine)."""
-    from pipeline.engine import EngineConfig, ReplicaPool
+    from pipeline.config.engine import EngineConfig
+    from pipeline.config.resolve import prefill_block_for_dca
+    from pipeline.engine import ReplicaPool
 
     engine_kwargs = {k: getattr(config, k) for k in (
         "scheduler", "max_batch_tokens", "max_batch_size", "max_restarts", "request_retries", "device",
         "cpus_per_rank", "kv_cache_dtype") if getattr(config, k) is not None}
     # "chunk" is one DCA chunk: without DCA there is none, and the prompt goes in one shot.
-    engine_kwargs["prefill_block"] = effective_prefill_block(config)
+    engine_kwargs["prefill_block"] = prefill_block_for_dca(config.prefill_block, config.model_spec.dca is not None)
     engine_config = EngineConfig(
         model_spec=config.model_spec, tp_size=config.tp, replicas=config.replicas,
         max_input_tokens=config.max_input_tokens, **engine_kwargs,
@@ -809,7 +618,7 @@ def _run_job(config: JobConfig, stopper: _StopSignals, *, pool_factory, tokenize
     dca_cols = dca_columns(config.model_spec, model_config)
     templates = load_templates(config.templates_file)
     if tokenizer is None:
-        from pipeline.models import load_tokenizer
+        from pipeline.engine.models import load_tokenizer
 
         tokenizer = load_tokenizer(config.model_spec)
     builder = PromptBuilder(tokenizer, task=config.task, templates=templates, max_input_tokens=config.max_input_tokens,

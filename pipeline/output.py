@@ -38,6 +38,8 @@ import time
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from pipeline.config.job import DATAFLOWS
+from pipeline.config.validate import check_choice
 from pipeline.io import DUPLICATE_ID, INVALID_INPUT
 
 MANIFEST = "_manifest.json"
@@ -49,9 +51,6 @@ _PART_RE = re.compile(r"^part-(\d{5,})\.parquet$")
 # Parts of the Ray Data dataflow (--dataflow ray-data): one per work unit, named by the unit's key
 # (pipeline.io.WorkUnit.key): the name is the unit's completion record.
 _UNIT_PART_RE = re.compile(r"^part-u(\d{6}-\d{6}-\d{9})\.parquet$")
-# Which dataflow wrote an output (manifest key "dataflow"; absent: "driver"). The two commit
-# differently (numbered parts keyed by row vs one part per work unit): never mixed in one output.
-DATAFLOWS = ("driver", "ray-data")
 
 
 def unit_part_name(key: str) -> str:
@@ -211,8 +210,7 @@ class OutputWriter:
         self, output_dir: str, *, job_id: str, fingerprint: str, config: dict,
         overwrite: bool = False, part_rows: int = 512, part_seconds: float = 60.0, dataflow: str = "driver",
     ) -> None:
-        if dataflow not in DATAFLOWS:
-            raise ValueError(f"dataflow must be one of {DATAFLOWS}, got {dataflow!r}")
+        check_choice("dataflow", dataflow, DATAFLOWS)
         self.dataflow = dataflow
         if "://" in output_dir:
             raise OutputError(

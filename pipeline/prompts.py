@@ -27,8 +27,8 @@ import json
 import os
 from dataclasses import dataclass
 
-TASKS = ("summarize", "qa")
-TRUNCATION_POLICIES = ("middle", "end")
+from pipeline.config.task import TASKS, TRUNCATION_POLICIES
+
 TRUNCATION_MARKER = " [...] "
 TEMPLATE_KEYS = ("system", "user", "response", "base")
 

@@ -28,17 +28,15 @@ listed in `pipeline.live_metrics`.
 
 from __future__ import annotations
 
-import dataclasses
 import itertools
 import os
 import time
 import uuid
 from collections.abc import Callable
-from dataclasses import dataclass, field
 
 import pyarrow as pa
 
-from pipeline.config_files import reject_unknown_fields, settle_task_fields
+from pipeline.config.processor import DCAProcessorConfig
 from pipeline.io import INVALID_INPUT, _decode, _decode_text, _questions
 
 # Output columns added to the input's, in this order (types as in the jobs' output schema).
@@ -69,118 +67,6 @@ OUTPUT_COLUMNS = tuple(f.name for f in OUTPUT_FIELDS)
 # Columns the prompt stage adds for the engine stage (dropped from the output).
 _PROMPT_COLUMNS = ("__dca_prefix_ids", "__dca_suffix_ids", "__dca_question_index", "__dca_question",
                    "__dca_truncated", "__dca_error_type", "__dca_error_message")
-
-
-@dataclass(frozen=True, kw_only=True)
-class DCAProcessorConfig:
-    """What `build_processor` runs. Frozen and validated; `from_dict` rejects unknown keys."""
-
-    # "smollm2" (the embedded SmolLM2-135M-Instruct), a Hugging Face directory or a .gguf file;
-    # the same path must exist on every node that runs an engine actor.
-    model: str = "smollm2"
-    # "summarize" | "qa".
-    task: str = "summarize"
-    # Ranks (GPUs) per replica: DeepSpeed AutoTP tensor parallelism inside one node.
-    tp_size: int = 1
-    # Engine replicas: an int for a fixed pool, or (min, max) for an autoscaling pool.
-    concurrency: int | tuple[int, int] = 1
-    # Documents per engine call (one Ray Data batch); the engine batches inside it.
-    batch_size: int = 4
-    # CPU actors that check rows and tokenise (1 CPU each).
-    prompt_concurrency: int = 1
-    # Longest prompt sent to the model; longer documents are truncated (see truncation).
-    max_input_tokens: int = 8192
-    max_new_tokens: int = 256
-    # DCAConfig fields ({} = the model's defaults: pretraining_length = max_position_embeddings),
-    # or None to run the model without DCA.
-    dca: dict | None = field(default_factory=dict)
-    # "auto" (cuda when the cluster has GPUs) | "cuda" | "cpu".
-    device: str = "auto"
-    # "auto" (bf16 on GPU, fp32 on CPU) | "float32" | "bfloat16" | "float16".
-    dtype: str = "auto"
-    # "auto" (the model dtype) | "int8".
-    kv_cache_dtype: str = "auto"
-    # Input columns. question_column: QA only (None: "questions").
-    id_column: str = "id"
-    text_column: str = "text"
-    question_column: str | None = None
-    # "middle" keeps beginning and end of an over-long document, "end" the beginning.
-    truncation: str = "middle"
-    # Prompt tokens per prefill forward: "auto" (the engine's default: prompt blocks interleaved
-    # with the running decode steps), None one shot, "chunk" one DCA chunk, or a number.
-    prefill_block: int | str | None = "auto"
-    # CPUs (and torch threads) per rank.
-    cpus_per_rank: int = 1
-    # Greedy unless do_sample. stop strings end generation; the repetition guard works on the
-    # tokens generated so far. None: the task's defaults, the jobs' too
-    # (pipeline.config_files.TASK_GENERATION_DEFAULTS).
-    do_sample: bool = False
-    temperature: float = 1.0
-    top_p: float = 1.0
-    seed: int | None = None
-    stop: tuple[str, ...] | None = None
-    repetition_penalty: float | None = None
-    no_repeat_ngram_size: int | None = None
-    # None: the tokenizer's chat template when it has one; False: the plain base template.
-    use_chat_template: bool | None = None
-
-    def __post_init__(self) -> None:
-        settle_task_fields(self)
-        for name in ("tp_size", "batch_size", "prompt_concurrency", "max_input_tokens", "max_new_tokens",
-                     "cpus_per_rank"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be a positive integer, got {value!r}")
-        c = self.concurrency
-        if isinstance(c, list):
-            object.__setattr__(self, "concurrency", c := tuple(c))
-        ok = (isinstance(c, int) and not isinstance(c, bool) and c >= 1) or (
-            isinstance(c, tuple) and len(c) == 2 and all(isinstance(x, int) and x >= 1 for x in c) and c[0] <= c[1])
-        if not ok:
-            raise ValueError(f"concurrency must be an int >= 1 or a (min, max) pair with 1 <= min <= max, got {c!r}")
-        # The same checks as the jobs' (dtype, device, DCA keys, kv cache): fail here, not in an actor.
-        self.model_spec()
-        self.engine_config()
-        if self.dca is not None:
-            from dca.config import DCAConfig  # plain Python: no torch in the driver
-
-            known = {f.name for f in dataclasses.fields(DCAConfig)}
-            unknown = sorted(set(self.dca) - known)
-            if unknown:
-                raise ValueError(f"unknown dca field(s) {unknown}; known: {sorted(known)}")
-
-    @classmethod
-    def from_dict(cls, values: dict) -> DCAProcessorConfig:
-        reject_unknown_fields(cls, values)
-        return cls(**values)
-
-    def to_dict(self) -> dict:
-        values = dataclasses.asdict(self)
-        values["stop"] = list(self.stop)
-        values["concurrency"] = list(self.concurrency) if isinstance(self.concurrency, tuple) else self.concurrency
-        return values
-
-    def model_spec(self):
-        from pipeline.models import ModelSpec
-
-        return ModelSpec(model=self.model, dtype=self.dtype, dca=self.dca)
-
-    def engine_config(self):
-        from pipeline.engine import EngineConfig
-
-        return EngineConfig(
-            model_spec=self.model_spec(), tp_size=self.tp_size, replicas=1, max_input_tokens=self.max_input_tokens,
-            device=self.device, kv_cache_dtype=self.kv_cache_dtype, prefill_block=self.prefill_block,
-            cpus_per_rank=self.cpus_per_rank, max_batch_size=max(8, self.batch_size),
-        )
-
-    def sampling(self):
-        from pipeline.requests import SamplingParams
-
-        return SamplingParams(do_sample=self.do_sample, temperature=self.temperature, top_p=self.top_p,
-                              seed=self.seed, max_new_tokens=self.max_new_tokens, stop=self.stop,
-                              repetition_penalty=float(self.repetition_penalty),
-                              no_repeat_ngram_size=self.no_repeat_ngram_size)
 
 
 class Processor:
@@ -241,7 +127,7 @@ class _PromptStage:
     """Checks rows and renders prompts (token ids), in CPU actors that hold the tokenizer."""
 
     def __init__(self, config: dict) -> None:
-        from pipeline.models import load_tokenizer
+        from pipeline.engine.models import load_tokenizer
         from pipeline.prompts import PromptBuilder, load_templates
 
         self.config = DCAProcessorConfig.from_dict(config)
@@ -316,7 +202,7 @@ class _EngineStage:
     def __init__(self, config: dict, run_id: str) -> None:
         from pipeline.job import dca_columns
         from pipeline.live_metrics import LiveMetrics
-        from pipeline.models import load_model_config
+        from pipeline.engine.models import load_model_config
 
         self.config = DCAProcessorConfig.from_dict(config)
         spec = self.config.model_spec()
@@ -335,7 +221,7 @@ class _EngineStage:
         return self.pool.run(requests, max_in_flight=max(1, len(requests)))
 
     def __call__(self, batch: pa.Table) -> pa.Table:
-        from pipeline.requests import GenerationRequest
+        from pipeline.engine.requests import GenerationRequest
 
         c = self.config
         sampling = c.sampling()

@@ -35,7 +35,8 @@ import uuid
 import pyarrow as pa
 
 from pipeline.io import InputPlan, WorkUnit, plan_units, read_unit, unit_duplicates
-from pipeline.job import JobConfig, _Driver, budget_counts, budget_stop_reason
+from pipeline.config.job import JobConfig
+from pipeline.job import _Driver, budget_counts, budget_stop_reason
 from pipeline.job_metrics import JobMetrics
 from pipeline.output import OUTPUT_SCHEMA, STAGING, OutputWriter, _fsync_dir, committed_unit_keys, unit_part_name
 
@@ -139,7 +140,7 @@ class _UnitRows(_Driver):
 
 
 def _builder(config: JobConfig):
-    from pipeline.models import load_tokenizer
+    from pipeline.engine.models import load_tokenizer
     from pipeline.prompts import PromptBuilder, load_templates
 
     return PromptBuilder(load_tokenizer(config.model_spec), task=config.task,

@@ -65,7 +65,8 @@ def _prompts():
 def _reference(model_dir: str, device: str, prompts, max_new: int):
     import torch
 
-    from pipeline.models import ModelSpec, load_model
+    from pipeline.config.model import ModelSpec
+    from pipeline.engine.models import load_model
 
     model = load_model(ModelSpec(model=model_dir, dca=DCA, dtype="float32"), device)
     out = []
@@ -80,7 +81,8 @@ def run_checks(device: str = "cuda") -> list[dict]:
     import torch
 
     from pipeline.generation import RankContext, generate_batch
-    from pipeline.requests import GenerationRequest, SamplingParams
+    from pipeline.engine.requests import GenerationRequest
+    from pipeline.config.task import SamplingParams
 
     records: list[dict] = []
 
@@ -132,9 +134,10 @@ def run_checks(device: str = "cuda") -> list[dict]:
             except ImportError as error:
                 record("engine_tp2", None, skipped=f"deepspeed is not installed ({error}); running tp_size=1 only")
                 tp = 1
-        from pipeline.engine import EngineConfig, ReplicaPool
-        from pipeline.models import ModelSpec
-        from pipeline.requests import PROMPT_TOO_LONG
+        from pipeline.config.engine import EngineConfig
+        from pipeline.engine import ReplicaPool
+        from pipeline.config.model import ModelSpec
+        from pipeline.engine.requests import PROMPT_TOO_LONG
 
         ray.init(num_cpus=max(4, tp + 1), num_gpus=gpus, include_dashboard=False, log_to_driver=False)
         try:

@@ -102,7 +102,8 @@ Failures (no hang, ever: every request gets its one list of results, or `run` ra
 - `run` waits for results by polling: when requests are in flight and no serving thread is alive
   it raises `EngineError` instead of blocking forever.
 """
-from pipeline.engine.config import EngineConfig, EngineError, EngineStartupError
+from pipeline.config.engine import EngineConfig
+from pipeline.engine.errors import EngineError, EngineStartupError
 from pipeline.engine.pool import ReplicaPool
 from pipeline.engine.replica import _Replica, _reduce_over_ranks
 from pipeline.engine.worker import SHM_PREFIX, RankWorker

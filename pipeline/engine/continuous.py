@@ -31,6 +31,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from pipeline.config.resolve import prefill_tokens
 from pipeline.engine.generation import (
     RankContext,
     _advance,
@@ -44,23 +45,15 @@ from pipeline.engine.generation import (
 from pipeline.engine.kv_cache import PackedRows, RowKV
 from pipeline.engine.messages import FinishedRow, StepResult
 from pipeline.engine.metering import ForwardMeter, MeterReport
-from pipeline.requests import GenerationRequest
-
-# Prompt tokens per step when prefill_block is "auto": one DCA chunk, but at least this many
-# (a tiny chunk would cost a forward per few tokens).
-MIN_AUTO_PREFILL_TOKENS = 1024
-
+from pipeline.engine.requests import GenerationRequest
 
 def resolve_prefill_tokens(prefill_block, model) -> int | None:
-    """EngineConfig.prefill_block -> prompt tokens per step (None: a whole prompt per step)."""
+    """EngineConfig.prefill_block -> prompt tokens per step on this model (None: a whole prompt per
+    step): `pipeline.config.resolve.prefill_tokens` with the model's DCA chunk_len."""
     from dca import dca_config_of
 
     dca = dca_config_of(model)
-    if prefill_block == "auto":
-        return max(dca.chunk_len if dca is not None else 0, MIN_AUTO_PREFILL_TOKENS)
-    if prefill_block == "chunk":
-        return dca.chunk_len if dca is not None else None
-    return prefill_block
+    return prefill_tokens(prefill_block, dca.chunk_len if dca is not None else None)
 
 
 class BatchOutOfMemory(Exception):
@@ -376,13 +369,13 @@ def generate_continuous(ctx: RankContext, requests: list[GenerationRequest], *, 
     from pipeline.engine.messages import result_of
     from pipeline.engine.metering import Ledger
     from pipeline.engine.scheduler import Demand, admit, budget_of, wont_fit
-    from pipeline.requests import OUT_OF_MEMORY, WONT_FIT, GenerationResult
+    from pipeline.engine.requests import OUT_OF_MEMORY, WONT_FIT, GenerationResult
 
     if ctx.world_size != 1:
         raise ValueError("generate_continuous runs one rank in process; use the engine for tensor parallelism")
-    prefill_tokens = resolve_prefill_tokens(prefill_block, ctx.model)
-    batch = ContinuousBatch(ctx, prefill_tokens)
-    budget = budget_of(plan, max_rows, prefill_tokens)
+    step_tokens = resolve_prefill_tokens(prefill_block, ctx.model)
+    batch = ContinuousBatch(ctx, step_tokens)
+    budget = budget_of(plan, max_rows, step_tokens)
     ledger = Ledger(1)
     answers: dict[int, list] = {}
     waiting = deque()  # (seq, request, solo)

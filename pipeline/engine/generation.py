@@ -43,7 +43,7 @@ from typing import Callable
 import torch
 
 from pipeline.engine.metering import CPU_MEMORY_KIND, CUDA_MEMORY_KIND, CUDA_TIME_KIND, ForwardMeter
-from pipeline.requests import OUT_OF_MEMORY, WONT_FIT, GenerationRequest, GenerationResult
+from pipeline.engine.requests import OUT_OF_MEMORY, WONT_FIT, GenerationRequest, GenerationResult
 
 __all__ = ["CPU_MEMORY_KIND", "CUDA_MEMORY_KIND", "RankContext", "RankOutOfMemory", "generate_batch"]
 
@@ -377,7 +377,7 @@ def _results(ctx: RankContext, rows: list[_Row], info: dict) -> list[GenerationR
 def _check_memory_plan(ctx: RankContext, requests: list[GenerationRequest]):
     """None when the planner says the batch fits; else per-request results (wont_fit errors and,
     for a batch that only fails together, each request run alone). Same answer on every rank."""
-    from pipeline.memory_plan import WontFit
+    from pipeline.engine.memory_plan import WontFit
 
     # A shared prefix's cache is copied per suffix: one KV cache per suffix at the last one.
     batch = len(requests) if len(requests) > 1 else len(requests[0].suffix_ids)

@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from pipeline.engine.metering import MeterReport
-from pipeline.requests import GenerationResult
+from pipeline.engine.requests import GenerationResult
 
 
 @dataclass(frozen=True)

@@ -13,19 +13,15 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Iterable, Iterator
 
-from pipeline.engine.config import EngineConfig, EngineError, EngineStartupError
+from pipeline.config.engine import EngineConfig
+from pipeline.engine.errors import EngineError, EngineStartupError
 from pipeline.engine import replica as _replica
 from pipeline.engine.metering import Ledger
+from pipeline.engine.models import locate_model
 from pipeline.engine.replica import _OutOfMemory, _RankError, _Replica, _ReplicaDown, _short
 from pipeline.engine.scheduler import Demand, admit, static_batch, wont_fit
-from pipeline.requests import (
-    INTERNAL,
-    INVALID_INPUT,
-    OUT_OF_MEMORY,
-    PROMPT_TOO_LONG,
-    REPLICA_FAILED,
-    WONT_FIT,
-    GenerationRequest,
+from pipeline.engine.requests import (
+    INTERNAL, INVALID_INPUT, OUT_OF_MEMORY, PROMPT_TOO_LONG, REPLICA_FAILED, WONT_FIT, GenerationRequest,
     GenerationResult,
 )
 
@@ -97,7 +93,7 @@ class ReplicaPool:
 
         config = self.config
         try:
-            config.model_spec.check_exists()
+            locate_model(config.model_spec.model)  # fails fast, before any actor starts
         except FileNotFoundError as error:
             raise EngineStartupError(f"cannot start the engine: {error}") from None
         if not ray.is_initialized():

@@ -8,10 +8,11 @@ import dataclasses
 import logging
 import time
 
-from pipeline.engine.config import EngineConfig, EngineStartupError
+from pipeline.config.engine import EngineConfig
+from pipeline.engine.errors import EngineStartupError
 from pipeline.engine.messages import OutOfMemoryAnswer, StepResult, result_of
 from pipeline.engine.scheduler import budget_of
-from pipeline.requests import GenerationRequest, GenerationResult
+from pipeline.engine.requests import GenerationRequest, GenerationResult
 
 log = logging.getLogger("pipeline.engine")
 
@@ -307,7 +308,7 @@ def _plan_of(plan: dict | None):
     """The ranks' memory plan, rebuilt on the driver (pure Python)."""
     if plan is None:
         return None
-    from pipeline.memory_plan import MemoryPlan, ModelShape, ServingConfig
+    from pipeline.engine.memory_plan import MemoryPlan, ModelShape, ServingConfig
 
     return MemoryPlan(ModelShape(**plan["shape"]), ServingConfig(**plan["serving"]))
 

@@ -137,7 +137,7 @@ def budget_of(plan, max_rows: int, prefill_tokens: int | None):
 
 def wont_fit(plan, request) -> str | None:
     """The reason a request cannot run even alone (the planner's numbers), or None."""
-    from pipeline.memory_plan import WontFit
+    from pipeline.engine.memory_plan import WontFit
 
     if plan is None or plan.config.device_memory is None:
         return None

@@ -12,9 +12,9 @@ import socket
 import sys
 import time
 
-from pipeline.engine.config import EngineConfig
+from pipeline.config.engine import EngineConfig
 from pipeline.engine.messages import OutOfMemoryAnswer, StepResult
-from pipeline.requests import GenerationRequest, GenerationResult
+from pipeline.engine.requests import GenerationRequest, GenerationResult
 
 SHM_PREFIX = "deepspeed_allreduce_buffer"
 
@@ -33,14 +33,15 @@ def _memory_plan(config: EngineConfig, model, device, world_size: int, prefill_b
         memory = machine // (config.tp_size * config.replicas) if machine else None
     from dca import dca_config_of
     from dca.kernels import flash_available
-    from pipeline.memory_plan import MemoryPlan, ModelShape, ServingConfig
+    from pipeline.config.resolve import planned_attention_backend
+    from pipeline.engine.memory_plan import MemoryPlan, ModelShape, ServingConfig
 
     dca = dca_config_of(model)
     dtype = str(model.dtype).removeprefix("torch.")
     serving = ServingConfig(
-        tp_size=world_size, weight_dtype=dtype, kv_dtype=config.kv_cache_dtype,
+        tp_size=world_size, weight_dtype=dtype, kv_cache_dtype=config.kv_cache_dtype,
         prefill_block=prefill_block, logits="last",
-        attention_backend="flash" if device.type == "cuda" and flash_available() else "torch",
+        attention_backend=planned_attention_backend(device.type, flash_available()),
         chunk_len=dca.chunk_len if dca is not None else None, device=device.type, device_memory=memory,
     )
     return MemoryPlan(ModelShape.from_config(model.config), serving)
@@ -126,7 +127,7 @@ class RankWorker:
         import torch
 
         from pipeline.engine.generation import RankContext
-        from pipeline.models import load_model, load_model_for_tp, load_tokenizer
+        from pipeline.engine.models import load_model, load_model_for_tp, load_tokenizer
 
         config = EngineConfig.from_dict(config)
         spec = config.model_spec
@@ -166,6 +167,7 @@ class RankWorker:
                        model.config.eos_token_id):
             eos.update(source if isinstance(source, (list, tuple)) else [source] if source is not None else [])
         from dca import dca_config_of
+        from pipeline.config.resolve import static_prefill_block
         from pipeline.engine.continuous import ContinuousBatch, resolve_prefill_tokens
 
         # Continuous batching packs rows through DCA's attention; a model without DCA runs static.
@@ -173,7 +175,7 @@ class RankWorker:
         if scheduler == "continuous":
             prefill_block = resolve_prefill_tokens(config.prefill_block, model)
         else:
-            prefill_block = None if config.prefill_block == "auto" else config.prefill_block
+            prefill_block = static_prefill_block(config.prefill_block)
         plan = _memory_plan(config, model, device, self.world_size, prefill_block)
         self.ctx = RankContext(model=model, device=device, rank=self.rank, world_size=self.world_size,
                                tokenizer=tokenizer, eos_token_ids=frozenset(eos), pad_token_id=pad,

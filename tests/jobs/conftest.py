@@ -127,7 +127,7 @@ class FakePool:
         self.stopped = False
 
     def _answer(self, request):
-        from pipeline.requests import GenerationResult
+        from pipeline.engine.requests import GenerationResult
 
         if self.delay_s:
             threading.Event().wait(self.delay_s)
@@ -170,7 +170,8 @@ class FakePool:
 
 
 def load_tiny_tokenizer(model_dir: str):
-    from pipeline.models import ModelSpec, load_tokenizer
+    from pipeline.config.model import ModelSpec
+    from pipeline.engine.models import load_tokenizer
 
     return load_tokenizer(ModelSpec(model=model_dir, dca=TINY_DCA))
 

@@ -9,7 +9,7 @@ import subprocess
 import pytest
 
 from jobs.common import add_common_flags, build_values, job_config_kwargs
-from pipeline.job import JobConfig
+from pipeline.config.job import JobConfig
 from tests.jobs.conftest import PYTHON, REPO, job_env
 
 
@@ -93,7 +93,7 @@ def test_production_defaults_chunked_prefill_and_one_shot_override(tmp_path, mon
 
 def test_planner_and_jobs_share_flag_names_and_defaults(capsys):
     from jobs import plan
-    from pipeline.job import DEFAULT_PREFILL_BLOCK
+    from pipeline.config.job import DEFAULT_PREFILL_BLOCK
 
     job_parser = argparse.ArgumentParser()
     add_common_flags(job_parser, task="summarize")

@@ -155,8 +155,9 @@ def _wait_for(predicate, timeout_s: float, what: str):
 
 
 def test_replica_killed_mid_job_loses_and_duplicates_nothing(ray_local, tiny_chat_model, tmp_path):
-    from pipeline.job import JobConfig, run_job
-    from pipeline.models import ModelSpec
+    from pipeline.config.job import JobConfig
+    from pipeline.job import run_job
+    from pipeline.config.model import ModelSpec
 
     valid = write_corpus(str(tmp_path / "corpus"), 40, bad_rows=False, min_words=100, max_words=140)
     config = JobConfig(

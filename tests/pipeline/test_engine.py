@@ -12,9 +12,12 @@ import threading
 import pytest
 import torch
 
-from pipeline.engine import EngineConfig, EngineStartupError, ReplicaPool
-from pipeline.models import ModelSpec, load_model
-from pipeline.requests import INVALID_INPUT, PROMPT_TOO_LONG, REPLICA_FAILED, GenerationRequest, SamplingParams
+from pipeline.config.engine import EngineConfig
+from pipeline.engine import EngineStartupError, ReplicaPool
+from pipeline.config.model import ModelSpec
+from pipeline.engine.models import load_model
+from pipeline.engine.requests import INVALID_INPUT, PROMPT_TOO_LONG, REPLICA_FAILED, GenerationRequest
+from pipeline.config.task import SamplingParams
 from tests.pipeline.conftest import DCA
 
 MAX_NEW = 12
@@ -62,7 +65,7 @@ def tp2_pool(ray_cluster, tiny_model_dir):
 
 
 def test_driver_side_imports_stay_light():
-    code = ("import sys, pipeline.engine, pipeline.requests, pipeline.models; "
+    code = ("import sys, pipeline.engine, pipeline.engine.requests, pipeline.engine.models, pipeline.config.engine; "
             "print(sorted(m for m in ('torch', 'transformers', 'deepspeed', 'dca') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"

@@ -12,10 +12,13 @@ import pytest
 import torch
 
 from pipeline import engine
-from pipeline.engine import EngineConfig, EngineError, ReplicaPool
+from pipeline.config.engine import EngineConfig
+from pipeline.engine import EngineError, ReplicaPool
 from pipeline.generation import RankContext, RankOutOfMemory, generate_batch
-from pipeline.models import ModelSpec, load_model
-from pipeline.requests import INTERNAL, OUT_OF_MEMORY, GenerationRequest, SamplingParams
+from pipeline.config.model import ModelSpec
+from pipeline.engine.models import load_model
+from pipeline.engine.requests import INTERNAL, OUT_OF_MEMORY, GenerationRequest
+from pipeline.config.task import SamplingParams
 from tests.pipeline.conftest import DCA, VOCAB
 
 MAX_NEW = 8
@@ -80,7 +83,7 @@ def _submit_as_one_batch(pool, *requests):
 
 
 def test_out_of_memory_with_several_ranks_raises_instead_of_retrying_alone(reference_model, tiny_model_dir):
-    from pipeline.models import load_tokenizer
+    from pipeline.engine.models import load_tokenizer
 
     tokenizer = load_tokenizer(ModelSpec(model=tiny_model_dir, dca=DCA))
     big, small = _prompts(40, 30, seed=1)

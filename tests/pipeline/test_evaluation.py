@@ -344,7 +344,8 @@ def test_driver_side_imports_stay_light():
 @pytest.mark.slow
 def test_tensor_parallel_run_matches_one_process(tiny_model_dir, tmp_path):
     """Two AutoTP ranks (9 heads split 6 + 3) give the records of the unsharded model."""
-    from pipeline.models import ModelSpec, load_model, load_tokenizer
+    from pipeline.config.model import ModelSpec
+    from pipeline.engine.models import load_model, load_tokenizer
 
     book = tmp_path / "book.txt"
     words = [f"w{3 + (i * 7919) % 120}" for i in range(400)]

@@ -7,8 +7,10 @@ import pytest
 import torch
 
 from pipeline.generation import CPU_MEMORY_KIND, RankContext, generate_batch
-from pipeline.models import ModelSpec, load_model, load_tokenizer
-from pipeline.requests import OUT_OF_MEMORY, GenerationRequest, SamplingParams
+from pipeline.config.model import ModelSpec
+from pipeline.engine.models import load_model, load_tokenizer
+from pipeline.engine.requests import OUT_OF_MEMORY, GenerationRequest
+from pipeline.config.task import SamplingParams
 from tests.pipeline.conftest import DCA
 
 
@@ -144,8 +146,8 @@ def test_chunked_prefill_and_int8_cache_in_the_generation_loop(model_and_ctx, kv
 def test_memory_plan_refuses_a_request_that_cannot_fit_before_running_it(model_and_ctx):
     import dataclasses
 
-    from pipeline.memory_plan import MemoryPlan, ModelShape, ServingConfig
-    from pipeline.requests import WONT_FIT
+    from pipeline.engine.memory_plan import MemoryPlan, ModelShape, ServingConfig
+    from pipeline.engine.requests import WONT_FIT
 
     model, ctx = model_and_ctx
     shape = ModelShape.from_config(model.config)

@@ -8,8 +8,9 @@ from collections import Counter
 
 import pytest
 
-from pipeline.job import JobConfig, JobFailed, run_job
-from pipeline.models import ModelSpec
+from pipeline.config.job import JobConfig
+from pipeline.job import JobFailed, run_job
+from pipeline.config.model import ModelSpec
 from pipeline.output import OutputError, read_output
 from tests.jobs.conftest import TINY_DCA, FakePool, load_tiny_tokenizer, tiny_chat_model, write_corpus  # noqa: F401 (fixture)
 

@@ -8,10 +8,8 @@ import weakref
 import pytest
 
 from jobs import plan as plan_cli
-from pipeline.memory_plan import (
-    GiB, KiB, MiB, MemoryPlan, ModelShape, ServingConfig, WontFit, parse_bytes,
-)
-from pipeline.requests import WONT_FIT
+from pipeline.engine.memory_plan import GiB, KiB, MiB, MemoryPlan, ModelShape, ServingConfig, WontFit, parse_bytes
+from pipeline.engine.requests import WONT_FIT
 
 A100_80G = parse_bytes("a100-80g")
 LLAMA2_70B = ModelShape.load("llama2-70b")
@@ -153,7 +151,7 @@ def test_cli_table_compare_and_json(capsys):
 
 
 def test_planner_and_cli_import_no_torch():
-    code = "import sys, pipeline.memory_plan, jobs.plan; assert 'torch' not in sys.modules, 'torch imported'"
+    code = "import sys, pipeline.engine.memory_plan, jobs.plan; assert 'torch' not in sys.modules, 'torch imported'"
     subprocess.run([sys.executable, "-c", code], check=True)
 
 
@@ -240,7 +238,7 @@ def test_kv_cache_dtype_is_the_jobs_name_and_kv_dtype_still_works():
                                      (100, None, 30)])
 def test_planner_chunk_len_is_dca_chunk_len(p, s, w):
     from dca import DCAConfig
-    from pipeline.memory_plan import dca_chunk_len
+    from pipeline.config.model import dca_chunk_len
 
     assert dca_chunk_len(p, s, w) == DCAConfig(pretraining_length=p, chunk_size=s, local_window=w).chunk_len
     with pytest.raises(ValueError, match="local_window"):
@@ -248,8 +246,8 @@ def test_planner_chunk_len_is_dca_chunk_len(p, s, w):
 
 
 def test_auto_prefill_block_is_the_engines():
-    from pipeline.engine.continuous import MIN_AUTO_PREFILL_TOKENS
-    from pipeline.memory_plan import AUTO_PREFILL_MIN_TOKENS
+    from pipeline.config.resolve import MIN_AUTO_PREFILL_TOKENS
+    from pipeline.config.resolve import MIN_AUTO_PREFILL_TOKENS as AUTO_PREFILL_MIN_TOKENS
 
     assert AUTO_PREFILL_MIN_TOKENS == MIN_AUTO_PREFILL_TOKENS
     smol = ModelShape.load("smollm2")  # chunk_len 5120

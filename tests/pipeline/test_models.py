@@ -1,4 +1,4 @@
-"""The embedded model's prepared copy (pipeline.models.prepare_embedded_model): used when it was
+"""The embedded model's prepared copy (pipeline.engine.models.prepare_embedded_model): used when it was
 made from the installed GGUF, ignored otherwise, and never part of a job's identity."""
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ import shutil
 
 import pytest
 
-from pipeline import models
+from pipeline.engine import models
 
 
 @pytest.fixture

@@ -12,7 +12,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline.ray_data import OUTPUT_COLUMNS, DCAProcessorConfig, build_processor
+from pipeline.ray_data import OUTPUT_COLUMNS, build_processor
+from pipeline.config.processor import DCAProcessorConfig
 from tests.jobs.conftest import TINY_DCA, tiny_chat_model, write_corpus  # noqa: F401 (fixture)
 
 
@@ -35,8 +36,8 @@ def test_config_is_validated_up_front(tiny_chat_model):
         DCAProcessorConfig.from_dict({"modle": "x"})
     config = _config(tiny_chat_model, task="qa", concurrency=[1, 2])
     # The jobs' generation defaults for the task (stop, repetition guard): both answer alike.
-    from pipeline.job import JobConfig
-    from pipeline.models import ModelSpec
+    from pipeline.config.job import JobConfig
+    from pipeline.config.model import ModelSpec
 
     job = JobConfig(task="qa", input_path="in", output_dir="out", model_spec=ModelSpec(model=tiny_chat_model),
                     max_new_tokens=6)
@@ -111,8 +112,9 @@ def _read(ds) -> list[dict]:
 def test_qa_processor_answers_like_the_job(ray_local, tiny_chat_model, tmp_path):
     import ray
 
-    from pipeline.job import JobConfig, run_job
-    from pipeline.models import ModelSpec
+    from pipeline.config.job import JobConfig
+    from pipeline.job import run_job
+    from pipeline.config.model import ModelSpec
     from pipeline.output import read_output
 
     write_corpus(str(tmp_path / "corpus"), 10, qa=True, max_words=120)

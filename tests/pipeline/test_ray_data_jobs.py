@@ -31,8 +31,8 @@ def ray_local():
 
 
 def _config(model, tmp_path, name: str, *, task="summarize", dataflow="ray-data", **kw):
-    from pipeline.job import JobConfig
-    from pipeline.models import ModelSpec
+    from pipeline.config.job import JobConfig
+    from pipeline.config.model import ModelSpec
 
     values = dict(task=task, input_path=str(tmp_path / "corpus"), output_dir=str(tmp_path / name),
                   model_spec=ModelSpec(model=model, dca=TINY_DCA), max_input_tokens=150, max_new_tokens=5,
@@ -70,7 +70,7 @@ def test_dataflow_settings_are_checked_up_front(tmp_path, capsys):
     """Bad dataflow settings are one-line usage errors (exit 2) before any Ray or model work."""
     from jobs.common import run_main
     from jobs.summarize import main
-    from pipeline.job import JobConfig
+    from pipeline.config.job import JobConfig
 
     with pytest.raises(ValueError, match="dataflow must be one of driver, ray-data, got 'spark'"):
         JobConfig(task="summarize", input_path="x", output_dir="/tmp/x", dataflow="spark")

@@ -15,8 +15,9 @@ import pyarrow.parquet as pq
 import pytest
 
 from pipeline.io import InputError
-from pipeline.job import JobConfig, JobFailed, run_job, run_nightly
-from pipeline.models import ModelSpec
+from pipeline.config.job import JobConfig
+from pipeline.job import JobFailed, run_job, run_nightly
+from pipeline.config.model import ModelSpec
 from pipeline.output import OutputError, committed_parts, read_output
 from tests.jobs.conftest import TINY_DCA, FakePool, load_tiny_tokenizer, tiny_chat_model, words  # noqa: F401 (fixture)
 

@@ -39,22 +39,22 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from pipeline.requests import WONT_FIT
+from pipeline.config.model import dca_chunk_len
+from pipeline.config.resolve import (
+    MIN_AUTO_PREFILL_TOKENS, PLANNED_KV_DTYPES, check_prefill_block, kv_cache_dtype_of, prefill_tokens,
+)
+from pipeline.config.validate import check_choice, check_non_negative_int, check_positive_int
+from pipeline.engine.requests import WONT_FIT
 
 KiB, MiB, GiB = 1 << 10, 1 << 20, 1 << 30
 
 # Bytes per stored element. int8/int4 weights: per-channel / per-group (128) bf16 scales included.
 WEIGHT_BYTES = {"float32": 4.0, "bfloat16": 2.0, "float16": 2.0, "int8": 1.0, "int4": 0.5 + 2 / 128}
 COMPUTE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
-KV_DTYPES = ("auto", "float32", "bfloat16", "float16", "int8")
-# prefill_block "auto": one DCA chunk but at least this many tokens per step, as the engine's
-# continuous scheduler does (pipeline.engine.continuous.MIN_AUTO_PREFILL_TOKENS).
-AUTO_PREFILL_MIN_TOKENS = 1024
 INT8_SCALE_BYTES = 4  # dca/kv_quant.py: one float32 scale per (token, head)
 BACKENDS = ("flash", "torch")
 DEVICES = ("cuda", "cpu")
@@ -90,9 +90,7 @@ class ModelShape:
     def __post_init__(self) -> None:
         for f in ("num_layers", "hidden_size", "num_heads", "num_kv_heads", "head_dim", "intermediate_size",
                   "vocab_size", "pretraining_length"):
-            value = getattr(self, f)
-            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-                raise ValueError(f"ModelShape {self.name!r}: {f} must be a positive int, got {value!r}")
+            check_positive_int(f, getattr(self, f), owner=f"ModelShape {self.name!r}: ")
         if self.num_heads % self.num_kv_heads:
             raise ValueError(
                 f"ModelShape {self.name!r}: num_heads ({self.num_heads}) must be a multiple of num_kv_heads "
@@ -167,7 +165,7 @@ PRESETS = {
                             head_dim=128, intermediate_size=14336, vocab_size=128256, pretraining_length=8192),
     "llama3-70b": ModelShape(name="llama3-70b", num_layers=80, hidden_size=8192, num_heads=64, num_kv_heads=8,
                              head_dim=128, intermediate_size=28672, vocab_size=128256, pretraining_length=8192),
-    # The embedded default model (pipeline.models.EMBEDDED_DEFAULT).
+    # The embedded default model (pipeline.config.model.EMBEDDED_DEFAULT).
     "smollm2": ModelShape(name="smollm2", num_layers=30, hidden_size=576, num_heads=9, num_kv_heads=3,
                           head_dim=64, intermediate_size=1536, vocab_size=49152, tie_word_embeddings=True,
                           pretraining_length=8192),
@@ -190,7 +188,7 @@ class ServingConfig:
     # float16 | int8 (dca/kv_quant.py).
     kv_cache_dtype: str = "auto"
     # Prompt tokens per prefill forward, as the jobs' --prefill-block: "auto" = the engine's
-    # default with continuous batching (one DCA chunk, at least AUTO_PREFILL_MIN_TOKENS), "chunk"
+    # default with continuous batching (one DCA chunk, at least MIN_AUTO_PREFILL_TOKENS), "chunk"
     # = one DCA chunk of chunk_len L = S - W tokens, None = one shot, or a number.
     prefill_block: int | str | None = "auto"
     # "last": logits of the last position only; "all": every position of each forward.
@@ -214,8 +212,7 @@ class ServingConfig:
     kv_dtype: str | None = None
 
     def __post_init__(self) -> None:
-        if isinstance(self.tp_size, bool) or not isinstance(self.tp_size, int) or self.tp_size < 1:
-            raise ValueError(f"tp_size must be an int >= 1, got {self.tp_size!r}")
+        check_positive_int("tp_size", self.tp_size)
         if self.weight_dtype not in WEIGHT_BYTES:
             raise ValueError(f"weight_dtype must be one of {sorted(WEIGHT_BYTES)}, got {self.weight_dtype!r}")
         compute = self.compute_dtype or (self.weight_dtype if self.weight_dtype in COMPUTE_BYTES else "bfloat16")
@@ -223,25 +220,16 @@ class ServingConfig:
             raise ValueError(f"compute_dtype must be one of {sorted(COMPUTE_BYTES)}, got {self.compute_dtype!r}")
         object.__setattr__(self, "compute_dtype", compute)
         if self.kv_dtype is not None:
-            if self.kv_dtype not in KV_DTYPES:
-                raise ValueError(f"kv_dtype (deprecated name of kv_cache_dtype) must be one of {KV_DTYPES}, "
-                                 f"got {self.kv_dtype!r}")
+            check_choice("kv_dtype (deprecated name of kv_cache_dtype)", self.kv_dtype, PLANNED_KV_DTYPES)
             object.__setattr__(self, "kv_cache_dtype", self.kv_dtype)
             object.__setattr__(self, "kv_dtype", None)
-        if self.kv_cache_dtype not in KV_DTYPES:
-            raise ValueError(f"kv_cache_dtype must be one of {KV_DTYPES}, got {self.kv_cache_dtype!r}")
-        block = self.prefill_block
-        if not (block is None or block in ("auto", "chunk")
-                or (isinstance(block, int) and not isinstance(block, bool) and block > 0)):
-            raise ValueError(f"prefill_block must be None (one shot), 'auto', 'chunk' or a positive int, got {block!r}")
+        check_choice("kv_cache_dtype", self.kv_cache_dtype, PLANNED_KV_DTYPES)
+        check_prefill_block(self.prefill_block)
         if self.logits not in ("last", "all"):
             raise ValueError(f"logits must be 'last' or 'all', got {self.logits!r}")
-        if self.attention_backend not in BACKENDS:
-            raise ValueError(f"attention_backend must be one of {BACKENDS}, got {self.attention_backend!r}")
-        if self.device not in DEVICES:
-            raise ValueError(f"device must be one of {DEVICES}, got {self.device!r}")
-        if self.chunk_len is not None and (not isinstance(self.chunk_len, int) or self.chunk_len <= 0):
-            raise ValueError(f"chunk_len must be a positive int or None, got {self.chunk_len!r}")
+        check_choice("attention_backend", self.attention_backend, BACKENDS)
+        check_choice("device", self.device, DEVICES)
+        check_positive_int("chunk_len", self.chunk_len, optional=True)
         if self.device_memory is not None and self.device_memory <= 0:
             raise ValueError(f"device_memory must be a positive number of bytes, got {self.device_memory!r}")
         if not 0 <= self.fragmentation < 1:
@@ -249,11 +237,11 @@ class ServingConfig:
 
     @property
     def resolved_kv_dtype(self) -> str:
-        return self.compute_dtype if self.kv_cache_dtype == "auto" else self.kv_cache_dtype
+        return kv_cache_dtype_of(self.kv_cache_dtype, self.compute_dtype)
 
     def describe(self) -> str:
         block = {None: "one-shot prefill", "chunk": "chunked prefill (1 DCA chunk)",
-                 "auto": f"chunked prefill (1 DCA chunk, >= {AUTO_PREFILL_MIN_TOKENS} tokens)"}.get(
+                 "auto": f"chunked prefill (1 DCA chunk, >= {MIN_AUTO_PREFILL_TOKENS} tokens)"}.get(
             self.prefill_block, f"chunked prefill ({self.prefill_block} tokens)"
         )
         return (f"tp={self.tp_size}, weights {self.weight_dtype}, KV {self.resolved_kv_dtype}, {block}, "
@@ -362,14 +350,9 @@ class MemoryPlan:
         return int(self.kv_bytes_per_token() * tokens * batch)
 
     def block_size(self, prompt_tokens: int) -> int:
-        block = self.config.prefill_block
-        if block is None:
-            return prompt_tokens
-        if block == "chunk":
-            block = self.chunk_len
-        elif block == "auto":
-            block = max(self.chunk_len, AUTO_PREFILL_MIN_TOKENS)
-        return min(block, prompt_tokens)
+        """Prompt tokens of the largest prefill forward of a `prompt_tokens` prompt."""
+        block = prefill_tokens(self.config.prefill_block, self.chunk_len)
+        return prompt_tokens if block is None else min(block, prompt_tokens)
 
     def activation_bytes(self, new: int, keys: int, batch: int = 1) -> int:
         """Peak transient bytes of one forward of `new` tokens attending to `keys` (cache included)."""
@@ -412,9 +395,9 @@ class MemoryPlan:
 
     def estimate(self, prompt_tokens: int, new_tokens: int = 0, batch: int = 1) -> MemoryEstimate:
         """Predicted peak memory per GPU for `batch` prompts of `prompt_tokens` plus `new_tokens` each."""
-        for name, value in (("prompt_tokens", prompt_tokens), ("new_tokens", new_tokens), ("batch", batch)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < (1 if name != "new_tokens" else 0):
-                raise ValueError(f"{name} must be an int >= {1 if name != 'new_tokens' else 0}, got {value!r}")
+        check_positive_int("prompt_tokens", prompt_tokens)
+        check_non_negative_int("new_tokens", new_tokens)
+        check_positive_int("batch", batch)
         block = self.block_size(prompt_tokens)
         prefill = self.activation_bytes(block, prompt_tokens, batch)
         decode = self.activation_bytes(1, prompt_tokens + new_tokens, batch) if new_tokens else 0
@@ -513,19 +496,6 @@ class MemoryPlan:
         return "\n".join(lines)
 
 
-def dca_chunk_len(pretraining_length: int, chunk_size: int | None = None, local_window: int | None = None) -> int:
-    """DCA's chunk_len L = chunk_size S - local_window W, with dca.DCAConfig's defaults (S = 3P/4,
-    W = P/8) and validation, without importing torch (the planner runs on machines without it)."""
-    p = pretraining_length
-    s = chunk_size if chunk_size is not None else (3 * p) // 4
-    w = local_window if local_window is not None else p // 8
-    if not 0 < s <= p:
-        raise ValueError(f"DCA chunk_size must satisfy 0 < chunk_size <= pretraining_length ({p}), got {s}")
-    if not 0 < w < s:
-        raise ValueError(f"DCA local_window must satisfy 0 < local_window < chunk_size ({s}), got {w}")
-    return s - w
-
-
 def fmt_bytes(n: float | None) -> str:
     if n is None:
         return "unknown"
@@ -554,13 +524,3 @@ def parse_bytes(text: str | int) -> int:
             f"{sorted(DEVICE_MEMORY)}"
         )
     return int(float(m.group(1)) * _UNITS[m.group(2)])
-
-
-def plan_from_file(path: str | os.PathLike) -> tuple[ModelShape, ServingConfig]:
-    """Reads {"model": <preset|path>, "serving": {ServingConfig fields}} from a JSON file."""
-    with open(path, encoding="utf-8") as f:
-        values = json.load(f)
-    serving = dict(values.get("serving", {}))
-    if isinstance(serving.get("device_memory"), str):
-        serving["device_memory"] = parse_bytes(serving["device_memory"])
-    return ModelShape.load(values["model"]), ServingConfig(**serving)

