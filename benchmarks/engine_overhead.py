@@ -4,7 +4,7 @@
     .venv/bin/python benchmarks/engine_overhead.py --repeats 5 --threads 2
 
 Three ways to run the same greedy request (same token ids, same DCA model, same thread count):
-- `direct`: `pipeline.generation.generate_batch` on a model loaded in this process;
+- `direct`: `pipeline.engine.generation.generate_batch` on a model loaded in this process;
 - `hf_generate`: transformers' `model.generate` on that model (the plain-transformers yardstick);
 - `engine`: `ReplicaPool.submit(...).result()` on a one-rank replica (Ray actor).
 Runs are interleaved (engine, direct, hf, engine, ...) so drift on a shared machine hits all of
@@ -56,7 +56,7 @@ def main() -> None:
 
     from pipeline.config.engine import EngineConfig
     from pipeline.engine import ReplicaPool
-    from pipeline.generation import RankContext, generate_batch
+    from pipeline.engine.generation import RankContext, generate_batch
     from pipeline.config.model import ModelSpec
     from pipeline.engine.models import load_model, load_tokenizer
     from pipeline.engine.requests import GenerationRequest

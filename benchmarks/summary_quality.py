@@ -5,7 +5,7 @@ after the prompt and generation changes.
     .venv/bin/python benchmarks/summary_quality.py --variants before,after --corpus examples/corpus
 
 Every document of the example corpora is summarised once per variant, greedily, through the same
-code a job runs (pipeline.prompts.PromptBuilder for the prompt, pipeline.generation.generate_batch
+code a job runs (pipeline.prompts.PromptBuilder for the prompt, pipeline.engine.generation.generate_batch
 for the decoding loop, DCA on, chunked prefill), in this process (no Ray: the engine adds nothing
 to the tokens). Each output is labelled by evaluation.summary_check (summary / continuation /
 repetitive / empty). Corpora and prompt limits are those of the README's commands:
@@ -64,7 +64,7 @@ def load_engine_context():
     """The model and RankContext a replica of jobs.summarize builds (DCA on, chunked prefill)."""
     import torch
 
-    from pipeline.generation import RankContext
+    from pipeline.engine.generation import RankContext
     from pipeline.config.job import DEFAULT_PREFILL_BLOCK
     from pipeline.config.model import ModelSpec
     from pipeline.engine.models import load_model, load_tokenizer
@@ -143,7 +143,7 @@ def main(argv=None) -> int:
     import pyarrow.dataset as ds
     import torch
 
-    from pipeline.generation import generate_batch
+    from pipeline.engine.generation import generate_batch
     from pipeline.prompts import PromptBuilder
     from pipeline.engine.requests import GenerationRequest
     from pipeline.config.task import SamplingParams

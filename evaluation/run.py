@@ -17,6 +17,7 @@ from pathlib import Path
 from evaluation.config import EvalConfig, Variant
 from evaluation.report import write_plots, write_summary
 from evaluation.runners import InProcessRunner, ReplicaRunner, perplexity_summary, rank_model_info
+from pipeline.config.model import dca_config_of_settings
 from evaluation.texts import (
     PASSKEY_INSTRUCTION, PASSKEY_NEEDLE, PASSKEY_QUESTION, REPEAT_FILLER, REPO_ROOT, build_passkey_prompt, encode,
     make_passkey, passkey_correct, perplexity_windows, read_book,
@@ -28,13 +29,7 @@ from evaluation.texts import (
 
 def resolved_dca(variant: Variant, max_position_embeddings: int):
     """The DCAConfig of a variant on a model, or None for the plain model."""
-    if variant.dca is None:
-        return None
-    from dca import DCAConfig
-
-    values = dict(variant.dca)
-    values.setdefault("pretraining_length", int(max_position_embeddings))
-    return DCAConfig.from_dict(values)
+    return dca_config_of_settings(variant.dca, max_position_embeddings)
 
 
 def equivalence_key(dca_config, length: int, extra_tokens: int = 0):

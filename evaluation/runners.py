@@ -72,14 +72,11 @@ class InProcessRunner:
 
     def __init__(self, model, tokenizer):
         from pipeline.engine.generation import RankContext
+        from pipeline.engine.tokens import eos_token_ids
 
-        eos = set()
-        for source in (getattr(tokenizer, "eos_token_id", None), getattr(model.generation_config, "eos_token_id", None),
-                       model.config.eos_token_id):
-            eos.update(source if isinstance(source, (list, tuple)) else [source] if source is not None else [])
         pad = getattr(tokenizer, "pad_token_id", None)
         self.ctx = RankContext(model=model, device=next(model.parameters()).device, tokenizer=tokenizer,
-                               eos_token_ids=frozenset(eos), pad_token_id=pad if pad is not None else 0)
+                               eos_token_ids=eos_token_ids(tokenizer, model), pad_token_id=pad if pad is not None else 0)
 
     def info(self) -> dict:
         return rank_model_info(self.ctx)

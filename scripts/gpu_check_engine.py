@@ -80,7 +80,7 @@ def _reference(model_dir: str, device: str, prompts, max_new: int):
 def run_checks(device: str = "cuda") -> list[dict]:
     import torch
 
-    from pipeline.generation import RankContext, generate_batch
+    from pipeline.engine.generation import RankContext, generate_batch
     from pipeline.engine.requests import GenerationRequest
     from pipeline.config.task import SamplingParams
 

@@ -2,9 +2,11 @@
 
 Public API (what the data plane calls)::
 
-    from pipeline.engine import EngineConfig, ReplicaPool
-    from pipeline.models import ModelSpec
-    from pipeline.requests import GenerationRequest, SamplingParams
+    from pipeline.config.engine import EngineConfig
+    from pipeline.config.model import ModelSpec
+    from pipeline.config.task import SamplingParams
+    from pipeline.engine import ReplicaPool
+    from pipeline.engine.requests import GenerationRequest
 
     config = EngineConfig(model_spec=ModelSpec(model="smollm2"), tp_size=2, replicas=2)
     with ReplicaPool(config) as pool:            # start() on enter, shutdown() on exit
@@ -14,7 +16,7 @@ Public API (what the data plane calls)::
             ...                                  # one list per request, in completion order
         pool.stats()                             # {replica name: {load_s, served, failures, restarts, ...}}
 
-- `EngineConfig`: frozen, keyword-only; `EngineConfig.from_file(path)` reads JSON.
+- `EngineConfig` (pipeline.config.engine): frozen, keyword-only; `EngineConfig.from_file(path)` reads JSON.
 - `ReplicaPool.start()` validates everything it can before starting any actor (Ray resources on
   one node for tp_size ranks, the model path) and raises `EngineStartupError` with what is
   missing instead of hanging; waiting for free resources is bounded by `placement_timeout_s`,
@@ -22,23 +24,28 @@ Public API (what the data plane calls)::
   If Ray is not initialised it calls `ray.init(address=config.ray_address)` (None: a local
   cluster; "auto": the cluster of `ray start` / `ray job submit`); an initialised Ray is used as is.
 - `submit` / `run` never raise for a bad request: it comes back as error results
-  (`pipeline.requests` error types: prompt_too_long above `max_input_tokens`, invalid_input,
+  (`pipeline.engine.requests` error types: prompt_too_long above `max_input_tokens`, invalid_input,
   wont_fit (the memory planner's numbers, before any compute), out_of_memory, replica_failed,
   internal_error). Every request gets exactly one list of results.
 - `shutdown()` kills the actors, removes the placement groups and DeepSpeed's /dev/shm files.
 
-The package, along its seams:
+The package, along its seams (its settings are `pipeline.config.engine.EngineConfig`):
 
-    config.py      EngineConfig, EngineError, EngineStartupError (pure)
-    scheduler.py   the batching policy: admission into the running batch, static batches (pure)
-    metering.py    the device-time rule: ForwardMeter on a rank, Ledger on the driver
-    pool.py        ReplicaPool: the queue, one serving thread per replica, the failure policy
-    replica.py     _Replica: placement group, rank actors, one call on every rank, its errors
-    worker.py      RankWorker: the Ray actor holding one shard (torch & co. imported there only)
-    continuous.py  the running batch on a rank (packed forwards), generate_continuous in process
-    kv_cache.py    per-row KV slots and the packed-rows cache the DCA attention reads
-    generation.py  RankContext, token choice, the static path (generate_batch)
-    messages.py    what ranks and the driver send each other
+    errors.py         EngineError, EngineStartupError, short_error (pure)
+    requests.py       GenerationRequest, GenerationResult, the error types (pure)
+    scheduler.py      the batching policy: admission into the running batch, static batches (pure)
+    memory_plan.py    the memory planner: a request's peak memory, the KV budget (pure)
+    metering.py       the device-time rule: ForwardMeter on a rank, Ledger on the driver
+    pool.py           ReplicaPool: the queue, one serving thread per replica, the failure policy
+    replica.py        Replica: placement group, rank actors, one call on every rank, its errors
+    worker.py         RankWorker: the Ray actor holding one shard (torch & co. imported there only)
+    models.py         model loading, config, tokenizer, content fingerprint (torch inside functions)
+    continuous.py     the running batch on a rank (packed forwards), generate_continuous in process
+    kv_cache.py       per-row KV slots and the packed-rows cache the DCA attention reads
+    generation.py     RankContext, the static path (generate_batch)
+    tokens.py         token choice and stop rules on rank 0 (TokenState), end-of-sequence ids
+    out_of_memory.py  recognising out of memory, and the one out_of_memory answer
+    messages.py       what ranks and the driver send each other
 
 How a replica works: `tp_size` actors in one STRICT_PACK placement group (one bundle of
 `cpus_per_rank` CPUs, plus one GPU on CUDA, per rank). Rank 0 picks a free port on its node;
@@ -83,7 +90,7 @@ Failures (no hang, ever: every request gets its one list of results, or `run` ra
   replica is left, every waiting request gets one.
 - Out of memory with tp_size 1, static scheduler: the rank frees the batch and retries it one
   request at a time; a request that still does not fit gets an `out_of_memory` result
-  (`generation`). Continuous scheduler, any tp_size: the rank rolls the step back (every row to
+  (`out_of_memory`). Continuous scheduler, any tp_size: the rank rolls the step back (every row to
   its length before it) and answers "out of memory"; the pool proceeds as below.
 - Out of memory with tp_size > 1: no rank retries on its own (its peers may be waiting for it in
   a collective). The rank frees what it can and answers "out of memory"; the pool decides. If
@@ -102,10 +109,8 @@ Failures (no hang, ever: every request gets its one list of results, or `run` ra
 - `run` waits for results by polling: when requests are in flight and no serving thread is alive
   it raises `EngineError` instead of blocking forever.
 """
-from pipeline.config.engine import EngineConfig
 from pipeline.engine.errors import EngineError, EngineStartupError
 from pipeline.engine.pool import ReplicaPool
-from pipeline.engine.replica import _Replica, _reduce_over_ranks
 from pipeline.engine.worker import SHM_PREFIX, RankWorker
 
-__all__ = ["EngineConfig", "EngineError", "EngineStartupError", "ReplicaPool", "RankWorker", "SHM_PREFIX"]
+__all__ = ["EngineError", "EngineStartupError", "ReplicaPool", "RankWorker", "SHM_PREFIX"]

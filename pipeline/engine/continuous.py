@@ -32,20 +32,13 @@ from dataclasses import dataclass, field
 import torch
 
 from pipeline.config.resolve import prefill_tokens
-from pipeline.engine.generation import (
-    RankContext,
-    _advance,
-    _cache_argument,
-    _choose,
-    _free_memory,
-    _is_oom,
-    _Row,
-    _rows_for,
-)
-from pipeline.engine.kv_cache import PackedRows, RowKV
+from pipeline.engine.generation import RankContext
+from pipeline.engine.kv_cache import PackedRows, RowKV, cache_argument
+from pipeline.engine.out_of_memory import describe_out_of_memory, free_memory, is_out_of_memory, out_of_memory_results
 from pipeline.engine.messages import FinishedRow, StepResult
 from pipeline.engine.metering import ForwardMeter, MeterReport
 from pipeline.engine.requests import GenerationRequest
+from pipeline.engine.tokens import TokenState, advance_tokens, choose_tokens, token_states
 
 def resolve_prefill_tokens(prefill_block, model) -> int | None:
     """EngineConfig.prefill_block -> prompt tokens per step on this model (None: a whole prompt per
@@ -65,21 +58,21 @@ class BatchOutOfMemory(Exception):
 
 
 @dataclass
-class _Prefix:
+class SharedPrefix:
     """The shared prefix of a request with several suffixes, being prefilled."""
 
     seq: int
     request: GenerationRequest
     kv: RowKV
     tokens: list[int]
-    rows: list  # its _Seq rows, waiting for it
+    rows: list  # its RunningRow rows, waiting for it
     fed: int = 0
     # Logits of its last position once complete (rows with an empty suffix start from them).
     done: bool = False
 
 
 @dataclass
-class _Seq:
+class RunningRow:
     """One output row of the running batch."""
 
     seq: int
@@ -87,12 +80,12 @@ class _Seq:
     request: GenerationRequest
     prompt_tokens: int
     capacity: int
-    token: _Row  # output tokens and stop state (meaningful on rank 0)
+    token: TokenState  # output tokens and stop state (meaningful on rank 0)
     admitted: float
     prompt: list[int] = field(default_factory=list)  # tokens this row prefills itself
     kv: RowKV | None = None
     fed: int = 0
-    prefix: _Prefix | None = None  # set while the shared prefix is not complete
+    prefix: SharedPrefix | None = None  # set while the shared prefix is not complete
     last_token: int | None = None  # fed at the next decode step
     first_token: float | None = None
     prefix_prefill_s: float | None = None
@@ -110,8 +103,8 @@ class ContinuousBatch:
         self.prefill_tokens = prefill_tokens
         self.meter = ForwardMeter(ctx.device)
         self.num_layers = ctx.model.config.num_hidden_layers
-        self.rows: list[_Seq] = []  # admission order
-        self.prefixes: list[_Prefix] = []
+        self.rows: list[RunningRow] = []  # admission order
+        self.prefixes: list[SharedPrefix] = []
 
     # -- membership ------------------------------------------------------------------------------
 
@@ -119,9 +112,9 @@ class ContinuousBatch:
         now = time.perf_counter()
         new = request.sampling.max_new_tokens
         prefix = list(request.prefix_ids)
-        token_rows = _rows_for(self.ctx, request, range(len(request.suffix_ids)))
+        token_rows = token_states(self.ctx, request, range(len(request.suffix_ids)))
         rows = [
-            _Seq(seq=seq, suffix_index=i, request=request, prompt_tokens=len(prefix) + len(suffix),
+            RunningRow(seq=seq, suffix_index=i, request=request, prompt_tokens=len(prefix) + len(suffix),
                  capacity=len(prefix) + len(suffix) + new, token=token_rows[i], admitted=now)
             for i, suffix in enumerate(request.suffix_ids)
         ]
@@ -133,7 +126,7 @@ class ContinuousBatch:
             # The prefix goes into the slot of the last row, which keeps it; the others copy it.
             # n of the temperature is the request's longest prompt, for the prefix and every
             # suffix alike (the prefix's cached states depend on it).
-            shared = _Prefix(seq=seq, request=request, kv=self._slot(rows[-1].capacity, request.prompt_tokens),
+            shared = SharedPrefix(seq=seq, request=request, kv=self._slot(rows[-1].capacity, request.prompt_tokens),
                              tokens=prefix, rows=rows)
             for row, suffix in zip(rows, request.suffix_ids):
                 row.prompt, row.prefix = list(suffix), shared
@@ -267,9 +260,9 @@ class ContinuousBatch:
         rows = [row for row, _ in choosers]
         n = len(rows)
         if ctx.rank == 0:
-            chosen = _choose(ctx, [r.token for r in rows], logits[[i for _, i in choosers]]) if n else \
+            chosen = choose_tokens(ctx, [r.token for r in rows], logits[[i for _, i in choosers]]) if n else \
                 torch.empty(0, dtype=torch.long, device=ctx.device)
-            done = _advance(ctx, [r.token for r in rows], chosen.tolist()) if n else []
+            done = advance_tokens(ctx, [r.token for r in rows], chosen.tolist()) if n else []
             stop = any(done) or (time_budget_s is not None and time.perf_counter() - start >= time_budget_s)
             message = torch.zeros((2, n + 1), dtype=torch.long, device=ctx.device)
             message[0, :n] = chosen.to(ctx.device)
@@ -306,21 +299,21 @@ class ContinuousBatch:
                 with self.meter.forward(shares):
                     out = ctx.model(
                         input_ids=input_ids, position_ids=position_ids, use_cache=True, logits_to_keep=keep_ids,
-                        **{_cache_argument(type(ctx.model)): PackedRows(packed)},
+                        **{cache_argument(type(ctx.model)): PackedRows(packed)},
                     )
                     logits = out.logits[0]  # (len(keep), V)
                 return logits
         except Exception as error:  # noqa: BLE001 - only out of memory is handled
-            if not _is_oom(error):
+            if not is_out_of_memory(error):
                 raise
-            message = f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
+            message = describe_out_of_memory(error)
             del error
         for kv, length in lengths:  # outside the except: the traceback's tensors are gone
             kv.rollback(length)
-        _free_memory(device)
+        free_memory(device)
         raise BatchOutOfMemory(message, self.meter.collect())
 
-    def _prefix_complete(self, prefix: _Prefix, now: float) -> None:
+    def _prefix_complete(self, prefix: SharedPrefix, now: float) -> None:
         """Hands the finished prefix cache to its rows: the last row keeps it, the others copy."""
         *others, last = prefix.rows
         for row in others:
@@ -332,7 +325,7 @@ class ContinuousBatch:
             row.prefix_prefill_s = now - row.admitted
         self.prefixes.remove(prefix)
 
-    def _finish(self, row: _Seq, now: float) -> FinishedRow:
+    def _finish(self, row: RunningRow, now: float) -> FinishedRow:
         ctx = self.ctx
         if row.kv is not None:
             row.kv.free()
@@ -369,7 +362,7 @@ def generate_continuous(ctx: RankContext, requests: list[GenerationRequest], *, 
     from pipeline.engine.messages import result_of
     from pipeline.engine.metering import Ledger
     from pipeline.engine.scheduler import Demand, admit, budget_of, wont_fit
-    from pipeline.engine.requests import OUT_OF_MEMORY, WONT_FIT, GenerationResult
+    from pipeline.engine.requests import WONT_FIT, GenerationResult
 
     if ctx.world_size != 1:
         raise ValueError("generate_continuous runs one rank in process; use the engine for tensor parallelism")
@@ -382,9 +375,7 @@ def generate_continuous(ctx: RankContext, requests: list[GenerationRequest], *, 
     for seq, request in enumerate(requests):
         refusal = wont_fit(plan, request)
         if refusal is not None:
-            answers[seq] = [GenerationResult.error(request.request_id, i, WONT_FIT, refusal,
-                                                   prompt_tokens=len(request.prefix_ids) + len(s))
-                            for i, s in enumerate(request.suffix_ids)]
+            answers[seq] = GenerationResult.errors_for(request, WONT_FIT, refusal)
         else:
             waiting.append((seq, request, False))
     resident: dict[int, tuple] = {}  # seq -> (request, solo, finished rows)
@@ -405,11 +396,7 @@ def generate_continuous(ctx: RankContext, requests: list[GenerationRequest], *, 
             batch.drop(list(resident))
             if len(resident) == 1:
                 ((seq, (request, _, _)),) = resident.items()
-                answers[seq] = [GenerationResult.error(
-                    request.request_id, i, OUT_OF_MEMORY,
-                    f"out of memory for a {request.prompt_tokens}-token prompt on {ctx.device}, running alone "
-                    f"({error.message}); lower max_input_tokens or max_new_tokens, or use more tensor-parallel ranks",
-                    prompt_tokens=len(request.prefix_ids) + len(s)) for i, s in enumerate(request.suffix_ids)]
+                answers[seq] = out_of_memory_results(request, f"{ctx.device}, running alone", f" ({error.message})")
                 resident.clear()
             else:  # each runs again alone, oldest first
                 waiting.extendleft(reversed([(seq, request, True) for seq, (request, _, _) in resident.items()]))

@@ -7,7 +7,7 @@ Ray. Two paths:
   ends, or one request with several suffixes sharing its prefix). `pipeline.engine` rank actors
   call it when `EngineConfig.scheduler` is "static"; tests call it in process.
 - `pipeline.engine.continuous`: the continuous scheduler's running batch (the default); it uses
-  the token choice and stop logic defined here (`_choose`, `_advance`).
+  the same token choice and stop logic (`pipeline.engine.tokens`).
 
 Under tensor parallelism every rank runs the same forward passes (AutoTP's all-reduces keep the
 logits identical), but only rank 0 chooses tokens and decides when a row stops: `sync` broadcasts
@@ -33,19 +33,19 @@ its first token, first token to its last).
 from __future__ import annotations
 
 import copy
-import functools
-import gc
-import inspect
 import time
 from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
 
-from pipeline.engine.metering import CPU_MEMORY_KIND, CUDA_MEMORY_KIND, CUDA_TIME_KIND, ForwardMeter
-from pipeline.engine.requests import OUT_OF_MEMORY, WONT_FIT, GenerationRequest, GenerationResult
+from pipeline.engine.kv_cache import cache_argument
+from pipeline.engine.metering import CUDA_TIME_KIND, ForwardMeter
+from pipeline.engine.out_of_memory import describe_out_of_memory, free_memory, is_out_of_memory, out_of_memory_results
+from pipeline.engine.requests import WONT_FIT, GenerationRequest, GenerationResult
+from pipeline.engine.tokens import TokenState, advance_tokens, choose_tokens, token_states
 
-__all__ = ["CPU_MEMORY_KIND", "CUDA_MEMORY_KIND", "RankContext", "RankOutOfMemory", "generate_batch"]
+__all__ = ["RankContext", "RankOutOfMemory", "generate_batch"]
 
 
 @dataclass
@@ -90,114 +90,26 @@ class RankOutOfMemory(Exception):
 
 
 # ---------------------------------------------------------------------------------------------
-# Token choice (rank 0)
-
-
-@dataclass
-class _Row:
-    request: GenerationRequest
-    suffix_index: int
-    prompt_tokens: int
-    generator: torch.Generator | None = None
-    output_ids: list[int] = field(default_factory=list)
-    text: str | None = None
-    done: bool = False
-
-
-def repetition_guard(logits: torch.Tensor, output_ids: list[int], params) -> torch.Tensor:
-    """(V,) logits of one row -> the same logits with SamplingParams' repetition guard applied to
-    the tokens generated so far (`output_ids`; the prompt is not penalised: a summary may reuse the
-    document's words). transformers' own logits processors do the work, fed the generated tokens
-    only. Unchanged (the same tensor) when the guard is off or nothing was generated yet."""
-    from transformers import NoRepeatNGramLogitsProcessor, RepetitionPenaltyLogitsProcessor
-
-    penalty, n = params.repetition_penalty, params.no_repeat_ngram_size
-    if not output_ids or (penalty == 1.0 and n <= 0):
-        return logits
-    ids = torch.tensor([output_ids], dtype=torch.long, device=logits.device)
-    scores = logits.float()[None]
-    if penalty != 1.0:
-        scores = RepetitionPenaltyLogitsProcessor(penalty)(ids, scores)
-    if n > 0:
-        scores = NoRepeatNGramLogitsProcessor(n)(ids, scores.clone())
-    return scores[0]
-
-
-def _choose(ctx: RankContext, rows: list[_Row], logits: torch.Tensor) -> torch.Tensor:
-    """(B, V) logits of the last position -> (B,) next tokens (rank 0's decision)."""
-    next_ids = torch.full((len(rows),), ctx.pad_token_id, dtype=torch.long, device=logits.device)
-    greedy = logits.argmax(-1)
-    for i, row in enumerate(rows):
-        params = row.request.sampling
-        if row.done:
-            continue
-        row_logits = logits[i]
-        guarded = repetition_guard(row_logits, row.output_ids, params)
-        if not params.do_sample or params.temperature <= 0:
-            next_ids[i] = greedy[i] if guarded is row_logits else guarded.argmax(-1)
-            continue
-        scores = guarded.float() / params.temperature
-        probs = torch.softmax(scores, -1)
-        if params.top_p < 1.0:
-            sorted_probs, order = probs.sort(descending=True)
-            keep = sorted_probs.cumsum(-1) - sorted_probs < params.top_p  # always keeps the top token
-            sorted_probs = torch.where(keep, sorted_probs, torch.zeros_like(sorted_probs))
-            probs = torch.zeros_like(probs).scatter(0, order, sorted_probs)
-        next_ids[i] = torch.multinomial(probs, 1, generator=row.generator)[0]
-    return next_ids
-
-
-def _advance(ctx: RankContext, rows: list[_Row], next_ids: list[int]) -> list[bool]:
-    """Appends the chosen tokens and decides which rows stop (rank 0). -> done flags."""
-    for row, token in zip(rows, next_ids):
-        if row.done:
-            continue
-        params = row.request.sampling
-        if token in ctx.eos_token_ids and not params.ignore_eos:
-            row.done = True
-            continue
-        row.output_ids.append(token)
-        if params.stop and ctx.tokenizer is not None:
-            text = ctx.tokenizer.decode(row.output_ids, skip_special_tokens=True)
-            start = len(text) - len(text.lstrip())  # leading whitespace never stops a row
-            cut = min((i for i in (text.find(s, start) for s in params.stop if s) if i >= 0), default=-1)
-            if cut >= 0:
-                row.text = text[:cut]
-                row.done = True
-                continue
-        if len(row.output_ids) >= params.max_new_tokens:
-            row.done = True
-    return [row.done for row in rows]
-
-
-# ---------------------------------------------------------------------------------------------
 # The loop
-
-
-@functools.cache
-def _cache_argument(model_class: type) -> str:
-    """transformers renamed `past_key_values` to `cache` during 5.x; use what this version takes."""
-    parameters = inspect.signature(model_class.forward).parameters
-    return "cache" if "cache" in parameters else "past_key_values"
 
 
 def _forward(model, input_ids, attention_mask, position_ids, cache) -> torch.Tensor:
     out = model(
         input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-        use_cache=True, logits_to_keep=1, **{_cache_argument(type(model)): cache},
+        use_cache=True, logits_to_keep=1, **{cache_argument(type(model)): cache},
     )
     return out.logits[:, -1, :]  # (B, V)
 
 
-def _decode(ctx: RankContext, rows: list[_Row], cache, logits, mask, timing: _Timing, keys: list) -> None:
+def _decode(ctx: RankContext, rows: list[TokenState], cache, logits, mask, timing: _Timing, keys: list) -> None:
     """Chooses, syncs and feeds tokens until every row is done. mask: (B, K) covering the cache;
     keys: each row's key for the meter."""
     device = ctx.device
     step = 0
     while True:
         if ctx.rank == 0:
-            chosen = _choose(ctx, rows, logits)
-            done = torch.tensor(_advance(ctx, rows, chosen.tolist()), device=device, dtype=torch.long)
+            chosen = choose_tokens(ctx, rows, logits)
+            done = torch.tensor(advance_tokens(ctx, rows, chosen.tolist()), device=device, dtype=torch.long)
             message = torch.stack([chosen.to(device), done])  # (2, B)
         else:
             message = torch.empty((2, len(rows)), dtype=torch.long, device=device)
@@ -249,26 +161,11 @@ def _prefill(ctx: RankContext, ids, mask, positions, cache, prompt_length) -> to
     return chunked_prefill(ctx.model, ids, cache, block_size=block, attention_mask=mask, prompt_length=prompt_length)
 
 
-def _rows_for(ctx: RankContext, request: GenerationRequest, suffixes) -> list[_Row]:
-    rows = []
-    for index in suffixes:
-        row = _Row(request, index, len(request.prefix_ids) + len(request.suffix_ids[index]))
-        seed = request.sampling.seed
-        if ctx.rank == 0 and request.sampling.do_sample:
-            row.generator = torch.Generator(device=ctx.device)
-            if seed is not None:
-                row.generator.manual_seed(seed + index)  # one reproducible stream per suffix
-            else:
-                row.generator.seed()
-        rows.append(row)
-    return rows
-
-
-def _run_rows_batch(ctx: RankContext, requests: list[GenerationRequest]) -> tuple[list[_Row], dict]:
+def _run_rows_batch(ctx: RankContext, requests: list[GenerationRequest]) -> tuple[list[TokenState], dict]:
     """Single-suffix requests in one left-padded batch."""
     from dca import set_prompt_length
 
-    rows = [r for req in requests for r in _rows_for(ctx, req, [0])]
+    rows = [r for req in requests for r in token_states(ctx, req, [0])]
     prompts = [req.prefix_ids + req.suffix_ids[0] for req in requests]
     width = max(len(p) for p in prompts)
     ids = torch.full((len(prompts), width), ctx.pad_token_id, dtype=torch.long)
@@ -289,7 +186,7 @@ def _run_rows_batch(ctx: RankContext, requests: list[GenerationRequest]) -> tupl
     return rows, {"timing": [timing] * len(rows), "report": timing.meter.collect(), "prefix_prefill_s": None}
 
 
-def _run_shared_prefix(ctx: RankContext, request: GenerationRequest) -> tuple[list[_Row], dict]:
+def _run_shared_prefix(ctx: RankContext, request: GenerationRequest) -> tuple[list[TokenState], dict]:
     """One request with several suffixes: the prefix is prefilled once, its cache copied per suffix."""
     from dca import set_prompt_length
 
@@ -313,7 +210,7 @@ def _run_shared_prefix(ctx: RankContext, request: GenerationRequest) -> tuple[li
     rows, timings = [], []
     last = len(request.suffix_ids) - 1
     for index, suffix_ids in enumerate(request.suffix_ids):
-        row = _rows_for(ctx, request, [index])
+        row = token_states(ctx, request, [index])
         timing = _Timing(meter, start=start)
         cache = prefix_cache if index == last else copy.deepcopy(prefix_cache)
         set_prompt_length(cache, n)
@@ -335,20 +232,7 @@ def _run_shared_prefix(ctx: RankContext, request: GenerationRequest) -> tuple[li
     return rows, {"timing": timings, "report": meter.collect(), "prefix_prefill_s": prefix_s}
 
 
-def _is_oom(error: BaseException) -> bool:
-    if isinstance(error, torch.OutOfMemoryError | MemoryError):
-        return True
-    text = str(error)
-    return isinstance(error, RuntimeError) and ("out of memory" in text or "can't allocate memory" in text)
-
-
-def _free_memory(device: torch.device) -> None:
-    gc.collect()
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
-
-
-def _results(ctx: RankContext, rows: list[_Row], info: dict) -> list[GenerationResult]:
+def _results(ctx: RankContext, rows: list[TokenState], info: dict) -> list[GenerationResult]:
     """Rows -> results with this rank's metrics (device time attributed by the meter)."""
     report = info["report"]
     results = []
@@ -389,12 +273,7 @@ def _check_memory_plan(ctx: RankContext, requests: list[GenerationRequest]):
     except WontFit as error:
         if len(requests) > 1:
             return [generate_batch(ctx, [r])[0] for r in requests]
-        request = requests[0]
-        return [[
-            GenerationResult.error(request.request_id, i, WONT_FIT, f"not started: {error}",
-                                   prompt_tokens=len(request.prefix_ids) + len(s))
-            for i, s in enumerate(request.suffix_ids)
-        ]]
+        return [GenerationResult.errors_for(requests[0], WONT_FIT, f"not started: {error}")]
 
 
 def generate_batch(ctx: RankContext, requests: list[GenerationRequest]) -> list[list[GenerationResult]]:
@@ -427,26 +306,17 @@ def generate_batch(ctx: RankContext, requests: list[GenerationRequest]) -> list[
                 rows, info = _run_rows_batch(ctx, requests)
             results = _results(ctx, rows, info)
     except Exception as error:  # noqa: BLE001 - only OOM is handled, the rest re-raised
-        if not _is_oom(error):
+        if not is_out_of_memory(error):
             raise
-        message = f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
+        message = describe_out_of_memory(error)
         del error
     if message is not None:  # outside the except: its traceback (and the tensors it holds) is gone
-        _free_memory(ctx.device)
+        free_memory(ctx.device)
         if ctx.world_size > 1:
             raise RankOutOfMemory(message, [r.request_id for r in requests], ctx.rank)
         if len(requests) > 1:
             return [generate_batch(ctx, [r])[0] for r in requests]
-        request = requests[0]
-        return [[
-            GenerationResult.error(
-                request.request_id, i, OUT_OF_MEMORY,
-                f"out of memory for a {request.prompt_tokens}-token prompt on {ctx.device} ({message}); "
-                "lower max_input_tokens or max_new_tokens, or use more tensor-parallel ranks",
-                prompt_tokens=len(request.prefix_ids) + len(s),
-            )
-            for i, s in enumerate(request.suffix_ids)
-        ]]
+        return [out_of_memory_results(requests[0], str(ctx.device), f" ({message})")]
     if len(requests) == 1:
         return [results]
     return [[result] for result in results]  # one row per request, in request order

@@ -21,6 +21,9 @@ dtype, as `dca.kv_quant.Int8KVCache` does.
 
 from __future__ import annotations
 
+import functools
+import inspect
+
 import torch
 
 
@@ -148,3 +151,11 @@ class PackedRows:
         # Only consulted by a model that is not DCA's (none reaches here): the packed input's
         # positions are passed explicitly.
         return 0
+
+
+@functools.cache
+def cache_argument(model_class: type) -> str:
+    """The keyword a model's forward takes its cache by: transformers renamed `past_key_values` to
+    `cache` during 5.x; use what this version takes."""
+    parameters = inspect.signature(model_class.forward).parameters
+    return "cache" if "cache" in parameters else "past_key_values"

@@ -14,11 +14,12 @@ from dataclasses import dataclass, field
 from typing import Iterable, Iterator
 
 from pipeline.config.engine import EngineConfig
-from pipeline.engine.errors import EngineError, EngineStartupError
-from pipeline.engine import replica as _replica
+from pipeline.engine import replica as replica_calls
+from pipeline.engine.errors import EngineError, EngineStartupError, short_error
 from pipeline.engine.metering import Ledger
 from pipeline.engine.models import locate_model
-from pipeline.engine.replica import _OutOfMemory, _RankError, _Replica, _ReplicaDown, _short
+from pipeline.engine.out_of_memory import out_of_memory_message
+from pipeline.engine.replica import RankError, Replica, ReplicaDown, ReplicaOutOfMemory
 from pipeline.engine.scheduler import Demand, admit, static_batch, wont_fit
 from pipeline.engine.requests import (
     INTERNAL, INVALID_INPUT, OUT_OF_MEMORY, PROMPT_TOO_LONG, REPLICA_FAILED, WONT_FIT, GenerationRequest,
@@ -62,7 +63,7 @@ class ReplicaPool:
         if not isinstance(config, EngineConfig):
             raise TypeError(f"config must be an EngineConfig, got {type(config).__name__}")
         self.config = config
-        self._replicas: list[_Replica] = []
+        self._replicas: list[Replica] = []
         self._queue: deque[_Entry] = deque()
         self._cond = threading.Condition()
         self._threads: list[threading.Thread] = []
@@ -102,7 +103,7 @@ class ReplicaPool:
             ray.init(address="local" if config.ray_address is None else config.ray_address)
         self._device_type = self._check_resources()
         names = [f"replica-{i}" for i in range(config.replicas)]
-        self._replicas = [_Replica(name, config, self._device_type) for name in names]
+        self._replicas = [Replica(name, config, self._device_type) for name in names]
         errors = []
         with concurrent.futures.ThreadPoolExecutor(max_workers=len(self._replicas)) as pool:
             for replica, future in [(r, pool.submit(r.start)) for r in self._replicas]:
@@ -112,7 +113,7 @@ class ReplicaPool:
                     errors.append(error)
         if errors:
             self.shutdown()
-            raise errors[0] if isinstance(errors[0], EngineStartupError) else EngineStartupError(_short(errors[0]))
+            raise errors[0] if isinstance(errors[0], EngineStartupError) else EngineStartupError(short_error(errors[0]))
         self._vocab_size = self._replicas[0].vocab_size
         self._plan = self._replicas[0].memory_plan
         self._started = True
@@ -262,7 +263,7 @@ class ReplicaPool:
             self._borrowed.add(handle.name)
         try:
             return handle.call(fn, args)
-        except (_ReplicaDown, _OutOfMemory, _RankError) as error:
+        except (ReplicaDown, ReplicaOutOfMemory, RankError) as error:
             raise EngineError(f"{handle.name}: {fn.__name__} failed on its ranks: {error}") from None
         finally:
             with self._cond:
@@ -319,16 +320,8 @@ class ReplicaPool:
         return None
 
     def _fail(self, entry: _Entry, error_type: str, message: str) -> None:
-        request = entry.request
-        suffixes = getattr(request, "suffix_ids", None) or [[]]
-        prefix = len(getattr(request, "prefix_ids", []) or [])
-        results = [
-            GenerationResult.error(
-                getattr(request, "request_id", "?"), i, error_type, message,
-                prompt_tokens=prefix + len(s), attempts=max(1, entry.attempts), preemptions=entry.preemptions,
-            )
-            for i, s in enumerate(suffixes)
-        ]
+        results = GenerationResult.errors_for(entry.request, error_type, message, attempts=max(1, entry.attempts),
+                                              preemptions=entry.preemptions)
         if entry.attempts:  # the device time it used still counts (continuous scheduler's ledger)
             with self._ledger_lock:
                 rows = self._ledger.pop(entry.seq, len(results))
@@ -347,7 +340,7 @@ class ReplicaPool:
 
     # -- serving -------------------------------------------------------------------------------
 
-    def _next_batch(self, replica: _Replica) -> list[_Entry]:
+    def _next_batch(self, replica: Replica) -> list[_Entry]:
         """Under the lock: the requests `replica` takes now (removed from the queue). Static: the
         next batch. Continuous: the waiting requests that join its running batch (maybe none)."""
         waiting = list(self._queue)
@@ -364,19 +357,19 @@ class ReplicaPool:
             self._queue.remove(entry)
         return entries
 
-    def _serve(self, replica: _Replica) -> None:
+    def _serve(self, replica: Replica) -> None:
         """A serving thread: one replica's loop. Whatever happens, it leaves no request unanswered."""
         died = None
         try:
             while self._serve_one(replica):
                 pass
         except BaseException as error:  # noqa: BLE001 - a bug in the loop: answer, then end
-            died = f"{replica.name}'s serving thread died: {_short(error)}"
+            died = f"{replica.name}'s serving thread died: {short_error(error)}"
             log.error("%s", died, exc_info=error)
         finally:
             self._serving_ended(replica, died)
 
-    def _serve_one(self, replica: _Replica) -> bool:
+    def _serve_one(self, replica: Replica) -> bool:
         """Static: takes one batch and answers it. Continuous: admits what fits and runs one call
         of the running batch. False: this thread ends (stopping, or replica given up)."""
         continuous = replica.scheduler == "continuous"
@@ -413,7 +406,7 @@ class ReplicaPool:
             self._fail(entry, INTERNAL, f"{replica.name} stopped serving while this request ran")
         return keep
 
-    def _run_step(self, replica: _Replica, admitted: list[_Entry]) -> bool:
+    def _run_step(self, replica: Replica, admitted: list[_Entry]) -> bool:
         """One call of `replica`'s running batch (continuous scheduler): admits `admitted`, then
         answers the requests whose rows all ended."""
         resident = self._running[replica.name]
@@ -427,7 +420,7 @@ class ReplicaPool:
         try:
             answers = replica.step([(e.seq, e.request) for e in admitted], _CALL_BUDGET_S, deadline,
                                    self._on_dispatch)
-        except _ReplicaDown as error:
+        except ReplicaDown as error:
             entries = list(resident)
             resident.clear()
             if self._stopping:  # shutdown() killed the actors under this batch
@@ -439,7 +432,7 @@ class ReplicaPool:
             log.warning("%s went down (%s); %d request(s) go back to the queue", replica.name, error, len(entries))
             self._requeue(entries, f"{replica.name}: {error}")
             return self._rebuild(replica)
-        except _OutOfMemory as error:
+        except ReplicaOutOfMemory as error:
             self._add_reports(error.reports)
             entries = list(resident)
             resident.clear()
@@ -450,17 +443,18 @@ class ReplicaPool:
                     entry.preemptions += 1
             self._out_of_memory(replica, entries, error)
             return replica.alive or self._rebuild(replica)
-        except _RankError as error:
+        except RankError as error:
             entries = list(resident)
             resident.clear()
             replica.failures += 1
-            replica.last_error = _short(error.args[0])
+            replica.last_error = short_error(error.args[0])
             if replica.alive:
                 replica.to_drop = [e.seq for e in entries]
             for entry in entries:
                 self._fail(entry, INTERNAL, f"{replica.name} raised: {replica.last_error}")
             return replica.alive or self._rebuild(replica)
-        for entry, results in _replica._reduce_step(answers, resident, self._ledger, self._ledger_lock):
+        # Through the module: tests inject a failure there (tests/pipeline/test_engine_faults.py).
+        for entry, results in replica_calls.reduce_step(answers, resident, self._ledger, self._ledger_lock):
             for result in results:
                 result.replica, result.attempts = replica.name, entry.attempts
                 result.queued_s, result.preemptions = entry.admitted - entry.submitted, entry.preemptions
@@ -474,12 +468,12 @@ class ReplicaPool:
             for rank, report in reports.items():
                 self._ledger.add(rank, report)
 
-    def _run_batch(self, replica: _Replica, batch: list[_Entry]) -> bool:
+    def _run_batch(self, replica: Replica, batch: list[_Entry]) -> bool:
         for entry in batch:
             entry.attempts += 1
         try:
             results = replica.run([e.request for e in batch], self._on_dispatch)
-        except _ReplicaDown as error:
+        except ReplicaDown as error:
             if self._stopping:  # shutdown() killed the actors under this batch
                 for entry in batch:
                     self._fail(entry, INTERNAL, "the engine was shut down while this request ran")
@@ -489,12 +483,12 @@ class ReplicaPool:
             log.warning("%s went down (%s); %d request(s) go back to the queue", replica.name, error, len(batch))
             self._requeue(batch, f"{replica.name}: {error}")
             return self._rebuild(replica)
-        except _OutOfMemory as error:
+        except ReplicaOutOfMemory as error:
             self._out_of_memory(replica, batch, error)
             return replica.alive or self._rebuild(replica)
-        except _RankError as error:
+        except RankError as error:
             replica.failures += 1
-            replica.last_error = _short(error.args[0])
+            replica.last_error = short_error(error.args[0])
             for entry in batch:
                 self._fail(entry, INTERNAL, f"{replica.name} raised: {replica.last_error}")
             return replica.alive or self._rebuild(replica)
@@ -505,7 +499,7 @@ class ReplicaPool:
             self._resolve(entry, result)
         return True
 
-    def _out_of_memory(self, replica: _Replica, batch: list[_Entry], error: _OutOfMemory) -> None:
+    def _out_of_memory(self, replica: Replica, batch: list[_Entry], error: ReplicaOutOfMemory) -> None:
         """Some rank ran out of memory: a batch is split (each request alone, at the front of the
         queue); a request that ran alone gets out_of_memory results."""
         replica.last_error = f"out of memory: {error.message}"
@@ -520,23 +514,20 @@ class ReplicaPool:
             return
         (entry,) = batch
         request = entry.request
-        self._fail(entry, OUT_OF_MEMORY, (
-            f"request {request.request_id}: out of memory for a {request.prompt_tokens}-token prompt on "
-            f"{replica.name} (tp_size={self.config.tp_size}, running alone): {error.message}"
-            + (f"; the replica was rebuilt ({error.lost})" if error.lost is not None else "")
-            + "; lower max_input_tokens or max_new_tokens, or use more tensor-parallel ranks"
-        ))
+        rebuilt = f"; the replica was rebuilt ({error.lost})" if error.lost is not None else ""
+        self._fail(entry, OUT_OF_MEMORY, f"request {request.request_id}: " + out_of_memory_message(
+            request, f"{replica.name} (tp_size={self.config.tp_size}, running alone)", f": {error.message}{rebuilt}"))
 
-    def _batch_crashed(self, replica: _Replica, batch: list[_Entry], error: Exception) -> bool:
+    def _batch_crashed(self, replica: Replica, batch: list[_Entry], error: Exception) -> bool:
         """An unexpected exception while running a batch: it gets internal_error results; a
         replica whose ranks may still be running it is rebuilt."""
         replica.failures += 1
-        replica.last_error = f"engine error: {_short(error)}"
-        log.error("%s: the engine failed on a batch of %d: %s", replica.name, len(batch), _short(error),
+        replica.last_error = f"engine error: {short_error(error)}"
+        log.error("%s: the engine failed on a batch of %d: %s", replica.name, len(batch), short_error(error),
                   exc_info=error)
         for entry in batch:
             self._fail(entry, INTERNAL, f"{replica.name}: the engine failed while running request "
-                                        f"{entry.request.request_id}: {_short(error)}")
+                                        f"{entry.request.request_id}: {short_error(error)}")
         if self._stopping:
             return False
         if replica.busy or not replica.alive:
@@ -545,14 +536,14 @@ class ReplicaPool:
         replica.to_drop.extend(e.seq for e in batch)  # continuous: the ranks still hold them
         return True
 
-    def _serving_ended(self, replica: _Replica, died: str | None) -> None:
+    def _serving_ended(self, replica: Replica, died: str | None) -> None:
         """A serving thread ends: its batch, and when it was the last one the queue, get answers."""
         if died is not None:
             replica.last_error = died
             try:
                 replica.kill()  # nothing serves it any more
             except Exception as error:  # noqa: BLE001
-                log.warning("%s: kill failed: %s", replica.name, _short(error))
+                log.warning("%s: kill failed: %s", replica.name, short_error(error))
             replica.restarts = self.config.max_restarts + 1  # given up
         with self._cond:
             running = self._running.pop(replica.name, [])
@@ -593,7 +584,7 @@ class ReplicaPool:
         for entry in entries:
             self._fail(entry, INTERNAL, "the engine was shut down before this request ran")
 
-    def _rebuild(self, replica: _Replica) -> bool:
+    def _rebuild(self, replica: Replica) -> bool:
         """Restarts a replica within max_restarts. False: it is given up (and maybe the pool)."""
         while replica.restarts < self.config.max_restarts and not self._stopping:
             replica.restarts += 1
@@ -602,7 +593,7 @@ class ReplicaPool:
                 log.warning("%s rebuilt (restart %d)", replica.name, replica.restarts)
                 return True
             except Exception as error:  # noqa: BLE001
-                replica.last_error = f"rebuild {replica.restarts} failed: {_short(error)}"
+                replica.last_error = f"rebuild {replica.restarts} failed: {short_error(error)}"
                 log.warning("%s: %s", replica.name, replica.last_error)
         replica.restarts = self.config.max_restarts + 1  # marks it given up
         if not self._any_replica_left():

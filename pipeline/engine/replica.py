@@ -9,7 +9,7 @@ import logging
 import time
 
 from pipeline.config.engine import EngineConfig
-from pipeline.engine.errors import EngineStartupError
+from pipeline.engine.errors import EngineStartupError, short_error
 from pipeline.engine.messages import OutOfMemoryAnswer, StepResult, result_of
 from pipeline.engine.scheduler import budget_of
 from pipeline.engine.requests import GenerationRequest, GenerationResult
@@ -17,11 +17,11 @@ from pipeline.engine.requests import GenerationRequest, GenerationResult
 log = logging.getLogger("pipeline.engine")
 
 
-class _ReplicaDown(Exception):
+class ReplicaDown(Exception):
     """The replica lost a rank (or hung); its batch must run elsewhere."""
 
 
-class _OutOfMemory(Exception):
+class ReplicaOutOfMemory(Exception):
     """Some rank ran out of memory on the batch. `lost`: why the replica was killed (None: kept).
     `reports`: rank -> what it measured in that call before (continuous batching)."""
 
@@ -30,7 +30,7 @@ class _OutOfMemory(Exception):
         self.message, self.lost, self.reports = message, lost, reports or {}
 
 
-class _Replica:
+class Replica:
     """Driver-side handle of one replica: its placement group, its rank actors, its counters."""
 
     def __init__(self, name: str, config: EngineConfig, device_type: str):
@@ -110,7 +110,7 @@ class _Replica:
                 raise EngineStartupError(
                     f"replica {self.name}: loading did not finish within startup_timeout_s={config.startup_timeout_s:g}"
                 ) from None
-            raise EngineStartupError(f"replica {self.name} failed to start: {_short(error)}") from error
+            raise EngineStartupError(f"replica {self.name} failed to start: {short_error(error)}") from error
         self.vocab_size = infos[0]["vocab_size"]
         self.rank_info = infos
         self.rank_load_s = [i["load_s"] for i in infos]
@@ -125,15 +125,15 @@ class _Replica:
     def run(self, requests: list[GenerationRequest], on_dispatch=None) -> list[list[GenerationResult]]:
         """Runs one static batch on every rank; -> rank 0's results with metrics reduced over ranks.
 
-        Raises _ReplicaDown (a rank died or the batch timed out; the replica is killed),
-        _OutOfMemory (some rank ran out of memory; the replica is killed when a peer is stuck) or
-        _RankError (a rank raised; the replica is killed when a peer is stuck)."""
+        Raises ReplicaDown (a rank died or the batch timed out; the replica is killed),
+        ReplicaOutOfMemory (some rank ran out of memory; the replica is killed when a peer is stuck) or
+        RankError (a rank raised; the replica is killed when a peer is stuck)."""
         deadline = None if self.config.request_timeout_s is None else time.monotonic() + self.config.request_timeout_s
         answers = self._call_all("run_batch", (requests,), deadline,
                                  lambda: on_dispatch(self.name, [r.request_id for r in requests]) if on_dispatch else None)
         for rank, results in enumerate(answers):  # attributions sum to the rank's busy time
             self.busy_s[rank] += sum(r.device_time_s or 0.0 for rs in results for r in rs)
-        return _reduce_over_ranks(answers, self.name)
+        return reduce_over_ranks(answers, self.name)
 
     def step(self, admit: list, time_budget_s: float | None, deadline: float | None,
              on_dispatch=None) -> list[StepResult]:
@@ -178,11 +178,11 @@ class _Replica:
                 self.kill()
                 stuck = sorted(refs.index(ref) for ref in pending)
                 if out_of_memory:
-                    raise _OutOfMemory(_oom_text(out_of_memory), f"rank(s) {stuck} still ran {grace:g} s "
+                    raise ReplicaOutOfMemory(_oom_text(out_of_memory), f"rank(s) {stuck} still ran {grace:g} s "
                                        "(rank_grace_s) later, stuck in a collective", reports)
                 if app_error is not None:
-                    raise _RankError(app_error)
-                raise _ReplicaDown(f"batch exceeded request_timeout_s={self.config.request_timeout_s}")
+                    raise RankError(app_error)
+                raise ReplicaDown(f"batch exceeded request_timeout_s={self.config.request_timeout_s}")
             for ref in ready:
                 rank = refs.index(ref)
                 try:
@@ -191,9 +191,9 @@ class _Replica:
                         ray.exceptions.NodeDiedError, ray.exceptions.ObjectLostError) as error:
                     self.kill()
                     if out_of_memory:
-                        raise _OutOfMemory(_oom_text(out_of_memory), f"rank {rank} died: {_short(error)}",
+                        raise ReplicaOutOfMemory(_oom_text(out_of_memory), f"rank {rank} died: {short_error(error)}",
                                            reports) from None
-                    raise _ReplicaDown(f"rank {rank} died: {_short(error)}") from None
+                    raise ReplicaDown(f"rank {rank} died: {short_error(error)}") from None
                 except ray.exceptions.RayTaskError as error:
                     app_error = error
                     continue
@@ -212,14 +212,14 @@ class _Replica:
                     self.busy_s[rank] += answer.report.busy_s
             lost = None
             if app_error is not None:
-                lost = f"another rank raised {_short(app_error)}"
+                lost = f"another rank raised {short_error(app_error)}"
             elif not self._group_in_step():
                 lost = f"the ranks failed an all-reduce check within rank_grace_s={grace:g} s"
             if lost is not None:
                 self.kill()
-            raise _OutOfMemory(_oom_text(out_of_memory), lost, reports)
+            raise ReplicaOutOfMemory(_oom_text(out_of_memory), lost, reports)
         if app_error is not None:
-            raise _RankError(app_error)
+            raise RankError(app_error)
         return [answers[r] for r in range(len(refs))]
 
     def _group_in_step(self) -> bool:
@@ -229,7 +229,7 @@ class _Replica:
         try:
             sums = ray.get([w.check_group.remote() for w in self.workers], timeout=self.config.rank_grace_s)
         except Exception as error:  # noqa: BLE001 - any failure means: rebuild
-            log.warning("replica %s: group check after out of memory failed: %s", self.name, _short(error))
+            log.warning("replica %s: group check after out of memory failed: %s", self.name, short_error(error))
             return False
         return all(total == len(self.workers) for total in sums)
 
@@ -259,17 +259,17 @@ class _Replica:
         from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
         try:
-            from pipeline.engine.worker import _remove_shm_task
+            from pipeline.engine.worker import remove_shm_task
 
-            task = ray.remote(num_cpus=0)(_remove_shm_task).options(
+            task = ray.remote(num_cpus=0)(remove_shm_task).options(
                 scheduling_strategy=NodeAffinitySchedulingStrategy(self.node_id, soft=False)
             )
             ray.get(task.remote(*self.master), timeout=60)
         except Exception as error:  # noqa: BLE001 - best effort
-            log.warning("replica %s: could not remove /dev/shm files: %s", self.name, _short(error))
+            log.warning("replica %s: could not remove /dev/shm files: %s", self.name, short_error(error))
 
 
-class _RankError(Exception):
+class RankError(Exception):
     """A rank raised (not out of memory, that is a result): the batch gets internal_error results."""
 
 
@@ -277,12 +277,9 @@ def _oom_text(out_of_memory: dict[int, str]) -> str:
     return "; ".join(f"rank {rank}: {message}" for rank, message in sorted(out_of_memory.items()))
 
 
-def _short(error: BaseException) -> str:
-    text = str(error).strip().splitlines()
-    return f"{type(error).__name__}: {text[-1] if text else ''}"
-
-
-def _reduce_over_ranks(per_rank: list[list[list[GenerationResult]]], replica: str) -> list[list[GenerationResult]]:
+def reduce_over_ranks(per_rank: list[list[list[GenerationResult]]], replica: str) -> list[list[GenerationResult]]:
+    """A static batch's results from every rank -> rank 0's, each named after `replica`, with the
+    device metrics reduced over ranks (peaks and device time: max; device-seconds: sum)."""
     out = []
     for request_index, results in enumerate(per_rank[0]):
         merged = []
@@ -313,7 +310,7 @@ def _plan_of(plan: dict | None):
     return MemoryPlan(ModelShape(**plan["shape"]), ServingConfig(**plan["serving"]))
 
 
-def _reduce_step(answers: list[StepResult], resident: list, ledger, lock) -> list[tuple]:
+def reduce_step(answers: list[StepResult], resident: list, ledger, lock) -> list[tuple]:
     """A continuous call's answers from every rank -> [(entry, results)] of the requests whose
     rows have all ended: every rank's measurements go into the ledger (device time and peaks
     per rank), tokens, text and times come from rank 0."""

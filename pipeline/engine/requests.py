@@ -86,3 +86,13 @@ class GenerationResult:
             request_id=request_id, suffix_index=suffix_index, status="error",
             error_type=error_type, error_message=message, **kw,
         )
+
+    @classmethod
+    def errors_for(cls, request, error_type: str, message: str, **kw) -> list[GenerationResult]:
+        """The same error for every suffix of `request`, each with its own prompt_tokens (prefix +
+        suffix). `request` may be anything submitted in place of a GenerationRequest: its id is
+        then "?" and it has one row."""
+        suffixes = getattr(request, "suffix_ids", None) or [[]]
+        prefix = len(getattr(request, "prefix_ids", []) or [])
+        return [cls.error(getattr(request, "request_id", "?"), i, error_type, message, prompt_tokens=prefix + len(s),
+                          **kw) for i, s in enumerate(suffixes)]

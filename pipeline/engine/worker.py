@@ -127,6 +127,7 @@ class RankWorker:
         import torch
 
         from pipeline.engine.generation import RankContext
+        from pipeline.engine.tokens import eos_token_ids
         from pipeline.engine.models import load_model, load_model_for_tp, load_tokenizer
 
         config = EngineConfig.from_dict(config)
@@ -159,13 +160,10 @@ class RankWorker:
             model = load_model(spec, str(device))
         model.eval()
 
-        tokenizer, eos, pad = None, set(), 0
+        tokenizer, pad = None, 0
         if self.rank == 0:
             tokenizer = load_tokenizer(spec)
             pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-        for source in (getattr(tokenizer, "eos_token_id", None), model.generation_config.eos_token_id,
-                       model.config.eos_token_id):
-            eos.update(source if isinstance(source, (list, tuple)) else [source] if source is not None else [])
         from dca import dca_config_of
         from pipeline.config.resolve import static_prefill_block
         from pipeline.engine.continuous import ContinuousBatch, resolve_prefill_tokens
@@ -178,7 +176,7 @@ class RankWorker:
             prefill_block = static_prefill_block(config.prefill_block)
         plan = _memory_plan(config, model, device, self.world_size, prefill_block)
         self.ctx = RankContext(model=model, device=device, rank=self.rank, world_size=self.world_size,
-                               tokenizer=tokenizer, eos_token_ids=frozenset(eos), pad_token_id=pad,
+                               tokenizer=tokenizer, eos_token_ids=eos_token_ids(tokenizer, model), pad_token_id=pad,
                                kv_cache_dtype=config.kv_cache_dtype, prefill_block=prefill_block,
                                memory_plan=plan if scheduler == "static" else None)
         if sync is not None:
@@ -262,6 +260,8 @@ class RankWorker:
         return os.getpid()
 
 
-def _remove_shm_task(master_addr: str, master_port: int) -> int:
+def remove_shm_task(master_addr: str, master_port: int) -> int:
+    """A Ray task on a replica's node: removes the /dev/shm files its ranks left (died before
+    unlinking them); -> how many."""
     return _remove_shm_files(master_addr, master_port)
 

@@ -14,7 +14,7 @@ import torch
 from pipeline import engine
 from pipeline.config.engine import EngineConfig
 from pipeline.engine import EngineError, ReplicaPool
-from pipeline.generation import RankContext, RankOutOfMemory, generate_batch
+from pipeline.engine.generation import RankContext, RankOutOfMemory, generate_batch
 from pipeline.config.model import ModelSpec
 from pipeline.engine.models import load_model
 from pipeline.engine.requests import INTERNAL, OUT_OF_MEMORY, GenerationRequest
@@ -171,7 +171,7 @@ def static_tp1_pool(ray_cluster, tiny_model_dir):
 
 
 # Where each scheduler turns the ranks' answers into results (after every rank has answered).
-_REDUCE = {"continuous": "_reduce_step", "static": "_reduce_over_ranks"}
+_REDUCE = {"continuous": "reduce_step", "static": "reduce_over_ranks"}
 
 
 @pytest.mark.parametrize("scheduler", ["continuous", "static"])
@@ -204,7 +204,7 @@ def stub_replicas(monkeypatch):
     def start(self):
         self.alive, self.vocab_size, self.load_s = True, VOCAB, 0.0
 
-    monkeypatch.setattr(engine._Replica, "start", start)
+    monkeypatch.setattr(engine.replica.Replica, "start", start)
 
 
 def test_a_dead_serving_thread_fails_its_requests_and_later_ones(ray_cluster, tiny_model_dir, stub_replicas):

@@ -6,7 +6,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from pipeline.generation import CPU_MEMORY_KIND, RankContext, generate_batch
+from pipeline.engine.metering import CPU_MEMORY_KIND
+from pipeline.engine.generation import RankContext, generate_batch
 from pipeline.config.model import ModelSpec
 from pipeline.engine.models import load_model, load_tokenizer
 from pipeline.engine.requests import OUT_OF_MEMORY, GenerationRequest
@@ -166,7 +167,7 @@ def test_memory_plan_refuses_a_request_that_cannot_fit_before_running_it(model_a
 
 
 def test_repetition_guard_penalises_and_bans_only_generated_tokens():
-    from pipeline.engine.generation import repetition_guard
+    from pipeline.engine.tokens import repetition_guard
 
     logits = torch.tensor([1.0, -1.0, 2.0, 0.5, 4.0, 3.0, -2.0, 1.5])
     off = SamplingParams()
