@@ -9,7 +9,7 @@ what is measured is reading, checking, tokenising, prompt building, scheduling a
 
 - `job_driver`: `pipeline.job.run_job` (the jobs today): one driver process reads every file,
   tokenises every document, schedules and commits every part (exactly once, manifest, lock);
-- `ray_data`: `pipeline.ray_data.build_processor` with a stand-in engine stage, then
+- `ray_data`: `pipeline.dataflows.processor.build_processor` with a stand-in engine stage, then
   `Dataset.write_parquet`: reading, prompts and writing run in Ray tasks and actors;
 - `ray_data_job`: `pipeline.job.run_job` with `dataflow="ray-data"` (the jobs' `--dataflow
   ray-data`) and the same stand-in in its engine stage: work units read in Ray tasks, prompts in
@@ -44,7 +44,7 @@ os.environ.setdefault("RAY_AUTH_MODE", "token")  # before anything imports ray
 import pyarrow as pa  # noqa: E402
 import pyarrow.parquet as pq  # noqa: E402
 
-from pipeline.ray_data import _EngineStage  # noqa: E402
+from pipeline.dataflows.processor import EngineStage  # noqa: E402
 from pipeline.engine.requests import GenerationResult  # noqa: E402
 
 OUTPUT = "a fixed summary"
@@ -96,7 +96,7 @@ class InstantPool:
         pass
 
 
-class InstantEngineStage(_EngineStage):
+class InstantEngineStage(EngineStage):
     """The processor's engine stage with InstantPool in place of a replica."""
 
     def _start_engine(self):
@@ -107,9 +107,9 @@ class InstantEngineStage(_EngineStage):
 
 
 def _instant_unit_engine_stage():
-    from pipeline.ray_data_job import _UnitEngineStage
+    from pipeline.dataflows.units import UnitEngineStage
 
-    class InstantUnitEngineStage(_UnitEngineStage):
+    class InstantUnitEngineStage(UnitEngineStage):
         """The jobs' ray-data engine stage with InstantPool in place of a replica."""
 
         def _start_engine(self):
@@ -122,8 +122,8 @@ def run_ray_data_job(corpus: Path, out: Path, max_input_tokens: int, prompt_acto
     import ray
 
     from pipeline.config.job import JobConfig
-    from pipeline.job import run_job
     from pipeline.config.model import ModelSpec
+    from pipeline.job import run_job
 
     ray.init(address="local", include_dashboard=False, log_to_driver=False)
     ray.data.DataContext.get_current().enable_progress_bars = False
@@ -142,8 +142,8 @@ def run_ray_data_job(corpus: Path, out: Path, max_input_tokens: int, prompt_acto
 
 def run_job_driver(corpus: Path, out: Path, max_input_tokens: int) -> dict:
     from pipeline.config.job import JobConfig
-    from pipeline.job import run_job
     from pipeline.config.model import ModelSpec
+    from pipeline.job import run_job
 
     config = JobConfig(task="summarize", input_path=str(corpus), output_dir=str(out), model_spec=ModelSpec(),
                        max_input_tokens=max_input_tokens, max_new_tokens=4, progress=False, part_rows=512)
@@ -158,7 +158,7 @@ def run_ray_data(corpus: Path, out: Path, max_input_tokens: int, prompt_actors: 
     import ray
 
     from pipeline.config.processor import DCAProcessorConfig
-    from pipeline.ray_data import Processor
+    from pipeline.dataflows.processor import Processor
 
     ray.init(address="local", include_dashboard=False, log_to_driver=False)
     ray.data.DataContext.get_current().enable_progress_bars = False

@@ -103,7 +103,7 @@ def worker_prefill(mode: str, length: int, threads: int, layers: int, decode: bo
 
     torch.set_num_threads(threads)
     torch.manual_seed(0)
-    # SmolLM2-135M geometry (pipeline/models.py loads the real one; random weights time the same).
+    # SmolLM2-135M geometry (pipeline/engine/models.py loads the real one; random weights time the same).
     cfg = LlamaConfig(
         vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=layers,
         num_attention_heads=9, num_key_value_heads=3, head_dim=64, max_position_embeddings=8192,

@@ -55,12 +55,12 @@ def main() -> None:
     import torch
 
     from pipeline.config.engine import EngineConfig
+    from pipeline.config.model import ModelSpec
+    from pipeline.config.task import SamplingParams
     from pipeline.engine import ReplicaPool
     from pipeline.engine.generation import RankContext, generate_batch
-    from pipeline.config.model import ModelSpec
     from pipeline.engine.models import load_model, load_tokenizer
     from pipeline.engine.requests import GenerationRequest
-    from pipeline.config.task import SamplingParams
 
     torch.set_num_threads(args.threads)
     spec = ModelSpec(model=args.model)

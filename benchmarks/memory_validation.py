@@ -1,4 +1,4 @@
-"""Measured peak memory of a request against the memory planner's prediction (pipeline/memory_plan.py),
+"""Measured peak memory of a request against the memory planner's prediction (pipeline/engine/memory_plan.py),
 and the quality cost of the int8 KV cache.
 
 CPU (what docs/memory.md records):

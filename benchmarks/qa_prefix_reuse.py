@@ -50,12 +50,12 @@ def main(argv=None) -> None:
     import ray
 
     from pipeline.config.engine import EngineConfig
-    from pipeline.engine import ReplicaPool
     from pipeline.config.model import ModelSpec
-    from pipeline.engine.models import load_tokenizer
-    from pipeline.prompts import PromptBuilder
-    from pipeline.engine.requests import GenerationRequest
     from pipeline.config.task import SamplingParams
+    from pipeline.data.prompts import PromptBuilder
+    from pipeline.engine import ReplicaPool
+    from pipeline.engine.models import load_tokenizer
+    from pipeline.engine.requests import GenerationRequest
 
     spec = ModelSpec(model=args.model)
     tokenizer = load_tokenizer(spec)

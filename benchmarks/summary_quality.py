@@ -5,7 +5,7 @@ after the prompt and generation changes.
     .venv/bin/python benchmarks/summary_quality.py --variants before,after --corpus examples/corpus
 
 Every document of the example corpora is summarised once per variant, greedily, through the same
-code a job runs (pipeline.prompts.PromptBuilder for the prompt, pipeline.engine.generation.generate_batch
+code a job runs (pipeline.data.prompts.PromptBuilder for the prompt, pipeline.engine.generation.generate_batch
 for the decoding loop, DCA on, chunked prefill), in this process (no Ray: the engine adds nothing
 to the tokens). Each output is labelled by evaluation.summary_check (summary / continuation /
 repetitive / empty). Corpora and prompt limits are those of the README's commands:
@@ -20,7 +20,7 @@ Variants:
   above the document, no stop string, no repetition guard);
 - template: the current templates (instruction after the document), no stop, no guard;
 - after: the current defaults of jobs.summarize (template + stop at a blank line + repetition
-  guard: pipeline.config_files.TASK_GENERATION_DEFAULTS).
+  guard: pipeline.config.task.TASK_GENERATION_DEFAULTS).
 
 Writes benchmarks/results/summary_quality.json (every output with its measures) and .md.
 """
@@ -49,7 +49,7 @@ CORPORA = {"examples/corpus": 2048, "examples/quickstart": 16384}
 
 def variants():
     from pipeline.config.task import TASK_GENERATION_DEFAULTS
-    from pipeline.prompts import DEFAULT_TEMPLATES
+    from pipeline.data.prompts import DEFAULT_TEMPLATES
 
     after = TASK_GENERATION_DEFAULTS["summarize"]
     off = {"stop": (), "repetition_penalty": 1.0, "no_repeat_ngram_size": 0}
@@ -64,9 +64,9 @@ def load_engine_context():
     """The model and RankContext a replica of jobs.summarize builds (DCA on, chunked prefill)."""
     import torch
 
-    from pipeline.engine.generation import RankContext
     from pipeline.config.job import DEFAULT_PREFILL_BLOCK
     from pipeline.config.model import ModelSpec
+    from pipeline.engine.generation import RankContext
     from pipeline.engine.models import load_model, load_tokenizer
 
     spec = ModelSpec()
@@ -143,11 +143,11 @@ def main(argv=None) -> int:
     import pyarrow.dataset as ds
     import torch
 
-    from pipeline.engine.generation import generate_batch
-    from pipeline.prompts import PromptBuilder
-    from pipeline.engine.requests import GenerationRequest
-    from pipeline.config.task import SamplingParams
     from evaluation.summary_check import SourceIndex, check_summary
+    from pipeline.config.task import SamplingParams
+    from pipeline.data.prompts import PromptBuilder
+    from pipeline.engine.generation import generate_batch
+    from pipeline.engine.requests import GenerationRequest
 
     torch.set_num_threads(args.threads)
     chosen = {k: v for k, v in variants().items() if k in args.variants.split(",")}

@@ -112,8 +112,8 @@ def output_lengths(documents: int, new_tokens: int, new_tokens_max: int | None, 
 
 def _requests(prompts, new_tokens: list[int]):
     """One request per prompt, generating exactly its count of `new_tokens`."""
-    from pipeline.engine.requests import GenerationRequest
     from pipeline.config.task import SamplingParams
+    from pipeline.engine.requests import GenerationRequest
 
     return [GenerationRequest(request_id=f"doc{i:03d}", prefix_ids=p,
                               sampling=SamplingParams(max_new_tokens=n, ignore_eos=True))

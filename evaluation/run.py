@@ -17,11 +17,11 @@ from pathlib import Path
 from evaluation.config import EvalConfig, Variant
 from evaluation.report import write_plots, write_summary
 from evaluation.runners import InProcessRunner, ReplicaRunner, perplexity_summary, rank_model_info
-from pipeline.config.model import dca_config_of_settings
 from evaluation.texts import (
     PASSKEY_INSTRUCTION, PASSKEY_NEEDLE, PASSKEY_QUESTION, REPEAT_FILLER, REPO_ROOT, build_passkey_prompt, encode,
     make_passkey, passkey_correct, perplexity_windows, read_book,
 )
+from pipeline.config.model import dca_config_of_settings
 
 # --------------------------------------------------------------------------------------------
 # The evaluation run
@@ -295,14 +295,14 @@ def run_evaluation_tp(
 
     from pipeline.config.engine import EngineConfig
     from pipeline.engine import ReplicaPool
+    from pipeline.runtime.cluster import start_local_ray
 
     if tp_size < 1:
         raise ValueError(f"tp_size must be >= 1, got {tp_size}")
     started = not ray.is_initialized()
     if started:
         cpus = config.threads or 1
-        ray.init(address="local", num_cpus=max(os.cpu_count() or 1, tp_size * cpus * len(config.variants)),
-                 include_dashboard=False, log_to_driver=False)
+        start_local_ray(max(os.cpu_count() or 1, tp_size * cpus * len(config.variants)), log_to_driver=False)
     pools = {}
     try:
         for v in config.variants:

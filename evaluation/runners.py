@@ -54,8 +54,8 @@ def perplexity_summary(nll, length: int, position_bucket: int = 0) -> dict:
 
 
 def passkey_request(input_ids: list[int], max_new_tokens: int):
-    from pipeline.engine.requests import GenerationRequest
     from pipeline.config.task import SamplingParams
+    from pipeline.engine.requests import GenerationRequest
 
     return GenerationRequest(request_id="passkey", prefix_ids=[int(t) for t in input_ids],
                              sampling=SamplingParams(max_new_tokens=max_new_tokens))

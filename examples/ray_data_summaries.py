@@ -11,7 +11,7 @@ import sys
 import ray
 
 from pipeline.config.processor import DCAProcessorConfig
-from pipeline.ray_data import build_processor
+from pipeline.dataflows.processor import build_processor
 
 output = sys.argv[1] if len(sys.argv) > 1 else "/tmp/dca-ray-data"
 ray.init(address="local", include_dashboard=False)  # or ray.init() inside `ray job submit`

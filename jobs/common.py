@@ -19,9 +19,9 @@ import os
 import sys
 
 from pipeline.config.job import DEFAULT_MAX_INPUT_TOKENS, DEFAULT_MAX_NEW_TOKENS, DEFAULT_PREFILL_BLOCK
-from pipeline.config.resolve import KV_CACHE_DTYPES
-from pipeline.job import under_ray_job
 from pipeline.config.model import ModelSpec
+from pipeline.config.resolve import KV_CACHE_DTYPES
+from pipeline.runtime.cluster import under_ray_job
 
 # Config-file keys and flags that map onto JobConfig fields under another name.
 _RENAMED = {"input": "input_path", "output": "output_dir", "templates": "templates_file"}
@@ -289,12 +289,12 @@ def run_main(main) -> None:
     the finished documents and writing the metrics: rerun the same command to resume."""
     import signal
 
+    from pipeline.data.input import InputError
+    from pipeline.data.writer import OutputError
     from pipeline.engine import EngineError
-    from pipeline.io import InputError
-    from pipeline.job import JobFailed, JobStopped
-    from pipeline.output import OutputError
+    from pipeline.runtime.stops import JobFailed, JobStopped
 
-    # Until the job installs its own handlers (pipeline.job._StopSignals): exit quietly.
+    # Until the job installs its own handlers (pipeline.runtime.stops.StopSignals): exit quietly.
     signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     try:
         main()

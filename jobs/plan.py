@@ -11,7 +11,7 @@ values as in `python -m jobs.summarize`, so the plan printed is the plan of the 
 flags (a job prints it at start). --model takes a preset (llama2-7b, llama2-13b, llama2-70b,
 llama3-8b, llama3-70b, smollm2: shapes only, no weights needed), a Hugging Face directory, a
 config.json or a .gguf file. Nothing is loaded but the config. The model behind the numbers:
-pipeline/memory_plan.py, docs/memory.md.
+pipeline/engine/memory_plan.py, docs/memory.md.
 """
 
 from __future__ import annotations

@@ -121,7 +121,7 @@ def metrics_lines(m: dict) -> list[str]:
 def show(output_dir: str, *, ids: list[str] | None = None, errors_only: bool = False, metrics: bool = True,
          width: int | None = None, out=None) -> int:
     """Prints one job output directory; returns the number of rows printed."""
-    from pipeline.output import committed_parts, read_output
+    from pipeline.data.writer import committed_parts, read_output
 
     out = out or sys.stdout
     width = width or min(shutil.get_terminal_size((100, 24)).columns, 110)
@@ -169,7 +169,7 @@ def main(argv=None) -> int:
     if not os.path.isdir(directory):
         print(f"error: {args.output} is not a directory", file=sys.stderr)
         return 2
-    from pipeline.output import committed_parts
+    from pipeline.data.writer import committed_parts
 
     partitions = [] if committed_parts(directory) else sorted(
         name for name in os.listdir(directory) if name.startswith("run_date=")

@@ -80,9 +80,9 @@ def _reference(model_dir: str, device: str, prompts, max_new: int):
 def run_checks(device: str = "cuda") -> list[dict]:
     import torch
 
+    from pipeline.config.task import SamplingParams
     from pipeline.engine.generation import RankContext, generate_batch
     from pipeline.engine.requests import GenerationRequest
-    from pipeline.config.task import SamplingParams
 
     records: list[dict] = []
 
@@ -135,8 +135,8 @@ def run_checks(device: str = "cuda") -> list[dict]:
                 record("engine_tp2", None, skipped=f"deepspeed is not installed ({error}); running tp_size=1 only")
                 tp = 1
         from pipeline.config.engine import EngineConfig
-        from pipeline.engine import ReplicaPool
         from pipeline.config.model import ModelSpec
+        from pipeline.engine import ReplicaPool
         from pipeline.engine.requests import PROMPT_TOO_LONG
 
         ray.init(num_cpus=max(4, tp + 1), num_gpus=gpus, include_dashboard=False, log_to_driver=False)

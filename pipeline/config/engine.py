@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from pipeline.config.files import reject_unknown_fields
 from pipeline.config.model import ModelSpec
 from pipeline.config.resolve import KV_CACHE_DTYPES, check_prefill_block
-from pipeline.config.validate import check_choice, check_non_negative_int, check_positive_int, check_positive_ints
+from pipeline.config.validate import check_choice, check_int_at_least, check_positive_ints
 
 DEVICES = ("auto", "cpu", "cuda")
 SCHEDULERS = ("continuous", "static")
@@ -85,14 +85,14 @@ class EngineConfig:
         if not isinstance(self.model_spec, ModelSpec):
             raise TypeError(f"model_spec must be a ModelSpec, got {type(self.model_spec).__name__}")
         check_positive_ints(self, ("tp_size", "replicas", "max_input_tokens", "max_batch_tokens", "max_batch_size",
-                                   "cpus_per_rank"))
+                                   "cpus_per_rank"), rule="an int >= 1")
         for name in ("max_restarts", "request_retries"):
-            check_non_negative_int(name, getattr(self, name))
+            check_int_at_least(name, getattr(self, name), 0, rule="an int >= 0")
         check_choice("device", self.device, DEVICES)
-        check_choice("kv_cache_dtype", self.kv_cache_dtype, KV_CACHE_DTYPES)
-        check_prefill_block(self.prefill_block)
+        check_choice("kv_cache_dtype", self.kv_cache_dtype, KV_CACHE_DTYPES, shown="'auto' or 'int8'")
+        check_prefill_block(self.prefill_block, rule="None, 'chunk', 'auto' or an int >= 1")
         check_choice("scheduler", self.scheduler, SCHEDULERS)
-        check_positive_int("device_memory_bytes", self.device_memory_bytes, optional=True)
+        check_int_at_least("device_memory_bytes", self.device_memory_bytes, optional=True, rule="None or an int >= 1")
         if not self.startup_timeout_s > 0 or not self.rank_grace_s > 0 or not self.placement_timeout_s > 0:
             raise ValueError("placement_timeout_s, startup_timeout_s and rank_grace_s must be > 0")
         if self.request_timeout_s is not None and not self.request_timeout_s > 0:

@@ -52,7 +52,7 @@ class JobConfig:
     max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS
     # "middle": keep beginning and end of the document; "end": keep the beginning only.
     truncation: str = "middle"
-    # YAML/JSON file overriding the prompt templates (pipeline.prompts.DEFAULT_TEMPLATES).
+    # YAML/JSON file overriding the prompt templates (pipeline.data.prompts.DEFAULT_TEMPLATES).
     templates_file: str | None = None
     # None: the tokenizer's chat template when it has one; False: always the base template.
     use_chat_template: bool | None = None
@@ -120,14 +120,14 @@ class JobConfig:
 
     def __post_init__(self) -> None:
         settle_task_fields(self)
-        check_choice("dataflow", self.dataflow, DATAFLOWS)
+        check_choice("dataflow", self.dataflow, DATAFLOWS, shown=f"one of {', '.join(DATAFLOWS)}")
         check_positive_ints(self, ("tp", "replicas", "max_input_tokens", "max_new_tokens", "budget_min_documents",
                                    "part_rows", "unit_rows", "prompt_actors"))
         check_positive_ints(self, ("max_in_flight", "schedule_window"), optional=True)
         if not 0.0 <= self.max_error_fraction <= 1.0:
             raise ValueError(f"max_error_fraction must be in [0, 1], got {self.max_error_fraction}")
         object.__setattr__(self, "prefill_block", normalize_prefill_block(self.prefill_block))
-        check_prefill_block(self.prefill_block)
+        check_prefill_block(self.prefill_block, rule="'auto', 'chunk', 'none' (one shot) or a positive int")
         check_choice("kv_cache_dtype", self.kv_cache_dtype, KV_CACHE_DTYPES)
         if isinstance(self.model_spec, dict):
             object.__setattr__(self, "model_spec", ModelSpec.from_dict(self.model_spec))

@@ -29,11 +29,12 @@ KV_CACHE_DTYPES = ("auto", "int8")
 PLANNED_KV_DTYPES = ("auto", *COMPUTE_DTYPES, "int8")
 
 
-def check_prefill_block(value) -> None:
-    """prefill_block is "auto", "chunk", None (one shot) or a positive number of tokens."""
+def check_prefill_block(value, *, rule: str) -> None:
+    """prefill_block is "auto", "chunk", None (one shot) or a positive number of tokens; the message
+    reads "prefill_block must be <rule>, got <value>" (each config states the rule in its own words:
+    the jobs' spell one shot 'none')."""
     if not (value is None or value in ("auto", "chunk") or (is_int(value) and value > 0)):
-        raise ValueError(f"prefill_block must be 'auto', 'chunk', 'none' (one shot) or a positive integer, "
-                         f"got {value!r}")
+        raise ValueError(f"prefill_block must be {rule}, got {value!r}")
 
 
 def normalize_prefill_block(value):

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from pipeline.config.validate import check_choice, check_non_negative_int
+from pipeline.config.validate import check_choice, check_int_at_least
 
 TASKS = ("summarize", "qa")
 # "middle": keep the beginning and the end of an over-long document; "end": keep the beginning.
@@ -67,7 +67,7 @@ def settle_task_fields(config) -> None:
     penalty = config.repetition_penalty
     if isinstance(penalty, bool) or not isinstance(penalty, (int, float)) or penalty < 1.0:
         raise ValueError(f"repetition_penalty must be a number >= 1 (1 = off), got {penalty!r}")
-    check_non_negative_int("no_repeat_ngram_size", config.no_repeat_ngram_size)
+    check_int_at_least("no_repeat_ngram_size", config.no_repeat_ngram_size, 0, rule="an int >= 0 (0 = off)")
 
 
 def sampling_params(config) -> SamplingParams:

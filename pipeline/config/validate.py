@@ -3,6 +3,10 @@
 A failed check raises ValueError with one line that names the field, the rule and the value given
 (config errors reach users as that line and exit code 2, never as a traceback). `owner` prefixes
 the message where the field name alone would be ambiguous ("ModelShape 'llama2-7b': ").
+
+The rule is stated in each config's own words (`rule`, `shown`): "a positive integer" for the jobs'
+and the processor's settings, "an int >= 1" for the engine's, as their messages have always read
+(tests and users match on them); the check behind the words is the same.
 """
 
 from __future__ import annotations
@@ -13,27 +17,26 @@ def is_int(value) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
-def check_positive_int(name: str, value, *, optional: bool = False, owner: str = "") -> None:
-    """value >= 1 (None too, when optional)."""
+def check_int_at_least(name: str, value, minimum: int = 1, *, optional: bool = False,
+                       rule: str = "a positive integer", owner: str = "") -> None:
+    """value is an int (not a bool) >= minimum, or None when optional. The message reads
+    "<owner><name> must be <rule>, got <value>"."""
     if optional and value is None:
         return
-    if not is_int(value) or value < 1:
-        raise ValueError(f"{owner}{name} must be a positive integer{' or None' if optional else ''}, got {value!r}")
+    if not is_int(value) or value < minimum:
+        raise ValueError(f"{owner}{name} must be {rule}, got {value!r}")
 
 
-def check_positive_ints(config, names, *, optional: bool = False, owner: str = "") -> None:
-    """check_positive_int on each named attribute of `config`."""
+def check_positive_ints(config, names, *, optional: bool = False, rule: str | None = None) -> None:
+    """check_int_at_least(name, minimum 1) on each named attribute of `config`; the rule reads
+    "a positive integer" (or None, when optional)."""
+    rule = rule or ("a positive integer or None" if optional else "a positive integer")
     for name in names:
-        check_positive_int(name, getattr(config, name), optional=optional, owner=owner)
+        check_int_at_least(name, getattr(config, name), optional=optional, rule=rule)
 
 
-def check_non_negative_int(name: str, value) -> None:
-    """value >= 0."""
-    if not is_int(value) or value < 0:
-        raise ValueError(f"{name} must be an integer >= 0, got {value!r}")
-
-
-def check_choice(name: str, value, choices) -> None:
-    """value is one of `choices`."""
+def check_choice(name: str, value, choices, *, shown: str | None = None) -> None:
+    """value is one of `choices`. The message reads "<name> must be <shown>, got <value>"; `shown`
+    defaults to "one of <the tuple>"."""
     if value not in choices:
-        raise ValueError(f"{name} must be one of {', '.join(map(str, choices))}, got {value!r}")
+        raise ValueError(f"{name} must be {shown if shown is not None else f'one of {tuple(choices)}'}, got {value!r}")

@@ -34,9 +34,9 @@ import torch
 from pipeline.config.resolve import prefill_tokens
 from pipeline.engine.generation import RankContext
 from pipeline.engine.kv_cache import PackedRows, RowKV, cache_argument
-from pipeline.engine.out_of_memory import describe_out_of_memory, free_memory, is_out_of_memory, out_of_memory_results
 from pipeline.engine.messages import FinishedRow, StepResult
 from pipeline.engine.metering import ForwardMeter, MeterReport
+from pipeline.engine.out_of_memory import describe_out_of_memory, free_memory, is_out_of_memory, out_of_memory_results
 from pipeline.engine.requests import GenerationRequest
 from pipeline.engine.tokens import TokenState, advance_tokens, choose_tokens, token_states
 
@@ -353,7 +353,7 @@ def generate_continuous(ctx: RankContext, requests: list[GenerationRequest], *, 
     tp_size 1 does: same scheduler, same steps, same metering; -> one list of results (one per
     suffix) per request, in the given order.
 
-    plan: a `pipeline.memory_plan.MemoryPlan` with device_memory for the KV budget and wont_fit
+    plan: a `pipeline.engine.memory_plan.MemoryPlan` with device_memory for the KV budget and wont_fit
     answers (None: only max_rows limits the batch). Out of memory: the requests in the batch
     run again one at a time; one that still does not fit alone gets an out_of_memory result.
     reports: a list to receive every `MeterReport` of the rank (busy time, forwards, tokens)."""
@@ -361,8 +361,8 @@ def generate_continuous(ctx: RankContext, requests: list[GenerationRequest], *, 
 
     from pipeline.engine.messages import result_of
     from pipeline.engine.metering import Ledger
-    from pipeline.engine.scheduler import Demand, admit, budget_of, wont_fit
     from pipeline.engine.requests import WONT_FIT, GenerationResult
+    from pipeline.engine.scheduler import Demand, admit, budget_of, wont_fit
 
     if ctx.world_size != 1:
         raise ValueError("generate_continuous runs one rank in process; use the engine for tensor parallelism")

@@ -65,7 +65,7 @@ class RankContext:
     kv_cache_dtype: str = "auto"
     # Prompt tokens per prefill forward: None one shot, "chunk" one DCA chunk, or a number.
     prefill_block: int | str | None = None
-    # pipeline.memory_plan.MemoryPlan every request is checked against, or None.
+    # pipeline.engine.memory_plan.MemoryPlan every request is checked against, or None.
     memory_plan: object | None = None
     # Ranks in the tensor-parallel group: above 1, out of memory raises RankOutOfMemory instead
     # of being retried on this rank alone.

@@ -47,7 +47,7 @@ from pipeline.config.model import dca_chunk_len
 from pipeline.config.resolve import (
     MIN_AUTO_PREFILL_TOKENS, PLANNED_KV_DTYPES, check_prefill_block, kv_cache_dtype_of, prefill_tokens,
 )
-from pipeline.config.validate import check_choice, check_non_negative_int, check_positive_int
+from pipeline.config.validate import check_choice, check_int_at_least
 from pipeline.engine.requests import WONT_FIT
 
 KiB, MiB, GiB = 1 << 10, 1 << 20, 1 << 30
@@ -90,7 +90,7 @@ class ModelShape:
     def __post_init__(self) -> None:
         for f in ("num_layers", "hidden_size", "num_heads", "num_kv_heads", "head_dim", "intermediate_size",
                   "vocab_size", "pretraining_length"):
-            check_positive_int(f, getattr(self, f), owner=f"ModelShape {self.name!r}: ")
+            check_int_at_least(f, getattr(self, f), rule="a positive int", owner=f"ModelShape {self.name!r}: ")
         if self.num_heads % self.num_kv_heads:
             raise ValueError(
                 f"ModelShape {self.name!r}: num_heads ({self.num_heads}) must be a multiple of num_kv_heads "
@@ -212,7 +212,7 @@ class ServingConfig:
     kv_dtype: str | None = None
 
     def __post_init__(self) -> None:
-        check_positive_int("tp_size", self.tp_size)
+        check_int_at_least("tp_size", self.tp_size, rule="an int >= 1")
         if self.weight_dtype not in WEIGHT_BYTES:
             raise ValueError(f"weight_dtype must be one of {sorted(WEIGHT_BYTES)}, got {self.weight_dtype!r}")
         compute = self.compute_dtype or (self.weight_dtype if self.weight_dtype in COMPUTE_BYTES else "bfloat16")
@@ -224,12 +224,12 @@ class ServingConfig:
             object.__setattr__(self, "kv_cache_dtype", self.kv_dtype)
             object.__setattr__(self, "kv_dtype", None)
         check_choice("kv_cache_dtype", self.kv_cache_dtype, PLANNED_KV_DTYPES)
-        check_prefill_block(self.prefill_block)
+        check_prefill_block(self.prefill_block, rule="None (one shot), 'auto', 'chunk' or a positive int")
         if self.logits not in ("last", "all"):
             raise ValueError(f"logits must be 'last' or 'all', got {self.logits!r}")
         check_choice("attention_backend", self.attention_backend, BACKENDS)
         check_choice("device", self.device, DEVICES)
-        check_positive_int("chunk_len", self.chunk_len, optional=True)
+        check_int_at_least("chunk_len", self.chunk_len, optional=True, rule="a positive int or None")
         if self.device_memory is not None and self.device_memory <= 0:
             raise ValueError(f"device_memory must be a positive number of bytes, got {self.device_memory!r}")
         if not 0 <= self.fragmentation < 1:
@@ -395,9 +395,9 @@ class MemoryPlan:
 
     def estimate(self, prompt_tokens: int, new_tokens: int = 0, batch: int = 1) -> MemoryEstimate:
         """Predicted peak memory per GPU for `batch` prompts of `prompt_tokens` plus `new_tokens` each."""
-        check_positive_int("prompt_tokens", prompt_tokens)
-        check_non_negative_int("new_tokens", new_tokens)
-        check_positive_int("batch", batch)
+        check_int_at_least("prompt_tokens", prompt_tokens, 1, rule="an int >= 1")
+        check_int_at_least("new_tokens", new_tokens, 0, rule="an int >= 0")
+        check_int_at_least("batch", batch, 1, rule="an int >= 1")
         block = self.block_size(prompt_tokens)
         prefill = self.activation_bytes(block, prompt_tokens, batch)
         decode = self.activation_bytes(1, prompt_tokens + new_tokens, batch) if new_tokens else 0

@@ -20,11 +20,11 @@ from pipeline.engine.metering import Ledger
 from pipeline.engine.models import locate_model
 from pipeline.engine.out_of_memory import out_of_memory_message
 from pipeline.engine.replica import RankError, Replica, ReplicaDown, ReplicaOutOfMemory
-from pipeline.engine.scheduler import Demand, admit, static_batch, wont_fit
 from pipeline.engine.requests import (
     INTERNAL, INVALID_INPUT, OUT_OF_MEMORY, PROMPT_TOO_LONG, REPLICA_FAILED, WONT_FIT, GenerationRequest,
     GenerationResult,
 )
+from pipeline.engine.scheduler import Demand, admit, static_batch, wont_fit
 
 log = logging.getLogger("pipeline.engine")
 

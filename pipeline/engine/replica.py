@@ -11,8 +11,8 @@ import time
 from pipeline.config.engine import EngineConfig
 from pipeline.engine.errors import EngineStartupError, short_error
 from pipeline.engine.messages import OutOfMemoryAnswer, StepResult, result_of
-from pipeline.engine.scheduler import budget_of
 from pipeline.engine.requests import GenerationRequest, GenerationResult
+from pipeline.engine.scheduler import budget_of
 
 log = logging.getLogger("pipeline.engine")
 

@@ -127,8 +127,8 @@ class RankWorker:
         import torch
 
         from pipeline.engine.generation import RankContext
-        from pipeline.engine.tokens import eos_token_ids
         from pipeline.engine.models import load_model, load_model_for_tp, load_tokenizer
+        from pipeline.engine.tokens import eos_token_ids
 
         config = EngineConfig.from_dict(config)
         spec = config.model_spec
@@ -255,9 +255,6 @@ class RankWorker:
         """Test hook (fault injection): from now on, a batch holding one of these requests raises
         torch.OutOfMemoryError on this rank before its first forward. Lost when the actor is."""
         self.ctx.out_of_memory_for = frozenset(request_ids)
-
-    def ping(self) -> int:
-        return os.getpid()
 
 
 def remove_shm_task(master_addr: str, master_port: int) -> int:

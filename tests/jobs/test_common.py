@@ -51,8 +51,8 @@ def test_relative_output_is_rejected_under_ray_job_submit(tmp_path, monkeypatch)
 
 def test_driver_modules_import_no_torch(tmp_path):
     code = (
-        "import sys, jobs.summarize, jobs.qa, jobs.nightly, jobs.common, pipeline.job, pipeline.io, "
-        "pipeline.output, pipeline.prompts, pipeline.job_metrics\n"
+        "import sys, jobs.summarize, jobs.qa, jobs.nightly, jobs.common, pipeline.job, pipeline.data.input, "
+        "pipeline.data.writer, pipeline.data.prompts, pipeline.metrics.job\n"
         "heavy = [m for m in ('torch', 'transformers', 'deepspeed') if m in sys.modules]\n"
         "assert not heavy, heavy\n"
     )

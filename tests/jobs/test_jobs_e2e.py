@@ -17,7 +17,7 @@ from collections import Counter
 import psutil
 import pytest
 
-from pipeline.output import committed_parts, read_manifest, read_output
+from pipeline.data.writer import committed_parts, read_manifest, read_output
 from tests.jobs.conftest import PYTHON, REPO, TINY_DCA, job_env, write_corpus
 
 COMMON = ["--max-input-tokens", "150", "--max-new-tokens", "6", "--no-progress"]
@@ -156,8 +156,8 @@ def _wait_for(predicate, timeout_s: float, what: str):
 
 def test_replica_killed_mid_job_loses_and_duplicates_nothing(ray_local, tiny_chat_model, tmp_path):
     from pipeline.config.job import JobConfig
-    from pipeline.job import run_job
     from pipeline.config.model import ModelSpec
+    from pipeline.job import run_job
 
     valid = write_corpus(str(tmp_path / "corpus"), 40, bad_rows=False, min_words=100, max_words=140)
     config = JobConfig(

@@ -8,7 +8,7 @@ import copy
 
 import pytest
 
-from pipeline.prompts import DEFAULT_TEMPLATES, PromptBuilder, PromptError, load_templates
+from pipeline.data.prompts import DEFAULT_TEMPLATES, PromptBuilder, PromptError, load_templates
 from tests.jobs.conftest import load_tiny_tokenizer
 
 T = {

@@ -15,7 +15,7 @@ import time
 import psutil
 import pytest
 
-from pipeline.output import read_output
+from pipeline.data.writer import read_output
 from tests.jobs.conftest import PYTHON, REPO, TINY_DCA, job_env
 
 VENV_BIN = os.path.dirname(PYTHON)

@@ -8,8 +8,8 @@ import os
 import pytest
 
 from jobs import show
-from pipeline.job_metrics import JobMetrics
-from pipeline.output import OutputWriter
+from pipeline.data.writer import OutputWriter
+from pipeline.metrics.job import JobMetrics
 
 DCA_COLS = {"dca_enabled": True, "dca_pretraining_length": 8192, "dca_chunk_size": 6144, "dca_local_window": 1024,
             "dca_temperature_alpha": 0.0}

@@ -13,7 +13,7 @@ from collections import Counter
 
 import pytest
 
-from pipeline.output import STAGING, committed_parts, read_manifest, read_output
+from pipeline.data.writer import STAGING, committed_parts, read_manifest, read_output
 from tests.jobs.conftest import PYTHON, REPO, TINY_DCA, job_env, write_corpus
 
 

@@ -9,15 +9,15 @@ import dataclasses
 import pytest
 import torch
 
+from pipeline.config.model import ModelSpec
+from pipeline.config.task import SamplingParams
 from pipeline.engine import metering
 from pipeline.engine.continuous import ContinuousBatch, generate_continuous
 from pipeline.engine.generation import RankContext, generate_batch
-from pipeline.engine.metering import ForwardMeter
 from pipeline.engine.memory_plan import MemoryPlan, ModelShape, ServingConfig
-from pipeline.config.model import ModelSpec
+from pipeline.engine.metering import ForwardMeter
 from pipeline.engine.models import load_model, load_tokenizer
 from pipeline.engine.requests import OUT_OF_MEMORY, WONT_FIT, GenerationRequest
-from pipeline.config.task import SamplingParams
 from tests.pipeline.conftest import DCA
 
 # DCA chunk_len of the tiny model: chunk_size 48 - local_window 8.

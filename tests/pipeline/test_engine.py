@@ -13,11 +13,11 @@ import pytest
 import torch
 
 from pipeline.config.engine import EngineConfig
-from pipeline.engine import EngineStartupError, ReplicaPool
 from pipeline.config.model import ModelSpec
+from pipeline.config.task import SamplingParams
+from pipeline.engine import EngineStartupError, ReplicaPool
 from pipeline.engine.models import load_model
 from pipeline.engine.requests import INVALID_INPUT, PROMPT_TOO_LONG, REPLICA_FAILED, GenerationRequest
-from pipeline.config.task import SamplingParams
 from tests.pipeline.conftest import DCA
 
 MAX_NEW = 12

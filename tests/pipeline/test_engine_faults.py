@@ -13,12 +13,12 @@ import torch
 
 from pipeline import engine
 from pipeline.config.engine import EngineConfig
+from pipeline.config.model import ModelSpec
+from pipeline.config.task import SamplingParams
 from pipeline.engine import EngineError, ReplicaPool
 from pipeline.engine.generation import RankContext, RankOutOfMemory, generate_batch
-from pipeline.config.model import ModelSpec
 from pipeline.engine.models import load_model
 from pipeline.engine.requests import INTERNAL, OUT_OF_MEMORY, GenerationRequest
-from pipeline.config.task import SamplingParams
 from tests.pipeline.conftest import DCA, VOCAB
 
 MAX_NEW = 8

@@ -6,12 +6,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from pipeline.engine.metering import CPU_MEMORY_KIND
-from pipeline.engine.generation import RankContext, generate_batch
 from pipeline.config.model import ModelSpec
+from pipeline.config.task import SamplingParams
+from pipeline.engine.generation import RankContext, generate_batch
+from pipeline.engine.metering import CPU_MEMORY_KIND
 from pipeline.engine.models import load_model, load_tokenizer
 from pipeline.engine.requests import OUT_OF_MEMORY, GenerationRequest
-from pipeline.config.task import SamplingParams
 from tests.pipeline.conftest import DCA
 
 

@@ -8,7 +8,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline.io import DUPLICATE_ID, INVALID_INPUT, InputError, InputSpec, check_input, iter_documents
+from pipeline.data.input import DUPLICATE_ID, InputError, InputSpec, check_input, iter_documents
+from pipeline.engine.requests import INVALID_INPUT
 
 
 def _write(path, **columns):

@@ -9,9 +9,10 @@ from collections import Counter
 import pytest
 
 from pipeline.config.job import JobConfig
-from pipeline.job import JobFailed, run_job
 from pipeline.config.model import ModelSpec
-from pipeline.output import OutputError, read_output
+from pipeline.data.writer import OutputError, read_output
+from pipeline.job import run_job
+from pipeline.runtime.stops import JobFailed
 from tests.jobs.conftest import TINY_DCA, FakePool, load_tiny_tokenizer, tiny_chat_model, write_corpus  # noqa: F401 (fixture)
 
 

@@ -1,11 +1,11 @@
-"""The job metrics plot (pipeline/job_metrics.py JobMetrics.plot) reads well whatever the lengths:
+"""The job metrics plot (pipeline/metrics/job.py JobMetrics.plot) reads well whatever the lengths:
 all-equal prompt lengths, one document, QA rows sharing a length, a wide range."""
 
 from __future__ import annotations
 
 import pytest
 
-from pipeline.job_metrics import JobMetrics
+from pipeline.metrics.job import JobMetrics
 
 GiB = 1 << 30
 DCA = {"dca_enabled": True, "dca_pretraining_length": 8192}

@@ -1,4 +1,4 @@
-"""The memory planner (pipeline/memory_plan.py) and its CLI (jobs/plan.py)."""
+"""The memory planner (pipeline/engine/memory_plan.py) and its CLI (jobs/plan.py)."""
 
 import json
 import subprocess

@@ -9,8 +9,9 @@ import zlib
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline.output import (
-    MANIFEST, OUTPUT_SCHEMA, STAGING, CommittedIndex, OutputError, OutputWriter, committed_parts, read_output,
+from pipeline.data.schema import OUTPUT_SCHEMA
+from pipeline.data.writer import (
+    MANIFEST, STAGING, CommittedIndex, OutputError, OutputWriter, committed_parts, read_output,
 )
 
 

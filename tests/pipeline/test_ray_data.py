@@ -12,8 +12,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline.ray_data import OUTPUT_COLUMNS, build_processor
 from pipeline.config.processor import DCAProcessorConfig
+from pipeline.data.schema import PROCESSOR_COLUMNS as OUTPUT_COLUMNS
+from pipeline.dataflows.processor import build_processor
 from tests.jobs.conftest import TINY_DCA, tiny_chat_model, write_corpus  # noqa: F401 (fixture)
 
 
@@ -51,7 +52,7 @@ def test_config_is_validated_up_front(tiny_chat_model):
 
 
 def test_driver_side_import_is_light():
-    code = ("import sys, pipeline.ray_data; "
+    code = ("import sys, pipeline.dataflows.processor, pipeline.config.processor; "
             "print(sorted(m for m in ('torch', 'transformers', 'deepspeed') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
@@ -113,9 +114,9 @@ def test_qa_processor_answers_like_the_job(ray_local, tiny_chat_model, tmp_path)
     import ray
 
     from pipeline.config.job import JobConfig
-    from pipeline.job import run_job
     from pipeline.config.model import ModelSpec
-    from pipeline.output import read_output
+    from pipeline.data.writer import read_output
+    from pipeline.job import run_job
 
     write_corpus(str(tmp_path / "corpus"), 10, qa=True, max_words=120)
     config = _config(tiny_chat_model, task="qa", batch_size=3)

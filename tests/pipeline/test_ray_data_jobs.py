@@ -43,7 +43,7 @@ def _config(model, tmp_path, name: str, *, task="summarize", dataflow="ray-data"
 
 
 def _rows(output_dir: str) -> list[tuple]:
-    from pipeline.output import read_output
+    from pipeline.data.writer import read_output
 
     return sorted((tuple(r[k] for k in KEY) for r in read_output(output_dir).to_pylist()),
                   key=lambda r: (r[0], r[1], -1 if r[3] is None else r[3]))
@@ -51,7 +51,7 @@ def _rows(output_dir: str) -> list[tuple]:
 
 def test_units_read_the_rows_iter_documents_reads(tmp_path):
     """Every row, its checks and its duplicate-id error, read unit by unit as the driver reads it."""
-    from pipeline.io import InputSpec, check_input, iter_documents, plan_units, read_unit, unit_duplicates
+    from pipeline.data.input import InputSpec, check_input, iter_documents, plan_units, read_unit, unit_duplicates
 
     write_corpus(str(tmp_path / "corpus"), 13, qa=True, files=2)
     plan = check_input(InputSpec(path=str(tmp_path / "corpus"), question_column="questions"))
@@ -92,8 +92,8 @@ def test_dataflow_settings_are_checked_up_front(tmp_path, capsys):
 def test_same_rows_as_the_driver_dataflow(ray_local, tiny_chat_model, tmp_path, task):
     import json
 
+    from pipeline.data.writer import committed_parts, read_manifest
     from pipeline.job import run_job
-    from pipeline.output import committed_parts, read_manifest
 
     write_corpus(str(tmp_path / "corpus"), 14, qa=task == "qa", max_words=100)
     extra = {"question_column": "questions"} if task == "qa" else {}
@@ -124,9 +124,9 @@ def _crashing_engine_stage(log_path: str, output_dir: str, crash_after: int | No
     """The engine stage, logging the unit keys it answers to `log_path`; with crash_after, the call
     after that many answered units raises (once their parts are committed), failing the job.
     Defined in a function so Ray pickles it by value."""
-    from pipeline.ray_data_job import _UnitEngineStage
+    from pipeline.dataflows.units import UnitEngineStage
 
-    class CrashingEngineStage(_UnitEngineStage):
+    class CrashingEngineStage(UnitEngineStage):
         def __call__(self, batch):
             import os
             import time
@@ -147,9 +147,9 @@ def _crashing_engine_stage(log_path: str, output_dir: str, crash_after: int | No
 
 
 def test_crash_then_resume_answers_every_row_once_without_redoing_units(ray_local, tiny_chat_model, tmp_path):
-    from pipeline.io import InputSpec, check_input, plan_units
+    from pipeline.data.input import InputSpec, check_input, plan_units
+    from pipeline.data.writer import committed_unit_keys, read_manifest, unit_part_name
     from pipeline.job import run_job
-    from pipeline.output import committed_unit_keys, read_manifest, unit_part_name
 
     write_corpus(str(tmp_path / "corpus"), 20, qa=True, max_words=80)
     config = _config(tiny_chat_model, tmp_path, "out", task="qa", question_column="questions")
@@ -188,7 +188,8 @@ def test_failure_budget_trips_with_the_driver_message(ray_local, tiny_chat_model
 
     from jobs.common import run_main
     from jobs.summarize import main
-    from pipeline.job import JobFailed, run_job
+    from pipeline.job import run_job
+    from pipeline.runtime.stops import JobFailed
 
     (tmp_path / "corpus").mkdir()
     rows = [{"id": f"d{i:03d}", "text": None if i % 5 else "w5 w6 w7 w8"} for i in range(40)]
@@ -211,8 +212,8 @@ def test_failure_budget_trips_with_the_driver_message(ray_local, tiny_chat_model
 
 
 def test_lock_overwrite_and_the_other_dataflow(ray_local, tiny_chat_model, tmp_path):
+    from pipeline.data.writer import OutputError, OutputWriter, committed_parts, read_manifest, unit_part_name
     from pipeline.job import run_job
-    from pipeline.output import OutputError, OutputWriter, committed_parts, read_manifest, unit_part_name
 
     write_corpus(str(tmp_path / "corpus"), 6, bad_rows=False, max_words=60)
     config = _config(tiny_chat_model, tmp_path, "out")
@@ -254,7 +255,7 @@ def test_nightly_on_ray_data_skips_what_earlier_nights_summarised(ray_local, tin
     import pyarrow.parquet as pq
 
     from jobs.nightly import main
-    from pipeline.output import read_manifest, read_output
+    from pipeline.data.writer import read_manifest, read_output
 
     corpus, root = tmp_path / "corpus", tmp_path / "summaries"
     write_corpus(str(corpus), 5, bad_rows=False, files=1, max_words=60)
@@ -287,8 +288,8 @@ def test_a_worker_node_removed_mid_job_loses_and_duplicates_no_row(tiny_chat_mod
     from ray.cluster_utils import Cluster
     from ray.util.state import list_actors
 
+    from pipeline.dataflows.units import UnitEngineStage
     from pipeline.job import run_job
-    from pipeline.ray_data_job import _UnitEngineStage
     from tests.pipeline.test_ray_data import _free_port
     from tests.pipeline.test_ray_data_nodes import _gated, _remove_a_serving_node
 
@@ -308,7 +309,7 @@ def test_a_worker_node_removed_mid_job_loses_and_duplicates_no_row(tiny_chat_mod
         remover = threading.Thread(target=_remove_a_serving_node,
                                    args=(cluster, list_actors, workers, nodes, gate, removed, 2), daemon=True)
         remover.start()
-        summary = run_job(config, engine_stage=_gated(_UnitEngineStage, str(gate)))
+        summary = run_job(config, engine_stage=_gated(UnitEngineStage, str(gate)))
         remover.join(timeout=60)
         assert len(removed) == 1
         rows = _rows(config.output_dir)
@@ -321,9 +322,9 @@ def test_a_worker_node_removed_mid_job_loses_and_duplicates_no_row(tiny_chat_mod
 
         # Every node saw the output and the input (one machine here); a path that some node cannot
         # see stops the job before any unit runs, naming the nodes.
-        from pipeline.io import InputSpec, check_input
-        from pipeline.output import OutputError
-        from pipeline.ray_data_job import check_shared_paths
+        from pipeline.data.input import InputSpec, check_input
+        from pipeline.data.writer import OutputError
+        from pipeline.dataflows.units import check_shared_paths
 
         plan = check_input(InputSpec(path=str(tmp_path / "corpus")))
         check_shared_paths(config.output_dir, plan)

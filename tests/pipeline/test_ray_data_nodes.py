@@ -7,9 +7,9 @@ from __future__ import annotations
 import threading
 from collections import Counter
 
+from pipeline.dataflows.processor import Processor, EngineStage
 from tests.jobs.conftest import tiny_chat_model, write_corpus  # noqa: F401 (fixture)
 from tests.pipeline.test_ray_data import _config
-from pipeline.ray_data import Processor, _EngineStage
 
 
 def _node_of_a_serving_rank(list_actors, address: str, workers, timeout_s: float = 60.0) -> str:
@@ -94,7 +94,7 @@ def test_a_worker_node_removed_mid_run_loses_no_row(tiny_chat_model, tmp_path):
         write_corpus(str(tmp_path / "corpus"), 40, bad_rows=False, min_words=60, max_words=120, files=4)
         config = _config(tiny_chat_model, concurrency=2, batch_size=2, max_new_tokens=12)
         gate = tmp_path / "gate"
-        processor = Processor(config, engine_stage=_gated(_EngineStage, str(gate)))
+        processor = Processor(config, engine_stage=_gated(EngineStage, str(gate)))
         ds = processor(ray.data.read_parquet(str(tmp_path / "corpus"), override_num_blocks=8))
         removed: list[str] = []
         remover = threading.Thread(target=_remove_a_serving_node,

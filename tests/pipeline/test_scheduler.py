@@ -7,10 +7,10 @@ import sys
 
 import pytest
 
-from pipeline.engine.scheduler import Budget, Demand, admit, budget_of, static_batch, wont_fit
+from pipeline.config.task import SamplingParams
 from pipeline.engine.memory_plan import MemoryPlan, ModelShape, ServingConfig, parse_bytes
 from pipeline.engine.requests import GenerationRequest
-from pipeline.config.task import SamplingParams
+from pipeline.engine.scheduler import Budget, Demand, admit, budget_of, static_batch, wont_fit
 
 
 def _demand(kv_tokens, rows=1):

@@ -14,11 +14,12 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline.io import InputError
 from pipeline.config.job import JobConfig
-from pipeline.job import JobFailed, run_job, run_nightly
 from pipeline.config.model import ModelSpec
-from pipeline.output import OutputError, committed_parts, read_output
+from pipeline.data.input import InputError
+from pipeline.data.writer import OutputError, committed_parts, read_output
+from pipeline.job import run_job, run_nightly
+from pipeline.runtime.stops import JobFailed
 from tests.jobs.conftest import TINY_DCA, FakePool, load_tiny_tokenizer, tiny_chat_model, words  # noqa: F401 (fixture)
 
 
@@ -271,7 +272,7 @@ def test_model_failures_are_counted_against_every_answered_document(tiny_chat_mo
 
 
 def test_budget_counts_per_document():
-    from pipeline.job import budget_counts
+    from pipeline.dataflows.budget import budget_counts
 
     ok, model, invalid = ({"status": "ok", "error_type": None}, {"status": "error", "error_type": "out_of_memory"},
                           {"status": "error", "error_type": "invalid_input"})

@@ -3,20 +3,20 @@
     units (driver: footers only) -> read (Ray tasks) -> prompts (CPU actors) -> engine (one actor
     per replica) -> UnitDatasink (Ray tasks: one committed part per unit)
 
-The driver lists the files and their footers (pipeline.io.check_input), cuts the corpus into
-WORK UNITS (pipeline.io.WorkUnit: a slice of at most `unit_rows` rows of one row group, with a
+The driver lists the files and their footers (pipeline.data.input.check_input), cuts the corpus
+into WORK UNITS (pipeline.data.input.WorkUnit: a slice of at most `unit_rows` rows of one row group, with a
 deterministic key) and skips the units already committed. One id-only pass in a Ray task finds
 the duplicate ids in corpus order, so every row gets the same error rows as the driver dataflow.
 
 A unit stays whole through the dataflow: each stage maps ONE Ray Data row holding a whole unit
 (its Documents, then its prompts, then its output rows, pickled) to one row. The prompt stage and
-the engine stage reuse the driver dataflow's own row code (pipeline.job._Driver: the same prompt
-building, error rows and result rows), so both dataflows write the same rows. The engine stage
+the engine stage build rows with the row builder every dataflow uses (pipeline.data.rows: the same
+prompt building, error rows and result rows), so both dataflows write the same rows. The engine stage
 owns one ReplicaPool of one replica per actor (tp rank actors in a placement group); a lost actor
 or node is restarted and its unit retried by Ray Data.
 
-Exactly once: the datasink writes a unit's rows to `_staging`, fsyncs and renames them to
-`part-u<unit key>.parquet`. The deterministic name is the unit's completion record: a retried unit
+Exactly once: the datasink commits a unit's rows (pipeline.data.writer.commit_unit: written to
+`_staging`, fsynced, renamed to `part-u<unit key>.parquet`). The deterministic name is the unit's completion record: a retried unit
 replaces its own part, never adds a second one, and a resume lists the part names and skips those
 units (the driver holds unit keys, not row keys). Counts reach the driver through a small ledger
 actor (pinned to the driver's node), keyed by unit so a retried unit is counted once; it holds the
@@ -34,19 +34,24 @@ import uuid
 
 import pyarrow as pa
 
-from pipeline.io import InputPlan, WorkUnit, plan_units, read_unit, unit_duplicates
 from pipeline.config.job import JobConfig
-from pipeline.job import _Driver, budget_counts, budget_stop_reason
-from pipeline.job_metrics import JobMetrics
-from pipeline.output import OUTPUT_SCHEMA, STAGING, OutputWriter, _fsync_dir, committed_unit_keys, unit_part_name
+from pipeline.data.input import InputPlan, WorkUnit, plan_units, read_unit, unit_duplicates
+from pipeline.data.prompts import PromptBuilder, load_templates
+from pipeline.data.rows import InFlight, prepare_document, result_rows
+from pipeline.data.writer import STAGING, OutputWriter, commit_unit, committed_unit_keys
+from pipeline.dataflows.budget import FailureBudget
+from pipeline.dataflows.context import JobRun
+from pipeline.metrics.job import JobMetrics
+from pipeline.metrics.live import LiveMetrics
+from pipeline.runtime.progress import progress_bar
 
-log = logging.getLogger("pipeline.ray_data_job")
+log = logging.getLogger("pipeline.dataflows.units")
 
 
 # ------------------------------------------------------------------------------------- ledger
 
 
-class Ledger:
+class UnitLedger:
     """Per-unit counts, summed off the driver (a Ray actor). A unit counts once, whatever its
     retries; the failure budget is judged here after each unit."""
 
@@ -54,7 +59,7 @@ class Ledger:
         self.config = config
         self.metrics = JobMetrics(job_id=job_id, task=config.task, config={}, total_input_rows=0)
         self.units: set[str] = set()
-        self.documents_read = self.input_errors = self.model_decided = self.model_errors = 0
+        self.budget = FailureBudget(config)
         self.stop_reason: str | None = None
         self.engine_stats: dict = {}
 
@@ -62,19 +67,13 @@ class Ledger:
         if key in self.units:
             return False
         self.units.add(key)
-        self.documents_read += counts["read"]
+        self.budget.documents_read += counts["read"]
         self.metrics.documents_skipped += counts["skipped"]
         for rows, results, prompt_tokens in emitted:
             self.metrics.add_document(rows, results, prompt_tokens)
-            input_errors, model_decided, model_errors = budget_counts(rows)
-            self.input_errors += input_errors
-            self.model_decided += model_decided
-            self.model_errors += model_errors
+            self.budget.add(rows)
         if self.stop_reason is None:
-            self.stop_reason = budget_stop_reason(
-                self.config, input_errors=self.input_errors, documents_read=self.documents_read,
-                model_errors=self.model_errors, model_decided=self.model_decided,
-                error_types=self.metrics.error_types, first_errors=self.metrics.first_errors)
+            self.stop_reason = self.budget.stop_reason(self.metrics.error_types, self.metrics.first_errors)
         return True
 
     def stopped(self) -> str | None:
@@ -105,7 +104,7 @@ def _stopped(ledger) -> bool:
 
 
 def _read_units(batch: pa.Table, *, plan: InputPlan, duplicates: dict) -> pa.Table:
-    """Ray task: each unit's rows as Documents (pipeline.io.read_unit), pickled."""
+    """Ray task: each unit's rows as Documents (pipeline.data.input.read_unit), pickled."""
     keys, payloads = [], []
     for values in batch.to_pylist():
         unit = WorkUnit(**{k: values[k] for k in ("file_index", "row_group", "start", "stop", "first_row")})
@@ -114,46 +113,22 @@ def _read_units(batch: pa.Table, *, plan: InputPlan, duplicates: dict) -> pa.Tab
     return pa.table({"key": pa.array(keys, pa.string()), "payload": pa.array(payloads, pa.large_binary())})
 
 
-class _UnitRows(_Driver):
-    """The driver dataflow's row code (_Driver: prompts, error rows, result rows) for one unit:
-    rows are collected instead of committed; the budget is the ledger's."""
-
-    def __init__(self, config: JobConfig, builder, base_row: dict) -> None:
-        class _Named:
-            job_id = base_row["job_id"]
-
-        super().__init__(config, builder=builder, writer=None, metrics=_Named(), base_row=base_row, skip=None,
-                         progress=None)
-        self.emitted: list[tuple[list[dict], list | None, int]] = []
-
-    def reset(self) -> _UnitRows:
-        """Ready for the next unit (one per stage actor: its live metrics are made once)."""
-        self.emitted, self.pending, self.answered = [], {}, set()
-        return self
-
-    def _emit(self, rows, results=None, prompt_tokens=0) -> None:
-        self.live.document(rows)
-        self.emitted.append((rows, results, prompt_tokens))
-
-    def _check_budget(self) -> None:  # judged by the ledger, over every unit
-        pass
-
-
-def _builder(config: JobConfig):
+def _builder(config: JobConfig) -> PromptBuilder:
     from pipeline.engine.models import load_tokenizer
-    from pipeline.prompts import PromptBuilder, load_templates
 
     return PromptBuilder(load_tokenizer(config.model_spec), task=config.task,
                          templates=load_templates(config.templates_file), max_input_tokens=config.max_input_tokens,
                          truncation=config.truncation, use_chat_template=config.use_chat_template)
 
 
-class _UnitPromptStage:
+class UnitPromptStage:
     """CPU actor with the tokenizer: a unit's Documents -> its error rows and its requests."""
 
     def __init__(self, config: JobConfig, base_row: dict, skip, ledger) -> None:
         self.config, self.base_row, self.skip, self.ledger = config, base_row, skip, ledger
-        self.rows = _UnitRows(config, _builder(config), base_row)
+        self.builder = _builder(config)
+        self.sampling = config.sampling()
+        self.live = LiveMetrics(run=base_row["job_id"])
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         keys, payloads = batch.column("key").to_pylist(), batch.column("payload").to_pylist()
@@ -162,24 +137,28 @@ class _UnitPromptStage:
             if _stopped(self.ledger):  # the failure budget tripped: leave the unit uncommitted
                 out.append(b"")
                 continue
-            unit = self.rows.reset()
-            items, read, skipped = [], 0, 0
+            items, emitted, read, skipped = [], [], 0, 0
             for doc in pickle.loads(payload):
                 if self.skip is not None and self.skip(doc):
                     skipped += 1
                     continue
                 read += 1
-                item = unit._prepare(doc)
-                if item is not None:
-                    items.append(item)
-            out.append(pickle.dumps({"items": items, "emitted": unit.emitted,
+                prepared = prepare_document(doc, task=self.config.task, builder=self.builder, base=self.base_row,
+                                            sampling=self.sampling)
+                if prepared.request is None:
+                    self.live.document(prepared.rows)
+                    emitted.append((prepared.rows, None, 0))
+                else:
+                    items.append((prepared.request, prepared.pending))
+            out.append(pickle.dumps({"items": items, "emitted": emitted,
                                      "counts": {"read": read, "skipped": skipped}}, protocol=5))
         return pa.table({"key": pa.array(keys, pa.string()), "payload": pa.array(out, pa.large_binary())})
 
 
-class _UnitEngineStage:
+class UnitEngineStage:
     """One engine replica per actor (a ReplicaPool of one replica: tp rank actors in a placement
-    group); a unit's requests in (longest first), its output rows out."""
+    group); a unit's requests in (longest first), its output rows out. Stand-ins (benchmarks,
+    tests) override `_start_engine` and `_answer`."""
 
     def __init__(self, config: JobConfig, base_row: dict, ledger) -> None:
         import dataclasses
@@ -187,7 +166,8 @@ class _UnitEngineStage:
         self.config = dataclasses.replace(config, replicas=1, progress=False)
         self.base_row, self.ledger = base_row, ledger
         self.name = f"dca-{os.getpid()}-{uuid.uuid4().hex[:6]}"
-        self.rows = _UnitRows(self.config, _builder(config), base_row)
+        self.builder = _builder(config)
+        self.live = LiveMetrics(run=base_row["job_id"])
         self.pool = self._start_with_retries()
 
     def _start_with_retries(self, attempts: int = 3):
@@ -206,9 +186,9 @@ class _UnitEngineStage:
                 time.sleep(2.0)
 
     def _start_engine(self):
-        from pipeline.job import make_pool
+        from pipeline.runtime.pool import start_pool
 
-        return make_pool(self.config)
+        return start_pool(self.config)
 
     def _answer(self, requests):
         """Results of each request (a list per request, in completion order)."""
@@ -222,54 +202,39 @@ class _UnitEngineStage:
                 out.append(b"")
                 continue
             prepared = pickle.loads(payload)
-            unit = self.rows.reset()
-            unit.emitted = prepared["emitted"]
+            emitted = prepared["emitted"]
+            in_flight = InFlight()
             items = sorted(prepared["items"], key=lambda item: item[0].prompt_tokens, reverse=True)
             for request, pending in items:
-                unit.pending[request.request_id] = pending
-            unit.live.queued(len(items))
+                in_flight.add(request.request_id, pending)
+            self.live.queued(len(items))
             if items:
                 for results in self._answer([request for request, _ in items]):
                     for result in results:  # which actor's replica answered (metrics per rank)
                         result.replica = f"{self.name}/{result.replica}"
-                    unit.on_results(results)
-            if unit.pending:
-                raise RuntimeError(f"the engine finished without answering {len(unit.pending)} request(s)")
-            out.append(pickle.dumps({"emitted": unit.emitted, "counts": prepared["counts"]}, protocol=5))
-        if hasattr(self.pool, "stats"):
-            try:
-                self.ledger.engine.remote(self.name, self.pool.stats())
-            except Exception:  # noqa: BLE001 - stats are best effort
-                log.debug("engine stats failed", exc_info=True)
+                    pending = in_flight.answer(results)
+                    if pending is None:
+                        continue
+                    self.live.answered(results)
+                    rows = result_rows(pending, results, base=self.base_row, builder=self.builder)
+                    self.live.document(rows)
+                    emitted.append((rows, results, pending.prompt_tokens_sent))
+            if len(in_flight):
+                raise RuntimeError(f"the engine finished without answering {len(in_flight)} request(s)")
+            out.append(pickle.dumps({"emitted": emitted, "counts": prepared["counts"]}, protocol=5))
+        try:
+            self.ledger.engine.remote(self.name, self.pool.stats())
+        except Exception:  # noqa: BLE001 - stats are best effort
+            log.debug("engine stats failed", exc_info=True)
         return pa.table({"key": pa.array(keys, pa.string()), "payload": pa.array(out, pa.large_binary())})
 
     def __del__(self) -> None:
         pool = getattr(self, "pool", None)
-        if pool is not None and hasattr(pool, "shutdown"):
+        if pool is not None:
             try:
                 pool.shutdown()
             except Exception:  # noqa: BLE001 - the actor is going away
                 pass
-
-
-def commit_unit(output_dir: str, key: str, rows: list[dict]) -> int:
-    """A unit's rows as `part-u<key>.parquet`: staged, fsynced, renamed into place (replacing the
-    part of an earlier attempt of the same unit, never adding a second one)."""
-    import pyarrow.parquet as pq
-
-    rows.sort(key=lambda r: (r["source_file"], r["source_row"],
-                             -1 if r["question_index"] is None else r["question_index"]))
-    table = pa.Table.from_pylist(rows, schema=OUTPUT_SCHEMA)
-    staging = os.path.join(output_dir, STAGING)
-    os.makedirs(staging, exist_ok=True)
-    staged = os.path.join(staging, f"{unit_part_name(key)}.{uuid.uuid4().hex}")
-    with open(staged, "wb") as f:
-        pq.write_table(table, f, compression="zstd")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(staged, os.path.join(output_dir, unit_part_name(key)))  # the commit
-    _fsync_dir(output_dir)
-    return table.num_rows
 
 
 def _datasink(output_dir: str, ledger):
@@ -309,9 +274,7 @@ def _datasink(output_dir: str, ledger):
 def _progress(config: JobConfig, total: int, ledger, done_event) -> None:
     import ray
 
-    from pipeline.job import _progress_bar
-
-    bar = _progress_bar(config, total)
+    bar = progress_bar(config, total)
     if bar is None:
         return
     t0, shown = time.monotonic(), 0
@@ -344,7 +307,7 @@ def check_shared_paths(output_dir: str, plan: InputPlan, *, marker: str | None =
     import ray
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-    from pipeline.output import OutputError
+    from pipeline.data.writer import OutputError
 
     nodes = [n for n in ray.nodes() if n.get("Alive")]
     if len(nodes) <= 1 and marker is None:
@@ -399,7 +362,7 @@ def run_dataflow(config: JobConfig, *, plan: InputPlan, writer: OutputWriter, me
         return None, None
     check_shared_paths(config.output_dir, plan)
     here = NodeAffinitySchedulingStrategy(node_id=ray.get_runtime_context().get_node_id(), soft=False)
-    ledger = ray.remote(Ledger).options(num_cpus=0, scheduling_strategy=here).remote(config, base_row["job_id"])
+    ledger = ray.remote(UnitLedger).options(num_cpus=0, scheduling_strategy=here).remote(config, base_row["job_id"])
     duplicates = ray.get(ray.remote(unit_duplicates).options(num_cpus=0, scheduling_strategy=here).remote(plan, units))
     context = ray.data.DataContext.get_current()
     context.enable_progress_bars = False
@@ -411,11 +374,11 @@ def run_dataflow(config: JobConfig, *, plan: InputPlan, writer: OutputWriter, me
     ds = ds.map_batches(_read_units, batch_size=1, batch_format="pyarrow", scheduling_strategy="SPREAD",
                         fn_kwargs={"plan": plan, "duplicates": {u.key: duplicates[u.key] for u in todo
                                                                 if u.key in duplicates}})
-    ds = ds.map_batches(_UnitPromptStage, batch_size=1, batch_format="pyarrow", num_cpus=1,
+    ds = ds.map_batches(UnitPromptStage, batch_size=1, batch_format="pyarrow", num_cpus=1,
                         fn_constructor_kwargs={"config": config, "base_row": base_row, "skip": skip, "ledger": ledger},
                         compute=ActorPoolStrategy(size=config.prompt_actors))
     # The actor only coordinates: its replica's ranks reserve the CPUs/GPUs (placement group).
-    ds = ds.map_batches(engine_stage or _UnitEngineStage, batch_size=1, batch_format="pyarrow", num_cpus=0,
+    ds = ds.map_batches(engine_stage or UnitEngineStage, batch_size=1, batch_format="pyarrow", num_cpus=0,
                         fn_constructor_kwargs={"config": config, "base_row": base_row, "ledger": ledger},
                         compute=ActorPoolStrategy(size=config.replicas), max_restarts=-1, max_task_retries=-1)
     finished = threading.Event()
@@ -447,4 +410,35 @@ def run_dataflow(config: JobConfig, *, plan: InputPlan, writer: OutputWriter, me
     return None, engine_stats
 
 
-__all__ = ["run_dataflow", "check_shared_paths", "commit_unit", "Ledger"]
+class UnitsDataflow:
+    """One run of a job through the Ray Data dataflow (same interface as DriverDataflow): the
+    engine starts inside the engine stage's actors, so start() has nothing to do. `engine_stage`:
+    the engine stage's class (UnitEngineStage, or a stand-in for benchmarks and tests)."""
+
+    needs_ray = True
+
+    def __init__(self, job: JobRun, *, engine_stage: type | None = None) -> None:
+        self.job = job
+        self.config = job.config
+        self.engine_stage = engine_stage
+        # Rows an earlier run committed, counted from the committed units once run() returns.
+        self.resumed_rows: int | None = None
+
+    def start(self, config: JobConfig) -> None:
+        self.config = config
+
+    def run(self) -> tuple[str | None, dict | None]:
+        job = self.job
+        message, stats = run_dataflow(self.config, plan=job.plan, writer=job.writer, metrics=job.metrics,
+                                      base_row=job.base, skip=job.skip, engine_stage=self.engine_stage)
+        self.resumed_rows = job.metrics.documents_resumed
+        return message, stats
+
+    def engine_stats(self, stats: dict | None) -> dict | None:
+        return stats
+
+    def shutdown(self) -> None:
+        pass
+
+
+__all__ = ["UnitsDataflow", "run_dataflow", "check_shared_paths", "UnitLedger", "UnitPromptStage", "UnitEngineStage"]

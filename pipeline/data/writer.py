@@ -1,4 +1,5 @@
-"""Parquet output, committed exactly once: typed schema, parts published by atomic rename, manifest.
+"""Parquet output, committed exactly once: parts published by atomic rename, manifest, lock (the
+schema every part has is pipeline.data.schema.OUTPUT_SCHEMA).
 
 Layout of an output directory (local filesystem):
 
@@ -6,7 +7,7 @@ Layout of an output directory (local filesystem):
     OUTPUT/_manifest.json           job id, job fingerprint, list of committed parts (atomic rewrite)
     OUTPUT/_staging/                parts being written (deleted on start: never committed)
     OUTPUT/_lock                    flock held by the writing job (a second writer is refused)
-    OUTPUT/_metrics.json, _metrics.png   per-run metrics (pipeline.job_metrics)
+    OUTPUT/_metrics.json, _metrics.png   per-run metrics (pipeline.metrics.job)
 
 A part is written under _staging, fsynced, then renamed into place: the rename is the commit. The
 manifest is rewritten after each commit; when the driver dies between the two, the next start
@@ -16,9 +17,9 @@ finds the renamed part, checks it reads, and adds it to the manifest. All rows o
 Exactly once is keyed by the input row (`source_file`, `source_row`), never by the document id:
 ids can be null or repeated, and every such row still gets its own (error) rows exactly once.
 
-The Ray Data dataflow of the jobs (`--dataflow ray-data`, pipeline.ray_data_job) commits one
-part per work unit (a slice of a row group), `part-u<unit key>.parquet`, written by a Ray task:
-staged, fsynced, renamed into place. The name is the unit's completion record: a retried unit
+The Ray Data dataflow of the jobs (`--dataflow ray-data`, pipeline.dataflows.units) commits one
+part per work unit (a slice of a row group), `part-u<unit key>.parquet`, written by a Ray task
+(`commit_unit`): staged, fsynced, renamed into place. The name is the unit's completion record: a retried unit
 replaces its own part, and a resume skips the units whose part exists. The manifest records the
 dataflow; an output is resumed only by the dataflow that wrote it.
 
@@ -34,13 +35,14 @@ import os
 import re
 import shutil
 import time
+import uuid
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pipeline.config.job import DATAFLOWS
 from pipeline.config.validate import check_choice
-from pipeline.io import DUPLICATE_ID, INVALID_INPUT
+from pipeline.data.schema import COLUMNS, OUTPUT_SCHEMA
 
 MANIFEST = "_manifest.json"
 STAGING = "_staging"
@@ -49,7 +51,7 @@ LOCK = "_lock"
 MANIFEST_FORMAT = 2
 _PART_RE = re.compile(r"^part-(\d{5,})\.parquet$")
 # Parts of the Ray Data dataflow (--dataflow ray-data): one per work unit, named by the unit's key
-# (pipeline.io.WorkUnit.key): the name is the unit's completion record.
+# (pipeline.data.input.WorkUnit.key): the name is the unit's completion record.
 _UNIT_PART_RE = re.compile(r"^part-u(\d{6}-\d{6}-\d{9})\.parquet$")
 
 
@@ -63,42 +65,6 @@ def committed_unit_keys(output_dir: str) -> set[str]:
         return set()
     return {m.group(1) for m in map(_UNIT_PART_RE.match, os.listdir(output_dir)) if m}
 
-# One row per (document, question). Declared up front: every part has exactly this schema, even
-# a part whose rows are all ok (error columns typed and null) or all errors.
-OUTPUT_SCHEMA = pa.schema([
-    pa.field("id", pa.string(), metadata={"doc": "document id from the input (as a string)"}),
-    pa.field("source_file", pa.string(), nullable=False,
-             metadata={"doc": "input file of the row, relative to the input root"}),
-    pa.field("source_row", pa.int64(), nullable=False, metadata={"doc": "row number in source_file, from 0"}),
-    pa.field("task", pa.string(), nullable=False, metadata={"doc": "summarize | qa"}),
-    pa.field("question_index", pa.int32(), metadata={"doc": "position of the question in the document's list (QA), else null"}),
-    pa.field("question", pa.string()),
-    pa.field("output", pa.string(), metadata={"doc": "generated text; null on error"}),
-    pa.field("status", pa.string(), nullable=False, metadata={"doc": "ok | error"}),
-    pa.field("error_type", pa.string()),
-    pa.field("error_message", pa.string()),
-    pa.field("prompt_tokens", pa.int64(), metadata={"doc": "tokens sent to the model (after truncation)"}),
-    pa.field("output_tokens", pa.int64()),
-    pa.field("truncated_tokens", pa.int64(), metadata={"doc": "document tokens dropped to fit max_input_tokens"}),
-    pa.field("prefill_s", pa.float64(), metadata={"doc": "time to first token"}),
-    pa.field("decode_s", pa.float64()),
-    pa.field("latency_s", pa.float64(), metadata={"doc": "wall clock of the request on rank 0"}),
-    pa.field("gpu_time_s", pa.float64(), metadata={"doc": "CUDA-event time, max over ranks; null on CPU"}),
-    pa.field("peak_memory_bytes", pa.int64(), metadata={"doc": "max over ranks, see memory_kind"}),
-    pa.field("memory_kind", pa.string(), metadata={"doc": "cuda_max_allocated | cpu_peak_rss"}),
-    pa.field("replica", pa.string()),
-    pa.field("attempts", pa.int32()),
-    pa.field("model", pa.string()),
-    pa.field("dca_enabled", pa.bool_()),
-    pa.field("dca_pretraining_length", pa.int64()),
-    pa.field("dca_chunk_size", pa.int64()),
-    pa.field("dca_local_window", pa.int64()),
-    pa.field("dca_temperature_alpha", pa.float64()),
-    pa.field("content_hash", pa.string(), metadata={"doc": "sha256 of the document text"}),
-    pa.field("config_hash", pa.string(), metadata={"doc": "fingerprint of model + prompt + generation settings"}),
-    pa.field("job_id", pa.string(), nullable=False),
-])
-COLUMNS = tuple(OUTPUT_SCHEMA.names)
 
 
 class OutputError(RuntimeError):
@@ -130,7 +96,8 @@ class CommittedIndex:
         return sum(len(rows) for rows in self._rows.values())
 
 
-def _fsync_dir(path: str) -> None:
+def fsync_dir(path: str) -> None:
+    """Makes a rename (a commit) in directory `path` durable."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -138,14 +105,15 @@ def _fsync_dir(path: str) -> None:
         os.close(fd)
 
 
-def _write_json_atomic(path: str, value: dict) -> None:
+def write_json_atomic(path: str, value: dict) -> None:
+    """Replaces a JSON file whole (written aside, fsynced, renamed): readers never see half of it."""
     tmp = f"{path}.tmp.{os.getpid()}"
     with open(tmp, "w", encoding="utf-8") as f:
         json.dump(value, f, indent=2, sort_keys=True)
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
-    _fsync_dir(os.path.dirname(path) or ".")
+    fsync_dir(os.path.dirname(path) or ".")
 
 
 def read_manifest(output_dir: str) -> dict | None:
@@ -309,7 +277,7 @@ class OutputWriter:
                 self.manifest["parts"].append({"file": name, "rows": table.num_rows, "recovered": True})
         self.resumed = len(self.committed) > 0 or bool(self.committed_units)
         self._next_part = max((int(_PART_RE.match(p).group(1)) + 1 for p in parts if _PART_RE.match(p)), default=0)
-        _write_json_atomic(os.path.join(output_dir, MANIFEST), self.manifest)
+        write_json_atomic(os.path.join(output_dir, MANIFEST), self.manifest)
         if not parts:
             self._commit(OUTPUT_SCHEMA.empty_table(), documents=0)  # the schema, readable from the start
 
@@ -341,10 +309,10 @@ class OutputWriter:
             f.flush()
             os.fsync(f.fileno())
         os.rename(staged, os.path.join(self.output_dir, name))  # the commit
-        _fsync_dir(self.output_dir)
+        fsync_dir(self.output_dir)
         self.committed.add_rows(table.column("source_file").to_pylist(), table.column("source_row").to_pylist())
         self.manifest["parts"].append({"file": name, "rows": table.num_rows, "documents": documents})
-        _write_json_atomic(os.path.join(self.output_dir, MANIFEST), self.manifest)
+        write_json_atomic(os.path.join(self.output_dir, MANIFEST), self.manifest)
         self._next_part += 1
         self.rows_committed_this_run += table.num_rows
         self.parts_committed_this_run += table.num_rows > 0
@@ -355,12 +323,30 @@ class OutputWriter:
         self.manifest["complete"] = complete
         if summary is not None:
             self.manifest["last_run"] = summary
-        _write_json_atomic(os.path.join(self.output_dir, MANIFEST), self.manifest)
+        write_json_atomic(os.path.join(self.output_dir, MANIFEST), self.manifest)
         shutil.rmtree(os.path.join(self.output_dir, STAGING), ignore_errors=True)
         self._lock.close()  # releases the flock
 
 
+def commit_unit(output_dir: str, key: str, rows: list[dict]) -> int:
+    """A unit's rows as `part-u<key>.parquet`: staged, fsynced, renamed into place (replacing the
+    part of an earlier attempt of the same unit, never adding a second one)."""
+    rows.sort(key=lambda r: (r["source_file"], r["source_row"],
+                             -1 if r["question_index"] is None else r["question_index"]))
+    table = pa.Table.from_pylist(rows, schema=OUTPUT_SCHEMA)
+    staging = os.path.join(output_dir, STAGING)
+    os.makedirs(staging, exist_ok=True)
+    staged = os.path.join(staging, f"{unit_part_name(key)}.{uuid.uuid4().hex}")
+    with open(staged, "wb") as f:
+        pq.write_table(table, f, compression="zstd")
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(staged, os.path.join(output_dir, unit_part_name(key)))  # the commit
+    fsync_dir(output_dir)
+    return table.num_rows
+
+
 __all__ = [
-    "OUTPUT_SCHEMA", "COLUMNS", "OutputWriter", "OutputError", "CommittedIndex", "read_output",
-    "read_manifest", "committed_parts", "committed_unit_keys", "unit_part_name", "INVALID_INPUT", "DUPLICATE_ID",
+    "OutputWriter", "OutputError", "CommittedIndex", "read_output", "read_manifest", "committed_parts",
+    "committed_unit_keys", "unit_part_name", "commit_unit", "fsync_dir", "write_json_atomic",
 ]

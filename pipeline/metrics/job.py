@@ -108,10 +108,6 @@ class JobMetrics:
     def serving_s(self) -> float:
         return time.monotonic() - (self._serving_t0 if self._serving_t0 is not None else self._t0)
 
-    @property
-    def documents_done(self) -> int:
-        return self.documents_ok + self.documents_error
-
     def add_document(self, rows: list[dict], results: list | None = None, prompt_tokens: int = 0) -> None:
         """One document's output rows, the engine results behind them (None: rejected before the
         engine) and the prompt tokens sent (shared prefix once + every suffix)."""
@@ -325,7 +321,7 @@ class JobMetrics:
             self.previous_runs = list(old.get("runs") or [old])  # a file from before runs were listed
             self.runs_without_metrics = int(old.get("runs_without_metrics", 0))
         self.runs_without_metrics = max(self.runs_without_metrics, runs_before - len(self.previous_runs))
-        from pipeline.output import committed_parts, read_output
+        from pipeline.data.writer import committed_parts, read_output
 
         if not committed_parts(output_dir):
             return
@@ -338,10 +334,10 @@ class JobMetrics:
 
     def write(self, output_dir: str, summary: dict, plot: bool = True) -> dict:
         """Writes _metrics.json (atomically) and _metrics.png; returns the paths written."""
-        from pipeline.output import _write_json_atomic
+        from pipeline.data.writer import write_json_atomic
 
         paths = {"metrics": os.path.join(output_dir, "_metrics.json")}
-        _write_json_atomic(paths["metrics"], json.loads(json.dumps(summary, default=str)))
+        write_json_atomic(paths["metrics"], json.loads(json.dumps(summary, default=str)))
         if plot:
             paths.update(self.write_plot(output_dir))
         return paths

@@ -32,8 +32,10 @@ import pyarrow.dataset as ds
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-# error_type values for rows rejected before reaching the model (the engine's are in requests.py).
-INVALID_INPUT = "invalid_input"
+from pipeline.engine.requests import INVALID_INPUT
+
+# error_type values for rows rejected before reaching the model (the engine's, INVALID_INPUT among
+# them, are in pipeline.engine.requests).
 DUPLICATE_ID = "duplicate_id"
 # Rows of a row group that could not be read (a corrupt page): the file and row group are named.
 UNREADABLE_INPUT = "unreadable_input"
@@ -332,7 +334,7 @@ def check_input(spec: InputSpec) -> InputPlan:
 # ------------------------------------------------------------------------------------- reading
 
 
-def _decode(value, what: str) -> tuple[str | None, str | None]:
+def decode_cell(value, what: str) -> tuple[str | None, str | None]:
     """A cell read as bytes (string columns are read as binary, so one bad value cannot stop the
     reader) -> (text, error message)."""
     if value is None:
@@ -345,9 +347,9 @@ def _decode(value, what: str) -> tuple[str | None, str | None]:
     return value, None
 
 
-def _decode_text(value) -> tuple[str | None, str | None]:
+def decode_text(value) -> tuple[str | None, str | None]:
     """-> (text, error message)."""
-    value, error = _decode(value, "text")
+    value, error = decode_cell(value, "text")
     if error:
         return None, error
     if not isinstance(value, str):
@@ -357,7 +359,7 @@ def _decode_text(value) -> tuple[str | None, str | None]:
     return value, None
 
 
-def _questions(value, is_list: bool) -> tuple[list[str | None], list[str | None]]:
+def decode_questions(value, is_list: bool) -> tuple[list[str | None], list[str | None]]:
     """-> (questions, per-question error messages); one entry at least (the output row)."""
     if value is None:
         return [None], ["question is null" if not is_list else "questions list is null"]
@@ -368,7 +370,7 @@ def _questions(value, is_list: bool) -> tuple[list[str | None], list[str | None]
     errors: list[str | None] = []
     for i, q in enumerate(items):
         name = f"question {i}" if isinstance(value, (list, tuple)) else "question"
-        q, error = _decode(q, name)
+        q, error = decode_cell(q, name)
         if error:
             questions.append(None)
             errors.append(error)
@@ -381,7 +383,7 @@ def _questions(value, is_list: bool) -> tuple[list[str | None], list[str | None]
     return questions, errors
 
 
-def _as_bytes(column: pa.ChunkedArray | pa.Array) -> pa.ChunkedArray | pa.Array:
+def cells_as_bytes(column: pa.ChunkedArray | pa.Array) -> pa.ChunkedArray | pa.Array:
     """String (or list<string>) values as binary: Arrow does not validate UTF-8 when it reads
     Parquet, and to_pylist() would raise on the first bad value, stopping the whole batch."""
     t = column.type
@@ -413,7 +415,7 @@ def _read_row_group(parquet: pq.ParquetFile, group: int, group_rows: int, column
     try:
         for batch in parquet.iter_batches(batch_size=batch_rows, row_groups=[group], columns=columns,
                                           use_threads=False):
-            cells = [_as_bytes(batch.column(i)).to_pylist() for i in range(len(columns))]
+            cells = [cells_as_bytes(batch.column(i)).to_pylist() for i in range(len(columns))]
             if len(cells) < 3:
                 cells.append([None] * batch.num_rows)
             for raw_id, raw_text, raw_q in zip(*cells):
@@ -426,7 +428,7 @@ def _read_row_group(parquet: pq.ParquetFile, group: int, group_rows: int, column
     except Exception as error:  # noqa: BLE001 - any decoding failure of the file's pages
         reason = f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
         try:
-            ids = _as_bytes(parquet.read_row_group(group, columns=[columns[0]]).column(0)).to_pylist()
+            ids = cells_as_bytes(parquet.read_row_group(group, columns=[columns[0]]).column(0)).to_pylist()
         except Exception:  # noqa: BLE001 - the id column is unreadable too
             ids = [None] * group_rows
         for raw_id in ids[done:stop]:
@@ -447,27 +449,42 @@ def _columns(spec: InputSpec) -> list[str]:
 
 
 def _document(plan: InputPlan, file: InputFile, row: int, cells: _Rows, occurrence_of) -> Document:
-    """One input row as a Document. occurrence_of(doc_id) -> how many rows before this one (in
-    corpus order) had the same id."""
-    spec = plan.spec
-    source = f"{file.path} row {row}"
-    doc_id, id_error = _decode(cells.raw_id, "id")
+    """One input row of a corpus file as a Document. occurrence_of(doc_id) -> how many rows before
+    this one (in corpus order) had the same id."""
+    return document_from_cells(
+        cells.raw_id, cells.raw_text, cells.raw_question, source=f"{file.path} row {row}", source_file=file.relative,
+        source_row=row, has_questions=bool(plan.spec.question_column), questions_are_lists=plan.questions_are_lists,
+        occurrence_of=occurrence_of, unreadable=cells.unreadable,
+    )
+
+
+def document_from_cells(raw_id, raw_text, raw_question, *, source: str, source_file: str = "", source_row: int = 0,
+                        has_questions: bool, questions_are_lists: bool, occurrence_of=lambda doc_id: 0,
+                        unreadable: str | None = None) -> Document:
+    """The row checks, once for every reader (the corpus reader here, the Ray Data processor's
+    batches): raw cells (bytes for text columns, see cells_as_bytes) -> a Document, with its error
+    set when the row cannot be sent to a model. `source` names the row in messages ("file row N").
+
+    Precedence: an unreadable row group, then a bad id, then a repeated id (occurrence_of(doc_id)
+    counts the earlier rows with the id), then a bad text. Bad questions are per question
+    (question_errors); has_questions: the input has a question column (QA)."""
+    doc_id, id_error = decode_cell(raw_id, "id")
     doc_id = None if doc_id is None else str(doc_id)
     occurrence = occurrence_of(doc_id) if doc_id is not None else 0
-    if cells.unreadable:
-        text, text_error = None, cells.unreadable
+    if unreadable:
+        text, text_error = None, unreadable
     else:
-        text, text_error = _decode_text(cells.raw_text)
+        text, text_error = decode_text(raw_text)
     questions, q_errors = (None, [])
-    if spec.question_column:
-        questions, q_errors = _questions(cells.raw_question, plan.questions_are_lists)
+    if has_questions:
+        questions, q_errors = decode_questions(raw_question, questions_are_lists)
     doc = Document(
-        id=doc_id, text=text, questions=questions, source=source, source_file=file.relative,
-        source_row=row, content_hash=content_hash(text) if text is not None else None,
+        id=doc_id, text=text, questions=questions, source=source, source_file=source_file,
+        source_row=source_row, content_hash=content_hash(text) if text is not None else None,
         question_errors=q_errors, occurrence=occurrence,
     )
-    if cells.unreadable:
-        doc.error_type, doc.error_message = UNREADABLE_INPUT, f"{source}: {cells.unreadable}"
+    if unreadable:
+        doc.error_type, doc.error_message = UNREADABLE_INPUT, f"{source}: {unreadable}"
     elif id_error:
         doc.error_type, doc.error_message = INVALID_INPUT, f"{source}: {id_error}"
     elif occurrence > 0:
@@ -544,11 +561,11 @@ def _read_ids(plan: InputPlan, file: InputFile) -> Iterator[str | None]:
         parquet = pq.ParquetFile(handle)
         for group, group_rows in enumerate(file.row_group_rows):
             try:
-                values = _as_bytes(parquet.read_row_group(group, columns=column).column(0)).to_pylist()
+                values = cells_as_bytes(parquet.read_row_group(group, columns=column).column(0)).to_pylist()
             except Exception:  # noqa: BLE001 - unreadable ids are no duplicates of anything
                 values = [None] * group_rows
             for value in values:
-                doc_id, _ = _decode(value, "id")
+                doc_id, _ = decode_cell(value, "id")
                 yield None if doc_id is None else str(doc_id)
 
 

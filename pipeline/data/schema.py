@@ -1,0 +1,56 @@
+"""The output's one schema: every committed part has exactly these columns and types, and the Ray
+Data processor adds the same columns (less those only a job has) to its input's.
+
+Adding a column: declare it here and fill it in the row builder (pipeline.data.rows); readers, the
+writer, the units' commits and the processor all follow.
+"""
+
+from __future__ import annotations
+
+import pyarrow as pa
+
+# One row per (document, question). Declared up front: every part has exactly this schema, even
+# a part whose rows are all ok (error columns typed and null) or all errors.
+OUTPUT_SCHEMA = pa.schema([
+    pa.field("id", pa.string(), metadata={"doc": "document id from the input (as a string)"}),
+    pa.field("source_file", pa.string(), nullable=False,
+             metadata={"doc": "input file of the row, relative to the input root"}),
+    pa.field("source_row", pa.int64(), nullable=False, metadata={"doc": "row number in source_file, from 0"}),
+    pa.field("task", pa.string(), nullable=False, metadata={"doc": "summarize | qa"}),
+    pa.field("question_index", pa.int32(), metadata={"doc": "position of the question in the document's list (QA), else null"}),
+    pa.field("question", pa.string()),
+    pa.field("output", pa.string(), metadata={"doc": "generated text; null on error"}),
+    pa.field("status", pa.string(), nullable=False, metadata={"doc": "ok | error"}),
+    pa.field("error_type", pa.string()),
+    pa.field("error_message", pa.string()),
+    pa.field("prompt_tokens", pa.int64(), metadata={"doc": "tokens sent to the model (after truncation)"}),
+    pa.field("output_tokens", pa.int64()),
+    pa.field("truncated_tokens", pa.int64(), metadata={"doc": "document tokens dropped to fit max_input_tokens"}),
+    pa.field("prefill_s", pa.float64(), metadata={"doc": "time to first token"}),
+    pa.field("decode_s", pa.float64()),
+    pa.field("latency_s", pa.float64(), metadata={"doc": "wall clock of the request on rank 0"}),
+    pa.field("gpu_time_s", pa.float64(), metadata={"doc": "CUDA-event time, max over ranks; null on CPU"}),
+    pa.field("peak_memory_bytes", pa.int64(), metadata={"doc": "max over ranks, see memory_kind"}),
+    pa.field("memory_kind", pa.string(), metadata={"doc": "cuda_max_allocated | cpu_peak_rss"}),
+    pa.field("replica", pa.string()),
+    pa.field("attempts", pa.int32()),
+    pa.field("model", pa.string()),
+    pa.field("dca_enabled", pa.bool_()),
+    pa.field("dca_pretraining_length", pa.int64()),
+    pa.field("dca_chunk_size", pa.int64()),
+    pa.field("dca_local_window", pa.int64()),
+    pa.field("dca_temperature_alpha", pa.float64()),
+    pa.field("content_hash", pa.string(), metadata={"doc": "sha256 of the document text"}),
+    pa.field("config_hash", pa.string(), metadata={"doc": "fingerprint of model + prompt + generation settings"}),
+    pa.field("job_id", pa.string(), nullable=False),
+])
+COLUMNS = tuple(OUTPUT_SCHEMA.names)
+
+# Columns only a job's output has: the processor keeps its input's own columns instead of the
+# corpus key, and has no job, model or hashes to record.
+JOB_ONLY_COLUMNS = ("id", "source_file", "source_row", "task", "attempts", "model", "content_hash", "config_hash",
+                    "job_id")
+# The columns the processor adds to its input's, in OUTPUT_SCHEMA's order, with their types (plain
+# fields: no docs, all nullable).
+PROCESSOR_FIELDS = [pa.field(f.name, f.type) for f in OUTPUT_SCHEMA if f.name not in JOB_ONLY_COLUMNS]
+PROCESSOR_COLUMNS = tuple(f.name for f in PROCESSOR_FIELDS)
