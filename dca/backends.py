@@ -227,8 +227,8 @@ class DCABackend(ABC):
 
     def begin_packed(self, inputs: ForwardInputs, segments) -> PackedForward:
         """Per-forward bookkeeping of a packed forward. inputs: the whole packed sequence (B = 1,
-        cache None); segments: [(row_cache, start, stop)] covering it. Each row continues its
-        own cache, unpadded."""
+        cache: the packed container); segments: [(row_cache, start, stop)] covering it. Each row
+        continues its own cache, unpadded."""
         rows = []
         for cache, start, stop in segments:
             past = cache.get_seq_length(0)
