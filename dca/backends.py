@@ -429,10 +429,11 @@ class TritonBackend(DCABackend):
     name = "triton"
     left_padding_only = True
 
-    @functools.cached_property
+    @property
     def kernels(self):
         # Imported at first use, inside the self-check where one runs: a triton that fails to
-        # import is then a finding of the check (and "auto" falls back), not a crash.
+        # import is then a finding of the check (and "auto" falls back), not a crash. Not kept on
+        # the instance: a model holding this backend stays deep-copyable.
         from dca import triton_kernels
 
         return triton_kernels

@@ -384,3 +384,15 @@ def test_a_copied_static_cache_keeps_its_row_starts():
 
 def test_the_triton_backend_requires_left_padding_and_torch_does_not():
     assert TritonBackend.left_padding_only and not TorchBackend.left_padding_only
+
+
+@pytest.mark.parametrize("backend", ["torch", pytest.param("triton", marks=needs_interpreter)])
+def test_a_model_that_ran_stays_deep_copyable(backend, request):
+    if backend == "triton":
+        request.getfixturevalue("one_torch_thread")
+    model = apply_dca(tiny_model(), dataclasses.replace(AUTO, backend=backend))
+    x = ids(30)
+    want = model(x).logits
+    twin = copy.deepcopy(model)
+    assert_close(twin(x).logits, want, rtol=0, atol=0)
+    assert backend_report(twin) == backend_report(model)
