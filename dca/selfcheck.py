@@ -30,10 +30,11 @@ and 1e-4 / 1e-9 for float32 / float64 (the kernel tests hold 1e-5 / 1e-12). The 
 check is for (a lost head, a wrong rotation, a chunk off by one, garbage from a bad tile) give
 errors of order 1.
 
-Cost: about 6 s in Triton's interpreter on one CPU core for a tiny test model (4 query heads,
-2 KV heads, head_dim 16); on a GPU a few milliseconds of kernels after compiling the variants the
-model launches anyway, plus the 3-token decode variant (`benchmarks`-free estimate, not yet timed
-on a GPU).
+Cost: 6-10 s in Triton's interpreter on one CPU core (shared, loaded machine) for tiny test
+models (4-8 query heads, 2 KV heads, head_dim 16-32). On a GPU (estimated, not yet timed): a few
+milliseconds of kernels and of the float32 torch reference, after compiling the kernel variants,
+most of which the model launches anyway (the 3-token decode and the reduce over this cache's
+splits may be extra): seconds the first time on a machine, well under one with Triton's cache warm.
 
 Where it runs (`required`): on CUDA devices; on CPU only when forced (`FORCE_ON_CPU`, or
 DCA_SELFCHECK=always in the environment), which is how the CPU tests drive it through Triton's
@@ -193,3 +194,27 @@ def _relative_error(got: torch.Tensor, want: torch.Tensor) -> float:
 def _one_line(error: BaseException, limit: int = 400) -> str:
     text = " ".join(str(error).split()) or repr(error)
     return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def plain_rope(head_dim: int, base: float = 10000.0):
+    """A RopeTable builder of the standard rotary embedding (rotate-half layout), for checks run
+    without a model (`run_for`)."""
+
+    def build(ids: torch.Tensor, dtype: torch.dtype):
+        inv_freq = base ** -(torch.arange(0, head_dim, 2, dtype=torch.float64, device=ids.device) / head_dim)
+        angles = ids.to(torch.float64)[:, None] * inv_freq[None, :]  # (ids, D/2)
+        angles = torch.cat([angles, angles], dim=-1)  # (ids, D)
+        return angles.cos().to(dtype), angles.sin().to(dtype)
+
+    return build
+
+
+def run_for(name: str, device: torch.device | str, dtype: torch.dtype, kv_dtype: str = "auto",
+            geometry: tuple[int, int, int] = (32, 4, 128), rope_build=None) -> CheckResult:
+    """The check of backend `name` ("triton", "flash") for one device, dtype, KV dtype and head
+    layout (default: a Llama-2-70B rank at tp 2), with `plain_rope` unless a model's builder is
+    given; no memo, nothing chosen. For scripts that check a machine (a GPU check)."""
+    from dca.backends import BackendKey, create
+
+    backend = create(name, BackendKey(torch.device(device), dtype, kv_dtype))
+    return run(backend, geometry, rope_build or plain_rope(geometry[2]))

@@ -131,43 +131,44 @@ def test_a_correct_triton_run_passes_the_check(gpu_like, caplog):
     assert torch.equal(generate(model, batch, mask), expected)
 
 
-class _FailingLaunch:
-    """A kernel whose launch fails as a compile error does (Triton compiles at the first launch)."""
-
-    def __getitem__(self, grid):
-        from triton.compiler.errors import CompilationError
-
-        def launch(*args, **kwargs):
-            raise CompilationError(None, None, "ptxas fatal : Unsupported .version 9.0; current version is '8.7'")
-
-        return launch
+# Injected at the public functions the Triton backend calls (attention, store), so that the
+# injections hold whatever the kernels' internals become.
 
 
 def inject_compile_error(monkeypatch, triton_kernels):
-    monkeypatch.setattr(triton_kernels, "_prefill_kernel", _FailingLaunch())
+    """The first launch fails as a compile (or ptxas, or cubin load) error does: Triton compiles
+    at the first launch."""
+    from triton.compiler.errors import CompilationError
+
+    def attention(*args, **kwargs):
+        raise CompilationError(None, None, "ptxas fatal : Unsupported .version 9.0; current version is '8.7'")
+
+    monkeypatch.setattr(triton_kernels, "attention", attention)
 
 
 def inject_wrong_result(monkeypatch, triton_kernels):
-    """Decode steps with a chunk off by one (chunk_len - 1): the kind of indexing slip that
-    compiles and runs and is wrong."""
-    decode = triton_kernels.decode
+    """Decode steps (a few queries) with a chunk off by one (chunk_len - 1): the kind of indexing
+    slip that compiles and runs and is wrong."""
+    attention = triton_kernels.attention
 
     def wrong(q, k, v, row_start, seq_end, scale, cos, sin, config, *rest, **kw):
-        off_by_one = dataclasses.replace(config, local_window=config.local_window + 1)
-        return decode(q, k, v, row_start, seq_end, scale, cos, sin, off_by_one, *rest, **kw)
+        if q.shape[2] <= triton_kernels.DECODE_MAX_QUERIES:
+            config = dataclasses.replace(config, local_window=config.local_window + 1)
+        return attention(q, k, v, row_start, seq_end, scale, cos, sin, config, *rest, **kw)
 
-    monkeypatch.setattr(triton_kernels, "decode", wrong)
+    monkeypatch.setattr(triton_kernels, "attention", wrong)
 
 
 def inject_nan(monkeypatch, triton_kernels):
-    prefill = triton_kernels.prefill
+    attention = triton_kernels.attention
 
     def with_nan(*args, **kwargs):
-        out = prefill(*args, **kwargs)
+        out = attention(*args, **kwargs)
+        out = kwargs.get("out", out)
         out[0, 0, -1, 0] = float("nan")
         return out
 
-    monkeypatch.setattr(triton_kernels, "prefill", with_nan)
+    monkeypatch.setattr(triton_kernels, "attention", with_nan)
 
 
 def inject_import_error(monkeypatch, triton_kernels):
@@ -396,3 +397,15 @@ def test_a_model_that_ran_stays_deep_copyable(backend, request):
     twin = copy.deepcopy(model)
     assert_close(twin(x).logits, want, rtol=0, atol=0)
     assert backend_report(twin) == backend_report(model)
+
+
+@needs_interpreter
+@pytest.mark.usefixtures("one_torch_thread")
+def test_the_check_runs_without_a_model_for_scripts(monkeypatch):
+    result = selfcheck.run_for("triton", "cpu", torch.float32, "int8", geometry=(4, 2, 16))
+    assert result.passed and result.reason is None and result.seconds > 0
+    from dca import triton_kernels
+
+    inject_nan(monkeypatch, triton_kernels)
+    result = selfcheck.run_for("triton", "cpu", torch.float32, "int8", geometry=(4, 2, 16))
+    assert not result.passed and result.reason.startswith("step 1 (100 new tokens after 0): non-finite")
