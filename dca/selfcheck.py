@@ -149,7 +149,7 @@ def run(backend, geometry: tuple[int, int, int], rope_build) -> CheckResult:
 
     past = 0
     for step, n in enumerate(STEPS):
-        where = f"step {step + 1} ({n} new tokens after {past})"
+        where = f"step {step + 1} ({n} new token{'s' if n > 1 else ''} after {past})"
         step_mask = mask[:, : past + n]
         try:
             forward = backend.begin_forward(ForwardInputs(
