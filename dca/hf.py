@@ -204,12 +204,13 @@ class _DCAState:
 
     def forward_for(self, layer_idx: int, scaling: float, backend, cache, position_ids, query) -> backends.ForwardState:
         """The forward in progress, or a new one: the pre-hook cleared it, or (layers called
-        directly) this layer already used it, or it was made for another cache or shape."""
+        directly) this layer already used it, or it was made for another cache, shape or device."""
         bsz, q_len = query.shape[0], query.shape[2]
         forward = self.forward
         if (
             forward is None or layer_idx in forward.layers or isinstance(forward, PackedForward)
             or forward.inputs.cache is not cache or (forward.inputs.bsz, forward.inputs.q_len) != (bsz, q_len)
+            or forward.inputs.device != query.device  # layers spread over devices: indices on each
         ):
             past = cache.get_seq_length(layer_idx) if cache is not None else 0
             mask = self.padding_mask
