@@ -10,7 +10,8 @@ driver that only validates settings never imports torch.
 from dca.config import DCAConfig
 
 _LAZY = {"apply_dca": "dca.hf", "dca_config_of": "dca.hf", "set_prompt_length": "dca.hf",
-         "SUPPORTED_MODEL_TYPES": "dca.hf"}
+         "SUPPORTED_MODEL_TYPES": "dca.hf", "backend_report": "dca.hf", "backend_reports": "dca.hf",
+         "prepare_backend": "dca.hf", "BackendReport": "dca.backends", "BackendUnavailable": "dca.backends"}
 
 
 def __getattr__(name: str):
@@ -21,4 +22,5 @@ def __getattr__(name: str):
     raise AttributeError(f"module 'dca' has no attribute {name!r}")
 
 
-__all__ = ["DCAConfig", "apply_dca", "dca_config_of", "set_prompt_length", "SUPPORTED_MODEL_TYPES"]
+__all__ = ["DCAConfig", "apply_dca", "dca_config_of", "set_prompt_length", "SUPPORTED_MODEL_TYPES", "backend_report",
+           "backend_reports", "prepare_backend", "BackendReport", "BackendUnavailable"]

@@ -34,14 +34,14 @@ class RopeTable:
 
     def __init__(self, config: DCAConfig, build):
         self.config = config
-        self._build = build
+        self.build = build
         self._tables: dict = {}
 
     def tables(self, device: torch.device, dtype: torch.dtype):
         key = (device, dtype)
         if key not in self._tables:
             ids = torch.arange(self.config.chunk_size + 1, device=device)
-            self._tables[key] = self._build(ids, dtype)
+            self._tables[key] = self.build(ids, dtype)
         return self._tables[key]
 
     def rotate_range(self, x: torch.Tensor, start: int, stop: int) -> torch.Tensor:
@@ -78,32 +78,58 @@ def dca_attention(
     key_index: torch.Tensor,
     rope: RopeTable,
     scale: float,
-    backend: str = "torch",
+    backend="torch",
     prompt_length: torch.Tensor | None = None,
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Dual Chunk Attention output, (B, Hq, Tq, D) in the query dtype.
 
-    backend "torch" or "flash" (kernels.attend, chunk by chunk) or "triton" (dca/triton_kernels.py).
-
-    query       (B, Hq, Tq, D)  not rotated
-    key         (B, Hkv, Tk, D) rotated at j mod L (see `rotate_keys`)
-    value       (B, Hkv, Tk, D)
-    query_index (B, Tq)  token index of each query, -1 for a pad
-    key_index   (B, Tk)  token index of each key, -1 for a pad
-    prompt_length (B,)   n of the temperature (spec section 5); None = number of real keys per row
+    backend       a dca.backends.DCABackend, or its name ("torch", "flash", "triton"): a backend
+                  built for these tensors as they are (no self-check; "triton" on CPU needs the
+                  interpreter)
+    query         (B, Hq, Tq, D)  not rotated
+    key           (B, Hkv, Tk, D) rotated at j mod L (see `rotate_keys`)
+    value         (B, Hkv, Tk, D)
+    query_index   (B, Tq)  token index of each query, -1 for a pad
+    key_index     (B, Tk)  token index of each key, -1 for a pad
+    prompt_length (B,)     n of the temperature (spec section 5); None = number of real keys per row
+    out           (B, Hq, Tq, D) query dtype, any strides: written and returned (None: allocated)
 
     The real tokens of a row must be contiguous and its queries the last of its keys, which is
     what left padding and a KV cache give. Pad query rows come out as zeros.
     """
+    if isinstance(backend, str):
+        from dca import backends
+
+        backend = backends.create(backend, backends.BackendKey.of(query, key))
+    return backend.attention(query, key, value, query_index, key_index, rope, scale, prompt_length, out)
+
+
+def chunked_dca(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    query_index: torch.Tensor,
+    key_index: torch.Tensor,
+    rope: RopeTable,
+    scale: float,
+    partial,
+    prompt_length: torch.Tensor | None = None,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """`dca_attention` (same arguments and result) computed from partial attentions that return
+    their LSE, `partial(q, k, v, scale, causal) -> (out, lse)` (dca/kernels.py's contract): up to
+    three calls per query chunk merged in float32, a decode step by `decode_row`, padded batches
+    of a few new tokens by `_dense`, other padded batches row by row. The torch and flash backends."""
     config = rope.config
-    if backend == "triton":
-        return _triton(query, key, value, key_index, rope, scale, prompt_length)
     b, _, tq, _ = query.shape
     tk = key.shape[2]
     real_keys = (key_index >= 0).sum(-1)  # (B,)
     if prompt_length is None:
         prompt_length = real_keys
     n = [int(x) for x in prompt_length.tolist()]
+    if out is None:
+        out = torch.empty_like(query)
 
     # Common case: every row is the same unpadded sequence -> one batched pass.
     first_q, first_k = query_index[:1], key_index[:1]
@@ -117,14 +143,18 @@ def dca_attention(
         scale_b = scale * positions.temperature_factor(n[0], config)
         if b == 1 and tq == 1:  # one decode step
             q3 = decode_queries(query[:, :, 0], [tk - 1], rope)
-            return decode_row(q3[0], key[0], value[0], tk - 1, config.chunk_len, scale_b)[None, :, None].to(query.dtype)
-        return _chunked(query, key, value, tk - tq, rope, scale_b, backend)
+            out[0, :, 0] = decode_row(q3[0], key[0], value[0], tk - 1, config.chunk_len, scale_b)
+            return out
+        return _chunked(query, key, value, tk - tq, rope, scale_b, partial, out)
 
     if tq <= _DENSE_PAD_QUERIES and b * query.shape[1] * tq * tk <= _DENSE_PAD_ELEMENTS:
-        factors = torch.tensor([positions.temperature_factor(x, config) for x in n], device=query.device)
-        return _dense(query, key, value, query_index, key_index, rope, scale * factors).to(query.dtype)
+        # In the accumulation dtype: float32 factors would cost float64 inputs 1e-8 of precision.
+        factors = torch.tensor([positions.temperature_factor(x, config) for x in n],
+                               dtype=kernels.accumulation_dtype(query.dtype), device=query.device)
+        out.copy_(_dense(query, key, value, query_index, key_index, rope, scale * factors))
+        return out
 
-    out = torch.zeros_like(query)
+    out.zero_()
     for row in range(b):
         q_real = torch.nonzero(query_index[row] >= 0).flatten()
         k_real = torch.nonzero(key_index[row] >= 0).flatten()
@@ -135,7 +165,7 @@ def dca_attention(
         scale_b = scale * positions.temperature_factor(n[row], config)
         kr, vr = key[row : row + 1, :, k0:], value[row : row + 1, :, k0:]
         t0 = kr.shape[2] - (tq - q0)
-        out[row : row + 1, :, q0:] = _chunked(query[row : row + 1, :, q0:], kr, vr, t0, rope, scale_b, backend)
+        _chunked(query[row : row + 1, :, q0:], kr, vr, t0, rope, scale_b, partial, out[row : row + 1, :, q0:])
     return out
 
 
@@ -186,24 +216,6 @@ def decode_row(q3: torch.Tensor, key: torch.Tensor, value: torch.Tensor, token: 
     return torch.matmul(p, value.to(acc)).reshape(hq, d)
 
 
-def _triton(q, k, v, key_index, rope: RopeTable, scale: float, prompt_length) -> torch.Tensor:
-    """The Triton kernels (dca/triton_kernels.py): one launch, nothing read back to the host.
-
-    Left padding is assumed (not checked: that would read the GPU): a row's pads are its first
-    slots, so their count is the slot of its first real token.
-    """
-    from dca import triton_kernels
-
-    row_start = (key_index < 0).sum(-1).to(torch.int32)  # (B,)
-    n = prompt_length if prompt_length is not None else key_index.shape[1] - row_start
-    dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
-    scales = (scale * positions.temperature_factors(torch.as_tensor(n, device=q.device), rope.config)).to(dtype)
-    seq_end = torch.full((1,), k.shape[2], dtype=torch.int32, device=q.device)
-    cos, sin = rope.tables(q.device, q.dtype)
-    return triton_kernels.attention(q, k, v, row_start, seq_end, scales.expand(q.shape[0]).contiguous(), cos, sin,
-                                    rope.config)
-
-
 def _check_contiguous(q_idx: torch.Tensor, k_idx: torch.Tensor) -> None:
     """Keys must be tokens 0..K-1 in order, queries the last Tq of them."""
     k_len, q_len = k_idx.shape[0], q_idx.shape[0]
@@ -216,19 +228,19 @@ def _check_contiguous(q_idx: torch.Tensor, k_idx: torch.Tensor) -> None:
         )
 
 
-def _chunked(q, k, v, t0: int, rope: RopeTable, scale: float, backend: str) -> torch.Tensor:
-    """Rows with keys = tokens 0..K-1 and queries = tokens t0..K-1, query chunk by query chunk.
+def _chunked(q, k, v, t0: int, rope: RopeTable, scale: float, partial, out: torch.Tensor) -> torch.Tensor:
+    """Rows with keys = tokens 0..K-1 and queries = tokens t0..K-1, query chunk by query chunk,
+    written into `out` (the shape of q, any strides).
 
     For queries in chunk c: intra keys are chunk c (causal), successive keys chunk c-1, inter keys
-    everything older. Each is one kernel call with its own query rotation; memory is linear in K.
+    everything older. Each is one `partial` call with its own query rotation; memory is linear in K.
     """
     config = rope.config
     L = config.chunk_len
     b, _, tq, _ = q.shape
     k_len = k.shape[2]
-    # Each chunk's merged float32 result goes straight into an output of the query dtype: no
+    # Each chunk's merged float32 result goes straight into the output (query dtype): no
     # full-length float32 copy and no concatenation.
-    out = torch.empty_like(q)
     first_chunk, last_chunk = t0 // L, (k_len - 1) // L
     for c in range(first_chunk, last_chunk + 1):
         qa, qb = max(t0, c * L), min(k_len, (c + 1) * L)  # token range of this block's queries
@@ -237,15 +249,15 @@ def _chunked(q, k, v, t0: int, rope: RopeTable, scale: float, backend: str) -> t
         # successive id L + (i mod L) capped at S.
         a0, a1 = qa - c * L, qb - c * L
         intra_q = rope.rotate_range(qs, a0, a1)
-        parts = [kernels.attend(intra_q, k[:, :, c * L : qb], v[:, :, c * L : qb], scale, True, backend)]
+        parts = [partial(intra_q, k[:, :, c * L : qb], v[:, :, c * L : qb], scale, True)]
         if c >= 1:
             succ_q = rope.rotate_range(qs, L + a0, L + a1)
             lo = (c - 1) * L
-            parts.append(kernels.attend(succ_q, k[:, :, lo : c * L], v[:, :, lo : c * L], scale, False, backend))
+            parts.append(partial(succ_q, k[:, :, lo : c * L], v[:, :, lo : c * L], scale, False))
         if c >= 2:
             inter_q = rope.rotate(qs, config.inter_query_id)
             hi = (c - 1) * L
-            parts.append(kernels.attend(inter_q, k[:, :, :hi], v[:, :, :hi], scale, False, backend))
+            parts.append(partial(inter_q, k[:, :, :hi], v[:, :, :hi], scale, False))
         out[:, :, qa - t0 : qb - t0] = kernels.merge(parts)[0]
     return out
 

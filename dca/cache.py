@@ -5,7 +5,8 @@ to `generate` or to `dca.prefill.chunked_prefill`. Each layer holds keys (rotate
 spec section 4) and values in buffers of shape (B, Hkv, capacity, D), in the model dtype or as
 int8 with one float32 scale per (row, head, token) (the format of dca/kv_quant.py). Slot s of
 row b holds position s of the batch: left-padded rows keep their pads in the first slots, and
-the per-row start is tracked by the DCA layers (hf.py), so a row's length is `length - start`.
+the per-row start is recorded in the cache's dca.state.CacheState (a field of StaticKVCache), so a
+row's length is `length - start`.
 
 - `max_tokens=N`: the buffers hold exactly N tokens from the first forward on (static shape: a
   decode step that writes into them can be captured in a CUDA graph); more raises.
@@ -20,9 +21,11 @@ the buffers directly, int8 included: nothing is dequantised outside the kernels.
 backend `update` returns views of the filled part (dequantised for int8), as DynamicCache and
 Int8KVCache do.
 
-The Triton path also takes over an EMPTY DynamicCache or Int8KVCache passed to it (`adopt`):
-their layers are replaced by growable `StaticKVLayer`s of the same storage, so callers that
-build those caches get the in-place buffers without a change.
+The Triton path also takes over an EMPTY DynamicCache or Int8KVCache passed to it
+(`writes_in_place`, `in_place_layer`): their layers are replaced by growable `StaticKVLayer`s of the
+same storage, so callers that build those caches get the in-place buffers without a change. Row
+caches with the slot layout (`has_slot_layout`: the engine's per-row caches) are written in place
+too, through `SlotLayer`.
 """
 
 from __future__ import annotations
@@ -33,6 +36,7 @@ import torch
 from transformers.cache_utils import Cache, DynamicCache, DynamicLayer
 
 from dca.kv_quant import BatchOpsByMap, Int8KVCache, Int8KVLayer, dequantize_int8, quantize_int8
+from dca.state import CacheState
 
 KV_DTYPES = ("auto", "int8")
 # Capacity granularity in tokens, and the growth step of growable buffers (1/32 of the length).
@@ -190,6 +194,9 @@ class StaticKVCache(Cache):
             raise ValueError(f"kv_dtype must be one of {KV_DTYPES}, got {kv_dtype!r}")
         self.max_tokens = max_tokens
         self.kv_dtype = kv_dtype
+        # DCA's bookkeeping of this cache (dca.state): a field, so that a copy of the cache
+        # carries it (the per-row starts recorded at the prefill included).
+        self.dca_cache_state = CacheState()
         super().__init__(layer_class_to_replicate=functools.partial(StaticKVLayer, max_tokens, kv_dtype))
 
     def nbytes(self) -> int:
@@ -197,23 +204,53 @@ class StaticKVCache(Cache):
         return sum(layer.nbytes() for layer in self.layers)
 
 
+def kv_dtype_of(cache) -> str:
+    """"auto" or "int8": how a cache stores keys and values (an Int8KVCache, or a cache with a
+    `kv_dtype` field: StaticKVCache, the engine's row caches); "auto" for anything else."""
+    if isinstance(cache, Int8KVCache):
+        return "int8"
+    kv_dtype = getattr(cache, "kv_dtype", "auto")
+    return kv_dtype if kv_dtype in KV_DTYPES else "auto"
+
+
 def adoptable(cache) -> bool:
-    """An empty DynamicCache or Int8KVCache, whose layers `static_layer` may replace."""
+    """An empty DynamicCache or Int8KVCache, whose layers `in_place_layer` may replace."""
     return type(cache) in (DynamicCache, Int8KVCache) and cache.get_seq_length() == 0
 
 
-def static_layer(cache, layer_idx: int) -> StaticKVLayer | None:
-    """The StaticKVLayer behind `cache.layers[layer_idx]`, created if the cache is managed.
+def _holds_static_layers(cache) -> bool:
+    """A DynamicCache / Int8KVCache adopted earlier (e.g. a copy of one: the copy has no DCA state)."""
+    return type(cache) in (DynamicCache, Int8KVCache) and any(isinstance(layer, StaticKVLayer) for layer in cache.layers)
 
-    Managed: a StaticKVCache, or a cache `adoptable` at its first DCA forward (the DCA layers mark
-    it); an adopted DynamicCache gets model-dtype layers, an adopted Int8KVCache int8 ones.
-    Returns None for any other cache (its own `update` is used).
-    """
+
+def writes_in_place(cache, state) -> bool:
+    """Whether the Triton path writes `cache` in place (`in_place_layer` returns its layers).
+
+    state: the cache's dca.state.CacheState; its `adopted` flag is decided here at the cache's
+    first DCA forward (an empty DynamicCache / Int8KVCache is adopted; one filled by another
+    path is not)."""
+    if isinstance(cache, StaticKVCache) or has_slot_layout(cache):
+        return True
+    if state.adopted is None:
+        state.adopted = adoptable(cache) or _holds_static_layers(cache)
+    return state.adopted
+
+
+def in_place_layer(cache, layer_idx: int, state):
+    """The storage of one layer of a cache the Triton path writes in place, or None.
+
+    Returns an object with `length` (tokens filled, settable) and `reserve(key_states, needed,
+    hint) -> (k, v, k_scale, v_scale)` (buffers (B, Hkv, capacity, D), model dtype or int8 with
+    (B, Hkv, capacity) float32 scales): a StaticKVLayer for a StaticKVCache or an adopted
+    DynamicCache / Int8KVCache (created here), a `SlotLayer` for a row cache with the slot layout
+    (`has_slot_layout`). None for any other cache (its own `update` is used)."""
     if isinstance(cache, StaticKVCache):
         while len(cache.layers) <= layer_idx:
             cache.layers.append(cache.layer_class_to_replicate())
         return cache.layers[layer_idx]
-    if not getattr(cache, "_dca_adopted", False):
+    if has_slot_layout(cache):
+        return SlotLayer(cache, layer_idx)
+    if not writes_in_place(cache, state):
         return None
     kv_dtype = "int8" if isinstance(cache, Int8KVCache) else "auto"
     while len(cache.layers) <= layer_idx:
@@ -225,3 +262,67 @@ def static_layer(cache, layer_idx: int) -> StaticKVLayer | None:
         cache.layers[layer_idx] = StaticKVLayer(kv_dtype=kv_dtype)
         return cache.layers[layer_idx]
     raise RuntimeError(f"layer {layer_idx} of this {type(cache).__name__} was filled outside DCA; use one cache per model")
+
+
+# --- row caches with the slot layout -----------------------------------------------------------
+#
+# The engine's continuous batching gives each row its own cache object (pipeline.engine.kv_cache
+# .RowKV), duck-typed: `get_seq_length(layer)`, `update(k, v, layer)` returning the row's WHOLE
+# keys and values (dequantised for int8), `dca_prompt_length`. Going through `update` on the
+# Triton path would dequantise an int8 row whole at every step and layer. Such a cache that also
+# exposes its storage in the slot layout below is written in place by the cache-write kernel and
+# read by the attention kernels directly (int8 dequantised inside them), like a StaticKVLayer.
+
+
+def has_slot_layout(cache) -> bool:
+    """A row cache exposing its storage in the slot layout, public fields:
+
+        capacity: int                 tokens each layer's storage holds
+        kv_dtype: "auto" | "int8"
+        lengths: list[int]            tokens filled, per layer
+        keys, values: list            per layer, None until the layer's first write, then
+                                      "auto": a (1, Hkv, capacity, D) tensor in the model dtype,
+                                      "int8": (int8 (1, Hkv, capacity, D), float32 scales
+                                      (1, Hkv, capacity, 1)), dca.kv_quant's format
+        update(k, v, layer_idx)       allocates a layer's storage at its first call (also for
+                                      zero new tokens)
+
+    pipeline.engine.kv_cache.RowKV has it."""
+    return (
+        not isinstance(cache, Cache)
+        and isinstance(getattr(cache, "lengths", None), list)
+        and isinstance(getattr(cache, "keys", None), list)
+        and isinstance(getattr(cache, "values", None), list)
+        and isinstance(getattr(cache, "capacity", None), int)
+        and getattr(cache, "kv_dtype", None) in KV_DTYPES
+    )
+
+
+class SlotLayer:
+    """One layer of a slot-layout row cache, seen as the Triton path sees a StaticKVLayer."""
+
+    def __init__(self, cache, layer_idx: int):
+        self.cache = cache
+        self.layer_idx = layer_idx
+
+    @property
+    def length(self) -> int:
+        return self.cache.lengths[self.layer_idx]
+
+    @length.setter
+    def length(self, value: int) -> None:
+        self.cache.lengths[self.layer_idx] = value
+
+    def reserve(self, key_states: torch.Tensor, needed: int, hint: int | None = None):
+        """The layer's whole storage (k, v, k_scale, v_scale), allocated by the cache itself at
+        the first write; `needed` tokens must fit its capacity."""
+        cache, layer = self.cache, self.layer_idx
+        if needed > cache.capacity:
+            raise ValueError(f"row KV slot overflow: {needed} tokens > capacity {cache.capacity}")
+        if cache.keys[layer] is None:
+            empty = key_states[:, :, :0]  # (1, Hkv, 0, D): the cache allocates, nothing is written
+            cache.update(empty, empty, layer)
+        k, v = cache.keys[layer], cache.values[layer]
+        if isinstance(k, tuple):  # int8 data and (1, Hkv, capacity, 1) scales
+            return k[0], v[0], k[1][..., 0], v[1][..., 0]
+        return k, v, None, None

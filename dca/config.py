@@ -30,8 +30,11 @@ class DCAConfig:
     temperature_alpha: float = 0.0
     # "auto" | "torch" | "flash" | "triton". "auto" picks the Triton kernels on CUDA (fp16, bf16,
     # fp32) when triton is importable, else flash-attn on CUDA in fp16/bf16 when importable, else
-    # "torch", which runs everywhere (and is what CPUs use). "triton" on CPU needs the interpreter
-    # (TRITON_INTERPRET=1 before dca.triton_kernels is imported): slow, for tests.
+    # "torch", which runs everywhere (and is what CPUs use). On CUDA a backend other than torch
+    # first passes a start-up self-check (dca/selfcheck.py): "auto" falls back when it fails, a
+    # named backend raises dca.BackendUnavailable. `dca.backend_report(model)` says what ran.
+    # "triton" on CPU needs the interpreter (TRITON_INTERPRET=1 before dca.triton_kernels is
+    # imported): slow, for tests.
     backend: str = "auto"
 
     def __post_init__(self) -> None:

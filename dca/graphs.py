@@ -20,16 +20,17 @@ from __future__ import annotations
 import torch
 
 from dca.cache import StaticKVCache
+from dca.state import cache_state
 
 
 def set_cache_length(cache: StaticKVCache, length: int) -> None:
     """Moves a StaticKVCache's host and device lengths to `length` (tokens past it are ignored)."""
     for layer in cache.layers:
         layer.length = length
-    cache._dca_length_host = length
-    counter = getattr(cache, "_dca_length", None)
-    if counter is not None:
-        counter.fill_(length)
+    state = cache_state(cache)
+    state.length_host = length
+    if state.length is not None:
+        state.length.fill_(length)
 
 
 class CapturedDecodeStep:
@@ -78,5 +79,5 @@ class CapturedDecodeStep:
         self.graph.replay()
         for layer in self.cache.layers:
             layer.length += 1
-        self.cache._dca_length_host += 1
+        cache_state(self.cache).length_host += 1
         return self.logits

@@ -1,6 +1,9 @@
-"""Partial attention kernels that also return the log-sum-exp, the LSE merge, and backend choice.
+"""Partial attention kernels that also return the log-sum-exp, the LSE merge, and backend names.
 
-(The "triton" backend does not use these: dca/triton_kernels.py computes DCA in one pass.)
+The torch and flash backends (dca/backends.py) compute DCA as up to three of these calls per
+chunk; the "triton" backend does not use them (dca/triton_kernels.py computes DCA in one pass).
+`resolve_backend` turns a configured name into the name that can run here; dca/backends.py
+builds the backend object from it, once per device, dtype and KV dtype.
 
 DCA splits every query row's keys into up to three groups, each seen with a different query
 rotation, and joins them with ONE softmax. Each group is an ordinary attention call that returns
@@ -8,7 +11,7 @@ its output and log-sum-exp; `merge` combines them exactly (spec section 3).
 
 Contract of every kernel (the flash-attn convention):
 
-    attend(q, k, v, scale, causal) -> (out, lse)
+    torch_attend(q, k, v, scale, causal) -> (out, lse)      (flash_attend: the same contract)
     q:   (B, Hq, Tq, D)    k, v: (B, Hkv, Tk, D), Hq a multiple of Hkv (head h uses kv head h // (Hq/Hkv))
     out: (B, Hq, Tq, D) float32 (float64 for float64 inputs)
     lse: (B, Hq, Tq)    same dtype, natural log of sum_j exp(scale * q.k_j)
@@ -50,8 +53,9 @@ def triton_interpreted() -> bool:
 
 
 def resolve_backend(requested: str, device: torch.device, dtype: torch.dtype) -> str:
-    """'auto' | 'torch' | 'flash' | 'triton' -> the backend that will run; raises if 'flash' or
-    'triton' cannot."""
+    """'auto' | 'torch' | 'flash' | 'triton' -> the backend to run on this device and dtype; raises
+    RuntimeError if 'flash' or 'triton', asked for by name, cannot. On CUDA the start-up
+    self-check may still replace it (dca.backends.select)."""
     half = dtype in (torch.float16, torch.bfloat16)
     if requested == "triton":
         missing = []
@@ -87,15 +91,29 @@ def resolve_backend(requested: str, device: torch.device, dtype: torch.dtype) ->
     raise ValueError(f"unknown DCA backend {requested!r}")
 
 
+def check_installed(requested: str) -> None:
+    """Raises `resolve_backend`'s error when a backend asked for by name cannot run on this
+    machine whatever the device (its package is missing): apply_dca calls it, before the model
+    moves to its device and dtype."""
+    if requested == "flash" and not flash_available():
+        resolve_backend("flash", torch.device("cpu"), torch.float32)
+    if requested == "triton" and not triton_available():
+        resolve_backend("triton", torch.device("cuda"), torch.bfloat16)
+
+
 def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
     """Partial outputs and their merge run in float32 at least (never in bf16/fp16)."""
     return torch.promote_types(dtype, torch.float32)
 
 
-def attend(q, k, v, scale: float, causal: bool, backend: str):
-    if backend == "flash":
-        return _flash(q, k, v, scale, causal)
+def torch_attend(q, k, v, scale: float, causal: bool):
+    """The contract above on the aten kernels (any device): the torch backend's partial attention."""
     return _torch(q, k, v, scale, causal)
+
+
+def flash_attend(q, k, v, scale: float, causal: bool):
+    """The contract above on flash-attn (CUDA, fp16/bf16): the flash backend's partial attention."""
+    return _flash(q, k, v, scale, causal)
 
 
 def merge(parts):

@@ -17,6 +17,7 @@ from collections.abc import Callable
 import torch
 
 from dca.hf import dca_config_of, set_prompt_length
+from dca.state import cache_state
 
 
 def prefill_blocks(past_tokens: int, new_tokens: int, block_size: int) -> list[tuple[int, int]]:
@@ -86,7 +87,7 @@ def chunked_prefill(
         set_prompt_length(cache, prompt_length)
         # A growable dca.cache.StaticKVCache (or an adopted DynamicCache) allocates the whole
         # prompt at the first block instead of growing block by block.
-        cache.dca_capacity_hint = total
+        cache_state(cache).capacity_hint = total
 
     blocks = prefill_blocks(past, input_ids.shape[1], block_size)
     logits = None

@@ -35,7 +35,7 @@ def test_kernel_matches_naive(hq, hkv, tq, tk, causal, impl, monkeypatch):
     else:
         if impl == "torch-copies":  # the path for torch builds whose CPU kernel needs equal heads
             monkeypatch.setattr(kernels, "_cpu_direct", False)
-        out, lse = kernels.attend(q, k, v, 0.25, causal, "torch")
+        out, lse = kernels.torch_attend(q, k, v, 0.25, causal)
     ref_out, ref_lse = naive(q, k, v, 0.25, causal)
     assert out.dtype == torch.float64
     assert_close(out, ref_out, rtol=1e-10, atol=1e-10)
@@ -47,7 +47,7 @@ def test_merge_of_disjoint_key_sets_is_one_softmax():
     q = torch.randn(1, 2, 4, 8, generator=g)
     k = torch.randn(1, 2, 20, 8, generator=g)
     v = torch.randn(1, 2, 20, 8, generator=g)
-    parts = [kernels.attend(q, k[:, :, a:b], v[:, :, a:b], 0.3, False, "torch") for a, b in [(0, 3), (3, 11), (11, 20)]]
+    parts = [kernels.torch_attend(q, k[:, :, a:b], v[:, :, a:b], 0.3, False) for a, b in [(0, 3), (3, 11), (11, 20)]]
     out, lse = kernels.merge(parts)
     ref_out, ref_lse = naive(q, k, v, 0.3, False)
     assert out.dtype == torch.float32
@@ -60,8 +60,8 @@ def test_bfloat16_inputs_merge_in_float32():
     q = torch.randn(1, 2, 4, 8, generator=g).bfloat16()
     k = torch.randn(1, 2, 20, 8, generator=g).bfloat16()
     v = torch.randn(1, 2, 20, 8, generator=g).bfloat16()
-    out, lse = kernels.merge([kernels.attend(q, k[:, :, :9], v[:, :, :9], 0.3, False, "torch"),
-                              kernels.attend(q, k[:, :, 9:], v[:, :, 9:], 0.3, False, "torch")])
+    out, lse = kernels.merge([kernels.torch_attend(q, k[:, :, :9], v[:, :, :9], 0.3, False),
+                              kernels.torch_attend(q, k[:, :, 9:], v[:, :, 9:], 0.3, False)])
     assert out.dtype == torch.float32 and lse.dtype == torch.float32
     ref_out, _ = naive(q, k, v, 0.3, False)
     assert_close(out.double(), ref_out, rtol=2e-2, atol=2e-2)
