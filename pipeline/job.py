@@ -20,14 +20,15 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import logging
 import os
 from collections.abc import Callable
 
 from pipeline.config.job import JobConfig, check_parallelism, config_hash, job_fingerprint
-from pipeline.data.input import Document, InputSpec, check_input
+from pipeline.data.input import Document, InputSpec, check_input, iter_documents
 from pipeline.data.prompts import PromptBuilder, load_templates
 from pipeline.data.rows import dca_columns, job_columns
-from pipeline.data.writer import OutputWriter, committed_parts, read_output
+from pipeline.data.writer import OutputWriter
 from pipeline.dataflows.context import JobRun
 from pipeline.dataflows.driver import DriverDataflow
 from pipeline.dataflows.units import UnitsDataflow
@@ -37,6 +38,8 @@ from pipeline.runtime.cluster import (
     check_devices, ensure_ray, ray_submission_id, release_gpu_request, wait_for_gpus,
 )
 from pipeline.runtime.stops import JobFailed, JobStopped, StopSignals
+
+log = logging.getLogger(__name__)
 
 
 def run_job(
@@ -174,40 +177,49 @@ def nightly_partition(output_root: str, run_date: str) -> str:
     return os.path.join(output_root, f"run_date={run_date}")
 
 
-def summarised_before(output_root: str, run_date: str, cfg_hash: str) -> set[tuple[str, str]]:
-    """(id, content_hash) of documents summarised OK in earlier partitions with this config hash."""
-    import pyarrow.compute as pc
-
-    done: set[tuple[str, str]] = set()
-    if not os.path.isdir(output_root):
-        return done
-    for name in sorted(os.listdir(output_root)):
-        if not name.startswith("run_date=") or name >= f"run_date={run_date}":
-            continue
-        directory = os.path.join(output_root, name)
-        if not committed_parts(directory):
-            continue
-        table = read_output(directory, columns=["id", "content_hash", "config_hash", "status"])
-        keep = pc.and_(pc.equal(table["status"], "ok"), pc.equal(table["config_hash"], cfg_hash))
-        table = table.filter(keep)
-        done.update(zip(table["id"].to_pylist(), table["content_hash"].to_pylist()))
-    return done
-
-
 def run_nightly(config: JobConfig, *, output_root: str, run_date: str, **kwargs) -> dict:
     """Incremental summarisation into OUTPUT_ROOT/run_date=DATE: documents already summarised
     (same id, same content hash, same model/prompt/generation config) in an earlier partition
-    are skipped. Rerunning on the same date resumes that date's partition."""
-    def skip_factory(cfg_hash: str):
-        done = summarised_before(output_root, run_date, cfg_hash)
-        return lambda doc: (doc.id, doc.content_hash) in done
+    are skipped. Rerunning on the same date resumes that date's partition.
 
-    config = dataclasses.replace(
+    The skip decision is one vectorised probe of the night's (id, content hash) pairs against
+    the root's nightly record (pipeline.data.nightly_record: brought up to date with the
+    partitions first, rebuilt from them when missing or stale); the record then takes in what
+    this night committed, also when the job fails or is stopped part-way."""
+    from pipeline.data.nightly_record import sync_record
+
+    decided: dict[str, Callable[[Document], bool]] = {}
+
+    def skip_factory(cfg_hash: str):
+        if cfg_hash not in decided:  # the ray-data dataflow asks twice
+            record = sync_record(output_root)
+            plan = check_input(InputSpec(
+                path=config.input_path, id_column=config.id_column, text_column=config.text_column,
+                question_column=config.question_column, batch_rows=config.input_batch_rows,
+            ))
+            done = record.summarised_pairs(((doc.id, doc.content_hash) for doc in iter_documents(plan)),
+                                           config_hash=cfg_hash, run_date=run_date)
+            log.info("nightly: %d (id, content hash) pair(s) of the input summarised before %s", len(done), run_date)
+            decided[cfg_hash] = lambda doc: (doc.id, doc.content_hash) in done
+        return decided[cfg_hash]
+
+    night_config = dataclasses.replace(
         config, output_dir=nightly_partition(output_root, run_date),
         job_id=config.job_id or nightly_submission_id(config.input_path, run_date),
     )
-    return run_job(config, skip_factory=skip_factory,
-                   extra_summary={"run_date": run_date, "output_root": output_root}, **kwargs)
+    stopped = False
+    try:
+        return run_job(night_config, skip_factory=skip_factory,
+                       extra_summary={"run_date": run_date, "output_root": output_root}, **kwargs)
+    except JobStopped:
+        stopped = True
+        raise
+    finally:
+        if decided:  # the night got as far as deciding: what it committed is summarised
+            try:  # a stopped job exits within seconds: its delta is added, the merge waits
+                sync_record(output_root, compact=not stopped)
+            except Exception:  # the record is rebuilt or completed by the next night
+                log.warning("nightly record of %s not updated after the night", output_root, exc_info=True)
 
 
-__all__ = ["run_job", "run_nightly", "nightly_submission_id", "nightly_partition", "summarised_before"]
+__all__ = ["run_job", "run_nightly", "nightly_submission_id", "nightly_partition"]
