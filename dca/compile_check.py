@@ -473,18 +473,19 @@ def run_check(targets=("sm_80", "sm_90a"), geometries=GEOMETRIES, workers: int |
     workers = workers or os.cpu_count() or 1
     start = time.perf_counter()
     targets = {t.name: t for t in (TARGETS[t] if isinstance(t, str) else t for t in targets)}
-    enumerated = {}
-    for name, target in targets.items():
-        enumerated[name] = enumerate_variants(target, geometries, module)
-        if families_only:
-            enumerated[name] = one_per_family(enumerated[name])
-    enumerate_s = time.perf_counter() - start
-    jobs = [(v, name) for name in targets for v in enumerated[name]]
-    jobs.sort(key=lambda job: -_cost(job[0]))
     rows = []
     ctx = _mp_context()
     with ProcessPoolExecutor(max_workers=workers, mp_context=ctx, initializer=_worker_init,
                              initargs=(list(extra_path), cache_dir)) as pool:
+        # Enumerated in the workers too: they import the kernels compiled, whatever the caller's
+        # TRITON_INTERPRET (the test suite and scripts/gpu_check.py --cpu-smoke set it).
+        listed = {name: pool.submit(enumerate_variants, target, geometries, module) for name, target in targets.items()}
+        enumerated = {name: future.result() for name, future in listed.items()}
+        if families_only:
+            enumerated = {name: one_per_family(variants) for name, variants in enumerated.items()}
+        enumerate_s = time.perf_counter() - start
+        jobs = [(v, name) for name in targets for v in enumerated[name]]
+        jobs.sort(key=lambda job: -_cost(job[0]))
         futures = {pool.submit(_compile_job, v, targets[name], v.kernel in keep_asm_for): (v, name) for v, name in jobs}
         for done in as_completed(futures):
             row = done.result()

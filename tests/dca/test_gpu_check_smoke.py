@@ -42,20 +42,37 @@ def test_steps_run_in_order_and_the_first_failure_stops_the_check(tmp_path):
     assert result["passed"] is False and result["stopped_at"] == "c" and "c broke" in result["steps"][2]["error"]
 
 
+def test_the_timings_step_runs_gpu_bench_smoke_on_cpu(monkeypatch):
+    """The last step calls benchmarks/gpu_bench.py (--smoke without a GPU); gpu_bench's own smoke
+    run is tests/dca/test_gpu_bench_smoke.py, so the run below stops before it."""
+    gpu_check = _gpu_check_module()
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import gpu_bench
+
+    calls = []
+    monkeypatch.setattr(gpu_bench, "main", lambda argv: calls.append(argv) or {"summary": {}, "seconds": 0.0})
+    check = gpu_check.Check(smoke=True, output=Path("/dev/null"))
+    assert gpu_check.step_timings(check)["summary"] == {}
+    assert calls and "--smoke" in calls[0] and "--output" in calls[0]
+    check.smoke = False
+    gpu_check.step_timings(check)
+    assert "--smoke" not in calls[1] and "--no-sweep" in calls[1]  # the sweep ran as its own step
+
+
 @pytest.mark.slow
 @pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="needs triton")
 def test_cpu_smoke_mode_runs_every_step_it_can(tmp_path):
     out = tmp_path / "gpu_check.json"
     env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run([sys.executable, str(ROOT / "scripts" / "gpu_check.py"), "--cpu-smoke", "--output", str(out)],
-                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=1800)
+    steps = ["versions", "trivial", "warmup", "correctness", "selfcheck", "cuda_graph", "tile_sweep"]
+    proc = subprocess.run([sys.executable, str(ROOT / "scripts" / "gpu_check.py"), "--cpu-smoke", "--output", str(out),
+                           "--steps", *steps], cwd=ROOT, env=env, capture_output=True, text=True, timeout=1800)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     result = json.loads(out.read_text())
     steps = {s["step"]: s for s in result["steps"]}
-    assert list(steps) == ["versions", "trivial", "warmup", "correctness", "selfcheck", "cuda_graph", "tile_sweep",
-                           "timings"]
+    assert list(steps) == ["versions", "trivial", "warmup", "correctness", "selfcheck", "cuda_graph", "tile_sweep"]
     assert result["passed"] is True
-    for name in ("versions", "trivial", "warmup", "correctness", "timings"):
+    for name in ("versions", "trivial", "warmup", "correctness"):
         assert steps[name]["status"] == "ok", steps[name]
     for name in ("cuda_graph", "tile_sweep"):
         assert steps[name]["status"] == "skipped" and steps[name]["details"]["note"]
