@@ -452,7 +452,9 @@ def _store_kernel(
     t_ok = g < n_kv_heads * n_new
     offs_d = tl.arange(0, BLOCK_D)
     if packed:
-        row = tl.load(TOKEN_ROW + t, mask=t_ok, other=0).to(tl.int64)
+        row = tl.load(TOKEN_ROW + t, mask=t_ok, other=-1).to(tl.int64)
+        t_ok = t_ok & (row >= 0)  # columns of no row (gaps in the packed sequence) are not written
+        row = tl.maximum(row, 0)
         slot = tl.load(ROW_META + row * 4 + 2, mask=t_ok, other=0) + t - tl.load(ROW_META + row * 4, mask=t_ok, other=0)
         key_id = slot % chunk_len
         ptrs = ROW_PTRS + row * 8
@@ -946,7 +948,7 @@ class PackedRows:
     device: torch.device
     meta: torch.Tensor = None  # (R, 4) int32: q_start, q_len, past, 0
     scales: torch.Tensor = None  # (R,) float32
-    token_row: torch.Tensor = None  # (T,) int32: packed column -> row
+    token_row: torch.Tensor = None  # (T,) int32: packed column -> row (-1: none)
     _work: dict = field(default_factory=dict)
 
     @classmethod
@@ -965,31 +967,33 @@ class PackedRows:
             raise ValueError(f"rows' columns overlap: {spans}")
         device = torch.device(device)
         width = max((s + n for s, n in zip(q_start, q_len)), default=0)
-        token_row = [0] * width
+        token_row = [-1] * width  # -1: a column of no row
         for r, (s, n) in enumerate(zip(q_start, q_len)):
             token_row[s : s + n] = [r] * n
         rows = cls(q_start, q_len, past, scale, device)
         rows.meta = _to_device(torch.tensor([[s, n, p, 0] for s, n, p in zip(q_start, q_len, past)], dtype=torch.int32),
                                device)
         rows.scales = _to_device(torch.tensor(scale, dtype=torch.float32), device)
-        rows.token_row = _to_device(torch.tensor(token_row or [0], dtype=torch.int32), device)
+        rows.token_row = _to_device(torch.tensor(token_row or [-1], dtype=torch.int32), device)
         return rows
 
-    def work(self, group: int, n_kv_heads: int, rows: int, decode_rows: int, block_n: int) -> tuple:
-        """(items (W, 8) int32, partials (W, rows, BLOCK_D) placeholder size W, counters) for one tile."""
-        key = (group, n_kv_heads, rows, decode_rows, block_n)
+    def work(self, group: int, n_kv_heads: int, rows: int, block_n: int) -> tuple:
+        """(items (W, 8) int32 device table, W, counters (W,) int32 zeros) of one launch with `rows`
+        rows and `block_n` keys per program, made once per tile and kept for every layer."""
+        key = (group, n_kv_heads, rows, block_n)
         if key not in self._work:
-            self._work[key] = _packed_work(self, group, n_kv_heads, rows, decode_rows, block_n)
+            self._work[key] = _packed_work(self, group, n_kv_heads, rows, block_n)
         return self._work[key]
 
 
 def _to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A host-built table on the device without a host sync."""
     if device.type == "cuda":  # pinned: the copy does not wait for the queue
         return t.pin_memory().to(device, non_blocking=True)
     return t.to(device)
 
 
-def _packed_work(rows: PackedRows, group: int, hkv: int, block_rows: int, decode_rows: int, block_n: int):
+def _packed_work(rows: PackedRows, group: int, hkv: int, block_rows: int, block_n: int):
     """Work items of one launch: (row, kv head, head block, first token, split, splits, 0, 0),
     longest first; a decode row's keys are split so the launch fills the GPU."""
     heads, tokens, n_hblocks, _, _ = _fold(group, 1, block_rows, exact_rows=True)
@@ -1111,7 +1115,7 @@ def packed_attention(q, rows: PackedRows, caches: RowCaches, cos, sin, config, o
 
     def launch(tiles):
         rows_per_prog, bn, warps, stages = tiles
-        items, n_items, counters = rows.work(group, hkv, rows_per_prog, DECODE_MAX_ROWS, bn)
+        items, n_items, counters = rows.work(group, hkv, rows_per_prog, bn)
         if not n_items:
             return out
         part = torch.empty(n_items, rows_per_prog, _block_d(d), device=q.device, dtype=acc)

@@ -529,7 +529,7 @@ def test_packed_rows_in_one_launch_match_each_row_alone(small_tiles, monkeypatch
             assert_close(out[:, :, s : s + n].double(), ref, rtol=1e-12, atol=1e-12)
         else:
             assert relative_error(out[:, :, s : s + n], ref) < 1e-5
-    items = rows.work(2, 2, 16, small_tiles.DECODE_MAX_ROWS, 16)[0]
+    items = rows.work(2, 2, 16, 16)[0]
     assert int(items[:, 5].max()) == 3  # decode rows were split (and merged in the launch)
 
 
@@ -542,15 +542,15 @@ def test_packed_store_writes_each_row_like_the_torch_path(small_tiles, monkeypat
     g = torch.Generator().manual_seed(3)
     cos, sin = rope_table(TRITON, 16, dtype)
     rope = RopeTable(TRITON, lambda i, dt: (cos[i].to(dt), sin[i].to(dt)))
-    key = torch.randn(1, 2, sum(q_len), 16, generator=g, dtype=dtype) * 3
-    value = torch.randn(1, 2, sum(q_len), 16, generator=g, dtype=dtype)
+    key = torch.randn(1, 2, sum(q_len) + 3, 16, generator=g, dtype=dtype) * 3  # 3 columns of no row (a gap)
+    value = torch.randn(1, 2, sum(q_len) + 3, 16, generator=g, dtype=dtype)
     caps = [p + n + 5 for p, n in zip(past, q_len)]
     store = torch.int8 if int8 else dtype
     keys = [torch.zeros(1, 2, c, 16, dtype=store) for c in caps]
     values = [torch.zeros(1, 2, c, 16, dtype=store) for c in caps]
     ks = [torch.zeros(1, 2, c, 1) for c in caps] if int8 else None
     vs = [torch.zeros(1, 2, c, 1) for c in caps] if int8 else None
-    q_start = [sum(q_len[:r]) for r in range(len(q_len))]
+    q_start = [3 + sum(q_len[:r]) for r in range(len(q_len))]  # columns 0-2 belong to no row
     rows = small_tiles.PackedRows.build(q_start, q_len, past, [1.0] * 4, "cpu")
     counters = count_launches(monkeypatch, small_tiles)
     small_tiles.packed_store(key, value, rows, small_tiles.RowCaches.from_tensors(keys, values, ks, vs), cos, sin,

@@ -205,7 +205,7 @@ def test_packed_rows_in_one_launch_match_the_float64_reference_on_the_gpu():
                                                     vs[r][..., 0] if int8 else None)
                     assert (out[:, :, s0 : s0 + n] - ref).abs().max() <= 1e-5 * ref.abs().max()
         tiles = triton_kernels._tile_choices("packed", torch.device("cuda"), torch.float32)[0]
-        items = rows.work(hq // hkv, hkv, tiles[0], triton_kernels.DECODE_MAX_ROWS, tiles[1])[0]
+        items = rows.work(hq // hkv, hkv, tiles[0], tiles[1])[0]
         assert int(items[:, 5].max()) > 1  # decode rows were split
 
 
