@@ -57,7 +57,8 @@ def worker_attention(mode: str, length: int, threads: int) -> dict:
     import torch
 
     from dca import DCAConfig
-    from dca.attention import RopeTable, dca_attention, rotate_keys
+    from dca.attention import RopeTable, rotate_keys
+    from dca.backends import dca_attention
 
     torch.set_num_threads(threads)
     torch.manual_seed(0)

@@ -116,7 +116,8 @@ def bench_attention(shape, config, device, timer, results, before: bool):
     import torch.nn.functional as F
 
     from dca import triton_kernels
-    from dca.attention import RopeTable, dca_attention, rotate_keys
+    from dca.attention import RopeTable, rotate_keys
+    from dca.backends import dca_attention
 
     hq, hkv, d = shape["heads"], shape["kv_heads"], shape["head_dim"]
     inv = 1.0 / (10000.0 ** (torch.arange(0, d, 2, device=device).float() / d))

@@ -70,41 +70,6 @@ def rotate_keys(key: torch.Tensor, key_index: torch.Tensor, rope: RopeTable) -> 
     return rope.rotate(key, positions.key_ids(key_index, rope.config))
 
 
-def dca_attention(
-    query: torch.Tensor,
-    key: torch.Tensor,
-    value: torch.Tensor,
-    query_index: torch.Tensor,
-    key_index: torch.Tensor,
-    rope: RopeTable,
-    scale: float,
-    backend="torch",
-    prompt_length: torch.Tensor | None = None,
-    out: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """Dual Chunk Attention output, (B, Hq, Tq, D) in the query dtype.
-
-    backend       a dca.backends.DCABackend, or its name ("torch", "flash", "triton"): a backend
-                  built for these tensors as they are (no self-check; "triton" on CPU needs the
-                  interpreter)
-    query         (B, Hq, Tq, D)  not rotated
-    key           (B, Hkv, Tk, D) rotated at j mod L (see `rotate_keys`)
-    value         (B, Hkv, Tk, D)
-    query_index   (B, Tq)  token index of each query, -1 for a pad
-    key_index     (B, Tk)  token index of each key, -1 for a pad
-    prompt_length (B,)     n of the temperature (spec section 5); None = number of real keys per row
-    out           (B, Hq, Tq, D) query dtype, any strides: written and returned (None: allocated)
-
-    The real tokens of a row must be contiguous and its queries the last of its keys, which is
-    what left padding and a KV cache give. Pad query rows come out as zeros.
-    """
-    if isinstance(backend, str):
-        from dca import backends
-
-        backend = backends.create(backend, backends.BackendKey.of(query, key))
-    return backend.attention(query, key, value, query_index, key_index, rope, scale, prompt_length, out)
-
-
 def chunked_dca(
     query: torch.Tensor,
     key: torch.Tensor,

@@ -18,7 +18,7 @@ its own cache, `packed_rows` in dca/hf.py):
     packed = backend.begin_packed(inputs, rows)      # once per forward
     backend.attend_packed(packed, layer_idx, query, key, value, out)   # per layer
 
-`attention(...)` is DCA on plain tensors (`dca.attention.dca_attention`). Shapes: B rows, Hq query
+`attention(...)` is DCA on plain tensors (`dca.backends.dca_attention`). Shapes: B rows, Hq query
 heads, Hkv key/value heads (Hq a multiple of Hkv), T new tokens, D head_dim, C cache slots.
 
 Nothing outside this module and `dca.kernels.resolve_backend` tests a backend's name: the layers
@@ -27,9 +27,6 @@ call these methods, and the few capabilities that differ are attributes (`left_p
 
 from __future__ import annotations
 
-import functools
-import inspect
-import logging
 from abc import ABC, abstractmethod
 from dataclasses import asdict, dataclass, field
 from typing import ClassVar
@@ -40,7 +37,6 @@ from dca import kernels, positions
 from dca.attention import RopeTable, chunked_dca, decode_queries, decode_row, rotate_keys
 from dca.state import CacheState, cache_state, prompt_length_of
 
-logger = logging.getLogger("dca")
 
 
 class BackendUnavailable(RuntimeError):
@@ -223,7 +219,7 @@ class DCABackend(ABC):
     @abstractmethod
     def attention(self, query, key, value, query_index, key_index, rope: RopeTable, scale: float,
                   prompt_length=None, out=None) -> torch.Tensor:
-        """DCA on plain tensors: the contract of `dca.attention.dca_attention`."""
+        """DCA on plain tensors: the contract of `dca.backends.dca_attention`."""
 
     def begin_packed(self, inputs: ForwardInputs, segments) -> PackedForward:
         """Per-forward bookkeeping of a packed forward. inputs: the whole packed sequence (B = 1,
@@ -415,13 +411,6 @@ class TritonForward(ForwardState):
     key_ids: torch.Tensor | None  # (B, T) key rotation ids j mod L, when keys are rotated in torch
 
 
-def _attention_takes_out(function) -> bool:
-    try:
-        return "out" in inspect.signature(function).parameters
-    except (TypeError, ValueError):
-        return False
-
-
 class TritonBackend(DCABackend):
     """dca/triton_kernels.py: one cache-write kernel and one attention kernel per layer (two at
     decode), whatever the number of DCA chunks; int8 dequantised inside the kernels."""
@@ -437,12 +426,6 @@ class TritonBackend(DCABackend):
         from dca import triton_kernels
 
         return triton_kernels
-
-    @functools.cached_property
-    def writes_out(self) -> bool:
-        """Whether the attention kernels write into a given output (the layer's (B, T, Hq, D)
-        buffer, through a transposed view): then no copy is made of a layer's output."""
-        return _attention_takes_out(self.kernels.attention)
 
     def begin_forward(self, inputs: ForwardInputs) -> TritonForward:
         from dca import cache as kv_cache
@@ -548,12 +531,7 @@ class TritonBackend(DCABackend):
         cos, sin = rope.tables(query.device, query.dtype)
         args = (query, kv.keys, kv.values, forward.row_start, forward.seq_end, forward.scale, cos, sin, rope.config,
                 kv.key_scale, kv.value_scale)
-        if self.writes_out:
-            self.kernels.attention(*args, out=out)
-        else:
-            # TODO(issue 18, dca/triton_kernels.py): this copy goes once `attention` takes `out=`
-            # (detected in __init__; nothing else to change here).
-            out.copy_(self.kernels.attention(*args))
+        self.kernels.attention(*args, out=out)  # written in place: no copy of a layer's output
         return out
 
     def attention(self, query, key, value, query_index, key_index, rope, scale, prompt_length=None, out=None):
@@ -566,10 +544,7 @@ class TritonBackend(DCABackend):
         scales = scales.to(dtype).expand(query.shape[0]).contiguous()
         seq_end = torch.full((1,), key.shape[2], dtype=torch.int32, device=query.device)
         cos, sin = rope.tables(query.device, query.dtype)
-        result = self.kernels.attention(query, key, value, row_start, seq_end, scales, cos, sin, rope.config)
-        if out is None:
-            return result
-        return out.copy_(result)
+        return self.kernels.attention(query, key, value, row_start, seq_end, scales, cos, sin, rope.config, out=out)
 
     def attend_packed(self, packed: PackedForward, layer_idx, query, key, value, out) -> torch.Tensor:
         """Row by row: per row one cache write and one attention launch (two at decode) on the
@@ -588,7 +563,7 @@ class TritonBackend(DCABackend):
 
 _BACKENDS: dict[str, type[DCABackend]] = {cls.name: cls for cls in (TorchBackend, FlashBackend, TritonBackend)}
 # What replaces a backend whose self-check failed, in order (the first `available` one).
-_FALLBACKS: dict[type[DCABackend], tuple[type[DCABackend], ...]] = {
+FALLBACKS: dict[type[DCABackend], tuple[type[DCABackend], ...]] = {
     TritonBackend: (FlashBackend, TorchBackend),
     FlashBackend: (TorchBackend,),
 }
@@ -602,52 +577,39 @@ def create(name: str, key: BackendKey) -> DCABackend:
         raise ValueError(f"unknown DCA backend {name!r}; known: {sorted(_BACKENDS)}") from None
 
 
-def select(requested: str, key: BackendKey, geometry: tuple[int, int, int], rope_build) -> tuple[DCABackend, BackendReport]:
-    """The backend that runs for `key`, and its report.
+def dca_attention(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    query_index: torch.Tensor,
+    key_index: torch.Tensor,
+    rope: RopeTable,
+    scale: float,
+    backend="torch",
+    prompt_length: torch.Tensor | None = None,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Dual Chunk Attention output, (B, Hq, Tq, D) in the query dtype.
 
-    requested   DCAConfig.backend
-    geometry    (query heads, KV heads, head_dim) of this process's layers (the kernel variants)
-    rope_build  the model's rotary table builder (dca.attention.RopeTable.build)
+    backend       a dca.backends.DCABackend, or its name ("torch", "flash", "triton"): a backend
+                  built for these tensors as they are (no self-check; "triton" on CPU needs the
+                  interpreter)
+    query         (B, Hq, Tq, D)  not rotated
+    key           (B, Hkv, Tk, D) rotated at j mod L (see `rotate_keys`)
+    value         (B, Hkv, Tk, D)
+    query_index   (B, Tq)  token index of each query, -1 for a pad
+    key_index     (B, Tk)  token index of each key, -1 for a pad
+    prompt_length (B,)     n of the temperature (spec section 5); None = number of real keys per row
+    out           (B, Hq, Tq, D) query dtype, any strides: written and returned (None: allocated)
 
-    `kernels.resolve_backend` picks a name (raising if one asked for cannot run); a backend other
-    than torch then runs the self-check where it is required (CUDA; `dca.selfcheck.required`).
-    If it fails, a backend asked for by name raises BackendUnavailable with the reason; "auto"
-    falls back to the next backend that can run, logs one line, and the report says why.
+    The real tokens of a row must be contiguous and its queries the last of its keys, which is
+    what left padding and a KV cache give. Pad query rows come out as zeros.
     """
-    from dca import selfcheck
-
-    try:
-        chosen = kernels.resolve_backend(requested, key.device, key.dtype)
-    except RuntimeError as error:
-        raise BackendUnavailable(str(error)) from error
-    backend = create(chosen, key)
-    reasons, checked, seconds, fresh_failure = [], False, None, False
-    while not isinstance(backend, TorchBackend) and selfcheck.required(key.device):
-        result, fresh = selfcheck.check(backend, geometry, rope_build)
-        checked = True
-        if fresh:
-            seconds = (seconds or 0.0) + result.seconds
-        if result.passed:
-            break
-        if requested != "auto":
-            raise BackendUnavailable(
-                f"DCA backend {backend.name!r} failed its start-up self-check on {key.device} "
-                f"({_dtype_name(key.dtype)}, KV {key.kv_dtype}): {result.reason}. "
-                "Use backend='auto' to fall back, or 'torch'."
-            )
-        reasons.append(f"{backend.name}: {result.reason}")
-        fresh_failure = fresh_failure or fresh
-        backend = next(cls(key) for cls in _FALLBACKS[type(backend)] if cls.available(key))
-    fallback_reason = "; ".join(reasons) or None
-    if fresh_failure:  # once per process and key: later models reuse the check's result
-        logger.warning("DCA backend %r failed its start-up self-check on %s (%s, KV %s), running %r instead: %s",
-                       chosen, key.device, _dtype_name(key.dtype), key.kv_dtype, backend.name, fallback_reason)
-    report = BackendReport(requested=requested, chosen=chosen, ran=backend.name, fallback_reason=fallback_reason,
-                           checked=checked, device=str(key.device), dtype=_dtype_name(key.dtype),
-                           kv_dtype=key.kv_dtype, check_seconds=seconds)
-    return backend, report
+    if isinstance(backend, str):
+        backend = create(backend, BackendKey.of(query, key))
+    return backend.attention(query, key, value, query_index, key_index, rope, scale, prompt_length, out)
 
 
-def _dtype_name(dtype: torch.dtype) -> str:
+def dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 

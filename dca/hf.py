@@ -32,7 +32,7 @@ import copy
 import torch
 from torch import nn
 
-from dca import backends, kernels
+from dca import backends, kernels, selfcheck
 from dca.attention import RopeTable
 from dca.backends import BackendKey, BackendReport, BackendUnavailable, ForwardInputs, PackedForward
 from dca.config import DCAConfig
@@ -197,7 +197,7 @@ class _DCAState:
         key = BackendKey(device, dtype, kv_dtype)
         backend = self.backends.get(key)
         if backend is None:
-            backend, report = backends.select(self.config.backend, key, geometry, self.rope.build)
+            backend, report = selfcheck.select(self.config.backend, key, geometry, self.rope.build)
             self.backends[key], self.reports[key] = backend, report
         self.last_key = key
         return backend

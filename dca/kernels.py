@@ -55,7 +55,7 @@ def triton_interpreted() -> bool:
 def resolve_backend(requested: str, device: torch.device, dtype: torch.dtype) -> str:
     """'auto' | 'torch' | 'flash' | 'triton' -> the backend to run on this device and dtype; raises
     RuntimeError if 'flash' or 'triton', asked for by name, cannot. On CUDA the start-up
-    self-check may still replace it (dca.backends.select)."""
+    self-check may still replace it (dca.selfcheck.select)."""
     half = dtype in (torch.float16, torch.bfloat16)
     if requested == "triton":
         missing = []

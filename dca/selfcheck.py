@@ -3,7 +3,7 @@
 Why: the Triton kernels are compiled on the machine that runs them (a compile error, a ptxas
 error, a driver that cannot load the cubin, a miscompiled tile or a NaN would otherwise turn
 every document of a job into an error). The first time a model runs DCA with a backend other
-than torch on a device, dtype, KV dtype and head layout, `dca.backends.select` runs this check
+than torch on a device, dtype, KV dtype and head layout, `select` (below) runs this check
 once per process; a failure makes "auto" fall back (dca/backends.py) and an explicit backend raise.
 
 The problem (`CHECK_CONFIG`, `STEPS`): the model's own head layout (query heads, KV heads,
@@ -43,6 +43,7 @@ interpreter.
 
 from __future__ import annotations
 
+import logging
 import os
 import threading
 import time
@@ -52,7 +53,12 @@ import torch
 
 from dca import kernels
 from dca.attention import RopeTable, chunked_dca, rotate_keys
+from dca.backends import (
+    FALLBACKS, BackendKey, BackendReport, BackendUnavailable, DCABackend, ForwardInputs, TorchBackend, create, dtype_name,
+)
 from dca.config import DCAConfig
+
+logger = logging.getLogger("dca")
 
 # Run the check on CPU devices too (tests; Triton's interpreter). On CUDA it always runs.
 FORCE_ON_CPU = os.environ.get("DCA_SELFCHECK", "") == "always"
@@ -117,7 +123,6 @@ def run(backend, geometry: tuple[int, int, int], rope_build) -> CheckResult:
     from dca.cache import StaticKVCache
     from dca.positions import token_indices_from_mask
     from dca.state import cache_state
-    from dca.backends import ForwardInputs
 
     start = time.perf_counter()
     key = backend.key
@@ -214,7 +219,50 @@ def run_for(name: str, device: torch.device | str, dtype: torch.dtype, kv_dtype:
     """The check of backend `name` ("triton", "flash") for one device, dtype, KV dtype and head
     layout (default: a Llama-2-70B rank at tp 2), with `plain_rope` unless a model's builder is
     given; no memo, nothing chosen. For scripts that check a machine (a GPU check)."""
-    from dca.backends import BackendKey, create
 
     backend = create(name, BackendKey(torch.device(device), dtype, kv_dtype))
     return run(backend, geometry, rope_build or plain_rope(geometry[2]))
+
+
+def select(requested: str, key: BackendKey, geometry: tuple[int, int, int], rope_build) -> tuple[DCABackend, BackendReport]:
+    """The backend that runs for `key`, and its report.
+
+    requested   DCAConfig.backend
+    geometry    (query heads, KV heads, head_dim) of this process's layers (the kernel variants)
+    rope_build  the model's rotary table builder (dca.attention.RopeTable.build)
+
+    `kernels.resolve_backend` picks a name (raising if one asked for cannot run); a backend other
+    than torch then runs the self-check where it is required (CUDA; `required`).
+    If it fails, a backend asked for by name raises BackendUnavailable with the reason; "auto"
+    falls back to the next backend that can run, logs one line, and the report says why.
+    """
+    try:
+        chosen = kernels.resolve_backend(requested, key.device, key.dtype)
+    except RuntimeError as error:
+        raise BackendUnavailable(str(error)) from error
+    backend = create(chosen, key)
+    reasons, checked, seconds, fresh_failure = [], False, None, False
+    while not isinstance(backend, TorchBackend) and required(key.device):
+        result, fresh = check(backend, geometry, rope_build)
+        checked = True
+        if fresh:
+            seconds = (seconds or 0.0) + result.seconds
+        if result.passed:
+            break
+        if requested != "auto":
+            raise BackendUnavailable(
+                f"DCA backend {backend.name!r} failed its start-up self-check on {key.device} "
+                f"({dtype_name(key.dtype)}, KV {key.kv_dtype}): {result.reason}. "
+                "Use backend='auto' to fall back, or 'torch'."
+            )
+        reasons.append(f"{backend.name}: {result.reason}")
+        fresh_failure = fresh_failure or fresh
+        backend = next(cls(key) for cls in FALLBACKS[type(backend)] if cls.available(key))
+    fallback_reason = "; ".join(reasons) or None
+    if fresh_failure:  # once per process and key: later models reuse the check's result
+        logger.warning("DCA backend %r failed its start-up self-check on %s (%s, KV %s), running %r instead: %s",
+                       chosen, key.device, dtype_name(key.dtype), key.kv_dtype, backend.name, fallback_reason)
+    report = BackendReport(requested=requested, chosen=chosen, ran=backend.name, fallback_reason=fallback_reason,
+                           checked=checked, device=str(key.device), dtype=dtype_name(key.dtype),
+                           kv_dtype=key.kv_dtype, check_seconds=seconds)
+    return backend, report

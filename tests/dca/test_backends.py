@@ -27,7 +27,7 @@ from dca import (
     prepare_backend,
     selfcheck,
 )
-from dca.backends import TorchBackend, TritonBackend, _attention_takes_out
+from dca.backends import TorchBackend, TritonBackend
 from tests.dca.conftest import HAS_TRITON, TINY_DCA, left_pad, tiny_model
 
 needs_interpreter = pytest.mark.skipif(not (HAS_TRITON and kernels.triton_interpreted()),
@@ -293,30 +293,17 @@ def test_packed_rows_of_row_caches_are_written_in_place_never_dequantised(monkey
         assert_close(g, e, rtol=1e-9, atol=1e-9)
 
 
-# --- the contract's seams ----------------------------------------------------------------------
-
-
-def test_the_out_argument_of_the_attention_kernels_is_detected():
-    def without(q, k, v, row_start, seq_end, scale, cos, sin, config, k_scale=None, v_scale=None):
-        pass
-
-    def with_out(q, k, v, row_start, seq_end, scale, cos, sin, config, k_scale=None, v_scale=None, out=None):
-        pass
-
-    assert not _attention_takes_out(without) and _attention_takes_out(with_out)
-
-
 def test_a_backend_is_chosen_once_per_device_dtype_and_kv_dtype(monkeypatch):
     from dca import backends
 
     calls = []
-    select = backends.select
+    select = selfcheck.select
 
     def counting(*args):
         calls.append(args[1])
         return select(*args)
 
-    monkeypatch.setattr(backends, "select", counting)
+    monkeypatch.setattr(selfcheck, "select", counting)
     model = apply_dca(tiny_model(), TINY_DCA)
     from dca.kv_quant import Int8KVCache
 

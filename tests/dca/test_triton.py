@@ -332,7 +332,8 @@ def test_static_cache_arguments_are_checked():
 
 def test_tensor_level_dca_attention_on_triton_matches_torch():
     """dca.attention.dca_attention(backend="triton"): left-padded rows, per-row temperature."""
-    from dca.attention import RopeTable, dca_attention, rotate_keys
+    from dca.attention import RopeTable, rotate_keys
+    from dca.backends import dca_attention
     from dca.positions import token_indices_from_mask
 
     config = DCAConfig(32, chunk_size=24, local_window=4, temperature_alpha=0.4)

@@ -74,7 +74,8 @@ def test_low_precision_within_twice_the_torch_backend_error(dtype):
 
 def test_bf16_attention_at_llama70b_rank_geometry_within_twice_the_torch_backend_error():
     """32 query heads over 4 KV heads, head_dim 128, 8k tokens in 4 chunks (P = 4096)."""
-    from dca.attention import RopeTable, dca_attention, rotate_keys
+    from dca.attention import RopeTable, rotate_keys
+    from dca.backends import dca_attention
 
     config = DCAConfig(4096)
     n = 8192
