@@ -44,7 +44,9 @@ import pyarrow as pa
 from pipeline.config.processor import DCAProcessorConfig
 from pipeline.data.input import cells_as_bytes, document_from_cells
 from pipeline.data.prompts import PromptBuilder, load_templates
-from pipeline.data.rows import PROCESSOR_ROWS, dca_columns, prepare_document, result_rows
+from pipeline.data.rows import (
+    PROCESSOR_ROWS, dca_columns, prepare_document, result_rows, set_engine_attention, stamp_engine_attention,
+)
 from pipeline.data.schema import PROCESSOR_COLUMNS, PROCESSOR_FIELDS
 from pipeline.metrics.live import LiveMetrics
 
@@ -169,6 +171,11 @@ class EngineStage:
         self.name = f"dca-{os.getpid()}-{uuid.uuid4().hex[:6]}"
         self.metrics = LiveMetrics(run=run_id, replica=self.name)
         self.pool = self._start_engine()
+        # The replica's attention backend, chosen at its start: every row this actor writes
+        # carries it (pipeline.engine.attention_record), rows rejected before the engine included.
+        attention = getattr(self.pool, "attention", None)  # a stand-in pool may not say
+        self.attention = attention() if attention is not None else None
+        set_engine_attention(self.base, self.attention)
 
     def _start_engine(self):
         from pipeline.engine import ReplicaPool
@@ -201,8 +208,12 @@ class EngineStage:
         # is an error row here, and must not break the rows around it.
         taken, out = [], []
         for i, item in enumerate(prepared):
-            rows = item.rows if item.request is None else result_rows(
-                item.pending, answers.get(i, []), base=self.base, builder=self.builder, rules=PROCESSOR_ROWS)
+            if item.request is None:
+                rows = item.rows
+                stamp_engine_attention(rows, self.attention)  # built by the prompt stage
+            else:
+                rows = result_rows(item.pending, answers.get(i, []), base=self.base, builder=self.builder,
+                                   rules=PROCESSOR_ROWS)
             out.extend(rows)
             taken.extend([i] * len(rows))
             self.metrics.document(rows)
