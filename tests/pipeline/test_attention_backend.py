@@ -290,3 +290,24 @@ def test_dca_backend_flag_and_config_hash(tmp_path):
     spec = ModelSpec(model="m", dca={"pretraining_length": 32})
     other = JobConfig(task="summarize", input_path="in", output_dir="/tmp/out", model_spec=spec)
     assert config_hash(other, {"summarize": {}}, "chat", "fp") != hashed("auto")
+
+
+def test_a_document_answered_in_sections_carries_the_backend_of_its_calls():
+    from pipeline.data.long_documents import Outcome
+    from pipeline.engine.requests import GenerationResult
+
+    def result(backend, fallback=None):
+        return GenerationResult(request_id="d", suffix_index=0, output="x", prompt_tokens=3, output_tokens=1,
+                                attention_backend=backend, attention_backend_fallback=fallback)
+
+    why = "triton: step 1 (100 new tokens after 0): non-finite values in the output or the cache"
+    same = Outcome()
+    for _ in range(3):
+        same.add(result("torch", why))
+    assert (same.attention_backend, same.attention_backend_fallback, same.calls) == ("torch", why, 3)
+    mixed = Outcome()
+    mixed.add(result("triton"))
+    mixed.add(result(None))  # no replica's record (a stand-in pool): changes nothing
+    assert (mixed.attention_backend, mixed.attention_backend_fallback) == ("triton", None)
+    mixed.add(result("torch", why))
+    assert mixed.attention_backend == "mixed" and "different attention backends" in mixed.attention_backend_fallback
