@@ -20,7 +20,7 @@ import sys
 
 from pipeline.config.job import DEFAULT_MAX_INPUT_TOKENS, DEFAULT_MAX_NEW_TOKENS, DEFAULT_PREFILL_BLOCK
 from pipeline.config.model import ModelSpec
-from pipeline.config.resolve import KV_CACHE_DTYPES
+from pipeline.config.resolve import ATTENTION_BACKENDS, KV_CACHE_DTYPES
 from pipeline.config.task import TRUNCATION_POLICIES
 from pipeline.runtime.cluster import under_ray_job
 
@@ -100,14 +100,16 @@ DCA_HELP = (
     "Dual Chunk Attention, on by default. P = pretraining_length, S = chunk_size, W = local_window, "
     "L = chunk_len = S - W (the real chunk: key positions repeat with period L). Valid: 0 < W < S <= P."
 )
-# Flag dests of the DCA lengths -> DCAConfig fields.
+# Flag dests of the DCA settings -> DCAConfig fields.
 DCA_FLAGS = {"dca_pretraining_length": "pretraining_length", "dca_chunk_size": "chunk_size",
-             "dca_local_window": "local_window", "dca_temperature_alpha": "temperature_alpha"}
+             "dca_local_window": "local_window", "dca_temperature_alpha": "temperature_alpha",
+             "dca_backend": "backend"}
 
 
 def add_dca_flags(parser: argparse.ArgumentParser, *, planner: bool = False) -> None:
     """The DCA flags shared by the jobs and the planner; the output columns dca_pretraining_length,
-    dca_chunk_size, dca_local_window and dca_temperature_alpha carry the same names."""
+    dca_chunk_size, dca_local_window and dca_temperature_alpha carry the same names, and
+    attention_backend says what --dca-backend resolved to and ran."""
     g = parser.add_argument_group("DCA", DCA_HELP + ("" if planner else " Flags override the dca: block of --config."))
     if not planner:
         g.add_argument("--no-dca", dest="dca", action="store_const", const="off",
@@ -121,6 +123,12 @@ def add_dca_flags(parser: argparse.ArgumentParser, *, planner: bool = False) -> 
     if not planner:
         g.add_argument("--dca-temperature-alpha", type=float, metavar="ALPHA",
                        help="attention temperature for prompts longer than P (default 0 = off)")
+    g.add_argument("--dca-backend", choices=("auto", *ATTENTION_BACKENDS),
+                   help="attention kernels (DCAConfig.backend): auto (default: Triton on CUDA, falling back to "
+                        "flash-attn or torch when its start-up self-check fails; torch on CPU), or torch, flash, "
+                        "triton: that one, and the job stops at start (exit 2) when it cannot run. "
+                        + ("The plan is for the backend this resolves to (--attention-backend overrides it)."
+                           if planner else "The output's attention_backend column says what ran."))
 
 
 def add_engine_memory_flags(g, *, planner: bool = False) -> None:

@@ -6,7 +6,7 @@
     python -m jobs.plan --model /models/Llama-2-7b-hf --tp 1 --gpu-memory 40GB --json
 
 The flags a job also has (--model, --tp, --max-input-tokens, --max-new-tokens, --dtype,
---kv-cache-dtype, --prefill-block, --dca-*, --device) mean the same and default to the same
+--kv-cache-dtype, --prefill-block, --dca-* (--dca-backend included), --device) mean the same and default to the same
 values as in `python -m jobs.summarize`, so the plan printed is the plan of the job run with those
 flags (a job prints it at start). --model takes a preset (llama2-7b, llama2-13b, llama2-70b,
 llama3-8b, llama3-70b, smollm2: shapes only, no weights needed), a Hugging Face directory, a
@@ -23,7 +23,9 @@ import sys
 from jobs.common import add_dca_flags, add_engine_memory_flags, deprecated_alias
 from pipeline.config.job import DEFAULT_MAX_INPUT_TOKENS, DEFAULT_MAX_NEW_TOKENS
 from pipeline.config.model import dca_chunk_len
-from pipeline.config.resolve import normalize_prefill_block, planned_weight_dtype
+from pipeline.config.resolve import (
+    ATTENTION_BACKENDS, COMPUTE_DTYPES, normalize_prefill_block, planned_attention_backend, planned_weight_dtype,
+)
 from pipeline.engine.memory_plan import (
     COMPONENTS, DEVICE_MEMORY, WEIGHT_BYTES, MemoryPlan, ModelShape, ServingConfig, fmt_bytes, parse_bytes,
 )
@@ -36,7 +38,9 @@ COMPARED = [
     ("bf16 weights, bf16 KV, chunked prefill", dict(kv_cache_dtype="auto", prefill_block="chunk")),
     ("bf16 weights, int8 KV, one-shot prefill", dict(kv_cache_dtype="int8", prefill_block=None)),
     ("bf16 weights, int8 KV, chunked prefill", dict(kv_cache_dtype="int8", prefill_block="chunk")),
-    ("bf16 weights, int8 KV, chunked prefill, torch attention (no flash-attn)",
+    ("bf16 weights, int8 KV, chunked prefill, flash-attn attention (Triton's fallback)",
+     dict(kv_cache_dtype="int8", prefill_block="chunk", attention_backend="flash")),
+    ("bf16 weights, int8 KV, chunked prefill, torch attention (no Triton, no flash-attn)",
      dict(kv_cache_dtype="int8", prefill_block="chunk", attention_backend="torch")),
     ("int8 weights*, bf16 KV, chunked prefill",
      dict(weight_dtype="int8", kv_cache_dtype="auto", prefill_block="chunk")),
@@ -74,7 +78,10 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help=f"memory of one GPU: '80GiB', '40GB', bytes, or {', '.join(sorted(DEVICE_MEMORY))}")
     g.add_argument("--batch", type=int, default=1, help="requests of max-input-tokens prefilled together (default 1)")
     g.add_argument("--logits", default="last", choices=("last", "all"))
-    g.add_argument("--attention-backend", default="flash", choices=("flash", "torch"))
+    g.add_argument("--attention-backend", default=None, choices=ATTENTION_BACKENDS,
+                   help="the DCA backend to plan for (default: what --dca-backend resolves to on --device, as a "
+                        "job's ranks choose it: triton on cuda, torch on cpu; flash and torch are what triton "
+                        "falls back to when its start-up self-check fails)")
     g.add_argument("--compare", action="store_true", help="print standard configurations side by side")
     g.add_argument("--json", action="store_true", help="machine-readable output")
     # Earlier names, still accepted (with a warning).
@@ -87,6 +94,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     if args.device == "auto":  # plan for GPUs, as a job does on a cluster that has them
         args.device = "cuda"
     args.dtype = planned_weight_dtype(args.dtype, args.device)
+    if args.attention_backend is None:
+        # int8/int4 weights compute in a half type (dtype None), as the job's ranks do.
+        compute = args.dtype if args.dtype in COMPUTE_DTYPES else None
+        args.attention_backend = planned_attention_backend(args.device, args.dca_backend or "auto", dtype=compute)
     return args
 
 
@@ -113,7 +124,8 @@ def compare_table(shape: ModelShape, args) -> tuple[str, list[dict]]:
     head = f"| configuration | {' | '.join(COMPONENTS)} | total | fits | longest prompt |"
     lines += [
         f"{shape.name}, tp={args.tp}, {fmt_bytes(args.gpu_memory)} per GPU; request: {args.max_input_tokens} prompt + "
-        f"{args.max_new_tokens} new tokens, batch {args.batch}. Per GPU.",
+        f"{args.max_new_tokens} new tokens, batch {args.batch}; DCA attention {args.attention_backend} unless a row "
+        "says otherwise. Per GPU.",
         "",
         head,
         "|" + " --- |" * (len(COMPONENTS) + 4),

@@ -106,6 +106,10 @@ def metrics_lines(m: dict) -> list[str]:
         lines.append(f"  device: CPU, {dev['cpu_seconds_all_ranks']:.1f} s x ranks of requests (no GPU time)")
     if peak.get("max_bytes") is not None:
         lines.append(f"  peak memory: {_gib(peak['max_bytes'])} ({peak.get('kind')}, max over ranks)")
+    if m.get("attention_backend"):
+        from pipeline.engine.attention_record import describe
+
+        lines.append("  " + describe(m["attention_backend"]))
     errors = (m.get("rows") or {}).get("error_types") or {}
     if errors:
         lines.append("  errors: " + ", ".join(f"{k} x{v}" for k, v in sorted(errors.items())))

@@ -158,8 +158,15 @@ def _hash(value) -> str:
 
 def config_hash(config: JobConfig, templates: dict, template_kind: str, model_fp: str) -> str:
     """What determines a document's output besides its text: model (its content fingerprint, not
-    its path), prompt, generation settings."""
+    its path), prompt, generation settings.
+
+    DCA's `backend` is left out, as the device and tensor parallelism are: it says how attention
+    is computed, not what (every backend computes the same DCA, to rounding), and "auto" already
+    runs different ones on different machines (rows record which: attention_backend). So a job
+    stopped at start because the backend it named cannot run resumes, unchanged, under another."""
     spec = {k: v for k, v in config.model_spec.to_dict().items() if k != "model"}
+    if isinstance(spec.get("dca"), dict):
+        spec["dca"] = {k: v for k, v in spec["dca"].items() if k != "backend"}
     used = templates[config.task]
     if config.truncation == HIERARCHICAL:  # the section and combine prompts shape its outputs too
         used = {name: templates[name] for name in (config.task, f"{config.task}_section", f"{config.task}_combine")}

@@ -10,11 +10,12 @@ job plans for, what it prints and what its ranks run are the same by constructio
 - KV-cache dtype: `KV_CACHE_DTYPES` (what the jobs and the engine store), `PLANNED_KV_DTYPES` (the
   planner also takes an explicit dtype) and `kv_cache_dtype_of` ("auto" is the compute dtype);
 - device and weight dtype the planner assumes (`planned_device`, `planned_weight_dtype`);
-- attention backend the planner assumes (`planned_attention_backend`).
+- attention backend the planner assumes (`planned_attention_backend`, `ATTENTION_BACKENDS`).
 """
 
 from __future__ import annotations
 
+from dca.config import BACKENDS as DCA_BACKENDS
 from pipeline.config.validate import is_int
 
 # Prompt tokens per continuous-batching step when prefill_block is "auto": one DCA chunk, but at
@@ -87,9 +88,32 @@ def planned_weight_dtype(dtype: str, device: str) -> str:
     return dtype
 
 
-def planned_attention_backend(device: str, flash_available: bool = True) -> str:
-    """The DCA attention backend the memory planner plans for on `device` ("cuda" or "cpu"):
-    "flash" on CUDA when flash-attn is available (a driver, which imports no torch, assumes it is),
-    else "torch". The planner knows only these two: dca may pick its Triton kernels on CUDA, and
-    when it reports the backend it chose, this is the one place that has to follow."""
-    return "flash" if device == "cuda" and flash_available else "torch"
+# DCA attention backends (DCAConfig.backend's names less "auto"), each planned for by the memory
+# planner. dca.config is plain Python: no torch comes with it.
+ATTENTION_BACKENDS = tuple(name for name in DCA_BACKENDS if name != "auto")
+
+
+def planned_attention_backend(device: str, requested: str = "auto", *, dtype: str | None = None,
+                              triton_available: bool = True, flash_available: bool = True) -> str:
+    """The DCA attention backend the memory planner plans for on `device` ("cuda" or "cpu"): the
+    one `dca.kernels.resolve_backend` chooses for `requested` (DCAConfig.backend), written
+    without torch so that the driver and jobs.plan can call it.
+
+    "auto": on CUDA the Triton kernels when triton is importable (it ships with CUDA builds of
+    torch: a driver, which imports no torch, assumes it is), else flash-attn in float16/bfloat16
+    when installed, else torch; on CPU torch. A name asked for ("torch", "flash", "triton") is
+    planned as it is: if it cannot run, the job stops at start (dca.BackendUnavailable).
+
+    On CUDA the start-up self-check may still replace Triton by flash or torch (dca.selfcheck):
+    a rank plans with the backend that passed it (`dca.prepare_backend`'s report), never with
+    this guess. dtype: the compute dtype ("float32", "bfloat16", "float16"; None: a half type)."""
+    if requested != "auto":
+        if requested not in ATTENTION_BACKENDS:
+            raise ValueError(f"DCA backend must be 'auto' or one of {ATTENTION_BACKENDS}, got {requested!r}")
+        return requested
+    if device != "cuda":
+        return "torch"
+    if triton_available and dtype in (None, *COMPUTE_DTYPES):
+        return "triton"
+    half = dtype in (None, "bfloat16", "float16")
+    return "flash" if flash_available and half else "torch"

@@ -32,6 +32,7 @@ from dataclasses import dataclass, field
 from pipeline.config.task import SamplingParams
 from pipeline.data.prompts import NOT_FOUND, PromptBuilder, PromptError
 from pipeline.data.sections import Section, cut_sections
+from pipeline.engine.attention_record import MIXED
 from pipeline.engine.requests import INTERNAL, PROMPT_TOO_LONG, GenerationRequest, GenerationResult
 
 # A combine prompt lists its inputs as "Part i of n: ..." lines; room kept per input for the label
@@ -83,6 +84,10 @@ class Outcome:
     replica: str | None = None
     attempts: int = 1
     section_outputs: list[SectionOutput] = field(default_factory=list)
+    # The attention backend of the replicas that answered its calls (pipeline.engine.
+    # attention_record); "mixed" when they differ; None until a replica answers one.
+    attention_backend: str | None = None
+    attention_backend_fallback: str | None = None
 
     def add(self, result: GenerationResult) -> None:
         """Sums one call's result for this row into it."""
@@ -99,6 +104,14 @@ class Outcome:
         self.memory_kind = self.memory_kind or result.memory_kind
         self.replica = self.replica or result.replica
         self.attempts = max(self.attempts, result.attempts or 1)
+        if result.attention_backend is not None:
+            pair = (result.attention_backend, result.attention_backend_fallback)
+            if self.attention_backend is None:
+                self.attention_backend, self.attention_backend_fallback = pair
+            elif (self.attention_backend, self.attention_backend_fallback) != pair:
+                self.attention_backend = MIXED
+                self.attention_backend_fallback = ("its calls ran on replicas with different attention backends "
+                                                   "(_metrics.json attention_backend.by_replica)")
 
 
 class LongDocumentPrompts:

@@ -11,8 +11,9 @@ driver, the ray-data units, the Ray Data processor). Plain functions over plain 
         emit(split_rows(prepared.pending, base=...))
 
 A row is `base` (the columns every row of the run shares: task, model, hashes, job id, the DCA
-settings; `job_columns`, `dca_columns`) plus the document's own columns (`document_row`) plus what
-happened to it. Every row has a subset of pipeline.data.schema.OUTPUT_SCHEMA's columns; a column
+settings, the engine's attention backend; `job_columns`, `dca_columns`, `set_engine_attention`)
+plus the document's own columns (`document_row`) plus what happened to it (the answering
+replica's attention backend included). Every row has a subset of pipeline.data.schema.OUTPUT_SCHEMA's columns; a column
 added there is filled here.
 
 `RowRules` holds what the processor does differently from the jobs today (JOB_ROWS vs
@@ -32,6 +33,7 @@ from pipeline.config.task import SamplingParams
 from pipeline.data.input import Document
 from pipeline.data.long_documents import LongDocumentPrompts, SplitDocument
 from pipeline.data.prompts import PromptBuilder, PromptError
+from pipeline.engine.attention_record import columns_of
 from pipeline.engine.requests import INTERNAL, INVALID_INPUT, PROMPT_TOO_LONG, GenerationRequest, GenerationResult
 
 log = logging.getLogger("pipeline.job")
@@ -103,8 +105,26 @@ def dca_columns(spec: ModelSpec, model_config) -> dict:
 
 
 def job_columns(*, task: str, model: str, config_hash: str, job_id: str, dca: dict) -> dict:
-    """The columns every row of a job shares (the `base` of its rows)."""
-    return {"task": task, "model": model, "config_hash": config_hash, "job_id": job_id, **dca}
+    """The columns every row of a job shares (the `base` of its rows). The attention backend is
+    null until the engine has started (`set_engine_attention`)."""
+    return {"task": task, "model": model, "config_hash": config_hash, "job_id": job_id, **dca,
+            **columns_of(None)}
+
+
+def set_engine_attention(base: dict, engine_record: dict | None) -> dict:
+    """Puts the engine's attention backend (pipeline.engine.attention_record.engine_record, once
+    its replicas have started) into `base`, in place: what rows no replica answered carry (every
+    answered row carries its own replica's). Returns `base`."""
+    base.update(columns_of(engine_record))
+    return base
+
+
+def stamp_engine_attention(rows: list[dict], engine_record: dict | None) -> None:
+    """Rows built before the engine started (a unit's or a batch's error rows, made in the prompt
+    stage) get the engine's attention columns, as rows built after it do."""
+    columns = columns_of(engine_record)
+    for row in rows:
+        row.update(columns)
 
 
 def document_row(base: dict, doc: Document, **values) -> dict:
@@ -207,6 +227,7 @@ def result_rows(pending: PendingDocument, results: list[GenerationResult], *, ba
             latency_s=result.wall_time_s, gpu_time_s=result.gpu_time_s,
             peak_memory_bytes=result.peak_memory_bytes, memory_kind=result.memory_kind,
             replica=result.replica, attempts=result.attempts, sections=1, levels=1, calls=1,
+            **_attention_of(result),
         ))
     rows.sort(key=lambda r: -1 if r["question_index"] is None else r["question_index"])
     return rows
@@ -244,9 +265,21 @@ def split_rows(pending: PendingDocument, *, base: dict, rules: RowRules = JOB_RO
             attempts=outcome.attempts, sections=outcome.sections, levels=outcome.levels, calls=outcome.calls,
             section_outputs=[piece.to_dict() for piece in sorted(outcome.section_outputs,
                                                                   key=lambda p: (p.level, p.index))],
+            **({"attention_backend": outcome.attention_backend,
+                "attention_backend_fallback": outcome.attention_backend_fallback}
+               if outcome.attention_backend is not None else {}),  # else the base's (the engine's)
         ))
     rows.sort(key=lambda r: -1 if r["question_index"] is None else r["question_index"])
     return rows
+
+
+def _attention_of(result: GenerationResult) -> dict:
+    """The answering replica's attention columns; none (the base's, the engine's) when no
+    replica answered."""
+    if result.attention_backend is None:
+        return {}
+    return {"attention_backend": result.attention_backend,
+            "attention_backend_fallback": result.attention_backend_fallback}
 
 
 class InFlight:

@@ -55,6 +55,13 @@ OUTPUT_SCHEMA = pa.schema([
     pa.field("dca_chunk_size", pa.int64()),
     pa.field("dca_local_window", pa.int64()),
     pa.field("dca_temperature_alpha", pa.float64()),
+    pa.field("attention_backend", pa.string(), metadata={
+        "doc": "attention kernels that ran for the row: triton | flash | torch with DCA (DCAConfig.backend as "
+               "chosen and self-checked at start), the model's own (sdpa, eager, ...) without; its replica's "
+               "(mixed: the replica's ranks disagree); rows no replica answered: the engine's when all replicas "
+               "agree, else null"}),
+    pa.field("attention_backend_fallback", pa.string(), metadata={
+        "doc": "why attention_backend is not what was asked for (the start-up self-check's finding), else null"}),
     pa.field("content_hash", pa.string(), metadata={"doc": "sha256 of the document text"}),
     pa.field("config_hash", pa.string(), metadata={"doc": "fingerprint of model + prompt + generation settings"}),
     pa.field("job_id", pa.string(), nullable=False),

@@ -4,7 +4,8 @@ schema every part has is pipeline.data.schema.OUTPUT_SCHEMA).
 Layout of an output directory (local filesystem):
 
     OUTPUT/part-00000.parquet ...   committed parts (a part exists under this name only once whole)
-    OUTPUT/_manifest.json           job id, job fingerprint, list of committed parts (atomic rewrite)
+    OUTPUT/_manifest.json           job id, job fingerprint, list of committed parts, this run's
+                                    attention backend (atomic rewrite)
     OUTPUT/_staging/                parts being written (deleted on start: never committed)
     OUTPUT/_lock                    flock held by the writing job (a second writer is refused)
     OUTPUT/_metrics.json, _metrics.png   per-run metrics (pipeline.metrics.job)
@@ -253,6 +254,9 @@ class OutputWriter:
         }
         self.manifest["runs"] = int(self.manifest.get("runs", 0)) + 1
         self.manifest["complete"] = False
+        # This run's attention backend, once its engine has started (record_attention_backend);
+        # earlier runs' are in _metrics.json ("runs") and every row carries its own.
+        self.manifest["attention_backend"] = None
         self.committed = CommittedIndex.empty()
         listed = {p["file"] for p in self.manifest["parts"]}
         missing = sorted(listed - set(parts))
@@ -280,6 +284,12 @@ class OutputWriter:
         write_json_atomic(os.path.join(output_dir, MANIFEST), self.manifest)
         if not parts:
             self._commit(OUTPUT_SCHEMA.empty_table(), documents=0)  # the schema, readable from the start
+
+    def record_attention_backend(self, record: dict | None) -> None:
+        """The engine's attention backend for this run (pipeline.engine.attention_record.
+        engine_record: what ran, why it fell back, per replica and rank), into the manifest now."""
+        self.manifest["attention_backend"] = record
+        write_json_atomic(os.path.join(self.output_dir, MANIFEST), self.manifest)
 
     def _clear(self) -> None:
         for name in os.listdir(self.output_dir):

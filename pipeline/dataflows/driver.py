@@ -25,7 +25,9 @@ from collections.abc import Callable, Iterable, Iterator
 from pipeline.config.job import JobConfig
 from pipeline.data.input import Document, iter_documents
 from pipeline.data.long_documents import requests_with_follow_ups
-from pipeline.data.rows import InFlight, PendingDocument, prepare_document, result_rows, split_rows
+from pipeline.data.rows import (
+    InFlight, PendingDocument, prepare_document, result_rows, set_engine_attention, split_rows,
+)
 from pipeline.dataflows.budget import FailureBudget
 from pipeline.dataflows.context import JobRun
 from pipeline.engine.requests import GenerationRequest, GenerationResult
@@ -68,6 +70,12 @@ class DriverDataflow:
         """Starts the engine for `config` (the job's, with the cluster's CPUs per rank filled in)."""
         self.config = config
         self.pool = self.pool_factory(config) if self.pool_factory is not None else start_pool(config)
+        # What the replicas chose at start-up: rows no replica answers (bad input, a prompt too
+        # long) carry the engine's, answered rows their replica's; the manifest records it now.
+        attention = getattr(self.pool, "attention", None)  # a stand-in pool may not say
+        record = attention() if attention is not None else None
+        set_engine_attention(self.job.base, record)
+        self.job.writer.record_attention_backend(record)
 
     def run(self) -> tuple[str | None, dict | None]:
         """Every document through the engine. -> (None when all are committed, else why the job

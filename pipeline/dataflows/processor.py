@@ -46,7 +46,10 @@ from pipeline.config.task import HIERARCHICAL
 from pipeline.data.input import cells_as_bytes, document_from_cells
 from pipeline.data.long_documents import LongDocumentPrompts, requests_with_follow_ups
 from pipeline.data.prompts import PromptBuilder, load_templates
-from pipeline.data.rows import PROCESSOR_ROWS, dca_columns, prepare_document, result_rows, split_rows
+from pipeline.data.rows import (
+    PROCESSOR_ROWS, dca_columns, prepare_document, result_rows, set_engine_attention, split_rows,
+    stamp_engine_attention,
+)
 from pipeline.data.schema import PROCESSOR_COLUMNS, PROCESSOR_FIELDS
 from pipeline.metrics.live import LiveMetrics
 
@@ -187,6 +190,11 @@ class EngineStage:
         self.name = f"dca-{os.getpid()}-{uuid.uuid4().hex[:6]}"
         self.metrics = LiveMetrics(run=run_id, replica=self.name)
         self.pool = self._start_engine()
+        # The replica's attention backend, chosen at its start: every row this actor writes
+        # carries it (pipeline.engine.attention_record), rows rejected before the engine included.
+        attention = getattr(self.pool, "attention", None)  # a stand-in pool may not say
+        self.attention = attention() if attention is not None else None
+        set_engine_attention(self.base, self.attention)
 
     def _start_engine(self):
         from pipeline.engine import ReplicaPool
@@ -241,9 +249,12 @@ class EngineStage:
         for i, item in enumerate(prepared):
             if item.request is None and item.pending is not None:
                 rows = split_rows(item.pending, base=self.base, rules=PROCESSOR_ROWS)
+            elif item.request is None:
+                rows = item.rows
+                stamp_engine_attention(rows, self.attention)  # built by the prompt stage
             else:
-                rows = item.rows if item.request is None else result_rows(
-                    item.pending, answers.get(i, []), base=self.base, builder=self.builder, rules=PROCESSOR_ROWS)
+                rows = result_rows(item.pending, answers.get(i, []), base=self.base, builder=self.builder,
+                                   rules=PROCESSOR_ROWS)
             out.extend(rows)
             taken.extend([i] * len(rows))
             self.metrics.document(rows)

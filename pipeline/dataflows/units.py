@@ -39,10 +39,13 @@ from pipeline.data.input import InputPlan, WorkUnit, plan_units, read_unit, unit
 from pipeline.config.task import HIERARCHICAL
 from pipeline.data.long_documents import LongDocumentPrompts, requests_with_follow_ups
 from pipeline.data.prompts import PromptBuilder, load_templates
-from pipeline.data.rows import InFlight, prepare_document, result_rows, split_rows
+from pipeline.data.rows import (
+    InFlight, prepare_document, result_rows, set_engine_attention, split_rows, stamp_engine_attention,
+)
 from pipeline.data.writer import STAGING, OutputWriter, commit_unit, committed_unit_keys
 from pipeline.dataflows.budget import FailureBudget
 from pipeline.dataflows.context import JobRun
+from pipeline.engine.attention_record import engine_record_of_stats
 from pipeline.metrics.job import JobMetrics
 from pipeline.metrics.live import LiveMetrics
 from pipeline.runtime.progress import progress_bar
@@ -179,18 +182,27 @@ class UnitEngineStage:
         self.builder, self.long_prompts = _builders(config)
         self.live = LiveMetrics(run=base_row["job_id"])
         self.pool = self._start_with_retries()
+        # This replica's attention backend (chosen at its start): the rows of every unit it
+        # answers carry it, its error rows included; the ledger hears of it now, so that the
+        # manifest and _metrics.json have it even if no unit completes.
+        attention = getattr(self.pool, "attention", None)  # a stand-in pool may not say
+        self.attention = attention() if attention is not None else None
+        self.base_row = set_engine_attention(dict(base_row), self.attention)
+        self._report_stats()
 
     def _start_with_retries(self, attempts: int = 3):
         """A replica whose rank lands on a node that leaves while it loads fails to start; Ray
         Data does not retry a failed actor constructor, so the engine start is retried here (the
         model and settings were checked by the driver: what fails here is the cluster)."""
         from pipeline.engine import EngineStartupError
+        from pipeline.engine.errors import AttentionBackendUnavailable
 
         for attempt in range(attempts):
             try:
                 return self._start_engine()
             except EngineStartupError as error:
-                if attempt == attempts - 1:
+                # A backend asked for by name that cannot run is a setting: a retry would fail alike.
+                if attempt == attempts - 1 or isinstance(error, AttentionBackendUnavailable):
                     raise
                 log.warning("engine start failed (%s); retrying (%d of %d)", error, attempt + 2, attempts)
                 time.sleep(2.0)
@@ -214,6 +226,8 @@ class UnitEngineStage:
                 continue
             prepared = pickle.loads(payload)
             emitted = prepared["emitted"]
+            for rows, _, _ in emitted:  # the prompt stage's rows, made before any engine answered
+                stamp_engine_attention(rows, self.attention)
             in_flight = InFlight()
             items = []
             for request, pending in prepared["items"]:
@@ -256,11 +270,14 @@ class UnitEngineStage:
             if len(in_flight):
                 raise RuntimeError(f"the engine finished without answering {len(in_flight)} request(s)")
             out.append(pickle.dumps({"emitted": emitted, "counts": prepared["counts"]}, protocol=5))
+        self._report_stats()
+        return pa.table({"key": pa.array(keys, pa.string()), "payload": pa.array(out, pa.large_binary())})
+
+    def _report_stats(self) -> None:
         try:
             self.ledger.engine.remote(self.name, self.pool.stats())
         except Exception:  # noqa: BLE001 - stats are best effort
             log.debug("engine stats failed", exc_info=True)
-        return pa.table({"key": pa.array(keys, pa.string()), "payload": pa.array(out, pa.large_binary())})
 
     def __del__(self) -> None:
         pool = getattr(self, "pool", None)
@@ -435,6 +452,8 @@ def run_dataflow(config: JobConfig, *, plan: InputPlan, writer: OutputWriter, me
         except Exception:  # noqa: BLE001 - it goes with the job anyway
             pass
     engine_stats = result["engine_stats"] if result else None
+    if result is not None:  # what the engine actors' replicas ran, as they reported it
+        writer.record_attention_backend(engine_record_of_stats(engine_stats))
     if result and result["stop_reason"]:
         return result["stop_reason"], engine_stats
     missing = [u.key for u in todo if u.key not in committed_unit_keys(config.output_dir)]
@@ -462,9 +481,22 @@ class UnitsDataflow:
         self.config = config
 
     def run(self) -> tuple[str | None, dict | None]:
+        from pipeline.engine.errors import AttentionBackendUnavailable, error_message_in, find_error
+
         job = self.job
-        message, stats = run_dataflow(self.config, plan=job.plan, writer=job.writer, metrics=job.metrics,
-                                      base_row=job.base, skip=job.skip, engine_stage=self.engine_stage)
+        try:
+            message, stats = run_dataflow(self.config, plan=job.plan, writer=job.writer, metrics=job.metrics,
+                                          base_row=job.base, skip=job.skip, engine_stage=self.engine_stage)
+        except Exception as error:
+            # An engine actor could not start its replica because the backend asked for cannot
+            # run: Ray Data wraps that in its own errors; the job reports it as the driver
+            # dataflow does (one line, exit 2). No unit was committed: they commit after the engine.
+            unavailable = find_error(error, AttentionBackendUnavailable)
+            message = str(unavailable) if unavailable is not None else error_message_in(
+                error, AttentionBackendUnavailable)
+            if message is not None:
+                raise AttentionBackendUnavailable(message) from None
+            raise
         self.resumed_rows = job.metrics.documents_resumed
         return message, stats
 

@@ -18,11 +18,14 @@ split, embedding and norms replicated):
 - kv_cache: 2 x layers x kv_heads x head_dim x (prompt + new tokens) x batch, in the KV dtype
   (int8: 1 byte + a float32 scale per (token, head), see dca/kv_quant.py);
 - activations: the larger of the prefill peak (the last prefill block: its tokens through one
-  decoder layer, attention over all keys) and the decode peak. Both include the transients the
-  current code creates from one layer's KV: torch.cat when appending (the old keys, then the old
-  values, next to the new), the int8 cache's dequantised K and V, and on CUDA with the torch
-  backend the memory-efficient kernel's .contiguous() copies of key ranges (flash-attn and the
-  CPU flash kernel read strided keys without a copy);
+  decoder layer, attention over all keys) and the decode peak. With the torch and flash backends
+  both include the transients the current code creates from one layer's KV: torch.cat when
+  appending (the old keys, then the old values, next to the new), the int8 cache's dequantised K
+  and V, and on CUDA with the torch backend the memory-efficient kernel's .contiguous() copies of
+  key ranges (flash-attn and the CPU flash kernel read strided keys without a copy). The Triton
+  backend makes none of them (keys written into the cache in place by its store kernel, queries
+  rotated in registers, int8 read inside the kernels): its attention holds the new tokens' q, k,
+  v, the layer's output and the kernel's, plus, at decode, the split partial outputs;
 - logits: the last position only (generate, `dca.prefill.chunked_prefill`) or every position of
   the forward (a plain `model(input_ids)` call);
 - runtime_overhead: on CUDA a fixed part (CUDA context, cuBLAS workspace, NCCL buffers, which
@@ -45,7 +48,8 @@ from pathlib import Path
 
 from pipeline.config.model import dca_chunk_len
 from pipeline.config.resolve import (
-    MIN_AUTO_PREFILL_TOKENS, PLANNED_KV_DTYPES, check_prefill_block, kv_cache_dtype_of, prefill_tokens,
+    ATTENTION_BACKENDS, MIN_AUTO_PREFILL_TOKENS, PLANNED_KV_DTYPES, check_prefill_block, kv_cache_dtype_of,
+    prefill_tokens,
 )
 from pipeline.config.validate import check_choice, check_int_at_least
 from pipeline.engine.requests import WONT_FIT
@@ -56,7 +60,15 @@ KiB, MiB, GiB = 1 << 10, 1 << 20, 1 << 30
 WEIGHT_BYTES = {"float32": 4.0, "bfloat16": 2.0, "float16": 2.0, "int8": 1.0, "int4": 0.5 + 2 / 128}
 COMPUTE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 INT8_SCALE_BYTES = 4  # dca/kv_quant.py: one float32 scale per (token, head)
-BACKENDS = ("flash", "torch")
+BACKENDS = ATTENTION_BACKENDS
+# The Triton decode kernel (dca/triton_kernels.py `decode`): at most this many new tokens per row
+# and this many (query heads of a KV head x new tokens) rows per program take the split-KV path;
+# its keys are split over at most MAX_SPLITS programs of key blocks of DECODE_BLOCK_N slots (the
+# first CUDA tile), each writing a float32 partial output and LSE.
+TRITON_DECODE_MAX_QUERIES = 16
+TRITON_DECODE_MAX_ROWS = 128
+TRITON_DECODE_MAX_SPLITS = 256
+TRITON_DECODE_BLOCK_N = 64
 DEVICES = ("cuda", "cpu")
 
 # What devices report as total memory (torch.cuda.get_device_properties(i).total_memory): a
@@ -193,7 +205,10 @@ class ServingConfig:
     prefill_block: int | str | None = "auto"
     # "last": logits of the last position only; "all": every position of each forward.
     logits: str = "last"
-    # DCA attention kernels: "flash" (flash-attn, no key copies) | "torch" (copies key ranges).
+    # DCA attention backend (DCAConfig.backend as it resolves, pipeline.config.resolve.
+    # planned_attention_backend): "triton" (dca/triton_kernels.py: in-place cache writes, no
+    # per-chunk partial outputs, int8 read in the kernels), "flash" (flash-attn in the chunk loop,
+    # no key copies) | "torch" (the chunk loop on aten kernels; on CUDA copies key ranges).
     attention_backend: str = "flash"
     # DCA chunk_len L = chunk_size S - local_window W (query chunk of the attention kernels);
     # None = the default 5P/8 of the model (S = 3P/4, W = P/8).
@@ -371,19 +386,50 @@ class MemoryPlan:
         # the inter-chunk kernel runs, 2 finished parts, its output and (torch backend on CUDA,
         # the memory-efficient kernel) .contiguous() copies of all older keys and values.
         # flash-attn and the CPU flash kernel read key ranges of the cache as strided views.
-        tq = min(t, self.chunk_len)
-        merge = tq * hq * (3 * a + 6 * 4)
-        torch_cuda = c.attention_backend == "torch" and c.device == "cuda"
-        copies = 2 * max(0, k - 2 * self.chunk_len) * hkv * a if torch_cuda else 0
-        inter = tq * hq * (3 * a + 2 * 4 + a + (4 if a != 4 else 0)) + copies
-        # int8 cache: the whole layer dequantised to the compute dtype while its attention runs.
-        dequant = 2 * k * hkv * a if c.resolved_kv_dtype == "int8" else 0
-        # q and the preallocated output (query dtype) stay alive across the chunks.
-        attention = 2 * t * hq * a + dequant + max(merge, inter)
-        attn_phase = rope + 3 * t * h * a + max(append, attention)  # embeddings, layer input, normed
+        if c.attention_backend == "triton":
+            attention = self._triton_attention_bytes(t, k)
+            attn_phase = rope + 3 * t * h * a + attention  # embeddings, layer input, normed
+        else:
+            tq = min(t, self.chunk_len)
+            merge = tq * hq * (3 * a + 6 * 4)
+            torch_cuda = c.attention_backend == "torch" and c.device == "cuda"
+            copies = 2 * max(0, k - 2 * self.chunk_len) * hkv * a if torch_cuda else 0
+            inter = tq * hq * (3 * a + 2 * 4 + a + (4 if a != 4 else 0)) + copies
+            # int8 cache: the whole layer dequantised to the compute dtype while its attention runs.
+            dequant = 2 * k * hkv * a if c.resolved_kv_dtype == "int8" else 0
+            # q and the preallocated output (query dtype) stay alive across the chunks.
+            attention = 2 * t * hq * a + dequant + max(merge, inter)
+            attn_phase = rope + 3 * t * h * a + max(append, attention)  # embeddings, layer input, normed
         # MLP: act(gate), up and their product are alive at once.
         mlp_phase = rope + 4 * t * h * a + 3 * t * self.intermediate * a
         return int(batch * max(attn_phase, mlp_phase))
+
+    def _triton_attention_bytes(self, new: int, keys: int) -> int:
+        """One layer's attention on the Triton backend (dca/triton_kernels.py via
+        dca.backends.TritonBackend), `new` tokens against `keys` keys (theirs included).
+
+        The store kernel rotates the new keys at j mod L and writes them (and the values, int8
+        with their scales where used) straight into the cache's preallocated storage: no torch.cat,
+        no rotated copy. The attention kernels rotate the queries in registers, keep one online
+        softmax per query row (no per-chunk partial outputs, no merge) and read int8 keys and
+        values with their scales (no dequantised copy). Alive while the kernel runs: the q, k, v
+        projections of the new tokens, the layer's (T, Hq, D) output buffer, the kernel's own
+        output (copied into that buffer until the kernels take `out=`; an over-estimate of one
+        (T, Hq, D) tensor afterwards), and for a decode launch (at most TRITON_DECODE_MAX_QUERIES
+        new tokens) the split-KV partial outputs and LSEs in float32: (Hq, T, splits, D + 1) with
+        splits at most min(TRITON_DECODE_MAX_SPLITS, key blocks); the real count also divides
+        2 x the GPU's SMs between rows and KV heads, which the planner does not know (an upper
+        bound: 4.2 MiB for 32 query heads of dim 128 and one new token)."""
+        a, d = self.act_bytes, self.shape.head_dim
+        hq, hkv = self.q_heads * d, self.kv_heads * d
+        group = self.q_heads // self.kv_heads if self.kv_heads else 1
+        projections = new * (hq + 2 * hkv) * a
+        outputs = 2 * new * hq * a
+        partials = 0
+        if new <= TRITON_DECODE_MAX_QUERIES and group * new <= TRITON_DECODE_MAX_ROWS:
+            splits = min(TRITON_DECODE_MAX_SPLITS, max(1, math.ceil(keys / TRITON_DECODE_BLOCK_N)))
+            partials = new * splits * (hq + self.q_heads) * 4
+        return projections + outputs + partials
 
     def logits_bytes(self, forward_tokens: int, batch: int = 1) -> int:
         v, a = self.shape.vocab_size, self.act_bytes

@@ -15,6 +15,7 @@ from typing import Iterable, Iterator
 
 from pipeline.config.engine import EngineConfig
 from pipeline.engine import replica as replica_calls
+from pipeline.engine.attention_record import columns_of, engine_record
 from pipeline.engine.errors import EngineError, EngineStartupError, short_error
 from pipeline.engine.metering import Ledger
 from pipeline.engine.models import locate_model
@@ -289,7 +290,9 @@ class ReplicaPool:
         seconds of every forward, pipeline.engine.metering), steps (packed forwards of the
         running batch), prefill_tokens (prompt tokens per step), kv_budget_bytes (the KV bytes
         per rank the running batch may hold at its longest allowed request, None without a
-        limit), last_error."""
+        limit), last_error, attention (pipeline.engine.attention_record.replica_record) with its
+        output columns attention_backend and attention_backend_fallback, and
+        planned_attention_backend (what the ranks' memory plan is for: the backend that ran)."""
         out = {}
         for r in self._replicas:
             budget = r.budget
@@ -301,8 +304,24 @@ class ReplicaPool:
                 "alive": r.alive, "tp_size": self.config.tp_size, "device": r.device_type,
                 "scheduler": r.scheduler, "busy_s_per_rank": [round(b, 6) for b in r.busy_s], "steps": r.steps,
                 "prefill_tokens": r.prefill_tokens, "kv_budget_bytes": kv, "last_error": r.last_error,
+                "attention": r.attention, **columns_of(r.attention),
+                "planned_attention_backend": ((r.plan or {}).get("serving") or {}).get("attention_backend"),
             }
         return out
+
+    def attention(self) -> dict:
+        """The engine's attention backend (pipeline.engine.attention_record.engine_record): one
+        backend and fallback when every replica that started runs the same, else per replica.
+        Known from start(), never read from a device after it."""
+        return engine_record({r.name: r.attention for r in self._replicas})
+
+    @staticmethod
+    def _stamp(replica: Replica, results: list[GenerationResult]) -> None:
+        """Answered by `replica`: its attention backend goes into each result (its output row)."""
+        columns = columns_of(replica.attention)
+        for result in results:
+            result.attention_backend = columns["attention_backend"]
+            result.attention_backend_fallback = columns["attention_backend_fallback"]
 
     def _validate(self, request: GenerationRequest):
         if not isinstance(request, GenerationRequest):
@@ -468,6 +487,7 @@ class ReplicaPool:
             for result in results:
                 result.replica, result.attempts = replica.name, entry.attempts
                 result.queued_s, result.preemptions = entry.admitted - entry.submitted, entry.preemptions
+            self._stamp(replica, results)
             replica.served += 1
             resident.remove(entry)
             self._resolve(entry, results)
@@ -505,6 +525,7 @@ class ReplicaPool:
         for entry, result in zip(batch, results, strict=True):
             for r in result:
                 r.attempts = entry.attempts
+            self._stamp(replica, result)
             replica.served += 1
             self._resolve(entry, result)
         return True

@@ -6,10 +6,12 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 import time
 
 from pipeline.config.engine import EngineConfig
-from pipeline.engine.errors import EngineStartupError, short_error
+from pipeline.engine.attention_record import replica_record
+from pipeline.engine.errors import AttentionBackendUnavailable, EngineStartupError, short_error
 from pipeline.engine.messages import OutOfMemoryAnswer, StepResult, result_of
 from pipeline.engine.requests import GenerationRequest, GenerationResult
 from pipeline.engine.scheduler import budget_of
@@ -55,6 +57,9 @@ class Replica:
         self.memory_plan = None
         self.budget = None
         self.prefill_tokens: int | None = None
+        # Set by start(): the attention backend its ranks run, and why
+        # (pipeline.engine.attention_record.replica_record); None until it has started.
+        self.attention: dict | None = None
         # Continuous batching: requests (by seq) the ranks still hold that must be dropped at
         # the next call (after an out-of-memory split).
         self.to_drop: list[int] = []
@@ -80,14 +85,17 @@ class Replica:
                 f"placement_timeout_s={config.placement_timeout_s:g}; free now in the cluster: {free}. "
                 "Other actors hold the rest: stop them, or lower tp_size/replicas/cpus_per_rank"
             )
-        from pipeline.engine.worker import RankWorker
+        from pipeline.engine.worker import RANK_TEST_HOOK_ENV, RankWorker
 
         actor_cls = ray.remote(RankWorker)
+        extra = {}
+        if os.environ.get(RANK_TEST_HOOK_ENV):  # a test seam (see there): the ranks run it too
+            extra["runtime_env"] = {"env_vars": {RANK_TEST_HOOK_ENV: os.environ[RANK_TEST_HOOK_ENV]}}
         self.workers = [
             actor_cls.options(
                 num_cpus=config.cpus_per_rank, num_gpus=1 if self.device_type == "cuda" else 0,
                 scheduling_strategy=PlacementGroupSchedulingStrategy(self.pg, placement_group_bundle_index=rank),
-                max_restarts=0, max_concurrency=1, name=None,
+                max_restarts=0, max_concurrency=1, name=None, **extra,
             ).remote(rank, tp, self.name)
             for rank in range(tp)
         ]
@@ -104,6 +112,9 @@ class Replica:
             )
         except Exception as error:
             self.kill()
+            cause = getattr(error, "cause", None)  # a rank's exception, as Ray returns it
+            if isinstance(cause, AttentionBackendUnavailable):
+                raise AttentionBackendUnavailable(f"replica {self.name} {cause}") from None
             if isinstance(error, EngineStartupError):
                 raise
             if isinstance(error, ray.exceptions.GetTimeoutError):
@@ -116,6 +127,12 @@ class Replica:
         self.rank_load_s = [i["load_s"] for i in infos]
         self.scheduler, self.plan = infos[0]["scheduler"], infos[0]["plan"]
         self.prefill_tokens = infos[0]["prefill_tokens"]
+        self.attention = replica_record([i["attention"] for i in infos])
+        if not self.attention["ranks_agree"]:
+            log.warning("replica %s: %s", self.name, self.attention["fallback"])
+        elif self.attention["fallback"]:
+            log.warning("replica %s runs attention backend %r: %s", self.name, self.attention["backend"],
+                        self.attention["fallback"])
         self.memory_plan = _plan_of(self.plan)
         self.budget = budget_of(self.memory_plan, config.max_batch_size, self.prefill_tokens)
         self.to_drop = []

@@ -79,6 +79,10 @@ class GenerationResult:
     queued_s: float | None = None
     # Times this request was taken out of a running batch to run again (out of memory).
     preemptions: int = 0
+    # The attention backend of the replica that answered (pipeline.engine.attention_record: what
+    # its ranks chose at start-up, with the reason for a fallback); None when no replica did.
+    attention_backend: str | None = None
+    attention_backend_fallback: str | None = None
 
     @classmethod
     def error(cls, request_id: str, suffix_index: int, error_type: str, message: str, **kw) -> GenerationResult:

@@ -6,6 +6,7 @@ process: the driver imports this module (to wrap `RankWorker` with `ray.remote`)
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import socket
@@ -17,12 +18,86 @@ from pipeline.engine.messages import OutOfMemoryAnswer, StepResult
 from pipeline.engine.requests import GenerationRequest, GenerationResult
 
 SHM_PREFIX = "deepspeed_allreduce_buffer"
+# TEST SEAM (fault injection), never set in production: "module:function", called with no
+# arguments in every rank worker at the start of `setup`, before the model is loaded and its DCA
+# backend chosen. The job tests use it to make a CPU rank choose and self-check DCA's Triton
+# kernels as a GPU rank does, with a failure injected into them (tests/pipeline/backend_faults.py).
+# The driver forwards its own value to the rank workers it starts (pipeline.engine.replica).
+RANK_TEST_HOOK_ENV = "DCA_PIPELINE_RANK_TEST_HOOK"
 
 
-def _memory_plan(config: EngineConfig, model, device, world_size: int, prefill_block):
-    """The planner requests are checked against on this rank. Device memory: device_memory_bytes
-    when set, else the GPU's total memory on CUDA, else on CPU this rank's share of the machine
-    (its memory, or the cgroup limit, divided by all ranks of the pool: tp_size x replicas)."""
+def _run_test_hook() -> None:
+    """RANK_TEST_HOOK_ENV's function, when set (a test seam, see there)."""
+    hook = os.environ.get(RANK_TEST_HOOK_ENV)
+    if not hook:
+        return
+    import importlib
+
+    module, _, name = hook.partition(":")
+    getattr(importlib.import_module(module), name)()
+
+
+BACKEND_HINT = "a job sets it with --dca-backend or the dca: block's backend"
+
+
+@contextlib.contextmanager
+def _backend_errors(rank: int):
+    """dca.BackendUnavailable raised while the model loads (apply_dca: a backend asked for by
+    name whose package is not installed here) as AttentionBackendUnavailable: a setting, one line,
+    never retried."""
+    from dca import BackendUnavailable
+    from pipeline.engine.errors import AttentionBackendUnavailable
+
+    try:
+        yield
+    except BackendUnavailable as error:
+        raise AttentionBackendUnavailable(f"rank {rank}: {' '.join(str(error).split())} ({BACKEND_HINT})") from None
+
+
+def _choose_attention(model, config: EngineConfig, rank: int, world_size: int, device) -> dict:
+    """This rank's attention record (pipeline.engine.attention_record), chosen now, before any
+    request: with DCA, `dca.prepare_backend` picks the backend for the job's KV dtype and runs its
+    start-up self-check (a backend that fails it is replaced by flash or torch under "auto": the
+    record says why). A backend asked for by name that cannot run raises
+    AttentionBackendUnavailable on every rank of the replica (the ranks agree first, so that no
+    rank waits in a collective for one that gave up)."""
+    from dca import BackendUnavailable, dca_config_of, prepare_backend
+    from pipeline.engine.attention_record import dca_attention_record, model_attention_record
+    from pipeline.engine.errors import AttentionBackendUnavailable
+
+    dtype = str(model.dtype).removeprefix("torch.")
+    if dca_config_of(model) is None:
+        return model_attention_record(rank=rank, requested=config.model_spec.attn_implementation,
+                                      ran=getattr(model.config, "_attn_implementation", None), device=str(device),
+                                      dtype=dtype, kv_dtype=config.kv_cache_dtype)
+    failure = None
+    try:
+        # The job's KV dtype first: its report is what the requests run. A forward without a
+        # cache (the warm-up below) uses the "auto" key: chosen (and checked) here too, so that
+        # an explicit backend failing there also stops the replica with this error.
+        report = prepare_backend(model, kv_dtype=config.kv_cache_dtype)
+        if config.kv_cache_dtype != "auto":
+            prepare_backend(model, kv_dtype="auto")
+    except BackendUnavailable as error:
+        failure = " ".join(str(error).split())  # one line
+    if world_size > 1:
+        import torch
+        import torch.distributed as dist
+
+        failed = torch.tensor([1 if failure else 0], device=device)
+        dist.all_reduce(failed)
+        if failed.item() and failure is None:
+            failure = "another rank of this replica cannot run the DCA backend asked for (its own error says why)"
+    if failure is not None:
+        raise AttentionBackendUnavailable(f"rank {rank}: {failure} ({BACKEND_HINT})")
+    return dca_attention_record(rank=rank, report=report.to_dict())
+
+
+def _memory_plan(config: EngineConfig, model, device, world_size: int, prefill_block, attention_backend: str):
+    """The planner requests are checked against on this rank, for the attention backend this rank
+    runs. Device memory: device_memory_bytes when set, else the GPU's total memory on CUDA, else on
+    CPU this rank's share of the machine (its memory, or the cgroup limit, divided by all ranks of
+    the pool: tp_size x replicas)."""
     memory = config.device_memory_bytes
     if memory is None and device.type == "cuda":
         import torch
@@ -32,8 +107,6 @@ def _memory_plan(config: EngineConfig, model, device, world_size: int, prefill_b
         machine = _cpu_memory_bytes()
         memory = machine // (config.tp_size * config.replicas) if machine else None
     from dca import dca_config_of
-    from dca.kernels import flash_available
-    from pipeline.config.resolve import planned_attention_backend
     from pipeline.engine.memory_plan import MemoryPlan, ModelShape, ServingConfig
 
     dca = dca_config_of(model)
@@ -41,10 +114,21 @@ def _memory_plan(config: EngineConfig, model, device, world_size: int, prefill_b
     serving = ServingConfig(
         tp_size=world_size, weight_dtype=dtype, kv_cache_dtype=config.kv_cache_dtype,
         prefill_block=prefill_block, logits="last",
-        attention_backend=planned_attention_backend(device.type, flash_available()),
+        attention_backend=attention_backend,
         chunk_len=dca.chunk_len if dca is not None else None, device=device.type, device_memory=memory,
     )
     return MemoryPlan(ModelShape.from_config(model.config), serving)
+
+
+def _planned_backend(device, model) -> str:
+    """The planner's backend for a model without DCA (the static scheduler's plan; DCA's planner
+    terms stand in for the model's own attention): what DCA would choose here."""
+    from dca.kernels import flash_available, triton_available, triton_interpreted
+    from pipeline.config.resolve import planned_attention_backend
+
+    return planned_attention_backend(device.type, dtype=str(model.dtype).removeprefix("torch."),
+                                     triton_available=triton_available() and not triton_interpreted(),
+                                     flash_available=flash_available())
 
 
 def _cpu_memory_bytes() -> int | None:
@@ -121,6 +205,7 @@ class RankWorker:
         else:
             env["DS_ACCELERATOR"] = "cpu"
         os.environ.update(env)  # before torch / deepspeed are imported in this process
+        _run_test_hook()
 
         from datetime import timedelta
 
@@ -146,7 +231,8 @@ class RankWorker:
                 dist_backend="nccl" if device_type == "cuda" else "gloo", auto_mpi_discovery=False,
                 timeout=timedelta(seconds=max(600, int(config.request_timeout_s or 0))),
             )
-            model = load_model_for_tp(spec, device_type)
+            with _backend_errors(self.rank):
+                model = load_model_for_tp(spec, device_type)
             engine = deepspeed.init_inference(
                 model, tensor_parallel={"tp_size": self.world_size}, dtype=model.dtype,
                 replace_with_kernel_inject=False,
@@ -157,8 +243,12 @@ class RankWorker:
                 dist.broadcast(tensor, src=0)
                 return tensor
         else:
-            model = load_model(spec, str(device))
+            with _backend_errors(self.rank):
+                model = load_model(spec, str(device))
         model.eval()
+        # The attention backend, decided once for the whole life of this rank: before the memory
+        # plan (made for it) and the warm-up forward, and before any request.
+        attention = _choose_attention(model, config, self.rank, self.world_size, device)
 
         tokenizer, pad = None, 0
         if self.rank == 0:
@@ -174,7 +264,8 @@ class RankWorker:
             prefill_block = resolve_prefill_tokens(config.prefill_block, model)
         else:
             prefill_block = static_prefill_block(config.prefill_block)
-        plan = _memory_plan(config, model, device, self.world_size, prefill_block)
+        planned = attention["ran"] if attention["dca"] else _planned_backend(device, model)
+        plan = _memory_plan(config, model, device, self.world_size, prefill_block, planned)
         self.ctx = RankContext(model=model, device=device, rank=self.rank, world_size=self.world_size,
                                tokenizer=tokenizer, eos_token_ids=eos_token_ids(tokenizer, model), pad_token_id=pad,
                                kv_cache_dtype=config.kv_cache_dtype, prefill_block=prefill_block,
@@ -203,6 +294,7 @@ class RankWorker:
             "vocab_size": int(model.get_input_embeddings().weight.shape[0]), "shm_unlinked": shm_unlinked,
             "dtype": str(model.dtype), "scheduler": scheduler, "prefill_tokens": prefill_block,
             "plan": {"shape": dataclasses.asdict(plan.shape), "serving": plan.config.to_dict()},
+            "attention": attention,
             "pipeline_path": os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
         }
 

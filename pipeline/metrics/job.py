@@ -20,6 +20,8 @@ import os
 import time
 from collections import Counter, defaultdict
 
+from pipeline.engine.attention_record import engine_record_of_stats
+
 # Prompt-length buckets (upper bounds, tokens): powers of two from 1k to 128k, then everything above.
 BUCKET_BOUNDS = (1024, 2048, 4096, 8192, 16384, 32768, 65536, 131072)
 
@@ -251,6 +253,9 @@ class JobMetrics:
                 "max_bytes": max(self.peak_memory_per_rank.values(), default=None),
             },
             "latency_by_prompt_tokens": self.latency_by_bucket(),
+            # The attention backend this run's replicas chose at start-up and why (pipeline.engine.
+            # attention_record.engine_record; per replica under "engine"); None without an engine.
+            "attention_backend": engine_record_of_stats(engine_stats),
             "engine": engine_stats,
             "config": self.config,
             **(extra or {}),

@@ -11,7 +11,7 @@ from pipeline.config.engine import EngineConfig
 from pipeline.config.job import JobConfig
 from pipeline.config.model import dca_config_for
 from pipeline.config.resolve import (
-    planned_attention_backend, planned_device, planned_weight_dtype, prefill_block_for_dca, static_prefill_block,
+    COMPUTE_DTYPES, planned_attention_backend, planned_device, planned_weight_dtype, prefill_block_for_dca, static_prefill_block,
 )
 from pipeline.engine.memory_plan import COMPONENTS, MemoryPlan, ModelShape, ServingConfig, fmt_bytes
 from pipeline.engine.models import load_model_config
@@ -39,7 +39,8 @@ def print_memory_plan(config: JobConfig, engine_config) -> None:
         serving = ServingConfig(
             tp_size=config.tp, weight_dtype=dtype, kv_cache_dtype=engine_config.kv_cache_dtype,
             prefill_block=block, device=device, chunk_len=chunk_len,
-            attention_backend=planned_attention_backend(device),
+            attention_backend=planned_attention_backend(device, (config.model_spec.dca or {}).get("backend", "auto"),
+                                                        dtype=dtype if dtype in COMPUTE_DTYPES else None),
         )
         estimate = MemoryPlan(shape, serving).estimate(config.max_input_tokens, config.max_new_tokens)
     except Exception as error:  # the plan is advice: a model the planner cannot read still runs
@@ -51,7 +52,7 @@ def print_memory_plan(config: JobConfig, engine_config) -> None:
              str(config.max_input_tokens), "--max-new-tokens", str(config.max_new_tokens), "--dtype", dtype,
              "--kv-cache-dtype", engine_config.kv_cache_dtype, "--prefill-block",
              "none" if block is None else str(block), "--device", device]
-    for key in ("pretraining_length", "chunk_size", "local_window"):
+    for key in ("pretraining_length", "chunk_size", "local_window", "backend"):
         if (config.model_spec.dca or {}).get(key) is not None:
             flags += [f"--dca-{key.replace('_', '-')}", str(config.model_spec.dca[key])]
     print(f"memory plan: {fmt_bytes(estimate.total)} per rank for the longest request "

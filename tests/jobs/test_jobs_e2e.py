@@ -71,6 +71,14 @@ def test_summarize_job_two_replicas(ray_local, tiny_chat_model, tmp_path):
     assert sum(r["served"] for r in metrics["engine"].values()) == len(valid)
     assert (out / "_metrics.png").stat().st_size > 1000
     assert read_manifest(str(out))["complete"] is True
+    # Both replicas ran DCA's torch backend (auto on CPU, no self-check): one record for the
+    # engine, the same in the manifest, and on every row, the error rows no replica answered too.
+    record = metrics["attention_backend"]
+    assert (record["backend"], record["fallback"], record["requested"], record["replicas_agree"]) == (
+        "torch", None, "auto", True)
+    assert sorted(record["by_replica"]) == ["replica-0", "replica-1"]
+    assert read_manifest(str(out))["attention_backend"] == record
+    assert {(r["attention_backend"], r["attention_backend_fallback"]) for r in rows} == {("torch", None)}
 
 
 def test_qa_job_base_model_with_its_own_local_ray(tiny_base_model, tmp_path):

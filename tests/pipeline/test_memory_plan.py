@@ -142,12 +142,84 @@ def test_cli_table_compare_and_json(capsys):
     assert "kv_cache" in out and "-> fits" in out and "longest prompt" in out
     assert plan_cli.main(["--model", "llama2-70b", "--tp", "2", "--gpu-memory", "80GiB", "--compare"]) == 0
     out = capsys.readouterr().out
-    assert out.count("| bf16 weights") == 6
+    assert out.count("| bf16 weights") == 7  # Triton (the default on CUDA), then flash-attn and torch
+    assert "DCA attention triton unless a row says otherwise" in out
+    assert "flash-attn attention (Triton's fallback)" in out and "torch attention (no Triton, no flash-attn)" in out
     assert plan_cli.main(["--model", "llama2-7b", "--gpu-memory", "40GB", "--prefill-block", "none", "--json"]) == 0
     data = json.loads(capsys.readouterr().out)
     assert data["serving"]["prefill_block"] is None and data["longest_prompt"] > 0 and data["fits"] in (True, False)
     assert plan_cli.main(["--model", "no-such-model"]) == 2
     assert "not a preset" in capsys.readouterr().err
+
+
+def test_triton_plans_without_key_copies_dequantised_layers_or_chunk_partials():
+    """70B at tp 2, int8 KV, chunked prefill, on an A100: the Triton backend writes keys into the
+    cache in place and reads int8 in its kernels, so its attention transient does not grow with
+    the keys; flash-attn dequantises the layer (2 x keys x Hkv x D, bf16), torch on CUDA also
+    copies key ranges. Bounds from those terms, not from the planner's own formula."""
+    def plan(backend):
+        return plan70(kv_dtype="int8", prefill_block="chunk", attention_backend=backend, device="cuda")
+
+    triton, flash, torch_ = plan("triton"), plan("flash"), plan("torch")
+    hq, hkv, d = 32, 4, 128  # per rank at tp 2
+    # Decode of one token: Triton holds at most 256 split partial outputs + LSEs in float32.
+    partials = 256 * (hq * d + hq) * 4  # 4.03 MiB
+    for keys in (20_000, 100_000):
+        decode = triton.activation_bytes(1, keys)
+        assert partials < decode < partials + 1 * MiB
+        dequantised = 2 * keys * hkv * d * 2
+        assert flash.activation_bytes(1, keys) >= dequantised
+        copies = 2 * (keys - 2 * flash.chunk_len) * hkv * d * 2  # torch on CUDA: key ranges made contiguous
+        assert torch_.activation_bytes(1, keys) > flash.activation_bytes(1, keys) + 0.9 * copies
+    assert triton.activation_bytes(1, 20_000) == triton.activation_bytes(1, 100_000)  # 256 splits either way
+    assert triton.activation_bytes(1, 64) < 256 * KiB  # one key block, one split: the MLP (150 KiB) bounds it
+    # Prefill (the last block of a 100k prompt): the MLP bounds Triton's peak, not the keys.
+    block = triton.block_size(100_000)
+    assert triton.activation_bytes(block, 20_000) == triton.activation_bytes(block, 100_000)
+    # MLP phase: act(gate), up and their product (intermediate 28672 / 2 per rank) and 4 hidden
+    # states (8192, replicated), bf16.
+    mlp = 3 * block * 28672 // 2 * 2 + 4 * block * 8192 * 2
+    assert mlp < triton.activation_bytes(block, 100_000) < 1.05 * mlp
+    grows = flash.activation_bytes(block, 100_000) - flash.activation_bytes(block, 20_000)
+    assert grows >= 2 * 80_000 * hkv * d * 2  # the dequantised layer
+    # So Triton needs the least memory and reaches the longest prompt; the KV cache is the same.
+    estimates = [p.estimate(100_000, 512) for p in (triton, flash, torch_)]
+    assert estimates[0].kv_cache == estimates[1].kv_cache == estimates[2].kv_cache
+    assert estimates[0].activations < estimates[1].activations < estimates[2].activations
+    assert estimates[1].activations - estimates[0].activations >= 2 * 100_000 * hkv * d * 2
+    longest = [p.longest_prompt(512) for p in (triton, flash, torch_)]
+    assert longest[0] > longest[1] > longest[2] > 100_000
+
+
+def test_planned_backend_is_what_dca_resolves_to():
+    from pipeline.config.resolve import planned_attention_backend as planned
+
+    assert planned("cuda") == "triton" and planned("cuda", dtype="float32") == "triton"
+    assert planned("cuda", triton_available=False) == "flash"
+    assert planned("cuda", dtype="float32", triton_available=False) == "torch"  # flash-attn: half types only
+    assert planned("cuda", triton_available=False, flash_available=False) == "torch"
+    assert planned("cpu") == "torch"
+    for name in ("torch", "flash", "triton"):  # asked for by name: planned as asked (or the job stops)
+        assert planned("cuda", name) == planned("cpu", name) == name
+    with pytest.raises(ValueError, match="DCA backend"):
+        planned("cuda", "cutlass")
+
+
+def test_cli_plans_for_the_backend_the_job_would_run(capsys):
+    def serving(*flags):
+        assert plan_cli.main(["--model", "llama2-70b", "--tp", "2", "--gpu-memory", "a100-80g", "--json",
+                              "--kv-cache-dtype", "int8", *flags]) == 0
+        return json.loads(capsys.readouterr().out)
+
+    by_default = serving("--device", "cuda")
+    assert by_default["serving"]["attention_backend"] == "triton"  # the job's "auto" on CUDA
+    assert serving()["serving"]["attention_backend"] == "triton"  # --device auto plans for GPUs
+    assert serving("--device", "cpu")["serving"]["attention_backend"] == "torch"
+    assert serving("--device", "cuda", "--dca-backend", "flash")["serving"]["attention_backend"] == "flash"
+    flash = serving("--device", "cuda", "--attention-backend", "flash")
+    triton = serving("--device", "cuda", "--attention-backend", "triton")
+    assert flash["serving"]["attention_backend"] == "flash" and triton == by_default
+    assert triton["activations"] < flash["activations"] and triton["longest_prompt"] > flash["longest_prompt"]
 
 
 def test_planner_and_cli_import_no_torch():
