@@ -7,7 +7,7 @@ is loaded. It sets the process up as dca's own tests do (tests/dca/test_backends
 start-up self-check forced on CPU (dca.selfcheck.FORCE_ON_CPU), and "auto" resolving to Triton,
 as it does on CUDA. The failures are injected at dca.triton_kernels' public functions only (what
 the Triton backend calls), so they hold whatever the kernels' internals become. Everything after
-that is the production path: dca.prepare_backend -> dca.backends.select -> dca.selfcheck.check ->
+that is the production path: dca.prepare_backend -> dca.selfcheck.select -> dca.selfcheck.check ->
 the backend's contract -> the kernels; the fallback; the record.
 
     DCA_PIPELINE_RANK_TEST_HOOK=tests.pipeline.backend_faults:nan
