@@ -31,7 +31,9 @@ import sys
 from collections.abc import Callable
 
 from pipeline.config.job import JobConfig, check_parallelism, config_hash, job_fingerprint
+from pipeline.config.task import HIERARCHICAL
 from pipeline.data.input import Document, InputSpec, check_input, iter_documents, plan_units
+from pipeline.data.long_documents import LongDocumentPrompts, describe_hierarchical
 from pipeline.data.prompts import PromptBuilder, load_templates
 from pipeline.data.rows import dca_columns, job_columns
 from pipeline.data.writer import MANIFEST, OutputWriter, read_manifest, write_json_atomic
@@ -168,8 +170,8 @@ class _NoEngine:
 
     def run(self, requests, max_in_flight):
         for request in requests:
-            raise RuntimeError(f"request {request.request_id} needs the model, but this run decided that no "
-                               "document does; rerun the same command")
+            raise RuntimeError(f"request {getattr(request, 'request_id', None)} needs the model, but this run "
+                               "decided that no document does; rerun the same command")
         return iter(())
 
     def stats(self):
@@ -226,7 +228,20 @@ def _claim_output(config: JobConfig, checked: _Checked, stopper: StopSignals) ->
     base = job_columns(task=config.task, model=config.model_spec.model, config_hash=checked.cfg_hash,
                        job_id=checked.job_id, dca=checked.dca_cols)
     return JobRun(config=config, plan=checked.plan, builder=checked.builder, writer=writer, metrics=metrics,
-                  base=base, skip=checked.skip, stopper=stopper), extra
+                  base=base, skip=checked.skip, stopper=stopper, long_prompts=_long_prompts(config, checked)), extra
+
+
+def _long_prompts(config: JobConfig, checked: _Checked) -> LongDocumentPrompts | None:
+    """The prompts of documents answered in sections (truncation hierarchical), for a run whose
+    engine will run (its tokenizer is loaded); None otherwise (a run with nothing to do sends no
+    document to a model)."""
+    if config.truncation != HIERARCHICAL or checked.builder is None:
+        return None
+    long_prompts = LongDocumentPrompts(checked.builder.tokenizer, task=config.task, templates=checked.templates,
+                                       max_input_tokens=config.max_input_tokens,
+                                       use_chat_template=config.use_chat_template)
+    print(describe_hierarchical(checked.builder, long_prompts), file=sys.stderr, flush=True)
+    return long_prompts
 
 
 class _Claim:

@@ -35,9 +35,6 @@ class _StandInEngineStage(EngineStage):
         type(self).started += 1
         return _LeadingNewlinePool()
 
-    def _answer(self, requests):
-        return self.pool.run(requests, max_in_flight=len(requests))
-
 
 class _NoEngineStage(EngineStage):
     def _start_engine(self):
