@@ -296,20 +296,6 @@ def task_main(task: str, doc: str, argv=None) -> None:
     report(run_job(config))
 
 
-def _exit_after_ray_saw_sigterm(code: int) -> None:
-    """Ends the process now with `code` when Ray's C++ signal handler saw the stopping SIGTERM
-    (pipeline.runtime.cluster.sigterm_seen_by_ray): the interpreter's normal exit would abort in
-    Ray's teardown (134). Everything the job writes is written by then; the streams are flushed."""
-    if "pipeline.runtime.cluster" not in sys.modules:
-        return
-    from pipeline.runtime.cluster import sigterm_seen_by_ray
-
-    if sigterm_seen_by_ray():
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(code)
-
-
 def run_main(main) -> None:
     """Runs a job's main() with user-facing errors as one line and these exit codes:
     0 done; 1 the job failed (failure budget, engine); 2 bad input, output, model or settings,
@@ -329,7 +315,6 @@ def run_main(main) -> None:
     except JobStopped as e:
         print(f"job stopped by {e}: finished documents are committed; rerun the same command to resume",
               file=sys.stderr, flush=True)
-        _exit_after_ray_saw_sigterm(e.exit_code)
         sys.exit(e.exit_code)
     except KeyboardInterrupt:
         print("interrupted before the job started; nothing was written", file=sys.stderr, flush=True)

@@ -145,8 +145,13 @@ def _init_ray(init, on_started) -> None:
     except SystemExit as exit_:
         if exit_.code != signal.SIGTERM:
             raise
+        # Ray's core worker has its C++ failure handler (absl) on SIGTERM from inside ray.init: it
+        # logs "*** SIGTERM received", hands the signal on (here), and arms alarm(3) with an abort
+        # handler, so that a process still running 3 s later dies with SIGABRT (exit 134, a C++
+        # stack), however cleanly it stops. The job stops cleanly: disarm it.
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, signal.SIG_DFL)
         log.warning("SIGTERM received while Ray started: stopping")
-        _SIGTERM_SEEN_BY_RAY[0] = True
         try:
             ray.shutdown()
         except Exception:  # noqa: BLE001 - stopping anyway
@@ -154,19 +159,6 @@ def _init_ray(init, on_started) -> None:
         if on_started is not None:
             on_started()  # the job's handlers again: a second signal is the job's to handle
         raise JobStopped(signal.SIGTERM) from None
-
-
-# Set when a SIGTERM arrived while Ray's own handlers were in place (see _init_ray): the C++ failure
-# signal handler of Ray's core worker (absl) has then seen the signal, and the interpreter's exit
-# aborts in Ray's C++ teardown (SIGABRT: exit 134 with a C++ stack) although the job stopped
-# cleanly. jobs.common.run_main ends such a process at once, with the job's exit code.
-_SIGTERM_SEEN_BY_RAY = [False]
-
-
-def sigterm_seen_by_ray() -> bool:
-    """Whether a SIGTERM reached Ray's handlers instead of the job's (the process must end with
-    os._exit, its output and metrics already written)."""
-    return _SIGTERM_SEEN_BY_RAY[0]
 
 
 def _is_usage_error(error: BaseException) -> bool:

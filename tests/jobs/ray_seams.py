@@ -7,7 +7,7 @@ subprocess (`python -c "from tests.jobs.ray_seams import ...; ...; run_main(main
   the raylet, 30 s, is made to pass at once: the node's info lookup fails and moves the clock
   that wait reads 31 s on). What the failed start left running is real, too.
 - `pause_after_ray_init(marker)`: ray.init returns, then the process writes `marker` and waits
-  (the test sends a signal at that moment); no sleep races.
+  (the test sends a signal at that moment); no sleep races. ray.shutdown lingers 4 s.
 - `forbid_ray_init()`: ray.init raises (a run that must not start Ray).
 - `forbid_tokenizer_and_model()`: loading the tokenizer or the model's weights raises (a run
   that must load neither; reading the model's config.json is allowed: it is one of the checks).
@@ -59,10 +59,19 @@ def local_start_times_out(failures: int) -> dict:
     return state
 
 
-def pause_after_ray_init(marker: str, timeout_s: float = 300.0) -> None:
+def pause_after_ray_init(marker: str, timeout_s: float = 300.0, linger_s: float = 4.0) -> None:
+    """Also: each ray.shutdown() then takes `linger_s` longer, so that a process stopping after
+    the signal lives past Ray's 3 s abort alarm (see pipeline.runtime.cluster._init_ray) however
+    fast the machine is."""
     import ray
 
-    real_init = ray.init
+    real_init, real_shutdown = ray.init, ray.shutdown
+
+    def shutdown(*args, **kwargs):
+        real_shutdown(*args, **kwargs)
+        time.sleep(linger_s)
+
+    ray.shutdown = shutdown
 
     def init(*args, **kwargs):
         context = real_init(*args, **kwargs)
