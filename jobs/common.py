@@ -176,13 +176,25 @@ def deprecated_alias(g, old: str, new: str, **kwargs) -> None:
 
 
 def load_config_file(path: str) -> dict:
+    """The option values in a --config file (YAML for .yaml/.yml, else JSON). A file that does not
+    parse is a ValueError of one line naming the file, the line and what is wrong."""
     with open(path, encoding="utf-8") as f:
         if path.endswith((".yaml", ".yml")):
             import yaml
 
-            values = yaml.safe_load(f) or {}
+            try:
+                values = yaml.safe_load(f) or {}
+            except yaml.YAMLError as error:
+                mark = getattr(error, "problem_mark", None)
+                where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+                problem = getattr(error, "problem", None) or type(error).__name__
+                raise ValueError(f"--config {path}: not valid YAML{where} ({problem})") from None
         else:
-            values = json.load(f)
+            try:
+                values = json.load(f)
+            except json.JSONDecodeError as error:
+                raise ValueError(f"--config {path}: not valid JSON at line {error.lineno}, column {error.colno} "
+                                 f"({error.msg})") from None
     if not isinstance(values, dict):
         raise ValueError(f"--config {path}: expected a mapping of option names to values")
     return {k.replace("-", "_"): v for k, v in values.items()}

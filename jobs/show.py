@@ -30,6 +30,30 @@ ROW_COLUMNS = [
 ]
 
 
+# Code points that move the cursor, recolour or retitle a terminal, or reorder what it shows: C0
+# and C1 controls (ESC, CR, BEL, ...), DEL, line/paragraph separators and the bidi embedding,
+# override and isolate controls (a "Trojan Source" id shows text in another order than it has).
+_BIDI = {0x061C, 0x200E, 0x200F, *range(0x202A, 0x202F), *range(0x2066, 0x206A)}
+_UNSAFE = set(range(0x20)) | set(range(0x7F, 0xA0)) | _BIDI | {0x2028, 0x2029}
+_NAMED = {0x09: "\\t", 0x0A: "\\n", 0x0D: "\\r"}
+
+
+def _escape_char(code: int) -> str:
+    return _NAMED.get(code) or (f"\\x{code:02x}" if code <= 0xFF else f"\\u{code:04x}")
+
+
+_ESCAPES = {code: _escape_char(code) for code in _UNSAFE}
+# In an output's body, line breaks and tabs are layout (the body is re-wrapped): kept as whitespace.
+_BODY_ESCAPES = {code: text for code, text in _ESCAPES.items() if code not in (0x09, 0x0A)}
+
+
+def safe(value) -> str:
+    """`value` as text a terminal shows as it is: every control character and bidi control
+    escaped (\\x1b, \\r, \\u202e ...). Ids, questions, messages and paths come from the data,
+    and an id holding `ESC [ 2 J` must not clear the operator's screen."""
+    return str(value).translate(_ESCAPES)
+
+
 def _n(value) -> str:
     return "?" if value is None else f"{value:,}"
 
@@ -44,9 +68,9 @@ def _gib(value) -> str:
 
 def row_header(row: dict) -> str:
     """One line: id, status, lengths and timings of an output row."""
-    head = f"{row['id'] if row['id'] is not None else '(null id)'}  [{row['status']}]"
+    head = f"{safe(row['id']) if row['id'] is not None else '(null id)'}  [{safe(row['status'])}]"
     if row.get("question_index") is not None:
-        head += f"  Q{row['question_index']}: {row['question']}"
+        head += f"  Q{row['question_index']}: {safe(row['question'])}"
     parts = []
     if row.get("prompt_tokens") is not None:
         prompt = f"prompt {_n(row['prompt_tokens'])} tok"
@@ -69,7 +93,9 @@ def row_header(row: dict) -> str:
 
 def row_body(row: dict, width: int) -> str:
     text = row["output"] if row["status"] == "ok" else f"{row['error_type']}: {row['error_message']}"
-    text = " ".join((text or "").split()) or "(empty)"
+    # Controls escaped first (CR, ESC ... become visible text); then line breaks and runs of
+    # spaces are one space, and the text is wrapped to the width.
+    text = " ".join((text or "").translate(_BODY_ESCAPES).split()) or "(empty)"
     return textwrap.indent(textwrap.fill(text, max(width - 4, 20)), "    ")
 
 
@@ -91,7 +117,8 @@ def dca_line(rows: list[dict], config: dict | None) -> str:
 def metrics_lines(m: dict) -> list[str]:
     d, t = m["documents"], m["tokens"]
     lines = [
-        f"{m['task']} job {m['job_id']}: {m['status']}" + (f" ({m['message']})" if m.get("message") else ""),
+        f"{safe(m['task'])} job {safe(m['job_id'])}: {safe(m['status'])}"
+        + (f" ({safe(m['message'])})" if m.get("message") else ""),
         f"  wall {m['wall_s']:.0f} s, of which start-up {m.get('startup_s') or 0:.0f} s (checks, tokenizer, Ray, "
         f"model loading)",
         f"  documents: {d['input_rows']} in the input; this run ok {d['ok']}, error {d['error']}, skipped "
@@ -112,7 +139,7 @@ def metrics_lines(m: dict) -> list[str]:
         lines.append("  " + describe(m["attention_backend"]))
     errors = (m.get("rows") or {}).get("error_types") or {}
     if errors:
-        lines.append("  errors: " + ", ".join(f"{k} x{v}" for k, v in sorted(errors.items())))
+        lines.append("  errors: " + ", ".join(f"{safe(k)} x{v}" for k, v in sorted(errors.items())))
     buckets = m.get("latency_by_prompt_tokens") or []
     if buckets:
         lines.append("  latency by prompt length (p50 / p95):")
@@ -138,7 +165,7 @@ def show(output_dir: str, *, ids: list[str] | None = None, errors_only: bool = F
         print(row_header(row), file=out)
         print(row_body(row, width), file=out)
     ok = sum(r["status"] == "ok" for r in rows)
-    print(f"\n{len(rows)} row(s) in {output_dir}: ok {ok}, error {len(rows) - ok}"
+    print(f"\n{len(rows)} row(s) in {safe(output_dir)}: ok {ok}, error {len(rows) - ok}"
           + (f"; {len(shown)} shown" if len(shown) != len(rows) else ""), file=out)
     path = os.path.join(output_dir, "_metrics.json")
     config = None
@@ -147,7 +174,7 @@ def show(output_dir: str, *, ids: list[str] | None = None, errors_only: bool = F
             m = json.load(f)
         config = m.get("config")
         if metrics:
-            print("\n" + "\n".join(metrics_lines(m)), file=out)
+            print("\n" + "\n".join(safe(line) for line in metrics_lines(m)), file=out)
     line = dca_line(rows, config)
     if line and metrics:
         print("  " + line, file=out)
@@ -155,7 +182,7 @@ def show(output_dir: str, *, ids: list[str] | None = None, errors_only: bool = F
         plot = os.path.join(output_dir, "_metrics.png")
         for name, file in (("metrics", path), ("plot", plot)):
             if os.path.exists(file):
-                print(f"  {name}: {file}", file=out)
+                print(f"  {name}: {safe(file)}", file=out)
     return len(shown)
 
 
@@ -171,7 +198,7 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     directory = os.path.abspath(args.output)
     if not os.path.isdir(directory):
-        print(f"error: {args.output} is not a directory", file=sys.stderr)
+        print(f"error: {safe(args.output)} is not a directory", file=sys.stderr)
         return 2
     from pipeline.data.writer import committed_parts
 
@@ -182,13 +209,13 @@ def main(argv=None) -> int:
         if not partitions:
             show(directory, ids=args.ids, errors_only=args.errors, metrics=args.metrics, width=args.width)
         for i, name in enumerate(partitions):  # a nightly root: each date's run in turn
-            print(f"{'' if i == 0 else chr(10)}== {name}", flush=True)
+            print(f"{'' if i == 0 else chr(10)}== {safe(name)}", flush=True)
             show(os.path.join(directory, name), ids=args.ids, errors_only=args.errors, metrics=args.metrics,
                  width=args.width)
     except BrokenPipeError:  # `| head`
         return 0
     except (OSError, ValueError) as e:  # FileNotFoundError included
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {safe(e)}", file=sys.stderr)
         return 2
     return 0
 

@@ -4,9 +4,13 @@
     summary = run_job(config)
 
 Order of work, so that mistakes cost seconds, not GPU hours:
-1. check the schema of every input file and that the model exists;
-2. open the output (resume / refuse a different job / --overwrite);
-3. load the tokenizer, start Ray and the engine, stream documents through its dataflow;
+1. check the schema of every input file, the model and the settings; the job's identity;
+2. decide what is to be done: a job found complete in its output, or a nightly run whose
+   documents were all summarised before, finishes without Ray, tokenizer or model (one line
+   says so; the metrics count the documents skipped or committed);
+3. load the tokenizer, open the output (resume / refuse a different job / --overwrite), start Ray
+   (a local start is retried; when Ray cannot start, the output is given back as it was) and
+   the engine, stream documents through the job's dataflow;
 4. whatever happens: commit what is done, write the metrics, release the output and the cluster.
 
 The dataflow is a strategy (pipeline.dataflows): `driver` (this process reads, prompts, schedules
@@ -22,23 +26,24 @@ import dataclasses
 import hashlib
 import logging
 import os
+import shutil
 import sys
 from collections.abc import Callable
 
 from pipeline.config.job import JobConfig, check_parallelism, config_hash, job_fingerprint
 from pipeline.config.task import HIERARCHICAL
-from pipeline.data.input import Document, InputSpec, check_input, iter_documents
+from pipeline.data.input import Document, InputSpec, check_input, iter_documents, plan_units
 from pipeline.data.long_documents import LongDocumentPrompts, describe_hierarchical
 from pipeline.data.prompts import PromptBuilder, load_templates
 from pipeline.data.rows import dca_columns, job_columns
-from pipeline.data.writer import OutputWriter
+from pipeline.data.writer import MANIFEST, OutputWriter, read_manifest, write_json_atomic
 from pipeline.dataflows.context import JobRun
 from pipeline.dataflows.driver import DriverDataflow
 from pipeline.dataflows.units import UnitsDataflow
-from pipeline.engine.models import load_model_config, load_tokenizer, model_fingerprint
+from pipeline.engine.models import load_model_config, load_tokenizer, model_fingerprint, template_kind_from_files
 from pipeline.metrics.job import JobMetrics
 from pipeline.runtime.cluster import (
-    check_devices, ensure_ray, ray_submission_id, release_gpu_request, wait_for_gpus,
+    RayStartError, check_devices, ensure_ray, ray_submission_id, release_gpu_request, wait_for_gpus,
 )
 from pipeline.runtime.stops import JobFailed, JobStopped, StopSignals
 
@@ -70,9 +75,27 @@ def run_job(
         stopper.restore()
 
 
-def _open_job(config: JobConfig, stopper: StopSignals, *, tokenizer, skip_factory) -> tuple[JobRun, dict]:
-    """Steps 1 and 2: everything checked, then the output claimed. -> (the run, its summary's
-    extra keys)."""
+@dataclasses.dataclass
+class _Checked:
+    """Step 1 of a job: its input, model and settings checked, and its identity (config hash,
+    fingerprint, job id), before any output is claimed."""
+
+    plan: object
+    dca_cols: dict
+    templates: dict
+    template_kind: str
+    builder: PromptBuilder | None
+    cfg_hash: str
+    fingerprint: str
+    job_id: str
+    skip: Callable[[Document], bool] | None
+
+
+def _check_job(config: JobConfig, *, tokenizer, skip_factory) -> _Checked:
+    """Step 1: every check that needs no output, then the job's identity. The config hash needs
+    the prompt's template kind: read from the model's files without the tokenizer when they tell
+    (pipeline.engine.models.template_kind_from_files), else the tokenizer's own; whenever the
+    tokenizer is loaded, its kind is the one used (see _with_tokenizer)."""
     plan = check_input(InputSpec(
         path=config.input_path, id_column=config.id_column, text_column=config.text_column,
         question_column=config.question_column, batch_rows=config.input_batch_rows,
@@ -81,48 +104,192 @@ def _open_job(config: JobConfig, stopper: StopSignals, *, tokenizer, skip_factor
     check_parallelism(config, model_config)
     dca_cols = dca_columns(config.model_spec, model_config)
     templates = load_templates(config.templates_file)
-    if tokenizer is None:
-        tokenizer = load_tokenizer(config.model_spec)
-    builder = PromptBuilder(tokenizer, task=config.task, templates=templates, max_input_tokens=config.max_input_tokens,
-                            truncation=config.truncation, use_chat_template=config.use_chat_template)
-    long_prompts = None
-    if config.truncation == HIERARCHICAL:
-        long_prompts = LongDocumentPrompts(tokenizer, task=config.task, templates=templates,
-                                           max_input_tokens=config.max_input_tokens,
-                                           use_chat_template=config.use_chat_template)
-        print(describe_hierarchical(builder, long_prompts), file=sys.stderr, flush=True)
-    cfg_hash = config_hash(config, templates, builder.template_kind, model_fingerprint(config.model_spec.model))
+    kind = None if tokenizer is not None else template_kind_from_files(config.model_spec, config.use_chat_template)
+    if kind is None:  # given a tokenizer, or a model whose files do not tell (GGUF): the tokenizer's
+        tokenizer = tokenizer if tokenizer is not None else load_tokenizer(config.model_spec)
+    builder = None if tokenizer is None else _builder(config, tokenizer, templates)
+    kind = builder.template_kind if builder is not None else kind
+    return _identify(config, plan, dca_cols, templates, kind, builder, skip_factory)
+
+
+def _builder(config: JobConfig, tokenizer, templates: dict) -> PromptBuilder:
+    return PromptBuilder(tokenizer, task=config.task, templates=templates, max_input_tokens=config.max_input_tokens,
+                         truncation=config.truncation, use_chat_template=config.use_chat_template)
+
+
+def _identify(config, plan, dca_cols, templates, kind, builder, skip_factory) -> _Checked:
+    cfg_hash = config_hash(config, templates, kind, model_fingerprint(config.model_spec.model))
     fingerprint = job_fingerprint(config, cfg_hash, plan.identity)
     job_id = config.job_id or f"{config.task}-{fingerprint[:12]}"
+    skip = skip_factory(cfg_hash) if skip_factory is not None else None
+    return _Checked(plan=plan, dca_cols=dca_cols, templates=templates, template_kind=kind, builder=builder,
+                    cfg_hash=cfg_hash, fingerprint=fingerprint, job_id=job_id, skip=skip)
+
+
+def _with_tokenizer(config: JobConfig, checked: _Checked, skip_factory) -> _Checked:
+    """The job's identity with its tokenizer loaded (the engine will run): the template kind is
+    the tokenizer's own; when the model's files told otherwise, the hash, the fingerprint and
+    the skip decision are made again from it (what was decided without the tokenizer only ever
+    led here: a kind read wrongly gives a hash no earlier run recorded, so nothing is skipped)."""
+    if checked.builder is not None:
+        return checked
+    builder = _builder(config, load_tokenizer(config.model_spec), checked.templates)
+    if builder.template_kind == checked.template_kind:
+        return dataclasses.replace(checked, builder=builder)
+    log.warning("the template kind read from %s's files (%s) is not its tokenizer's (%s): using the tokenizer's",
+                config.model_spec.model, checked.template_kind, builder.template_kind)
+    return _identify(config, checked.plan, checked.dca_cols, checked.templates, builder.template_kind, builder,
+                     skip_factory)
+
+
+def _nothing_to_do(config: JobConfig, checked: _Checked) -> str | None:
+    """Whether this run can finish without Ray or a model, decided before either starts: -> the
+    line that says why, or None (the engine is needed).
+
+    Nothing is to be done when the output holds this job complete (a resumed job with every
+    document committed), or when the skip decision (nightly: summarised before) leaves no
+    document for the model. Documents the input made unusable still get their error rows (the
+    driver dataflow writes them without an engine); the ray-data dataflow writes rows only in
+    Ray tasks, so there every document must be skipped."""
+    manifest = read_manifest(config.output_dir) if os.path.isdir(config.output_dir) else None
+    if (manifest is not None and not config.overwrite and manifest.get("complete")
+            and manifest.get("fingerprint") == checked.fingerprint
+            and manifest.get("dataflow", "driver") == config.dataflow):
+        return f"nothing to do: job {checked.job_id} is complete in {config.output_dir} (every document committed)"
+    skip = checked.skip
+    to_model, to_answer = getattr(skip, "to_model", None), getattr(skip, "to_answer", None)
+    if to_model is None or to_model > 0 or (config.dataflow == "ray-data" and to_answer):
+        return None
+    line = f"nothing to do: {skip.skipped} of {checked.plan.num_rows} document(s) summarised before"
+    return line + (f", {to_answer} unusable input row(s) get error rows" if to_answer else "")
+
+
+class _NoEngine:
+    """The engine of a run that needs none (see _nothing_to_do): answers no request. A request
+    reaching it means the decision was wrong: the run fails instead of answering without a model."""
+
+    def run(self, requests, max_in_flight):
+        for request in requests:
+            raise RuntimeError(f"request {getattr(request, 'request_id', None)} needs the model, but this run "
+                               "decided that no document does; rerun the same command")
+        return iter(())
+
+    def stats(self):
+        return None
+
+    def shutdown(self):
+        pass
+
+
+class _NoWorkDataflow:
+    """--dataflow ray-data with nothing to do: no unit runs (no Ray); the units already committed
+    and the documents skipped are counted."""
+
+    needs_ray = False
+
+    def __init__(self, job: JobRun) -> None:
+        self.job = job
+        self.resumed_rows: int | None = None
+
+    def start(self, config: JobConfig) -> None:
+        pass
+
+    def run(self):
+        job = self.job
+        units = plan_units(job.plan, job.config.unit_rows)
+        committed = job.writer.committed_units
+        job.metrics.documents_resumed += sum(u.num_rows for u in units if u.key in committed)
+        job.metrics.documents_skipped += sum(u.num_rows for u in units if u.key not in committed)
+        self.resumed_rows = job.metrics.documents_resumed
+        return None, None
+
+    def engine_stats(self, stats):
+        return stats
+
+    def shutdown(self) -> None:
+        pass
+
+
+def _claim_output(config: JobConfig, checked: _Checked, stopper: StopSignals) -> tuple[JobRun, dict]:
+    """Step 2: the output claimed (resumed, fresh, or refused as a different job)."""
     writer = OutputWriter(
-        config.output_dir, job_id=job_id, fingerprint=fingerprint, config=config.to_dict(),
+        config.output_dir, job_id=checked.job_id, fingerprint=checked.fingerprint, config=config.to_dict(),
         overwrite=config.overwrite, part_rows=config.part_rows, part_seconds=config.part_seconds,
         dataflow=config.dataflow,
     )
     # The resolved DCA settings next to the job's (the metrics plot marks P; jobs.show prints them).
-    metrics = JobMetrics(job_id=job_id, task=config.task, config={**config.to_dict(), "dca_in_effect": dca_cols},
-                         total_input_rows=plan.num_rows)
+    metrics = JobMetrics(job_id=checked.job_id, task=config.task,
+                         config={**config.to_dict(), "dca_in_effect": checked.dca_cols},
+                         total_input_rows=checked.plan.num_rows)
     if writer.manifest.get("runs", 1) > 1:  # a resumed job: its metrics cover the earlier runs too
         metrics.resume(config.output_dir, runs_before=writer.manifest["runs"] - 1)
-    extra = dict(template_kind=builder.template_kind, config_hash=cfg_hash, output_dir=config.output_dir,
+    extra = dict(template_kind=checked.template_kind, config_hash=checked.cfg_hash, output_dir=config.output_dir,
                  resumed_from_committed_rows=len(writer.committed) if writer.resumed else 0, dataflow=config.dataflow)
-    base = job_columns(task=config.task, model=config.model_spec.model, config_hash=cfg_hash, job_id=job_id,
-                       dca=dca_cols)
-    skip = skip_factory(cfg_hash) if skip_factory is not None else None
-    return JobRun(config=config, plan=plan, builder=builder, writer=writer, metrics=metrics, base=base, skip=skip,
-                  stopper=stopper, long_prompts=long_prompts), extra
+    base = job_columns(task=config.task, model=config.model_spec.model, config_hash=checked.cfg_hash,
+                       job_id=checked.job_id, dca=checked.dca_cols)
+    return JobRun(config=config, plan=checked.plan, builder=checked.builder, writer=writer, metrics=metrics,
+                  base=base, skip=checked.skip, stopper=stopper, long_prompts=_long_prompts(config, checked)), extra
+
+
+def _long_prompts(config: JobConfig, checked: _Checked) -> LongDocumentPrompts | None:
+    """The prompts of documents answered in sections (truncation hierarchical), for a run whose
+    engine will run (its tokenizer is loaded); None otherwise (a run with nothing to do sends no
+    document to a model)."""
+    if config.truncation != HIERARCHICAL or checked.builder is None:
+        return None
+    long_prompts = LongDocumentPrompts(checked.builder.tokenizer, task=config.task, templates=checked.templates,
+                                       max_input_tokens=config.max_input_tokens,
+                                       use_chat_template=config.use_chat_template)
+    print(describe_hierarchical(checked.builder, long_prompts), file=sys.stderr, flush=True)
+    return long_prompts
+
+
+class _Claim:
+    """What the output looked like before this run claimed it, to give it back as it was when Ray
+    cannot start (nothing of the run is left: no manifest, part, lock or directory it made)."""
+
+    def __init__(self, output_dir: str) -> None:
+        self.output_dir = output_dir
+        self.existed = os.path.isdir(output_dir)
+        self.manifest = read_manifest(output_dir) if self.existed else None
+        self.names = set(os.listdir(output_dir)) if self.existed else set()
+
+    def give_back(self, writer: OutputWriter) -> None:
+        """The lock released, then everything this run made removed and the manifest an earlier run
+        left written back. (With --overwrite, the earlier results this run cleared stay cleared.)"""
+        writer.close(complete=False)
+        try:
+            for name in set(os.listdir(self.output_dir)) - self.names:
+                path = os.path.join(self.output_dir, name)
+                shutil.rmtree(path) if os.path.isdir(path) and not os.path.islink(path) else os.remove(path)
+            if self.manifest is not None:
+                write_json_atomic(os.path.join(self.output_dir, MANIFEST), self.manifest)
+            elif not self.existed:
+                os.rmdir(self.output_dir)
+        except OSError:
+            log.warning("could not give back %s as it was", self.output_dir, exc_info=True)
 
 
 def _run_job(config: JobConfig, stopper: StopSignals, *, pool_factory, tokenizer, skip_factory,
              extra_summary, engine_stage=None) -> dict:
     metrics_extra = {"ray_submission_id": ray_submission_id(), **(extra_summary or {})}
-    job, extra = _open_job(config, stopper, tokenizer=tokenizer, skip_factory=skip_factory)
+    checked = _check_job(config, tokenizer=tokenizer, skip_factory=skip_factory)
+    idle = _nothing_to_do(config, checked)
+    if idle is None:
+        checked = _with_tokenizer(config, checked, skip_factory)
+    claim = _Claim(config.output_dir)
+    job, extra = _claim_output(config, checked, stopper)
     metrics_extra.update(extra)
     writer, metrics = job.writer, job.metrics
-    if config.dataflow == "ray-data":
+    if idle is not None:
+        print(f"{idle}; Ray and the model are not started", file=sys.stderr, flush=True)
+        dataflow = _NoWorkDataflow(job) if config.dataflow == "ray-data" else DriverDataflow(
+            job, pool_factory=lambda _config: _NoEngine())
+    elif config.dataflow == "ray-data":
         dataflow = UnitsDataflow(job, engine_stage=engine_stage)
     else:
         dataflow = DriverDataflow(job, pool_factory=pool_factory)
+    metrics_extra["engine_started"] = False
     requested_gpus = started_ray = False
     status, message, engine_stats = "failed", None, None
     try:
@@ -131,11 +298,17 @@ def _run_job(config: JobConfig, stopper: StopSignals, *, pool_factory, tokenizer
 
             started_ray = not ray.is_initialized()
             local = config.ray_address in (None, "local") and os.environ.get("RAY_ADDRESS") in (None, "", "local")
-            config = ensure_ray(config)
-            stopper.install()  # ray.init replaced the SIGTERM handler with its own
+            try:  # stop handlers again as soon as ray.init returns: it replaced the SIGTERM handler
+                config = ensure_ray(config, on_started=stopper.install)
+            except RayStartError:
+                claim.give_back(writer)
+                writer = None
+                raise
             if local and started_ray:
                 check_devices(config)
             requested_gpus = wait_for_gpus(config)
+        if idle is None:
+            metrics_extra["engine_started"] = True
         dataflow.start(config)
         metrics.mark_serving()
         message, engine_stats = dataflow.run()
@@ -152,26 +325,43 @@ def _run_job(config: JobConfig, stopper: StopSignals, *, pool_factory, tokenizer
         raise
     finally:
         stopper.closing = True
-        # The output first: `ray job stop` sends SIGKILL a few seconds after SIGTERM.
-        engine_stats = dataflow.engine_stats(engine_stats)
-        summary = metrics.summary(status=status, message=message, engine_stats=engine_stats, extra=metrics_extra)
-        try:
-            writer.flush()  # the last documents, before the metrics that count them
-            summary["metrics_files"] = metrics.write(config.output_dir, summary, plot=False)
-        finally:
-            writer.close(complete=status == "complete", summary={
-                k: summary[k] for k in ("status", "message", "wall_s", "documents", "started_at")})
-            dataflow.shutdown()
-            if requested_gpus:
-                release_gpu_request()
-            if started_ray:  # disconnect (and stop a local Ray) cleanly, also on SIGTERM
-                import ray
-
-                ray.shutdown()
-            summary["metrics_files"].update(metrics.write_plot(config.output_dir))
+        if writer is None:  # Ray did not start: the output was given back as it was
+            if started_ray:
+                _shutdown_ray()
+        else:
+            summary = _finish(config, job, dataflow, status, message, engine_stats, metrics_extra,
+                              requested_gpus=requested_gpus, started_ray=started_ray)
     if status != "complete":
         raise JobFailed(message)
     return summary
+
+
+def _finish(config, job: JobRun, dataflow, status, message, engine_stats, metrics_extra, *, requested_gpus,
+            started_ray) -> dict:
+    """Step 4, whatever happened: the output first (`ray job stop` sends SIGKILL a few seconds
+    after SIGTERM), then the metrics, the manifest, the engine and Ray."""
+    writer, metrics = job.writer, job.metrics
+    engine_stats = dataflow.engine_stats(engine_stats)
+    summary = metrics.summary(status=status, message=message, engine_stats=engine_stats, extra=metrics_extra)
+    try:
+        writer.flush()  # the last documents, before the metrics that count them
+        summary["metrics_files"] = metrics.write(config.output_dir, summary, plot=False)
+    finally:
+        writer.close(complete=status == "complete", summary={
+            k: summary[k] for k in ("status", "message", "wall_s", "documents", "started_at")})
+        dataflow.shutdown()
+        if requested_gpus:
+            release_gpu_request()
+        if started_ray:  # disconnect (and stop a local Ray) cleanly, also on SIGTERM
+            _shutdown_ray()
+        summary["metrics_files"].update(metrics.write_plot(config.output_dir))
+    return summary
+
+
+def _shutdown_ray() -> None:
+    import ray
+
+    ray.shutdown()
 
 
 # ------------------------------------------------------------------------------------ nightly
@@ -186,6 +376,21 @@ def nightly_partition(output_root: str, run_date: str) -> str:
     return os.path.join(output_root, f"run_date={run_date}")
 
 
+@dataclasses.dataclass
+class NightlySkip:
+    """The nightly skip decision: a document is skipped when its (id, content hash) pair is in
+    `done` (summarised OK before, same config hash). to_model: documents of the input left for the
+    model; to_answer: unusable rows left (error rows, no model); skipped: the rest."""
+
+    done: set
+    to_model: int
+    to_answer: int
+    skipped: int = 0
+
+    def __call__(self, doc: Document) -> bool:
+        return (doc.id, doc.content_hash) in self.done
+
+
 def run_nightly(config: JobConfig, *, output_root: str, run_date: str, **kwargs) -> dict:
     """Incremental summarisation into OUTPUT_ROOT/run_date=DATE: documents already summarised
     (same id, same content hash, same model/prompt/generation config) in an earlier partition
@@ -197,7 +402,7 @@ def run_nightly(config: JobConfig, *, output_root: str, run_date: str, **kwargs)
     this night committed, also when the job fails or is stopped part-way."""
     from pipeline.data.nightly_record import sync_record
 
-    decided: dict[str, Callable[[Document], bool]] = {}
+    decided: dict[str, NightlySkip] = {}
 
     def skip_factory(cfg_hash: str):
         if cfg_hash not in decided:  # the ray-data dataflow asks twice
@@ -206,10 +411,34 @@ def run_nightly(config: JobConfig, *, output_root: str, run_date: str, **kwargs)
                 path=config.input_path, id_column=config.id_column, text_column=config.text_column,
                 question_column=config.question_column, batch_rows=config.input_batch_rows,
             ))
-            done = record.summarised_pairs(((doc.id, doc.content_hash) for doc in iter_documents(plan)),
-                                           config_hash=cfg_hash, run_date=run_date)
+            # One vectorised probe per batch of (id, content hash) pairs (memory: a batch and the
+            # matches), counting what is left for the model and the unusable rows left, so that a
+            # night with nothing to do is known before Ray or the model starts.
+            skip = NightlySkip(done=set(), to_model=0, to_answer=0)
+            batch: list[tuple] = []
+
+            def probe() -> None:
+                if batch:
+                    ids, hashes, usable = zip(*batch)
+                    hits = record.summarised(list(ids), list(hashes), config_hash=cfg_hash, run_date=run_date)
+                    for doc_id, doc_hash, ok, hit in zip(ids, hashes, usable, hits):
+                        if hit:
+                            skip.done.add((doc_id, doc_hash))
+                            skip.skipped += 1
+                        elif ok:
+                            skip.to_model += 1
+                        else:
+                            skip.to_answer += 1
+                    batch.clear()
+
+            for doc in iter_documents(plan):
+                batch.append((doc.id, doc.content_hash, doc.error_type is None))
+                if len(batch) >= 100_000:
+                    probe()
+            probe()
+            done = skip.done
             log.info("nightly: %d (id, content hash) pair(s) of the input summarised before %s", len(done), run_date)
-            decided[cfg_hash] = lambda doc: (doc.id, doc.content_hash) in done
+            decided[cfg_hash] = skip
         return decided[cfg_hash]
 
     night_config = dataclasses.replace(
@@ -231,4 +460,4 @@ def run_nightly(config: JobConfig, *, output_root: str, run_date: str, **kwargs)
                 log.warning("nightly record of %s not updated after the night", output_root, exc_info=True)
 
 
-__all__ = ["run_job", "run_nightly", "nightly_submission_id", "nightly_partition"]
+__all__ = ["run_job", "run_nightly", "nightly_submission_id", "nightly_partition", "NightlySkip"]

@@ -12,7 +12,7 @@ from pipeline.config.engine import DEFAULT_MAX_BATCH_SIZE
 from pipeline.config.model import ModelError, ModelSpec
 from pipeline.config.resolve import KV_CACHE_DTYPES, check_prefill_block, normalize_prefill_block
 from pipeline.config.task import HIERARCHICAL, SamplingParams, sampling_params, settle_task_fields
-from pipeline.config.validate import check_choice, check_positive_ints
+from pipeline.config.validate import check_choice, check_number, check_positive_ints
 
 # Production defaults, shared with the memory planner's flags (jobs.plan) so that a plan is made
 # for what a job runs: DCA on (ModelSpec), the engine's "auto" prefill (one DCA chunk, at least
@@ -125,8 +125,7 @@ class JobConfig:
         check_positive_ints(self, ("tp", "replicas", "max_input_tokens", "max_new_tokens", "budget_min_documents",
                                    "part_rows", "unit_rows", "prompt_actors"))
         check_positive_ints(self, ("max_in_flight", "schedule_window"), optional=True)
-        if not 0.0 <= self.max_error_fraction <= 1.0:
-            raise ValueError(f"max_error_fraction must be in [0, 1], got {self.max_error_fraction}")
+        check_number("max_error_fraction", self.max_error_fraction, low=0.0, high=1.0, rule="a number in [0, 1]")
         object.__setattr__(self, "prefill_block", normalize_prefill_block(self.prefill_block))
         check_prefill_block(self.prefill_block, rule="'auto', 'chunk', 'none' (one shot) or a positive int")
         check_choice("kv_cache_dtype", self.kv_cache_dtype, KV_CACHE_DTYPES)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from pipeline.config.validate import check_choice, check_int_at_least
+from pipeline.config.validate import check_choice, check_int_at_least, check_number
 
 TASKS = ("summarize", "qa")
 # What happens to a document longer than the prompt budget: "middle": its beginning and end are
@@ -50,6 +50,9 @@ class SamplingParams:
     repetition_penalty: float = 1.0
     no_repeat_ngram_size: int = 0
 
+    def __post_init__(self) -> None:
+        check_sampling_values(self)
+
 
 def settle_task_fields(config) -> None:
     """The task fields shared by the jobs' and the processor's configs (frozen dataclasses with
@@ -67,10 +70,18 @@ def settle_task_fields(config) -> None:
             object.__setattr__(config, name, defaults[name])
     if isinstance(config.stop, (list, str)):
         object.__setattr__(config, "stop", (config.stop,) if isinstance(config.stop, str) else tuple(config.stop))
-    penalty = config.repetition_penalty
-    if isinstance(penalty, bool) or not isinstance(penalty, (int, float)) or penalty < 1.0:
-        raise ValueError(f"repetition_penalty must be a number >= 1 (1 = off), got {penalty!r}")
+    check_number("repetition_penalty", config.repetition_penalty, low=1.0, rule="a number >= 1 (1 = off)")
+    check_sampling_values(config)
     check_int_at_least("no_repeat_ngram_size", config.no_repeat_ngram_size, 0, rule="an int >= 0 (0 = off)")
+
+
+def check_sampling_values(values) -> None:
+    """temperature and top_p of a config or SamplingParams: finite, temperature > 0 and top_p in
+    (0, 1]. Checked with the settings, before any model loads (a NaN or zero temperature would
+    otherwise surface as a traceback in the middle of generation)."""
+    check_number("temperature", values.temperature, low=0.0, low_open=True,
+                 rule="a number > 0 (for greedy decoding leave do_sample off; temperature is then unused)")
+    check_number("top_p", values.top_p, low=0.0, high=1.0, low_open=True, rule="a number in (0, 1]")
 
 
 def sampling_params(config) -> SamplingParams:

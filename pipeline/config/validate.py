@@ -12,6 +12,17 @@ and the processor's settings, "an int >= 1" for the engine's, as their messages 
 from __future__ import annotations
 
 
+def check_number(name: str, value, *, low: float, high: float = float("inf"), low_open: bool = False,
+                 rule: str) -> None:
+    """value is a finite real number (not a bool, not a string) in [low, high], or (low, high]
+    when low_open. NaN fails every comparison, so it is named here, not let through."""
+    import math
+
+    if (isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value)
+            or value > high or value < low or (low_open and value == low)):
+        raise ValueError(f"{name} must be {rule}, got {value!r}")
+
+
 def is_int(value) -> bool:
     """An int that is not a bool (True is an int to Python, never a count to a user)."""
     return isinstance(value, int) and not isinstance(value, bool)

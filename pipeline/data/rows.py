@@ -61,7 +61,7 @@ class RowRules:
 
 
 JOB_ROWS = RowRules()
-PROCESSOR_ROWS = RowRules(strip_response=False, source_in_engine_errors=False, prompt_error_prefix="prompt: ",
+PROCESSOR_ROWS = RowRules(source_in_engine_errors=False, prompt_error_prefix="prompt: ",
                           truncated_tokens_on_rejected_rows=True, prompt_failure_is_internal_error=False)
 
 

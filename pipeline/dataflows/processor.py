@@ -87,9 +87,11 @@ class Processor:
         pool = ActorPoolStrategy(size=size) if isinstance(size, int) else ActorPoolStrategy(min_size=size[0],
                                                                                              max_size=size[1])
         # The actor only coordinates: its replica's ranks reserve the CPUs/GPUs (placement group).
+        # An actor lost mid-batch is restarted and its batch retried: Ray Data's default for actor
+        # pools (max_restarts=-1, max_task_retries=-1; passing them is deprecated in Ray 2.60).
         ds = ds.map_batches(
             self.engine_stage, fn_constructor_kwargs={"config": values, "run_id": self.run_id}, batch_format="pyarrow",
-            batch_size=config.batch_size, compute=pool, num_cpus=0, max_restarts=-1, max_task_retries=-1,
+            batch_size=config.batch_size, compute=pool, num_cpus=0,
         )
         if self.postprocess is not None:
             ds = ds.map(self.postprocess)
@@ -128,21 +130,23 @@ def _base_row(config: DCAProcessorConfig) -> dict:
     return dca_columns(spec, load_model_config(spec))
 
 
+def _prompt_builder(config: DCAProcessorConfig) -> PromptBuilder:
+    from pipeline.engine.models import load_tokenizer
+
+    return PromptBuilder(
+        load_tokenizer(config.model_spec()), task=config.task, templates=load_templates(None),
+        max_input_tokens=config.max_input_tokens, truncation=config.truncation,
+        use_chat_template=config.use_chat_template,
+    )
+
+
 class PromptStage:
     """Checks rows and renders prompts (token ids), in CPU actors that hold the tokenizer."""
 
     def __init__(self, config: dict) -> None:
-        from pipeline.engine.models import load_tokenizer
-
         self.config = DCAProcessorConfig.from_dict(config)
-        spec = self.config.model_spec()
-        tokenizer = load_tokenizer(spec)
-        self.builder = PromptBuilder(
-            tokenizer, task=self.config.task, templates=load_templates(None),
-            max_input_tokens=self.config.max_input_tokens, truncation=self.config.truncation,
-            use_chat_template=self.config.use_chat_template,
-        )
-        self.long_prompts = _long_prompts(self.config, tokenizer)
+        self.builder = _prompt_builder(self.config)
+        self.long_prompts = _long_prompts(self.config, self.builder.tokenizer)
         self.base = _base_row(self.config)
         self.sampling = self.config.sampling()
 
@@ -181,25 +185,26 @@ class EngineStage:
     def __init__(self, config: dict, run_id: str) -> None:
         self.config = DCAProcessorConfig.from_dict(config)
         self.base = _base_row(self.config)
-        self.builder = None  # outputs are not stripped of the response prefix (PROCESSOR_ROWS)
-        self.long_prompts = None
-        if self.config.truncation == HIERARCHICAL:  # documents answered in sections: their later calls
-            from pipeline.engine.models import load_tokenizer
-
-            self.long_prompts = _long_prompts(self.config, load_tokenizer(self.config.model_spec()))
+        self.builder = _prompt_builder(self.config)  # outputs as the jobs write them (output_text)
+        # Documents answered in sections (truncation hierarchical): their later calls.
+        self.long_prompts = _long_prompts(self.config, self.builder.tokenizer)
         self.name = f"dca-{os.getpid()}-{uuid.uuid4().hex[:6]}"
         self.metrics = LiveMetrics(run=run_id, replica=self.name)
-        self.pool = self._start_engine()
-        # The replica's attention backend, chosen at its start: every row this actor writes
-        # carries it (pipeline.engine.attention_record), rows rejected before the engine included.
-        attention = getattr(self.pool, "attention", None)  # a stand-in pool may not say
-        self.attention = attention() if attention is not None else None
-        set_engine_attention(self.base, self.attention)
+        # The engine starts with the first batch that has a prompt for it: a dataset with none
+        # (empty, or only bad rows) finishes at once, without reserving a replica.
+        self.pool = None
+        self.attention = None  # the replica's attention backend, known once the engine has started
 
     def _start_engine(self):
         from pipeline.engine import ReplicaPool
 
-        return ReplicaPool(self.config.engine_config()).start()
+        pool = ReplicaPool(self.config.engine_config()).start()
+        # The replica's attention backend, chosen at its start: every row this actor writes from
+        # now on carries it (pipeline.engine.attention_record).
+        attention = getattr(pool, "attention", None)  # a stand-in pool may not say
+        self.attention = attention() if attention is not None else None
+        set_engine_attention(self.base, self.attention)
+        return pool
 
     def _answer(self, requests, max_in_flight: int):
         """Results of each request (a list per request, in completion order). `requests` is an
@@ -221,11 +226,13 @@ class EngineStage:
                     row_of[call.request_id] = i
         answers: dict[int, list] = {}
         self.metrics.queued(len(requests))
+        if requests and self.pool is None:
+            self.pool = self._start_engine()
         start = time.monotonic()
         follow_ups: list = []
         open_splits = [sum(item.request is None and item.pending is not None for item in prepared)]
         source = requests_with_follow_ups(requests, follow_ups, lambda: open_splits[0] > 0)
-        for results in self._answer(source, max(1, len(requests))):
+        for results in (self._answer(source, max(1, len(requests))) if requests else ()):
             for result in results:
                 result.replica = f"{self.name}/{result.replica}"
             i = row_of[results[0].request_id]

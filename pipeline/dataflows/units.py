@@ -420,18 +420,22 @@ def run_dataflow(config: JobConfig, *, plan: InputPlan, writer: OutputWriter, me
     items = [{"file_index": u.file_index, "row_group": u.row_group, "start": u.start, "stop": u.stop,
               "first_row": u.first_row} for u in todo]
     ds = ray.data.from_items(items, override_num_blocks=len(items))
-    # Reads in Ray tasks spread over the nodes (a scheduling strategy of their own also keeps
-    # Ray Data from fusing them into the prompt actors: reading runs beside tokenising).
-    ds = ds.map_batches(_read_units, batch_size=1, batch_format="pyarrow", scheduling_strategy="SPREAD",
+    # Reads in Ray tasks, spread over the nodes (Ray Data's default for tasks). Half a CPU each: a
+    # read is mostly I/O, and a resource request unlike the prompt actors' keeps Ray Data from
+    # fusing the reads into them (reading runs beside tokenising). Only named parameters of
+    # map_batches: extra Ray remote arguments are deprecated in Ray 2.60 (RayDeprecationWarning).
+    ds = ds.map_batches(_read_units, batch_size=1, batch_format="pyarrow", num_cpus=0.5,
                         fn_kwargs={"plan": plan, "duplicates": {u.key: duplicates[u.key] for u in todo
                                                                 if u.key in duplicates}})
     ds = ds.map_batches(UnitPromptStage, batch_size=1, batch_format="pyarrow", num_cpus=1,
                         fn_constructor_kwargs={"config": config, "base_row": base_row, "skip": skip, "ledger": ledger},
                         compute=ActorPoolStrategy(size=config.prompt_actors))
-    # The actor only coordinates: its replica's ranks reserve the CPUs/GPUs (placement group).
+    # The actor only coordinates: its replica's ranks reserve the CPUs/GPUs (placement group). An
+    # actor lost mid-unit is restarted and its unit retried: Ray Data's default for actor pools
+    # (max_restarts=-1, max_task_retries=-1).
     ds = ds.map_batches(engine_stage or UnitEngineStage, batch_size=1, batch_format="pyarrow", num_cpus=0,
                         fn_constructor_kwargs={"config": config, "base_row": base_row, "ledger": ledger},
-                        compute=ActorPoolStrategy(size=config.replicas), max_restarts=-1, max_task_retries=-1)
+                        compute=ActorPoolStrategy(size=config.replicas))
     finished = threading.Event()
     bar = threading.Thread(target=_progress, args=(config, sum(u.num_rows for u in todo), ledger, finished),
                            daemon=True)

@@ -211,6 +211,35 @@ def load_tokenizer(spec: ModelSpec):
     return tokenizer
 
 
+def template_kind_from_files(spec: ModelSpec, use_chat_template: bool | None = None) -> str | None:
+    """"chat" or "base": the prompt template kind a PromptBuilder over this model's tokenizer
+    would use, read from the files transformers takes a chat template from (chat_template.jinja,
+    additional_chat_templates/*.jinja, a non-empty "chat_template" in tokenizer_config.json),
+    without loading the tokenizer: a job with nothing to do decides its config hash with it. None
+    for a GGUF file (its template sits among the tokenizer's metadata; gguf's reader parses the
+    whole file to get at it, as slow as loading the tokenizer). The jobs use the loaded
+    tokenizer's own kind whenever they load it (pipeline.job)."""
+    if use_chat_template is False:
+        return "base"
+    directory, gguf = locate_model(spec.model)
+    if gguf is not None:
+        return None
+    return "chat" if _has_chat_template(Path(directory)) else "base"
+
+
+def _has_chat_template(directory: Path) -> bool:
+    if (directory / "chat_template.jinja").is_file():
+        return True
+    extra = directory / "additional_chat_templates"
+    if extra.is_dir() and any(extra.glob("*.jinja")):
+        return True
+    try:
+        with open(directory / "tokenizer_config.json", encoding="utf-8") as f:
+            return bool(json.load(f).get("chat_template"))
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
 def _load_on_cpu(spec: ModelSpec, device_type: str):
     """The model in the dtype meant for `device_type`, still on CPU, with DCA applied."""
     import torch

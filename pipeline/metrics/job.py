@@ -232,6 +232,8 @@ class JobMetrics:
                 "error": self.documents_error,
                 "skipped": self.documents_skipped,
                 "already_committed": self.documents_resumed,
+                # This run's work: input rows neither committed by an earlier run nor skipped.
+                "to_do": max(self.total_input_rows - self.documents_skipped - self.documents_resumed, 0),
                 "truncated": self.documents_truncated,
                 "split": self.documents_split,
             },

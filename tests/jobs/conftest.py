@@ -11,9 +11,9 @@ from collections import deque
 
 import pytest
 
-# Before anything imports ray (its auth mode is read at import): the clusters these tests start
-# and the clients that talk to them both use token authentication (Ray 2.60's default for local).
-os.environ.setdefault("RAY_AUTH_MODE", "token")
+# Before anything imports ray (its auth mode is read at import): one explicit auth setting for
+# every cluster and client of the tests, whatever the machine carries (tests/ray_auth.py).
+import tests.ray_auth  # noqa: E402,F401
 # A cluster named by the developer's shell (RAY_ADDRESS, e.g. the dashboard tunnel of a real
 # cluster) must never receive test work: code under test that reads it sees none.
 os.environ.pop("RAY_ADDRESS", None)
@@ -188,7 +188,7 @@ def job_env(tmp_path) -> dict:
     env = dict(os.environ)
     env["PYTHONPATH"] = REPO + os.pathsep + env.get("PYTHONPATH", "")
     env["RAY_ADDRESS"] = "local"
-    env["RAY_AUTH_MODE"] = "token"
+    tests.ray_auth.use_test_ray_auth(env)
     env.pop("RAY_JOB_CONFIG_JSON_ENV_VAR", None)
     env["OMP_NUM_THREADS"] = "1"
     return env

@@ -17,14 +17,25 @@ import pytest
 
 from pipeline.data.writer import read_output
 from tests.jobs.conftest import PYTHON, REPO, TINY_DCA, job_env
+from tests.ray_auth import use_test_ray_auth
 
 VENV_BIN = os.path.dirname(PYTHON)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def _free_ports(count: int) -> list[int]:
+    """`count` distinct free ports: every socket is held open until all are chosen (a port given
+    back at once can be handed out again by the next bind: `--port` and
+    `--dashboard-agent-grpc-port` once got the same one, and `ray start` failed)."""
+    held = []
+    try:
+        for _ in range(count):
+            s = socket.socket()
+            held.append(s)
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in held]
+    finally:
+        for s in held:
+            s.close()
 
 
 def _cluster_processes(temp_dir: str) -> list[psutil.Process]:
@@ -48,15 +59,18 @@ def ray_head(tmp_path_factory):
     env = job_env(tmp_path_factory.getbasetemp())
     env.pop("RAY_ADDRESS")
     env["PATH"] = VENV_BIN + os.pathsep + env["PATH"]  # the job's `python` is this venv's
-    dashboard = _free_port()
-    # Every port explicit and free: other Ray clusters on this machine hold the defaults (a job
-    # agent that cannot bind 52365 makes every submission fail with "No available agent").
-    ports = [f"--{name}={_free_port()}" for name in (
-        "port", "object-manager-port", "node-manager-port", "ray-client-server-port", "dashboard-agent-listen-port",
-        "dashboard-agent-grpc-port", "runtime-env-agent-port", "metrics-export-port")]
+    use_test_ray_auth(env)  # the head and every client below: the same explicit token
+    # Every port explicit, free and distinct: other Ray clusters on this machine hold the defaults
+    # (a job agent that cannot bind 52365 makes every submission fail with "No available agent").
+    names = ("port", "object-manager-port", "node-manager-port", "ray-client-server-port",
+             "dashboard-agent-listen-port", "dashboard-agent-grpc-port", "runtime-env-agent-port",
+             "metrics-export-port", "dashboard-port")
+    chosen = dict(zip(names, _free_ports(len(names))))
+    dashboard = chosen["dashboard-port"]
+    ports = [f"--{name}={port}" for name, port in chosen.items()]
     subprocess.run(
         [os.path.join(VENV_BIN, "ray"), "start", "--head", *ports, "--num-cpus=2",
-         f"--dashboard-port={dashboard}", "--dashboard-host=127.0.0.1", f"--temp-dir={temp_dir}",
+         "--dashboard-host=127.0.0.1", f"--temp-dir={temp_dir}",
          "--disable-usage-stats"],
         env=env, check=True, timeout=180, capture_output=True,
     )
@@ -153,3 +167,29 @@ def test_ray_job_submit_qa_and_nightly_with_its_submission_id(ray_head, tiny_cha
     assert len(qa_rows) == 7 and all(r["status"] == "ok" and r["question"] for r in qa_rows)
     nightly = read_output(str(tmp_path / "nightly" / "run_date=2026-11-25"))
     assert nightly.num_rows == 6 and set(nightly["job_id"].to_pylist()) == {submission}
+
+
+def test_free_ports_are_distinct():
+    """The head's nine ports: never one port twice (`ray start` exits 1 on that)."""
+    for _ in range(50):
+        ports = _free_ports(9)
+        assert len(set(ports)) == 9 and all(1024 < p < 65536 for p in ports)
+
+
+def test_a_client_agrees_with_the_head_on_auth_whatever_the_machine_carries(ray_head, tmp_path):
+    """A shell with RAY_AUTH_MODE=disabled, a stale ~/.ray/auth_token and RAY_AUTH_TOKEN_PATH to
+    another stale token: a client started there under the tests' conftest talks to the tests' head
+    (before: "AuthenticationError: Missing authentication token")."""
+    address, _ = ray_head
+    home = tmp_path / "home"
+    (home / ".ray").mkdir(parents=True)
+    (home / ".ray" / "auth_token").write_text("0" * 64)
+    (tmp_path / "other_token").write_text("1" * 64)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
+    env.update(HOME=str(home), RAY_AUTH_MODE="disabled", RAY_AUTH_TOKEN_PATH=str(tmp_path / "other_token"),
+               PYTHONPATH=REPO)
+    code = ("import tests.jobs.conftest\n"
+            "from ray.job_submission import JobSubmissionClient\n"
+            f"print('jobs:', len(JobSubmissionClient({address!r}).list_jobs()))\n")
+    proc = subprocess.run([PYTHON, "-c", code], cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0 and "jobs: " in proc.stdout, proc.stderr[-3000:]

@@ -93,3 +93,32 @@ def test_metrics_file_is_optional(tmp_path, capsys):
     assert show.main([directory]) == 0
     out = capsys.readouterr().out
     assert "only  [ok]" in out and "DCA on" in out  # the DCA settings come from the rows then
+
+
+def test_control_characters_in_ids_and_outputs_are_shown_escaped(tmp_path):
+    """An id or an output holding terminal escape sequences (colour, clear screen, a window title
+    ended by BEL, a carriage return that overwrites the line, a bidi override) is printed with
+    every control character escaped; the outputs' line breaks are still layout."""
+    import subprocess
+    import sys
+
+    from tests.jobs.conftest import REPO, job_env
+
+    directory = str(tmp_path / "out")
+    hostile_id = "\x1b[31mred\x1b[0m\x1b[2J\rok\u202eevil\x9b"
+    _write_output(directory, [
+        _row(0, hostile_id, prompt=10, output="first line\nsecond \x1b]0;pwned\x07line\r\ttabbed"),
+        _row(1, "bell\x07", prompt=None, status="error", error_type="invalid_input",
+             error_message="row 1: question \x1b[8mhidden\x1b[0m is empty", latency_s=None),
+    ])
+    proc = subprocess.run([sys.executable, "-m", "jobs.show", directory, "--width", "200"], cwd=REPO,
+                          env=job_env(tmp_path), capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    out = proc.stdout
+    raw = {c for c in out if (ord(c) < 0x20 and c != "\n") or 0x7F <= ord(c) <= 0x9F or c == "\u202e"}
+    assert not raw, sorted(map(hex, map(ord, raw)))
+    lines = out.splitlines()
+    assert lines[0].startswith(r"\x1b[31mred\x1b[0m\x1b[2J\rok\u202eevil\x9b  [ok]"), lines[0]
+    # The output's newline and tab are whitespace of the layout; its controls are visible text.
+    assert lines[1] == r"    first line second \x1b]0;pwned\x07line\r tabbed", lines[1]
+    assert lines[2].startswith(r"bell\x07  [error]") and r"question \x1b[8mhidden\x1b[0m is empty" in lines[3]

@@ -58,11 +58,35 @@ def _case(name, tmp_path, model):
         config.write_text(json.dumps({"dca": TINY_DCA}))
         return base + ["--output", str(tmp_path / "out"), "--config", str(config), "--tp", "4"], \
             ["--tp 4", "2 key/value heads"]
+    out = ["--output", str(tmp_path / "out")]
+    if name == "config_yaml_error":
+        config = tmp_path / "job.yaml"
+        config.write_text("dca:\n  chunk_size: 48\n max_new_tokens: [4\n")
+        return base + out + ["--config", str(config)], ["not valid YAML at line", "job.yaml"]
+    if name == "max_error_fraction_string":
+        config = tmp_path / "job.yaml"
+        config.write_text(f"dca: {json.dumps(TINY_DCA)}\nmax_error_fraction: '0.5'\n")
+        return base + out + ["--config", str(config)], ["max_error_fraction must be a number in [0, 1]", "'0.5'"]
+    sampling = {"temperature_nan": ({"temperature": float("nan")}, "temperature must be a number > 0"),
+                "temperature_zero": ({"do_sample": True, "temperature": 0}, "temperature must be a number > 0"),
+                "top_p_zero": ({"top_p": 0}, "top_p must be a number in (0, 1]"),
+                "top_p_nan": ({"top_p": float("nan")}, "top_p must be a number in (0, 1]")}
+    if name in sampling:
+        values, needle = sampling[name]
+        config = tmp_path / "job.yaml"
+        config.write_text(f"dca: {json.dumps(TINY_DCA)}\n" + "".join(
+            f"{k}: {'.nan' if v != v else json.dumps(v)}\n" for k, v in values.items()))
+        return base + out + ["--config", str(config)], [needle]
+    if name == "repetition_penalty_nan":
+        return base + out + ["--repetition-penalty", "nan"], ["repetition_penalty must be a number >= 1"]
     raise AssertionError(name)
 
 
 @pytest.mark.parametrize("name", ["output_is_a_file", "output_under_a_file", "output_unwritable",
-                                  "broken_config_json", "misspelt_dca_key", "tp_above_kv_heads"])
+                                  "broken_config_json", "misspelt_dca_key", "tp_above_kv_heads",
+                                  "config_yaml_error", "max_error_fraction_string", "temperature_nan",
+                                  "temperature_zero", "top_p_zero", "top_p_nan",
+                                  "repetition_penalty_nan"])
 def test_misuse_is_one_line_exit_2_before_model_work(tiny_chat_model, tmp_path, name):
     write_corpus(str(tmp_path / "corpus"), 3, bad_rows=False, files=1)
     args, needles = _case(name, tmp_path, tiny_chat_model)

@@ -10,9 +10,9 @@ import os
 
 import pytest
 
-# Ray reads its auth mode when it is first imported (transformers may import it early): set it for
-# the client and the cluster this module starts before anything else runs (see environment.md).
-os.environ.setdefault("RAY_AUTH_MODE", "token")
+# Before anything imports ray (its auth mode is read at import): one explicit auth setting for
+# every cluster and client of the tests, whatever the machine carries (tests/ray_auth.py).
+import tests.ray_auth  # noqa: E402,F401
 # A cluster named by the developer's shell (RAY_ADDRESS, e.g. the dashboard tunnel of a real
 # cluster) must never receive test work: code under test that reads it sees none.
 os.environ.pop("RAY_ADDRESS", None)
