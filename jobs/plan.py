@@ -12,6 +12,11 @@ flags (a job prints it at start). --model takes a preset (llama2-7b, llama2-13b,
 llama3-8b, llama3-70b, smollm2: shapes only, no weights needed), a Hugging Face directory, a
 config.json or a .gguf file. Nothing is loaded but the config. The model behind the numbers:
 pipeline/engine/memory_plan.py, docs/memory.md.
+
+Exit status, for scripts: 0 when the plan fits (or no --gpu-memory was given to check it against),
+1 when it does not fit (the table says DOES NOT FIT), 2 on bad flags; --compare always exits 0.
+A job checks the same plan at start against the memory one of its ranks has, and refuses (exit 2)
+a --max-input-tokens whose longest request cannot fit, naming the longest prompt that does.
 """
 
 from __future__ import annotations
@@ -143,6 +148,11 @@ def compare_table(shape: ModelShape, args) -> tuple[str, list[dict]]:
     return "\n".join(lines), rows
 
 
+# Exit status: 0 the plan fits (or no --gpu-memory to check it against), 1 it does not fit,
+# 2 bad flags or an unreadable model. --compare is a table of alternatives and exits 0.
+EXIT_DOES_NOT_FIT = 1
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     try:
@@ -163,7 +173,7 @@ def main(argv=None) -> int:
         print(json.dumps(out, indent=2))
     else:
         print(plan.format_table(args.max_input_tokens, args.max_new_tokens, args.batch))
-    return 0
+    return EXIT_DOES_NOT_FIT if estimate.fits is False else 0
 
 
 if __name__ == "__main__":

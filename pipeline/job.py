@@ -45,6 +45,7 @@ from pipeline.metrics.job import JobMetrics
 from pipeline.runtime.cluster import (
     RayStartError, check_devices, ensure_ray, ray_submission_id, release_gpu_request, wait_for_gpus,
 )
+from pipeline.runtime.pool import check_plan_fits
 from pipeline.runtime.stops import JobFailed, JobStopped, StopSignals
 
 log = logging.getLogger(__name__)
@@ -102,6 +103,7 @@ def _check_job(config: JobConfig, *, tokenizer, skip_factory) -> _Checked:
     ))
     model_config = load_model_config(config.model_spec)  # also checks that the model exists
     check_parallelism(config, model_config)
+    check_plan_fits(config)  # a --max-input-tokens the device cannot hold is refused here
     dca_cols = dca_columns(config.model_spec, model_config)
     templates = load_templates(config.templates_file)
     kind = None if tokenizer is not None else template_kind_from_files(config.model_spec, config.use_chat_template)
