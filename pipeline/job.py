@@ -168,9 +168,38 @@ def _run_job(config: JobConfig, stopper: StopSignals, *, pool_factory, tokenizer
 # ------------------------------------------------------------------------------------ nightly
 
 
-def nightly_submission_id(input_path: str, run_date: str) -> str:
-    """Deterministic id of the nightly run of one corpus on one date (a Ray submission id)."""
-    return f"nightly-{hashlib.sha256(input_path.encode()).hexdigest()[:10]}-{run_date}"
+def normalize_run_date(run_date) -> str:
+    """A run date as YYYY-MM-DD (a datetime.date, or a string ISO 8601 reads as a date: also
+    20261127 or 2026-W48-5), so that one night has one partition and one submission id whatever
+    its spelling. ValueError (one line) for anything else."""
+    import datetime
+
+    if isinstance(run_date, datetime.datetime):
+        run_date = run_date.date()
+    if isinstance(run_date, datetime.date):
+        return run_date.isoformat()
+    try:
+        return datetime.date.fromisoformat(str(run_date).strip()).isoformat()
+    except ValueError:
+        raise ValueError(f"--date must be a date written YYYY-MM-DD, got {run_date!r}") from None
+
+
+def normalize_input_path(input_path: str) -> str:
+    """The input as written, without the spellings that name the same place: `corpus`,
+    `corpus/` and `./corpus` are `corpus` (os.path.normpath); a URI loses its trailing slashes.
+    Not resolved against the working directory: under `ray job submit` it is another one."""
+    if "://" in input_path:
+        scheme, rest = input_path.split("://", 1)
+        return f"{scheme}://{rest.rstrip('/') or rest}"
+    return os.path.normpath(input_path)
+
+
+def nightly_submission_id(input_path: str, run_date) -> str:
+    """Deterministic id of the nightly run of one corpus on one date (a Ray submission id): the
+    same for every spelling of the path and of the date (normalize_input_path,
+    normalize_run_date), so a night cannot run twice under two ids."""
+    digest = hashlib.sha256(normalize_input_path(input_path).encode()).hexdigest()[:10]
+    return f"nightly-{digest}-{normalize_run_date(run_date)}"
 
 
 def nightly_partition(output_root: str, run_date: str) -> str:
@@ -188,6 +217,7 @@ def run_nightly(config: JobConfig, *, output_root: str, run_date: str, **kwargs)
     this night committed, also when the job fails or is stopped part-way."""
     from pipeline.data.nightly_record import sync_record
 
+    run_date = normalize_run_date(run_date)
     decided: dict[str, Callable[[Document], bool]] = {}
 
     def skip_factory(cfg_hash: str):
@@ -222,4 +252,5 @@ def run_nightly(config: JobConfig, *, output_root: str, run_date: str, **kwargs)
                 log.warning("nightly record of %s not updated after the night", output_root, exc_info=True)
 
 
-__all__ = ["run_job", "run_nightly", "nightly_submission_id", "nightly_partition"]
+__all__ = ["run_job", "run_nightly", "nightly_submission_id", "nightly_partition", "normalize_run_date",
+           "normalize_input_path"]

@@ -1,0 +1,200 @@
+"""Issue 22, the data plane: what a hostile input or a faulty disk still did to a job, tried in
+process against the job driver with a fake engine (each test says which item it covers): the
+content hash, the id type, a file that is not Parquet, an output that overlaps its input, a full
+disk while committing, links planted in the output, non-UTF-8 values in large string types, and
+the weak spots (a same-size rewrite, nightly ids, a symlink loop, blank ids, config values, a path
+with brackets)."""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import json
+import os
+import shutil
+from collections import Counter
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from pipeline.config.job import JobConfig
+from pipeline.config.model import ModelSpec
+from pipeline.data.input import InputError, InputSpec, check_input, iter_documents
+from pipeline.data.writer import OutputError, committed_parts, read_manifest, read_output
+from pipeline.job import nightly_submission_id, run_job, run_nightly
+from tests.jobs.conftest import TINY_DCA, FakePool, load_tiny_tokenizer, tiny_chat_model, words  # noqa: F401 (fixture)
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tiny_chat_model):
+    return load_tiny_tokenizer(tiny_chat_model)
+
+
+def _config(model, tmp_path, **kw):
+    kw.setdefault("task", "summarize")
+    kw.setdefault("input_path", str(tmp_path / "corpus"))
+    kw.setdefault("output_dir", str(tmp_path / "out"))
+    kw.setdefault("max_input_tokens", 120)
+    kw.setdefault("progress", False)
+    kw.setdefault("max_error_fraction", 1.0)
+    return JobConfig(model_spec=ModelSpec(model=model, dca=TINY_DCA), **kw)
+
+
+def _run(config, tokenizer, pool=None, **kw):
+    pool = pool or FakePool()
+    return run_job(config, pool_factory=lambda c: pool, tokenizer=tokenizer, **kw)
+
+
+def _corpus(path, ids, texts=None, name="c.parquet", id_type=None, **pq_kw) -> None:
+    os.makedirs(path, exist_ok=True)
+    texts = texts or [f"w{5 + i % 90} w{6 + i % 90} w7 w8" for i in range(len(ids))]
+    pq.write_table(pa.table({"id": pa.array(ids, id_type), "text": pa.array(texts, pa.string())}),
+                   os.path.join(path, name), **pq_kw)
+
+
+def _keys(table) -> Counter:
+    return Counter((r["source_file"], r["source_row"], r["question_index"]) for r in table.to_pylist())
+
+
+# ------------------------------------------------------------------------- item 5: content_hash
+
+
+# ------------------------------------------------------------------------------ item 6: id type
+
+
+# ------------------------------------------------------------ item 12: --unit-rows changed between runs
+
+
+# --------------------------------------------------------------- item 8: a file that is not Parquet
+
+
+# ---------------------------------------------------- items 13 and 18: an output overlapping the input
+
+
+# ------------------------------------------------------------------- item 14: disk full while committing
+
+
+class _FullDisk:
+    """Stands in for pipeline.data.writer.open_new_file on a disk that holds `capacity` bytes in
+    `directory`: a write that would take the files under it past that raises OSError(ENOSPC) from
+    write(), as the kernel's write(2) does when the filesystem fills; the file keeps what was
+    written before. Space is what the files there hold now, so removing a file frees its bytes."""
+
+    def __init__(self, directory: str, free_bytes: int, *, fills_at: str | None = None) -> None:
+        from pipeline.data.writer import open_new_file
+
+        self._open_new_file = open_new_file  # the real one, taken before the test replaces it
+        self.directory = directory
+        self.free_bytes = free_bytes
+        # fills_at: the disk has room until a file of this name is first opened (the job's
+        # start fits), then free_bytes more.
+        self.fills_at = fills_at
+        self.capacity = None if fills_at else self._used() + free_bytes
+        self.failures = 0
+
+    def _used(self) -> int:
+        return sum(os.path.getsize(os.path.join(d, f)) for d, _, files in os.walk(self.directory) for f in files)
+
+    def __call__(self, path: str, mode: str = "wb"):
+        if self.capacity is None and os.path.basename(path).startswith(self.fills_at):
+            self.capacity = self._used() + self.free_bytes
+        disk, real = self, self._open_new_file(path, mode)
+
+        class _File:
+            def write(self, data):
+                size = len(data.encode() if isinstance(data, str) else data)
+                if disk.capacity is not None and disk._used() + size > disk.capacity:
+                    disk.failures += 1
+                    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), path)
+                n = real.write(data)
+                real.flush()  # on disk now: _used() sees it
+                return n
+
+            def __getattr__(self, name):
+                return getattr(real, name)
+
+            def __enter__(self):
+                return self
+
+            def __exit__(self, *exc):
+                real.close()
+
+        return _File()
+
+
+def _disk_full_run(tiny_chat_model, tokenizer, tmp_path, monkeypatch, free_bytes: int, fills_at: str | None = None):
+    from pipeline.data.writer import OutputWriteError
+
+    _corpus(str(tmp_path / "corpus"), [f"d{i}" for i in range(40)],
+            [words_of(i) for i in range(40)])
+    config = _config(tiny_chat_model, tmp_path, part_rows=4)
+    os.makedirs(config.output_dir)
+    disk = _FullDisk(config.output_dir, free_bytes, fills_at=fills_at)
+    monkeypatch.setattr("pipeline.data.writer.open_new_file", disk)
+    with pytest.raises(OutputWriteError) as failed:
+        _run(config, tokenizer)
+    monkeypatch.undo()
+    return config, disk, str(failed.value)
+
+
+def words_of(i: int) -> str:
+    import random
+
+    return words(random.Random(i), 40)
+
+
+# -------------------------------------------------------------------- item 19: links in the output
+
+
+# ------------------------------------------------------- item 20: non-UTF-8 values in large string types
+
+
+def _bad_questions(kind: str) -> pa.Array:
+    """8 documents' question lists, question 0 of document 3 not UTF-8, as `kind`."""
+    values = [[f"w{10 + i} w11".encode()] for i in range(8)]
+    values[3] = [b"w12 \xff\xfe", b"w13"]
+    flat = [q for qs in values for q in qs]
+    offsets = [0]
+    for qs in values:
+        offsets.append(offsets[-1] + len(qs))
+    string_type = {"list<large_string>": pa.large_string(), "large_list<string>": pa.string(),
+                   "large_list<large_string>": pa.large_string(), "list<string>": pa.string(),
+                   "list<string_view>": pa.string_view()}[kind]
+    strings = pa.array(flat, pa.binary() if string_type == pa.string() else pa.large_binary()
+                       if string_type == pa.large_string() else pa.binary_view()).view(string_type)
+    make = pa.LargeListArray if kind.startswith("large_list") else pa.ListArray
+    return make.from_arrays(pa.array(offsets, pa.int64() if kind.startswith("large_list") else pa.int32()), strings)
+
+
+# ------------------------------------------------------------------------------- item 22: weak spots
+
+
+def test_nightly_ids_and_partitions_do_not_depend_on_spelling(tiny_chat_model, tokenizer, tmp_path, capsys,
+                                                              monkeypatch):
+    from jobs.nightly import main
+
+    monkeypatch.chdir(tmp_path)
+    ids = set()
+    for path in ("corpus", "corpus/", "./corpus", "corpus//"):
+        for date in ("2026-11-27", "20261127", " 2026-11-27"):
+            main(["--input", path, "--date", date, "--print-submission-id"])
+            ids.add(capsys.readouterr().out.strip())
+    assert ids == {nightly_submission_id("corpus", "2026-11-27")}
+    assert nightly_submission_id("s3://b/corpus/", "2026-11-27") == nightly_submission_id("s3://b/corpus", "2026-11-27")
+
+    _corpus(str(tmp_path / "corpus"), ["a", "b"])
+    config = _config(tiny_chat_model, tmp_path)
+    root = str(tmp_path / "nightly")
+    run_nightly(config, output_root=root, run_date="20261127", pool_factory=lambda c: FakePool(), tokenizer=tokenizer)
+    pool = FakePool()
+    summary = run_nightly(config, output_root=root, run_date="2026-11-27", pool_factory=lambda c: pool,
+                          tokenizer=tokenizer)
+    assert os.listdir(root) == ["_nightly_record", "run_date=2026-11-27"] or sorted(os.listdir(root)) == [
+        "_nightly_record", "run_date=2026-11-27"]
+    assert pool.order == [] and summary["documents"]["already_committed"] == 2  # the same night, resumed
+    with pytest.raises(ValueError, match="--date must be a date written YYYY-MM-DD, got '27/11/2026'"):
+        run_nightly(config, output_root=root, run_date="27/11/2026", pool_factory=lambda c: FakePool(),
+                    tokenizer=tokenizer)
+
+
