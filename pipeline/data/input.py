@@ -383,17 +383,43 @@ def decode_questions(value, is_list: bool) -> tuple[list[str | None], list[str |
     return questions, errors
 
 
-def cells_as_bytes(column: pa.ChunkedArray | pa.Array) -> pa.ChunkedArray | pa.Array:
-    """String (or list<string>) values as binary: Arrow does not validate UTF-8 when it reads
-    Parquet, and to_pylist() would raise on the first bad value, stopping the whole batch."""
-    t = column.type
+def _bytes_type(t: pa.DataType) -> pa.DataType | None:
+    """The type holding the same values as raw bytes: each string type as its binary twin, inside
+    lists too (list, large_list, list views, fixed-size lists, nested); None when `t` holds no
+    strings."""
     if pa.types.is_string(t):
-        return column.cast(pa.binary())
+        return pa.binary()
     if pa.types.is_large_string(t):
-        return column.cast(pa.large_binary())
-    if (pa.types.is_list(t) or pa.types.is_large_list(t)) and pa.types.is_string(t.value_type):
-        return column.cast(pa.list_(pa.binary()) if pa.types.is_list(t) else pa.large_list(pa.binary()))
-    return column
+        return pa.large_binary()
+    if pa.types.is_string_view(t):
+        return pa.binary_view()
+    if pa.types.is_dictionary(t):
+        return _bytes_type(t.value_type)
+    makers = (
+        (pa.types.is_list, pa.list_), (pa.types.is_large_list, pa.large_list),
+        (pa.types.is_list_view, pa.list_view), (pa.types.is_large_list_view, pa.large_list_view),
+    )
+    for is_kind, make in makers:
+        if is_kind(t):
+            inner = _bytes_type(t.value_type)
+            return None if inner is None else make(t.value_field.with_type(inner))
+    if pa.types.is_fixed_size_list(t):
+        inner = _bytes_type(t.value_type)
+        return None if inner is None else pa.list_(t.value_field.with_type(inner), t.list_size)
+    return None
+
+
+def cells_as_bytes(column: pa.ChunkedArray | pa.Array) -> pa.ChunkedArray | pa.Array:
+    """String values (also inside lists: list<string>, list<large_string>, large_list<...>,
+    string_view) as binary: Arrow does not validate UTF-8 when it reads Parquet, and to_pylist()
+    would raise on the first bad value, stopping the whole batch; as bytes, each value is decoded
+    on its own (decode_cell) and one bad value costs its own row."""
+    t = column.type
+    if pa.types.is_dictionary(t):
+        column = column.cast(t.value_type) if isinstance(column, pa.ChunkedArray) else column.dictionary_decode()
+        t = column.type
+    target = _bytes_type(t)
+    return column if target is None else column.cast(target)
 
 
 class _Rows:

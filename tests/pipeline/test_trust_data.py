@@ -167,6 +167,41 @@ def _bad_questions(kind: str) -> pa.Array:
     return make.from_arrays(pa.array(offsets, pa.int64() if kind.startswith("large_list") else pa.int32()), strings)
 
 
+@pytest.mark.parametrize("kind", ["list<string>", "list<large_string>", "large_list<string>",
+                                  "large_list<large_string>"])
+def test_one_bad_question_costs_one_row_whatever_the_string_type(tiny_chat_model, tokenizer, tmp_path, kind):
+    os.makedirs(tmp_path / "corpus")
+    questions = _bad_questions(kind)
+    assert str(questions.type).startswith(kind.split("<")[0])
+    pq.write_table(pa.table({"id": [f"d{i}" for i in range(8)], "text": [f"w{5 + i} w6 w7" for i in range(8)],
+                             "questions": questions}), tmp_path / "corpus" / "q.parquet")
+    config = _config(tiny_chat_model, tmp_path, task="qa")
+    _run(config, tokenizer)
+    rows = read_output(config.output_dir).to_pylist()
+    assert Counter(r["status"] for r in rows) == Counter({"ok": 8, "error": 1})
+    bad = next(r for r in rows if r["status"] == "error")
+    assert bad["id"] == "d3" and bad["question_index"] == 0 and bad["error_type"] == "invalid_input"
+    assert "question 0 is not valid UTF-8" in bad["error_message"]
+
+
+@pytest.mark.parametrize("kind", ["list<large_string>", "large_list<string>", "list<string_view>"])
+def test_the_processor_answers_a_bad_question_with_one_error_row(tiny_chat_model, kind):
+    from pipeline.config.processor import DCAProcessorConfig
+    from pipeline.dataflows.processor import PREPARED_COLUMN, PromptStage
+
+    config = DCAProcessorConfig(model=tiny_chat_model, task="qa", dca=TINY_DCA, max_input_tokens=120,
+                                max_new_tokens=4, device="cpu").to_dict()
+    batch = pa.table({"id": [f"d{i}" for i in range(8)], "text": [f"w{5 + i} w6 w7" for i in range(8)],
+                      "questions": _bad_questions(kind)})
+    import pickle
+
+    prepared = [pickle.loads(p) for p in PromptStage(config)(batch)[PREPARED_COLUMN].to_pylist()]
+    errors = [row for p in prepared for row in p.rows] + [row for p in prepared if p.pending
+                                                          for row in p.pending.invalid_rows]
+    assert all(p.request is not None for p in prepared)  # every document still goes to the model
+    assert len(errors) == 1 and "question 0 is not valid UTF-8" in errors[0]["error_message"]
+
+
 # ------------------------------------------------------------------------------- item 22: weak spots
 
 
