@@ -25,7 +25,7 @@ import os
 from collections.abc import Callable
 
 from pipeline.config.job import JobConfig, check_parallelism, config_hash, job_fingerprint
-from pipeline.data.input import Document, InputSpec, check_input, iter_documents
+from pipeline.data.input import Document, InputSpec, check_input, check_output_apart, iter_documents
 from pipeline.data.prompts import PromptBuilder, load_templates
 from pipeline.data.rows import dca_columns, job_columns
 from pipeline.data.writer import OutputWriter
@@ -70,6 +70,7 @@ def run_job(
 def _open_job(config: JobConfig, stopper: StopSignals, *, tokenizer, skip_factory) -> tuple[JobRun, dict]:
     """Steps 1 and 2: everything checked, then the output claimed. -> (the run, its summary's
     extra keys)."""
+    check_output_apart(config.input_path, config.output_dir)  # before anything is read, written or removed
     plan = check_input(InputSpec(
         path=config.input_path, id_column=config.id_column, text_column=config.text_column,
         question_column=config.question_column, batch_rows=config.input_batch_rows,

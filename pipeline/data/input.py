@@ -154,6 +154,13 @@ def resolve_filesystem(path: str) -> tuple[pafs.FileSystem, str]:
     """(filesystem, path on it) for a local path or a URI; raises InputError with the reason."""
     if "://" in path:
         base, pattern = _split_glob(path)
+        if pattern is not None:  # an object whose name holds glob characters is that object
+            try:
+                fs, on_fs = pafs.FileSystem.from_uri(path)
+                if fs.get_file_info(on_fs).type != pafs.FileType.NotFound:
+                    return fs, on_fs
+            except Exception:  # noqa: BLE001 - not a URI pyarrow opens whole: a glob, tried below
+                pass
         try:
             fs, base_on_fs = pafs.FileSystem.from_uri(base)
         except Exception as e:  # pyarrow raises ArrowInvalid / OSError with its own message
@@ -164,6 +171,56 @@ def resolve_filesystem(path: str) -> tuple[pafs.FileSystem, str]:
     import os
 
     return pafs.LocalFileSystem(), os.path.abspath(os.path.expanduser(path))
+
+
+def _is_glob(fs: pafs.FileSystem, on_fs: str) -> bool:
+    """A path with glob characters is a glob only when no file or directory has that very name:
+    `data/run[1]` that exists is a path (a real name may hold brackets)."""
+    if _split_glob(on_fs)[1] is None:
+        return False
+    return fs.get_file_info(on_fs).type == pafs.FileType.NotFound
+
+
+def _walk_local(root: str) -> list[str]:
+    """The files under a local directory, recursively, names starting with `_` or `.` skipped (as
+    pyarrow.dataset's discovery does). Symbolic links are followed, but each real directory is
+    entered once and each real file listed once (under its first path in sorted order): a link
+    back up the tree (a loop) or two links to one file never read a file twice. Written here
+    because pyarrow's discovery (and os.walk(followlinks=True)) follows a loop until the path is
+    too long: 2 files were read 82 times."""
+    import os
+
+    seen_dirs: set[tuple[int, int]] = set()
+    files: dict[tuple[int, int], str] = {}
+
+    def visit(directory: str) -> None:
+        try:
+            st = os.stat(directory)
+        except OSError:
+            return
+        if (st.st_dev, st.st_ino) in seen_dirs:
+            return
+        seen_dirs.add((st.st_dev, st.st_ino))
+        try:
+            entries = sorted(os.scandir(directory), key=lambda e: e.name)
+        except OSError:
+            return
+        for entry in entries:
+            if _hidden(entry.name):
+                continue
+            try:
+                if entry.is_dir(follow_symlinks=True):
+                    visit(entry.path)
+                elif entry.is_file(follow_symlinks=True):
+                    fst = entry.stat(follow_symlinks=True)
+                    key = (fst.st_dev, fst.st_ino)
+                    if key not in files or entry.path < files[key]:
+                        files[key] = entry.path
+            except OSError:  # a dangling link: nothing to read
+                continue
+
+    visit(root)
+    return sorted(files.values())
 
 
 def _glob_regex(pattern: str) -> re.Pattern:
@@ -204,29 +261,99 @@ def _hidden(name: str) -> bool:
 def discover_files(path: str) -> tuple[pafs.FileSystem, str, list[str]]:
     """(filesystem, input root, the Parquet files of a file, directory or glob, sorted)."""
     fs, on_fs = resolve_filesystem(path)
-    base, pattern = _split_glob(on_fs)
-    if pattern is None:
+    local = isinstance(fs, pafs.LocalFileSystem)
+    if not _is_glob(fs, on_fs):
         info = fs.get_file_info(on_fs)
         if info.type == pafs.FileType.File:
             return fs, on_fs.rsplit("/", 1)[0] if "/" in on_fs else "", [on_fs]
         if info.type == pafs.FileType.NotFound:
             raise InputError(f"input {path!r} does not exist")
-        # A directory: pyarrow.dataset's own discovery (recursive, skips _* and .* names).
-        dataset = ds.dataset(on_fs, filesystem=fs, format="parquet", exclude_invalid_files=False)
-        files = sorted(dataset.files)
+        if local:
+            files = _walk_local(on_fs)
+        else:  # pyarrow.dataset's own discovery (recursive, skips _* and .* names)
+            dataset = ds.dataset(on_fs, filesystem=fs, format="parquet", exclude_invalid_files=False)
+            files = sorted(dataset.files)
         base = on_fs
     else:
-        selector = pafs.FileSelector(base, recursive=True, allow_not_found=True)
+        base, pattern = _split_glob(on_fs)
         regex = _glob_regex(pattern)
+        if local:
+            import os
+
+            candidates = _walk_local(base) if os.path.isdir(base) else []
+        else:
+            selector = pafs.FileSelector(base, recursive=True, allow_not_found=True)
+            candidates = [i.path for i in fs.get_file_info(selector) if i.type == pafs.FileType.File]
         files = sorted(
-            i.path for i in fs.get_file_info(selector)
-            if i.type == pafs.FileType.File
-            and regex.match(i.path)
-            and not any(_hidden(part) for part in i.path[len(base):].split("/") if part)
+            p for p in candidates
+            if regex.match(p) and not any(_hidden(part) for part in p[len(base):].split("/") if part)
         )
     if not files:
         raise InputError(f"input {path!r} matches no Parquet files")
     return fs, base, files
+
+
+# Names an output's parts take (pipeline.data.writer): what a glob over the input must not match.
+_PART_SAMPLES = ("part-00000.parquet", "part-u000000-000000-000000000-000000064.parquet")
+
+
+def check_output_apart(input_path: str, output_dir: str) -> None:
+    """Refuses an output that overlaps the input, before anything is written or removed: an
+    output directory inside a directory input (or one the input's glob would match the parts
+    of), or input files inside the output directory (the same directory included). Either way
+    the output's parts are read as input on the next run (a rerun, the second nightly night),
+    and --overwrite, which deletes the output's part files, could delete input files named like
+    them. Raises InputError (one line). Paths are compared after resolving symbolic links. A
+    directory whose name starts with `_` or `.` inside an input directory is skipped by the
+    reader, so an output there does not overlap. Only local inputs can overlap the (local)
+    output; others are not checked."""
+    import os
+
+    if "://" in input_path and not input_path.startswith("file://"):
+        return
+    fs, on_fs = resolve_filesystem(input_path[len("file://"):] if input_path.startswith("file://") else input_path)
+    if not isinstance(fs, pafs.LocalFileSystem):
+        return
+    outs = {os.path.abspath(output_dir), os.path.realpath(output_dir)}
+
+    def inside(path: str, directory: str) -> bool:
+        return path == directory or path.startswith(directory.rstrip("/") + "/")
+
+    def visible(path: str, base: str) -> bool:
+        return not any(_hidden(part) for part in path[len(base):].split("/") if part)
+
+    why = None
+    if _is_glob(fs, on_fs):
+        base, pattern = _split_glob(on_fs)
+        regex = _glob_regex(pattern)
+        for out in sorted(outs):
+            hits = [f"{out}/{name}" for name in _PART_SAMPLES
+                    if inside(f"{out}/{name}", base) and regex.match(f"{out}/{name}") and visible(f"{out}/{name}", base)]
+            if hits:
+                why = f"the input glob matches the output's part files ({hits[0]})"
+                break
+    else:
+        root = os.path.realpath(on_fs)
+        out = os.path.realpath(output_dir)
+        if os.path.isdir(root) and inside(out, root) and visible(out, root):
+            why = ("the output is the input directory" if out == root
+                   else "the output directory is inside the input directory")
+    if why is None:
+        try:
+            _, _, files = discover_files(input_path)
+        except InputError:  # no input files: check_input says so
+            files = []
+        out = os.path.realpath(output_dir)
+        inner = next((f for f in files if inside(os.path.realpath(f), out)), None)
+        if inner is not None:
+            why = f"the input file {inner} is inside the output directory"
+    if why:
+        raise InputError(
+            f"--output {output_dir} overlaps --input {input_path}: {why}, so the output's parts would be read as "
+            "input and --overwrite could delete input files; nothing was written. Choose an --output outside the "
+            "input (inside an input directory, only a directory whose name starts with '_' or '.' is skipped by "
+            "the reader)"
+        )
 
 
 def _relative(path: str, root: str) -> str:

@@ -72,6 +72,53 @@ def _keys(table) -> Counter:
 # ---------------------------------------------------- items 13 and 18: an output overlapping the input
 
 
+@pytest.mark.parametrize("dataflow", ["driver", "ray-data"])
+@pytest.mark.parametrize("layout", ["inside", "same", "glob", "input-inside-output"])
+def test_an_output_overlapping_the_input_is_refused_before_anything_is_written(tiny_chat_model, tokenizer, tmp_path,
+                                                                              layout, dataflow):
+    """Item 13 (an output inside the input directory, a glob matching the output's parts) and 18
+    (input and output the same directory, corpus files named like parts: --overwrite deleted the
+    corpus), on both dataflows: one line, nothing written or removed, before Ray or a model."""
+    corpus = tmp_path / "corpus"
+    names = ["part-00000.parquet", "part-00001.parquet"] if layout == "same" else ["a.parquet", "b.parquet"]
+    for i, name in enumerate(names):
+        _corpus(str(corpus), [f"d{i}"], name=name)
+    before = {p: p.read_bytes() for p in corpus.rglob("*")}
+    input_path, output = {
+        "inside": (str(corpus), corpus / "out"),
+        "same": (str(corpus), corpus),
+        "glob": (str(corpus) + "/**/*.parquet", corpus / "summaries"),
+        "input-inside-output": (str(corpus), tmp_path),
+    }[layout]
+    config = _config(tiny_chat_model, tmp_path, input_path=input_path, output_dir=str(output), overwrite=True,
+                     dataflow=dataflow)
+    with pytest.raises(InputError) as refused:
+        _run(config, tokenizer, pytest.fail)
+    message = str(refused.value)
+    assert "overlaps --input" in message and "\n" not in message
+    assert {p: p.read_bytes() for p in corpus.rglob("*")} == before  # nothing written or removed
+    assert not (output / "_manifest.json").exists()
+
+
+def test_an_output_in_a_hidden_directory_inside_the_input_reruns_and_runs_a_second_night(tiny_chat_model,
+                                                                                          tokenizer, tmp_path):
+    """A `_name` directory inside the input is skipped by the reader, so an output there does not
+    overlap: a rerun resumes and a second nightly night skips what the first did."""
+    _corpus(str(tmp_path / "corpus"), [f"d{i}" for i in range(4)])
+    config = _config(tiny_chat_model, tmp_path, output_dir=str(tmp_path / "corpus" / "_out"))
+    _run(config, tokenizer)
+    pool = FakePool()
+    again = _run(config, tokenizer, pool)
+    assert pool.order == [] and again["documents"]["already_committed"] == 4
+    root = str(tmp_path / "corpus" / "_nightly")
+    run_nightly(config, output_root=root, run_date="2026-11-24", pool_factory=lambda c: FakePool(),
+                tokenizer=tokenizer)
+    pool = FakePool()
+    second = run_nightly(config, output_root=root, run_date="2026-11-25", pool_factory=lambda c: pool,
+                         tokenizer=tokenizer)
+    assert pool.order == [] and second["documents"]["skipped"] == 4
+
+
 # ------------------------------------------------------------------- item 14: disk full while committing
 
 
@@ -233,3 +280,26 @@ def test_nightly_ids_and_partitions_do_not_depend_on_spelling(tiny_chat_model, t
                     tokenizer=tokenizer)
 
 
+def test_a_symlink_loop_in_the_input_reads_each_file_once(tiny_chat_model, tokenizer, tmp_path):
+    _corpus(str(tmp_path / "corpus"), ["a"], name="a.parquet")
+    _corpus(str(tmp_path / "corpus" / "sub"), ["b"], name="b.parquet")
+    os.symlink(tmp_path / "corpus", tmp_path / "corpus" / "sub" / "loop")  # back up the tree
+    os.symlink(tmp_path / "corpus" / "a.parquet", tmp_path / "corpus" / "again.parquet")  # a second name
+    plan = check_input(InputSpec(path=str(tmp_path / "corpus")))
+    assert [f.relative for f in plan.files] == ["a.parquet", "sub/b.parquet"]
+    glob = check_input(InputSpec(path=str(tmp_path / "corpus") + "/**/*.parquet"))
+    assert [f.relative for f in glob.files] == ["a.parquet", "sub/b.parquet"]
+    config = _config(tiny_chat_model, tmp_path)
+    _run(config, tokenizer)
+    assert sorted(read_output(config.output_dir)["id"].to_pylist()) == ["a", "b"]
+
+
+def test_a_real_path_with_brackets_is_a_path(tiny_chat_model, tokenizer, tmp_path):
+    _corpus(str(tmp_path / "run[1]"), ["a", "b"])
+    config = _config(tiny_chat_model, tmp_path, input_path=str(tmp_path / "run[1]"))
+    _run(config, tokenizer)
+    assert sorted(read_output(config.output_dir)["id"].to_pylist()) == ["a", "b"]
+    # A glob is still a glob when no such path exists.
+    _corpus(str(tmp_path / "run2"), ["c"])
+    plan = check_input(InputSpec(path=str(tmp_path / "run[2]") + "/*.parquet"))
+    assert [f.relative for f in plan.files] == ["run2/c.parquet"]  # relative to the glob's base
