@@ -400,6 +400,7 @@ def check_input(spec: InputSpec) -> InputPlan:
     files: list[InputFile] = []
     list_kinds: set[bool] = set()
     errors: list[str] = []
+    unreadable = column_problems = 0
     for path in paths:
         where = path if "://" not in spec.path else spec.path.split("://", 1)[0] + "://" + path
         try:
@@ -410,6 +411,7 @@ def check_input(spec: InputSpec) -> InputPlan:
             footer = _footer_sha256(fs, path, size)
         except Exception as e:
             errors.append(f"{where}: not a readable Parquet file ({e})")
+            unreadable += 1
             continue
         problems = []
         for column, ok, expected in (
@@ -434,20 +436,26 @@ def check_input(spec: InputSpec) -> InputPlan:
                     problems.append(f"column {q!r} has type {t}, expected string or list<string>")
         if problems:
             errors.append(f"{where}: " + "; ".join(problems))
+            column_problems += 1
         files.append(InputFile(
             path, metadata.num_rows, relative=_relative(path, root), size=size, footer_sha256=footer,
             row_group_rows=tuple(metadata.row_group(i).num_rows for i in range(metadata.num_row_groups)),
         ))
     if errors:
-        hint = (
-            "Choose the columns with --id-column / --text-column"
-            + (" / --question-column" if spec.question_column else "")
-            + ", or fix or remove the file(s)."
-        )
+        # The hint fits the errors: column flags for column problems, what --input takes for
+        # files that are not Parquet at all.
+        hints = []
+        if unreadable:
+            hints.append("--input takes Parquet files: a .parquet file, a directory of them or a glob such as "
+                         "'corpus/*.parquet'; convert or remove the file(s) that are not Parquet")
+        if column_problems:
+            hints.append("choose the columns with --id-column / --text-column"
+                         + (" / --question-column" if spec.question_column else "") + ", or fix or remove the file(s)")
+        hint = "; ".join(hints)
         shown = errors[:10] + ([f"... and {len(errors) - 10} more file(s)"] if len(errors) > 10 else [])
         raise InputError(
             f"{len(errors)} of {len(paths)} input file(s) cannot be used (no model work was started):\n  "
-            + "\n  ".join(shown) + "\n" + hint
+            + "\n  ".join(shown) + "\n" + hint[0].upper() + hint[1:] + "."
         )
     plan = InputPlan(fs, tuple(files), spec, questions_are_lists=True in list_kinds)
     if plan.num_rows == 0:

@@ -40,7 +40,8 @@ OUTPUT_SCHEMA = pa.schema([
     pa.field("dca_chunk_size", pa.int64()),
     pa.field("dca_local_window", pa.int64()),
     pa.field("dca_temperature_alpha", pa.float64()),
-    pa.field("content_hash", pa.string(), metadata={"doc": "sha256 of the document text"}),
+    pa.field("content_hash", pa.string(),
+             metadata={"doc": "sha256 of the document text (its UTF-8 bytes): all 64 hex digits"}),
     pa.field("config_hash", pa.string(), metadata={"doc": "fingerprint of model + prompt + generation settings"}),
     pa.field("job_id", pa.string(), nullable=False),
 ])

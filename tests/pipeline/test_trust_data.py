@@ -60,6 +60,38 @@ def _keys(table) -> Counter:
 # ------------------------------------------------------------------------- item 5: content_hash
 
 
+def test_content_hash_is_the_full_sha256_and_nightly_matches_old_40_digit_partitions(tiny_chat_model, tokenizer,
+                                                                                       tmp_path):
+    """The output holds all 64 hex digits of the sha256 of the text's UTF-8 bytes (as the README
+    says); a nightly root whose earlier partition holds 40-digit hashes (written so by an older
+    version) still skips the unchanged documents and redoes the changed one."""
+    texts = [f"w{5 + i} w9 w10 caf\u00e9" for i in range(6)]
+    _corpus(str(tmp_path / "corpus"), [f"d{i}" for i in range(6)], texts)
+    config = _config(tiny_chat_model, tmp_path)
+    root = str(tmp_path / "nightly")
+    run_nightly(config, output_root=root, run_date="2026-11-24", pool_factory=lambda c: FakePool(),
+                tokenizer=tokenizer)
+    first = os.path.join(root, "run_date=2026-11-24")
+    table = read_output(first)
+    assert [len(h) for h in table["content_hash"].to_pylist()] == [64] * 6
+    assert table["content_hash"].to_pylist() == [hashlib.sha256(t.encode("utf-8")).hexdigest() for t in texts]
+
+    # The older version's partition: the same rows with the hashes cut to 40 digits.
+    for part in committed_parts(first):
+        path = os.path.join(first, part)
+        old = pq.read_table(path)
+        cut = pa.array([h[:40] for h in old["content_hash"].to_pylist()], pa.string())
+        pq.write_table(old.set_column(old.schema.get_field_index("content_hash"), "content_hash", cut), path)
+    assert {len(h) for h in read_output(first)["content_hash"].to_pylist()} == {40}
+
+    texts[2] = "w30 w31 changed"
+    _corpus(str(tmp_path / "corpus"), [f"d{i}" for i in range(6)], texts)
+    pool = FakePool()
+    summary = run_nightly(config, output_root=root, run_date="2026-11-25", pool_factory=lambda c: pool,
+                          tokenizer=tokenizer)
+    assert pool.order == ["d2"] and summary["documents"]["skipped"] == 5
+
+
 # ------------------------------------------------------------------------------ item 6: id type
 
 
@@ -67,6 +99,20 @@ def _keys(table) -> Counter:
 
 
 # --------------------------------------------------------------- item 8: a file that is not Parquet
+
+
+def test_a_text_file_as_input_gets_a_hint_about_parquet_not_columns(tmp_path):
+    (tmp_path / "notes.txt").write_text("hello\n")
+    with pytest.raises(InputError) as refused:
+        check_input(InputSpec(path=str(tmp_path / "notes.txt")))
+    message = str(refused.value)
+    assert "notes.txt: not a readable Parquet file" in message
+    assert "--input takes Parquet files" in message and "--id-column" not in message
+    # A column problem still gets the column hint.
+    _corpus(str(tmp_path / "corpus"), ["a"])
+    with pytest.raises(InputError, match="--id-column") as refused:
+        check_input(InputSpec(path=str(tmp_path / "corpus"), text_column="body"))
+    assert "--input takes Parquet files" not in str(refused.value)
 
 
 # ---------------------------------------------------- items 13 and 18: an output overlapping the input
