@@ -693,24 +693,55 @@ class WorkUnit:
 
     @property
     def key(self) -> str:
-        """Deterministic and sortable in corpus order: file, row group, first row in the group."""
-        return f"{self.file_index:06d}-{self.row_group:06d}-{self.start:09d}"
+        """Deterministic and sortable in corpus order: file, row group, first and one-past-last row
+        in the group. The rows are in the name, so a committed part says which rows it holds
+        whatever --unit-rows cut it (see plan_units)."""
+        return f"{self.file_index:06d}-{self.row_group:06d}-{self.start:09d}-{self.stop:09d}"
+
 
     @property
     def num_rows(self) -> int:
         return self.stop - self.start
 
 
-def plan_units(plan: InputPlan, unit_rows: int) -> list[WorkUnit]:
-    """The corpus cut into work units, from the footers alone (no row is read)."""
+def parse_unit_key(key: str) -> tuple[int, int, int, int | None]:
+    """(file index, row group, start, stop) of a unit key; stop None for the keys of earlier
+    versions (`file-group-start`), which did not name it."""
+    fields = [int(x) for x in key.split("-")]
+    return fields[0], fields[1], fields[2], fields[3] if len(fields) > 3 else None
+
+
+def _uncovered(group_rows: int, covered: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    """The row ranges [start, stop) of a row group of group_rows rows that no covered range holds."""
+    gaps, at = [], 0
+    for start, stop in sorted(covered):
+        if start > at:
+            gaps.append((at, min(start, group_rows)))
+        at = max(at, stop)
+    if at < group_rows:
+        gaps.append((at, group_rows))
+    return [(a, b) for a, b in gaps if b > a]
+
+
+def plan_units(plan: InputPlan, unit_rows: int,
+               committed: dict[tuple[int, int], list[tuple[int, int]]] | None = None) -> list[WorkUnit]:
+    """The corpus cut into work units, from the footers alone (no row is read).
+
+    committed: {(file index, row group): [(start, stop), ...]}, the rows committed parts already
+    hold (pipeline.dataflows.units.committed_unit_ranges). Only the rows outside them are cut into
+    units, unit_rows at a time from the start of each gap: a resume works in rows, so changing
+    --unit-rows between runs neither skips rows a shorter unit left (a run killed with 5 rows a
+    unit and resumed with 10) nor redoes rows a longer one committed (10, then 4)."""
     if unit_rows < 1:
         raise ValueError(f"unit_rows must be >= 1, got {unit_rows}")
+    committed = committed or {}
     units = []
     for index, file in enumerate(plan.files):
         offset = 0
         for group, group_rows in enumerate(file.row_group_rows):
-            for start in range(0, group_rows, unit_rows):
-                units.append(WorkUnit(index, group, start, min(start + unit_rows, group_rows), offset + start))
+            for gap_start, gap_stop in _uncovered(group_rows, committed.get((index, group), [])):
+                for start in range(gap_start, gap_stop, unit_rows):
+                    units.append(WorkUnit(index, group, start, min(start + unit_rows, gap_stop), offset + start))
             offset += group_rows
     return units
 
@@ -732,7 +763,8 @@ def _read_ids(plan: InputPlan, file: InputFile) -> Iterator[str | None]:
 
 def unit_duplicates(plan: InputPlan, units: list[WorkUnit]) -> dict[str, dict[int, int]]:
     """Duplicate ids in corpus order, as iter_documents finds them: {unit key: {source_row:
-    occurrence}} for the rows whose id appeared earlier (occurrence >= 1). Reads the id column
+    occurrence}} for the rows of `units` whose id appeared earlier in the corpus (occurrence >=
+    1; every row counts as an earlier one, also the rows of units not listed). Reads the id column
     only; meant to run in one Ray task, so only this small map travels back."""
     by_row = {}
     for unit in units:
@@ -750,7 +782,8 @@ def unit_duplicates(plan: InputPlan, units: list[WorkUnit]) -> dict[str, dict[in
             if occurrence:
                 while u + 1 < len(starts) and starts[u + 1].first_row <= row:
                     u += 1
-                if starts:
+                # Rows outside every unit (committed by an earlier run) are nobody's to answer.
+                if starts and starts[u].first_row <= row < starts[u].first_row + starts[u].num_rows:
                     found.setdefault(starts[u].key, {})[row] = occurrence
     return found
 

@@ -51,8 +51,10 @@ LOCK = "_lock"
 MANIFEST_FORMAT = 2
 _PART_RE = re.compile(r"^part-(\d{5,})\.parquet$")
 # Parts of the Ray Data dataflow (--dataflow ray-data): one per work unit, named by the unit's key
-# (pipeline.data.input.WorkUnit.key): the name is the unit's completion record.
-_UNIT_PART_RE = re.compile(r"^part-u(\d{6}-\d{6}-\d{9})\.parquet$")
+# (pipeline.data.input.WorkUnit.key: file, row group, first and one-past-last row; versions
+# before the last field existed named the first three only): the name is the unit's completion
+# record.
+_UNIT_PART_RE = re.compile(r"^part-u(\d{6}-\d{6}-\d{9}(?:-\d{9})?)\.parquet$")
 
 
 def unit_part_name(key: str) -> str:

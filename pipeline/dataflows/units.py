@@ -5,7 +5,8 @@
 
 The driver lists the files and their footers (pipeline.data.input.check_input), cuts the corpus
 into WORK UNITS (pipeline.data.input.WorkUnit: a slice of at most `unit_rows` rows of one row group, with a
-deterministic key) and skips the units already committed. One id-only pass in a Ray task finds
+deterministic key naming its rows) and leaves out the rows committed parts already hold (a resume
+works in rows, so --unit-rows may change between runs). One id-only pass in a Ray task finds
 the duplicate ids in corpus order, so every row gets the same error rows as the driver dataflow.
 
 A unit stays whole through the dataflow: each stage maps ONE Ray Data row holding a whole unit
@@ -35,10 +36,10 @@ import uuid
 import pyarrow as pa
 
 from pipeline.config.job import JobConfig
-from pipeline.data.input import InputPlan, WorkUnit, plan_units, read_unit, unit_duplicates
+from pipeline.data.input import InputPlan, WorkUnit, parse_unit_key, plan_units, read_unit, unit_duplicates
 from pipeline.data.prompts import PromptBuilder, load_templates
 from pipeline.data.rows import InFlight, prepare_document, result_rows
-from pipeline.data.writer import STAGING, OutputWriter, commit_unit, committed_unit_keys
+from pipeline.data.writer import STAGING, OutputWriter, commit_unit, committed_unit_keys, unit_part_name
 from pipeline.dataflows.budget import FailureBudget
 from pipeline.dataflows.context import JobRun
 from pipeline.metrics.job import JobMetrics
@@ -352,14 +353,16 @@ def run_dataflow(config: JobConfig, *, plan: InputPlan, writer: OutputWriter, me
     from ray.data import ActorPoolStrategy
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-    units = plan_units(plan, config.unit_rows)
-    done = writer.committed_units
-    todo = [u for u in units if u.key not in done]
-    metrics.documents_resumed += sum(u.num_rows for u in units if u.key in done)
-    log.info("ray-data dataflow: %d work unit(s) of at most %d rows, %d already committed", len(units),
-             config.unit_rows, len(units) - len(todo))
+    # Resume works in rows: the committed parts' names say which rows they hold, whatever
+    # --unit-rows cut them; only the other rows are cut into units (a changed --unit-rows
+    # neither skips nor repeats a row).
+    todo = plan_units(plan, config.unit_rows, committed_unit_ranges(config.output_dir, plan, writer.committed_units))
+    metrics.documents_resumed += plan.num_rows - sum(u.num_rows for u in todo)
+    log.info("ray-data dataflow: %d work unit(s) of at most %d rows to run, %d part(s) already committed", len(todo),
+             config.unit_rows, len(writer.committed_units))
     if not todo:
         return None, None
+    units = todo
     check_shared_paths(config.output_dir, plan)
     here = NodeAffinitySchedulingStrategy(node_id=ray.get_runtime_context().get_node_id(), soft=False)
     ledger = ray.remote(UnitLedger).options(num_cpus=0, scheduling_strategy=here).remote(config, base_row["job_id"])
@@ -410,6 +413,25 @@ def run_dataflow(config: JobConfig, *, plan: InputPlan, writer: OutputWriter, me
     return None, engine_stats
 
 
+def committed_unit_ranges(output_dir: str, plan: InputPlan, keys) -> dict[tuple[int, int], list[tuple[int, int]]]:
+    """{(file index, row group): [(start, stop), ...] sorted}: the rows the committed unit parts hold, from
+    their names. A part named by an earlier version (no stop in its key) is read for its last
+    source_row (one column of one part; only outputs begun before the change have such parts)."""
+    import pyarrow.parquet as pq
+
+    ranges: dict[tuple[int, int], list[tuple[int, int]]] = {}
+    for key in keys:
+        file_index, group, start, stop = parse_unit_key(key)
+        if file_index >= len(plan.files) or group >= len(plan.files[file_index].row_group_rows):
+            continue  # not this corpus's (the fingerprint makes that impossible short of a hand edit)
+        if stop is None:
+            rows = pq.read_table(os.path.join(output_dir, unit_part_name(key)), columns=["source_row"])["source_row"]
+            offset = sum(plan.files[file_index].row_group_rows[:group])
+            stop = (max(rows.to_pylist()) - offset + 1) if len(rows) else start
+        ranges.setdefault((file_index, group), []).append((start, stop))
+    return {where: sorted(spans) for where, spans in ranges.items()}
+
+
 class UnitsDataflow:
     """One run of a job through the Ray Data dataflow (same interface as DriverDataflow): the
     engine starts inside the engine stage's actors, so start() has nothing to do. `engine_stage`:
@@ -441,4 +463,5 @@ class UnitsDataflow:
         pass
 
 
-__all__ = ["UnitsDataflow", "run_dataflow", "check_shared_paths", "UnitLedger", "UnitPromptStage", "UnitEngineStage"]
+__all__ = ["UnitsDataflow", "run_dataflow", "check_shared_paths", "committed_unit_ranges", "UnitLedger",
+           "UnitPromptStage", "UnitEngineStage"]

@@ -98,6 +98,43 @@ def test_content_hash_is_the_full_sha256_and_nightly_matches_old_40_digit_partit
 # ------------------------------------------------------------ item 12: --unit-rows changed between runs
 
 
+def test_units_are_cut_from_the_rows_committed_parts_do_not_hold(tmp_path):
+    """The resume plan of the ray-data dataflow in rows (the end-to-end run is in
+    test_ray_data_jobs): committed parts cut 5 rows a unit leave gaps that a plan of 10 rows a
+    unit fills exactly, and a part named by an earlier version (no last row in its key) is read
+    for the rows it holds."""
+    from pipeline.data.input import plan_units
+    from pipeline.data.schema import OUTPUT_SCHEMA
+    from pipeline.data.writer import committed_unit_keys, unit_part_name
+    from pipeline.dataflows.units import committed_unit_ranges
+
+    os.makedirs(tmp_path / "corpus")
+    table = pa.table({"id": [f"d{i}" for i in range(23)], "text": ["w5 w6"] * 23})
+    pq.write_table(table, tmp_path / "corpus" / "c.parquet", row_group_size=20)  # groups of 20 and 3 rows
+    plan = check_input(InputSpec(path=str(tmp_path / "corpus")))
+    assert plan.files[0].row_group_rows == (20, 3)
+    out = tmp_path / "out"
+    out.mkdir()
+
+    def part(key: str, rows: range) -> None:
+        values = [{"id": f"d{r}", "source_file": "c.parquet", "source_row": r, "status": "ok", "job_id": "j",
+                   "task": "summarize"}
+                  for r in rows]
+        pq.write_table(pa.Table.from_pylist(values, schema=OUTPUT_SCHEMA), out / unit_part_name(key))
+
+    part("000000-000000-000000000-000000005", range(0, 5))
+    part("000000-000000-000000010", range(10, 15))  # an earlier version's name: no last row
+    part("000000-000001-000000000-000000003", range(20, 23))
+    ranges = committed_unit_ranges(str(out), plan, committed_unit_keys(str(out)))
+    assert ranges == {(0, 0): [(0, 5), (10, 15)], (0, 1): [(0, 3)]}
+    units = plan_units(plan, 10, ranges)
+    assert [(u.row_group, u.start, u.stop, u.first_row) for u in units] == [(0, 5, 10, 5), (0, 15, 20, 15)]
+    assert [(u.start, u.stop) for u in plan_units(plan, 2, ranges)] == [(5, 7), (7, 9), (9, 10), (15, 17),
+                                                                       (17, 19), (19, 20)]
+    covered = [r for u in units for r in range(u.first_row, u.first_row + u.num_rows)]
+    assert sorted(covered + list(range(0, 5)) + list(range(10, 15)) + list(range(20, 23))) == list(range(23))
+
+
 # --------------------------------------------------------------- item 8: a file that is not Parquet
 
 
