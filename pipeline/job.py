@@ -25,10 +25,13 @@ import os
 from collections.abc import Callable
 
 from pipeline.config.job import JobConfig, check_parallelism, config_hash, job_fingerprint
-from pipeline.data.input import Document, InputSpec, check_input, check_output_apart, iter_documents
+from pipeline.data.input import (
+    Document, InputSpec, check_input, check_output_apart, iter_documents,
+)
 from pipeline.data.prompts import PromptBuilder, load_templates
 from pipeline.data.rows import dca_columns, job_columns
-from pipeline.data.writer import OutputWriter
+from pipeline.data.writer import MANIFEST as MANIFEST_NAME
+from pipeline.data.writer import OutputWriteError, OutputWriter
 from pipeline.dataflows.context import JobRun
 from pipeline.dataflows.driver import DriverDataflow
 from pipeline.dataflows.units import UnitsDataflow
@@ -89,7 +92,7 @@ def _open_job(config: JobConfig, stopper: StopSignals, *, tokenizer, skip_factor
     writer = OutputWriter(
         config.output_dir, job_id=job_id, fingerprint=fingerprint, config=config.to_dict(),
         overwrite=config.overwrite, part_rows=config.part_rows, part_seconds=config.part_seconds,
-        dataflow=config.dataflow,
+        dataflow=config.dataflow, id_type=plan.id_type,
     )
     # The resolved DCA settings next to the job's (the metrics plot marks P; jobs.show prints them).
     metrics = JobMetrics(job_id=job_id, task=config.task, config={**config.to_dict(), "dca_in_effect": dca_cols},
@@ -117,6 +120,7 @@ def _run_job(config: JobConfig, stopper: StopSignals, *, pool_factory, tokenizer
         dataflow = DriverDataflow(job, pool_factory=pool_factory)
     requested_gpus = started_ray = False
     status, message, engine_stats = "failed", None, None
+    write_error: OutputWriteError | None = None
     try:
         if dataflow.needs_ray:
             import ray
@@ -139,20 +143,39 @@ def _run_job(config: JobConfig, stopper: StopSignals, *, pool_factory, tokenizer
         message = (f"stopped by {e} after committing the finished documents; "
                    "rerun the same command to resume")
         raise
+    except OutputWriteError as e:  # the output's storage is full (or failing): one line, exit 1
+        write_error, message = e, str(e)
     except BaseException as e:  # record what happened, keep what is committed, then re-raise
         message = f"{type(e).__name__}: {e}"
         raise
     finally:
         stopper.closing = True
-        # The output first: `ray job stop` sends SIGKILL a few seconds after SIGTERM.
+        # The output first: `ray job stop` sends SIGKILL a few seconds after SIGTERM. Each step
+        # runs whatever the one before it did: after a failed write (a full disk) the metrics,
+        # the manifest, the staging directory, the engine and Ray are still seen to.
         engine_stats = dataflow.engine_stats(engine_stats)
+        not_written: list[str] = []
+
+        def attempt(what: str, step) -> None:
+            nonlocal write_error
+            try:
+                step()
+            except OutputWriteError as error:  # reported in the job's one line, not as a traceback
+                write_error = write_error or error
+                not_written.append(what)
+
         summary = metrics.summary(status=status, message=message, engine_stats=engine_stats, extra=metrics_extra)
+        summary["metrics_files"] = {}
+        attempt("the last part", writer.flush)  # the last documents, before the metrics that count them
+        if write_error is not None and status != "stopped":
+            status, message = "failed", str(write_error)
+            summary.update(status=status, message=message)
+        attempt("_metrics.json", lambda: summary.__setitem__(
+            "metrics_files", metrics.write(config.output_dir, summary, plot=False)))
         try:
-            writer.flush()  # the last documents, before the metrics that count them
-            summary["metrics_files"] = metrics.write(config.output_dir, summary, plot=False)
+            attempt(MANIFEST_NAME, lambda: writer.close(complete=status == "complete", summary={
+                k: summary[k] for k in ("status", "message", "wall_s", "documents", "started_at")}))
         finally:
-            writer.close(complete=status == "complete", summary={
-                k: summary[k] for k in ("status", "message", "wall_s", "documents", "started_at")})
             dataflow.shutdown()
             if requested_gpus:
                 release_gpu_request()
@@ -160,7 +183,12 @@ def _run_job(config: JobConfig, stopper: StopSignals, *, pool_factory, tokenizer
                 import ray
 
                 ray.shutdown()
-            summary["metrics_files"].update(metrics.write_plot(config.output_dir))
+            if write_error is None:
+                summary["metrics_files"].update(metrics.write_plot(config.output_dir))
+    if write_error is not None:
+        unwritten = [w for w in not_written if w != "the last part"]
+        raise OutputWriteError(str(write_error) + (f" ({' and '.join(unwritten)} could not be written either)"
+                                                   if unwritten else ""))
     if status != "complete":
         raise JobFailed(message)
     return summary

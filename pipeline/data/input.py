@@ -55,7 +55,7 @@ class InputSpec:
 
     # A Parquet file, a directory or a glob; local path or URI (s3://bucket/prefix/*.parquet).
     path: str
-    # Unique document id: a string or integer column (written to the output as a string).
+    # Unique document id: a string or integer column (the output keeps its type: InputPlan.id_type).
     id_column: str = "id"
     # The document text: a string column (binary columns are accepted and decoded as UTF-8 per row).
     text_column: str = "text"
@@ -96,6 +96,10 @@ class InputPlan:
     files: tuple[InputFile, ...]
     spec: InputSpec
     questions_are_lists: bool = False
+    # The id column's type, one for the whole corpus (check_input refuses files that disagree):
+    # int64 (any integer type but uint64), uint64, or string (string, large_string, string_view).
+    # The output's id column has this type, so results join to the input without a cast.
+    id_type: pa.DataType = pa.string()
 
     @property
     def num_rows(self) -> int:
@@ -112,7 +116,8 @@ class InputPlan:
 class Document:
     """One input row. `error_type` set: the row is answered with an error, never sent to a model."""
 
-    id: str | None
+    # The input's id: an int for an integer id column, else a string; None when null or invalid.
+    id: str | int | None
     text: str | None
     # QA: one entry per output row (None entries are invalid questions, see question_errors).
     questions: list[str | None] | None
@@ -391,6 +396,30 @@ def _is_question_list(t: pa.DataType) -> bool:
     return (pa.types.is_list(t) or pa.types.is_large_list(t)) and _is_text(t.value_type)
 
 
+def _output_id_type(t: pa.DataType) -> pa.DataType:
+    """The output's id type for an input id column of type t (see InputPlan.id_type)."""
+    if pa.types.is_integer(t):
+        return pa.uint64() if pa.types.is_uint64(t) else pa.int64()
+    return pa.string()
+
+
+def _one_id_type(id_types: dict[str, pa.DataType], column: str) -> pa.DataType:
+    """The corpus's id type from each file's (file -> output id type); InputError naming a file
+    of each kind when they disagree: one output column cannot hold both, and guessing (casting
+    integers to strings, or strings to integers) would break the join back to the input."""
+    kinds: dict[pa.DataType, str] = {}
+    for where, t in id_types.items():
+        kinds.setdefault(t, where)
+    if len(kinds) > 1:
+        (first, first_type), (second, second_type) = [(w, t) for t, w in kinds.items()][:2]
+        raise InputError(
+            f"the id column {column!r} has another type in each of two input files: {first} holds "
+            f"{first_type} ids and {second} holds {second_type} ids; the output keeps the input's id type, so "
+            "every file must agree (no model work was started): rewrite one of them with the other's type"
+        )
+    return next(iter(kinds), pa.string())
+
+
 def check_input(spec: InputSpec) -> InputPlan:
     """Checks the schema of every file (footers only) and returns the plan to read them.
 
@@ -399,6 +428,7 @@ def check_input(spec: InputSpec) -> InputPlan:
     fs, root, paths = discover_files(spec.path)
     files: list[InputFile] = []
     list_kinds: set[bool] = set()
+    id_types: dict[str, pa.DataType] = {}
     errors: list[str] = []
     unreadable = column_problems = 0
     for path in paths:
@@ -422,6 +452,8 @@ def check_input(spec: InputSpec) -> InputPlan:
                 problems.append(f"column {column!r} is missing (columns: {schema.names})")
             elif not ok(schema.field(column).type):
                 problems.append(f"column {column!r} has type {schema.field(column).type}, expected {expected}")
+        if spec.id_column in schema.names and _is_id(schema.field(spec.id_column).type):
+            id_types[where] = _output_id_type(schema.field(spec.id_column).type)
         if spec.question_column:
             q = spec.question_column
             if q not in schema.names:
@@ -457,7 +489,8 @@ def check_input(spec: InputSpec) -> InputPlan:
             f"{len(errors)} of {len(paths)} input file(s) cannot be used (no model work was started):\n  "
             + "\n  ".join(shown) + "\n" + hint[0].upper() + hint[1:] + "."
         )
-    plan = InputPlan(fs, tuple(files), spec, questions_are_lists=True in list_kinds)
+    plan = InputPlan(fs, tuple(files), spec, questions_are_lists=True in list_kinds,
+                     id_type=_one_id_type(id_types, spec.id_column))
     if plan.num_rows == 0:
         raise InputError(
             f"input {spec.path!r} has no rows ({len(files)} Parquet file(s), all empty): nothing to do, "
@@ -480,6 +513,22 @@ def decode_cell(value, what: str) -> tuple[str | None, str | None]:
         except UnicodeDecodeError as e:
             return None, f"{what} is not valid UTF-8 ({e.reason} at byte {e.start})"
     return value, None
+
+
+def decode_id(value) -> tuple[str | int | None, str | None]:
+    """An id cell (bytes for string columns, int for integer ones) -> (id, error message). An
+    integer stays an integer (the output keeps the input's id type); a string id must hold
+    something besides whitespace: an empty id names no document, as a null one does."""
+    value, error = decode_cell(value, "id")
+    if error:
+        return None, error
+    if isinstance(value, str):
+        if not value.strip():
+            return None, "id is empty" if not value else "id is blank (only whitespace)"
+        return value, None
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value, None
+    return str(value), None
 
 
 def decode_text(value) -> tuple[str | None, str | None]:
@@ -629,8 +678,7 @@ def document_from_cells(raw_id, raw_text, raw_question, *, source: str, source_f
     Precedence: an unreadable row group, then a bad id, then a repeated id (occurrence_of(doc_id)
     counts the earlier rows with the id), then a bad text. Bad questions are per question
     (question_errors); has_questions: the input has a question column (QA)."""
-    doc_id, id_error = decode_cell(raw_id, "id")
-    doc_id = None if doc_id is None else str(doc_id)
+    doc_id, id_error = decode_id(raw_id)
     occurrence = occurrence_of(doc_id) if doc_id is not None else 0
     if unreadable:
         text, text_error = None, unreadable
@@ -698,7 +746,6 @@ class WorkUnit:
         whatever --unit-rows cut it (see plan_units)."""
         return f"{self.file_index:06d}-{self.row_group:06d}-{self.start:09d}-{self.stop:09d}"
 
-
     @property
     def num_rows(self) -> int:
         return self.stop - self.start
@@ -746,8 +793,9 @@ def plan_units(plan: InputPlan, unit_rows: int,
     return units
 
 
-def _read_ids(plan: InputPlan, file: InputFile) -> Iterator[str | None]:
-    """The decoded ids of one file (None for a null, non-UTF-8 or unreadable id), row by row."""
+def _read_ids(plan: InputPlan, file: InputFile) -> Iterator[str | int | None]:
+    """The decoded ids of one file (None for a null, empty, non-UTF-8 or unreadable id), row by
+    row, as document_from_cells decodes them."""
     column = [plan.spec.id_column]
     with plan.filesystem.open_input_file(file.path) as handle:
         parquet = pq.ParquetFile(handle)
@@ -757,8 +805,7 @@ def _read_ids(plan: InputPlan, file: InputFile) -> Iterator[str | None]:
             except Exception:  # noqa: BLE001 - unreadable ids are no duplicates of anything
                 values = [None] * group_rows
             for value in values:
-                doc_id, _ = decode_cell(value, "id")
-                yield None if doc_id is None else str(doc_id)
+                yield decode_id(value)[0]
 
 
 def unit_duplicates(plan: InputPlan, units: list[WorkUnit]) -> dict[str, dict[int, int]]:

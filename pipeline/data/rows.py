@@ -121,8 +121,8 @@ def error_rows(base: dict, doc: Document, task: str, error_type: str, message: s
 
 def prepare_document(doc: Document, *, task: str, builder: PromptBuilder, base: dict, sampling: SamplingParams,
                      rules: RowRules = JOB_ROWS) -> PreparedDocument:
-    """`doc` made ready for the engine: its request (the request id is the document id: jobs send
-    only documents with a unique id), or its error rows when it cannot be sent (a row error of
+    """`doc` made ready for the engine: its request (the request id is the document id as a
+    string: jobs send only documents with a unique id), or its error rows when it cannot be sent (a row error of
     the input, every question invalid, a prompt too long)."""
     rejected = {"truncated_tokens": 0} if rules.truncated_tokens_on_rejected_rows else {}
     if doc.error_type:
@@ -150,8 +150,8 @@ def prepare_document(doc: Document, *, task: str, builder: PromptBuilder, base: 
     if rules.truncated_tokens_on_rejected_rows:
         for row in invalid_rows:
             row["truncated_tokens"] = prompt.truncated_tokens
-    request = GenerationRequest(
-        request_id=doc.id, prefix_ids=prompt.prefix_ids, suffix_ids=prompt.suffix_ids, sampling=sampling,
+    request = GenerationRequest(  # an integer id's digits: request ids are strings
+        request_id=str(doc.id), prefix_ids=prompt.prefix_ids, suffix_ids=prompt.suffix_ids, sampling=sampling,
     )
     sent = len(prompt.prefix_ids) + sum(len(s) for s in prompt.suffix_ids)
     # The rows need the document's place, id, questions and hash, not its text: the pending copy

@@ -39,7 +39,10 @@ from pipeline.config.job import JobConfig
 from pipeline.data.input import InputPlan, WorkUnit, parse_unit_key, plan_units, read_unit, unit_duplicates
 from pipeline.data.prompts import PromptBuilder, load_templates
 from pipeline.data.rows import InFlight, prepare_document, result_rows
-from pipeline.data.writer import STAGING, OutputWriter, commit_unit, committed_unit_keys, unit_part_name
+from pipeline.data.schema import id_type_name
+from pipeline.data.writer import (
+    STAGING, OutputWriteError, OutputWriter, commit_unit, committed_unit_keys, unit_part_name,
+)
 from pipeline.dataflows.budget import FailureBudget
 from pipeline.dataflows.context import JobRun
 from pipeline.metrics.job import JobMetrics
@@ -238,7 +241,7 @@ class UnitEngineStage:
                 pass
 
 
-def _datasink(output_dir: str, ledger):
+def _datasink(output_dir: str, ledger, id_type: str = "string"):
     from ray.data import Datasink
     from ray.data.block import BlockAccessor
 
@@ -246,7 +249,7 @@ def _datasink(output_dir: str, ledger):
         """Commits each unit as one part (commit_unit), then reports its counts to the ledger."""
 
         def __init__(self) -> None:
-            self.output_dir, self.ledger = output_dir, ledger
+            self.output_dir, self.ledger, self.id_type = output_dir, ledger, id_type
 
         def get_name(self) -> str:
             return "DCAJobUnits"
@@ -262,7 +265,7 @@ def _datasink(output_dir: str, ledger):
                         continue
                     unit = pickle.loads(payload)
                     rows = [row for doc_rows, _, _ in unit["emitted"] for row in doc_rows]
-                    written.append((key, commit_unit(self.output_dir, key, rows)))
+                    written.append((key, commit_unit(self.output_dir, key, rows, self.id_type)))
                     ray.get(self.ledger.add.remote(key, unit["emitted"], unit["counts"]))
             return written
 
@@ -390,7 +393,12 @@ def run_dataflow(config: JobConfig, *, plan: InputPlan, writer: OutputWriter, me
     bar.start()
     result = None
     try:
-        ds.write_datasink(_datasink(config.output_dir, ledger))
+        ds.write_datasink(_datasink(config.output_dir, ledger, id_type_name(writer.schema.field("id").type)))
+    except Exception as error:  # a commit that failed for lack of space: its one line, not Ray's wrapping
+        cause = _write_error_in(error)
+        if cause is None:
+            raise
+        raise OutputWriteError(str(cause)) from None
     finally:
         finished.set()
         bar.join(timeout=5)
@@ -411,6 +419,25 @@ def run_dataflow(config: JobConfig, *, plan: InputPlan, writer: OutputWriter, me
         return (f"{len(missing)} work unit(s) were not committed (first {missing[0]}); rerun the same command "
                 "to resume"), engine_stats
     return None, engine_stats
+
+
+def _write_error_in(error: BaseException) -> OutputWriteError | None:
+    """The OutputWriteError a failed Ray task raised (commit_unit), wherever Ray and Ray Data put
+    it: the exception itself (RayTaskError subclasses its cause), its `cause`, or its chain."""
+    seen = set()
+    todo = [error]
+    while todo:
+        e = todo.pop()
+        if e is None or id(e) in seen:
+            continue
+        seen.add(id(e))
+        if isinstance(e, OutputWriteError):
+            inner = getattr(e, "cause", None)
+            lines = str(inner if isinstance(inner, OutputWriteError) else e).strip().splitlines() or [""]
+            line = next((text for text in reversed(lines) if "output " in text), lines[-1])
+            return OutputWriteError(line[line.find("output "):] if "output " in line else line)
+        todo.extend([getattr(e, "cause", None), e.__cause__, e.__context__])
+    return None
 
 
 def committed_unit_ranges(output_dir: str, plan: InputPlan, keys) -> dict[tuple[int, int], list[tuple[int, int]]]:

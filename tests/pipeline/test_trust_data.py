@@ -95,6 +95,121 @@ def test_content_hash_is_the_full_sha256_and_nightly_matches_old_40_digit_partit
 # ------------------------------------------------------------------------------ item 6: id type
 
 
+def test_integer_ids_come_back_as_integers_and_join_without_a_cast(tiny_chat_model, tokenizer, tmp_path, capsys):
+    from jobs.show import main as show
+
+    _corpus(str(tmp_path / "corpus"), [10, 20, 30, 40], id_type=pa.int64())
+    config = _config(tiny_chat_model, tmp_path, part_rows=1)
+    _run(config, tokenizer)
+    table = read_output(config.output_dir)
+    assert table.schema.field("id").type == pa.int64()
+    assert all(pq.read_schema(os.path.join(config.output_dir, p)).field("id").type == pa.int64()
+               for p in committed_parts(config.output_dir))  # every part of the output agrees
+    corpus = pq.read_table(tmp_path / "corpus" / "c.parquet")
+    joined = corpus.join(table.select(["id", "output"]), "id")  # no cast
+    assert sorted(joined["id"].to_pylist()) == [10, 20, 30, 40] and joined["output"].null_count == 0
+    assert read_manifest(config.output_dir)["id_type"] == "int64"
+
+    # jobs.show prints the integer's digits and --id finds it.
+    assert show([config.output_dir, "--id", "30", "--no-metrics"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("30  [ok]") and "\n10  [ok]" not in out
+
+    # Strings stay strings (also digit strings).
+    _corpus(str(tmp_path / "strings"), ["10", "x"])
+    strings = _config(tiny_chat_model, tmp_path, input_path=str(tmp_path / "strings"),
+                      output_dir=str(tmp_path / "out-s"))
+    _run(strings, tokenizer)
+    assert read_output(strings.output_dir)["id"].to_pylist() == ["10", "x"]
+    assert read_output(strings.output_dir).schema.field("id").type == pa.string()
+
+
+def test_an_integer_id_output_resumes_and_nightly_skips_across_id_types(tiny_chat_model, tokenizer, tmp_path):
+    """A crash and a resume keep int64 in every part; a nightly partition of an older version
+    (string ids) and a new one (integer ids) are the same documents to the skip decision."""
+    from tests.pipeline.test_trust import _Crash, _CrashingPool
+
+    _corpus(str(tmp_path / "corpus"), list(range(12)), id_type=pa.int32())
+    config = _config(tiny_chat_model, tmp_path, part_rows=2, max_in_flight=2)
+    with pytest.raises(_Crash):
+        _run(config, tokenizer, _CrashingPool(after=4))
+    _run(config, tokenizer)
+    table = read_output(config.output_dir)
+    assert table.schema.field("id").type == pa.int64() and sorted(table["id"].to_pylist()) == list(range(12))
+    assert set(_keys(table).values()) == {1}
+
+    root = str(tmp_path / "nightly")
+    night = os.path.join(root, "run_date=2026-11-24")
+    run_nightly(config, output_root=root, run_date="2026-11-24", pool_factory=lambda c: FakePool(),
+                tokenizer=tokenizer)
+    for part in committed_parts(night):  # as an older version wrote it: ids as strings
+        path = os.path.join(night, part)
+        old = pq.read_table(path)
+        pq.write_table(old.set_column(0, "id", old["id"].cast(pa.string())), path)
+    manifest = read_manifest(night)
+    manifest.pop("id_type")
+    (tmp_path / "nightly" / "run_date=2026-11-24" / "_manifest.json").write_text(json.dumps(manifest))
+    pool = FakePool()
+    summary = run_nightly(config, output_root=root, run_date="2026-11-25", pool_factory=lambda c: pool,
+                          tokenizer=tokenizer)
+    assert pool.order == [] and summary["documents"]["skipped"] == 12
+
+
+def test_an_output_begun_with_string_ids_keeps_them_when_resumed(tiny_chat_model, tokenizer, tmp_path):
+    """An output an older version began (string ids, no id_type in its manifest) is resumed with
+    string ids: one output, one id type in every part."""
+    from tests.pipeline.test_trust import _Crash, _CrashingPool
+
+    _corpus(str(tmp_path / "corpus"), list(range(10)), id_type=pa.int64())
+    config = _config(tiny_chat_model, tmp_path, part_rows=2, max_in_flight=2)
+    with pytest.raises(_Crash):
+        _run(config, tokenizer, _CrashingPool(after=4))
+    out = config.output_dir
+    for part in committed_parts(out):
+        path = os.path.join(out, part)
+        old = pq.read_table(path)
+        pq.write_table(old.set_column(0, "id", old["id"].cast(pa.string())), path)
+    manifest = read_manifest(out)
+    manifest.pop("id_type")
+    (tmp_path / "out" / "_manifest.json").write_text(json.dumps(manifest))
+    _run(config, tokenizer)
+    assert {pq.read_schema(os.path.join(out, p)).field("id").type for p in committed_parts(out)} == {pa.string()}
+    table = read_output(out)
+    assert sorted(table["id"].to_pylist(), key=int) == [str(i) for i in range(10)]
+    assert set(_keys(table).values()) == {1} and table.num_rows == 10
+
+
+def test_files_with_integer_and_string_ids_are_refused_naming_both(tiny_chat_model, tokenizer, tmp_path):
+    _corpus(str(tmp_path / "corpus"), [1, 2], name="a.parquet", id_type=pa.int64())
+    _corpus(str(tmp_path / "corpus"), ["x", "y"], name="b.parquet")
+    with pytest.raises(InputError) as refused:
+        _run(_config(tiny_chat_model, tmp_path), tokenizer, pytest.fail)
+    message = str(refused.value)
+    assert "a.parquet holds int64 ids" in message and "b.parquet holds string ids" in message
+    assert "\n" not in message and not (tmp_path / "out").exists()
+
+
+def test_the_processor_keeps_the_input_id_column_type(tiny_chat_model):
+    """The processor carries the input's own columns: an int64 id column stays int64 beside its
+    output columns (stages called in process, with an engine stand-in)."""
+    from pipeline.config.processor import DCAProcessorConfig
+    from pipeline.dataflows.processor import EngineStage, PromptStage
+
+    class _Engine(EngineStage):
+        def _start_engine(self):
+            return FakePool()
+
+        def _answer(self, requests):
+            return self.pool.run(requests, max_in_flight=max(1, len(requests)))
+
+    config = DCAProcessorConfig(model=tiny_chat_model, dca=TINY_DCA, max_input_tokens=120, max_new_tokens=4,
+                                device="cpu").to_dict()
+    batch = pa.table({"id": pa.array([7, 8, None], pa.int64()), "text": ["w5 w6 w7", "w8 w9", "w10"]})
+    out = _Engine(config, run_id="t")(PromptStage(config)(batch))
+    assert out.schema.field("id").type == pa.int64() and out["id"].to_pylist() == [7, 8, None]
+    assert out["status"].to_pylist() == ["ok", "ok", "error"]  # a null id is an error row
+
+
 # ------------------------------------------------------------ item 12: --unit-rows changed between runs
 
 
@@ -274,7 +389,101 @@ def words_of(i: int) -> str:
     return words(random.Random(i), 40)
 
 
+def test_a_full_disk_while_committing_is_one_line_leaves_no_temporary_files_and_resumes(
+        tiny_chat_model, tokenizer, tmp_path, monkeypatch):
+    """Space for a few parts, then none: the job fails with one line naming the output and the
+    lack of space, no `_manifest.json.tmp.*` or `_staging` is left, _metrics.json says what
+    happened (it fits once the failed part is removed), and the rerun is exactly once."""
+    config, disk, message = _disk_full_run(tiny_chat_model, tokenizer, tmp_path, monkeypatch, free_bytes=30_000)
+    out = config.output_dir
+    assert disk.failures >= 1
+    assert message.startswith(f"output {out}: cannot write part-") and "no space left for the output" in message
+    assert "rerun the same command" in message and "\n" not in message
+    assert sorted(n for n in os.listdir(out) if ".tmp" in n or n == "_staging") == []
+    committed = read_output(out)
+    assert 0 < committed.num_rows < 40 and set(_keys(committed).values()) == {1}
+    metrics = json.loads((tmp_path / "out" / "_metrics.json").read_text())
+    assert metrics["status"] == "failed" and "no space left" in metrics["message"]
+    assert read_manifest(out)["complete"] is False
+
+    summary = _run(config, tokenizer)
+    table = read_output(out)
+    assert table.num_rows == 40 and set(_keys(table).values()) == {1}
+    assert summary["documents"]["already_committed"] == committed.num_rows
+    assert summary["status"] == "complete"
+
+
+def test_a_disk_that_stays_full_says_in_its_one_line_that_the_metrics_could_not_be_written(
+        tiny_chat_model, tokenizer, tmp_path, monkeypatch):
+    """The job starts (its manifest and schema part fit), then the disk is full for good: the one
+    line names the failed part and says the metrics and manifest could not be written either."""
+    config, _, message = _disk_full_run(tiny_chat_model, tokenizer, tmp_path, monkeypatch, free_bytes=0,
+                                        fills_at="part-00001")
+    assert message.startswith(f"output {config.output_dir}: cannot write part-00001.parquet")
+    assert "no space left for the output" in message and "\n" not in message
+    assert message.endswith("(_metrics.json and _manifest.json could not be written either)")
+    out = config.output_dir
+    assert sorted(n for n in os.listdir(out) if ".tmp" in n or n == "_staging") == []
+    _run(config, tokenizer)
+    table = read_output(out)
+    assert table.num_rows == 40 and set(_keys(table).values()) == {1}
+
+
+def test_a_full_disk_while_a_unit_commits_is_one_line_through_ray(tmp_path, monkeypatch):
+    """The ray-data dataflow's commit (commit_unit, in a Ray Data sink task): the staged file is
+    removed and OutputWriteError names the output; the driver finds it however Ray wraps it (a
+    RayTaskError around it, chained under Ray Data's own error) and keeps its one line."""
+    from ray.exceptions import RayTaskError
+
+    from pipeline.data.writer import OutputWriteError, commit_unit
+    from pipeline.dataflows.units import _write_error_in  # noqa: PLC2701 - the unwrapping itself
+
+    out = tmp_path / "out"
+    out.mkdir()
+    monkeypatch.setattr("pipeline.data.writer.open_new_file", _FullDisk(str(out), free_bytes=100))
+    row = {"id": "a", "source_file": "c.parquet", "source_row": 0, "question_index": None, "status": "ok",
+           "job_id": "j", "task": "summarize"}
+    with pytest.raises(OutputWriteError) as failed:
+        commit_unit(str(out), "000000-000000-000000000-000000001", [row])
+    message = str(failed.value)
+    assert message.startswith(f"output {out}: cannot write part-u000000-000000-000000000-000000001.parquet: no space")
+    assert "\n" not in message and os.listdir(out / "_staging") == [] and sorted(os.listdir(out)) == ["_staging"]
+
+    wrapped = RayTaskError("write", "Traceback (most recent call last):\n  ...\nOutputWriteError: " + message,
+                           failed.value).as_instanceof_cause()
+    try:
+        try:
+            raise wrapped
+        except Exception as inner:
+            raise RuntimeError("Ray Data: the write failed") from inner
+    except RuntimeError as outer:
+        found = _write_error_in(outer)
+    assert isinstance(found, OutputWriteError) and str(found) == message
+    assert _write_error_in(RuntimeError("something else")) is None
+
+
 # -------------------------------------------------------------------- item 19: links in the output
+
+
+@pytest.mark.parametrize("name", ["_lock", "_staging", "_manifest.json", "part-00000.parquet"])
+def test_links_planted_in_the_output_are_refused_never_followed(tiny_chat_model, tokenizer, tmp_path, name):
+    _corpus(str(tmp_path / "corpus"), ["a", "b"])
+    config = _config(tiny_chat_model, tmp_path)
+    if name in ("_manifest.json", "part-00000.parquet"):
+        _run(config, tokenizer)  # an output to resume, whose file is then replaced by a link
+        os.remove(os.path.join(config.output_dir, name))
+    victim = tmp_path / "victim"
+    victim.mkdir() if name == "_staging" else victim.write_text("precious\n")
+    os.makedirs(config.output_dir, exist_ok=True)
+    os.symlink(victim, os.path.join(config.output_dir, name))
+    with pytest.raises(OutputError) as refused:
+        _run(config, tokenizer)
+    assert "symbolic link" in str(refused.value) and "\n" not in str(refused.value)
+    if name == "_staging":
+        assert os.listdir(victim) == []
+    else:
+        assert victim.read_text() == "precious\n"
+    assert os.path.islink(os.path.join(config.output_dir, name))
 
 
 # ------------------------------------------------------- item 20: non-UTF-8 values in large string types
@@ -375,6 +584,24 @@ def test_a_symlink_loop_in_the_input_reads_each_file_once(tiny_chat_model, token
     config = _config(tiny_chat_model, tmp_path)
     _run(config, tokenizer)
     assert sorted(read_output(config.output_dir)["id"].to_pylist()) == ["a", "b"]
+
+
+def test_empty_and_blank_ids_are_invalid_input_rows(tiny_chat_model, tokenizer, tmp_path):
+    _corpus(str(tmp_path / "corpus"), ["", "  ", "\t", "ok", None])
+    config = _config(tiny_chat_model, tmp_path)
+    pool = FakePool()
+    _run(config, tokenizer, pool)
+    rows = {r["source_row"]: r for r in read_output(config.output_dir).to_pylist()}
+    assert pool.order == ["ok"]
+    for row in (0, 1, 2, 4):
+        assert rows[row]["status"] == "error" and rows[row]["error_type"] == "invalid_input" and rows[row]["id"] is None
+    assert "row 0: id is empty" in rows[0]["error_message"] and "row 1: id is blank" in rows[1]["error_message"]
+    # The Ray Data dataflow's id-only pass counts them as no id too (never a duplicate of each other).
+    from pipeline.data.input import plan_units, unit_duplicates
+
+    plan = check_input(InputSpec(path=str(tmp_path / "corpus")))
+    assert unit_duplicates(plan, plan_units(plan, 2)) == {}
+    assert [d.error_type for d in iter_documents(plan)] == ["invalid_input"] * 3 + [None, "invalid_input"]
 
 
 def test_a_real_path_with_brackets_is_a_path(tiny_chat_model, tokenizer, tmp_path):
