@@ -26,12 +26,12 @@ from collections.abc import Callable
 
 from pipeline.config.job import JobConfig, check_parallelism, config_hash, job_fingerprint
 from pipeline.data.input import (
-    Document, InputSpec, check_input, check_output_apart, iter_documents,
+    Document, InputSpec, check_input, check_output_apart, file_digests, iter_documents,
 )
 from pipeline.data.prompts import PromptBuilder, load_templates
 from pipeline.data.rows import dca_columns, job_columns
 from pipeline.data.writer import MANIFEST as MANIFEST_NAME
-from pipeline.data.writer import OutputWriteError, OutputWriter
+from pipeline.data.writer import OutputError, OutputWriteError, OutputWriter, read_manifest
 from pipeline.dataflows.context import JobRun
 from pipeline.dataflows.driver import DriverDataflow
 from pipeline.dataflows.units import UnitsDataflow
@@ -89,10 +89,16 @@ def _open_job(config: JobConfig, stopper: StopSignals, *, tokenizer, skip_factor
     cfg_hash = config_hash(config, templates, builder.template_kind, model_fingerprint(config.model_spec.model))
     fingerprint = job_fingerprint(config, cfg_hash, plan.identity)
     job_id = config.job_id or f"{config.task}-{fingerprint[:12]}"
+    # The input files' content digests, read again only for files whose size or mtime moved since
+    # the output recorded them (a resume only stats its files).
+    try:
+        recorded = (read_manifest(config.output_dir) or {}).get("input_files") if not config.overwrite else None
+    except (OSError, ValueError, OutputError):  # the writer says what is wrong with it
+        recorded = None
     writer = OutputWriter(
         config.output_dir, job_id=job_id, fingerprint=fingerprint, config=config.to_dict(),
         overwrite=config.overwrite, part_rows=config.part_rows, part_seconds=config.part_seconds,
-        dataflow=config.dataflow, id_type=plan.id_type,
+        dataflow=config.dataflow, id_type=plan.id_type, input_files=file_digests(plan, recorded),
     )
     # The resolved DCA settings next to the job's (the metrics plot marks P; jobs.show prints them).
     metrics = JobMetrics(job_id=job_id, task=config.task, config={**config.to_dict(), "dca_in_effect": dca_cols},

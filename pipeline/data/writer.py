@@ -302,17 +302,20 @@ class OutputWriter:
 
     Opening an existing output directory:
     - no manifest and no parts: a fresh job;
-    - a manifest with the same fingerprint: resume (`committed` says what to skip);
+    - a manifest with the same fingerprint: resume (`committed` says what to skip), unless an
+      input file's content changed since (`input_files`: pipeline.data.input.file_digests),
+      which makes it a different job;
     - a different fingerprint: OutputError, unless overwrite=True, which deletes the previous
       parts, manifest and metrics (only files this writer owns) first.
 
     id_type: the input's id type (the output's id column; pipeline.data.schema.output_schema).
+    input_files: the input's file_digests, recorded in the manifest and checked on resume.
     """
 
     def __init__(
         self, output_dir: str, *, job_id: str, fingerprint: str, config: dict,
         overwrite: bool = False, part_rows: int = 512, part_seconds: float = 60.0, dataflow: str = "driver",
-        id_type: pa.DataType | str = "string",
+        id_type: pa.DataType | str = "string", input_files: dict | None = None,
     ) -> None:
         check_choice("dataflow", dataflow, DATAFLOWS)
         self.dataflow = dataflow
@@ -329,6 +332,7 @@ class OutputWriter:
         self.part_rows = part_rows
         self.part_seconds = part_seconds
         self.schema = output_schema(id_type)
+        self._input_files = input_files
         self._config = config
         self._buffer: list[dict] = []
         self._buffer_docs = 0
@@ -396,6 +400,16 @@ class OutputWriter:
                 f"different input, model, prompt or generation settings). Rerun with the same settings to "
                 f"resume it, choose another --output, or pass --overwrite to replace it"
             )
+        elif manifest is not None and self._input_files is not None:
+            from pipeline.data.input import changed_files
+
+            changed = changed_files(manifest.get("input_files") or {}, self._input_files)
+            if changed:
+                raise OutputError(
+                    f"output {output_dir} holds results of a different job: input file {changed[0]} changed since "
+                    f"it was started ({len(changed)} file(s) with the same name, size and Parquet footer but other "
+                    "bytes). Choose another --output, or pass --overwrite to replace it"
+                )
         if os.path.isdir(self._staging):
             shutil.rmtree(self._staging, ignore_errors=True)
         elif os.path.lexists(self._staging):
@@ -420,6 +434,8 @@ class OutputWriter:
             "parts": [], "complete": False, "runs": 0, "dataflow": self.dataflow,
         }
         self.manifest["id_type"] = id_type_name(id_type)
+        if self._input_files is not None:
+            self.manifest["input_files"] = self._input_files
         self.manifest["runs"] = int(self.manifest.get("runs", 0)) + 1
         self.manifest["complete"] = False
         self.committed = CommittedIndex.empty()

@@ -544,6 +544,33 @@ def test_the_processor_answers_a_bad_question_with_one_error_row(tiny_chat_model
 # ------------------------------------------------------------------------------- item 22: weak spots
 
 
+def test_a_file_rewritten_in_place_at_the_same_size_is_a_changed_corpus(tiny_chat_model, tokenizer, tmp_path):
+    """Uncompressed, no statistics: one text replaced by another of the same length leaves the
+    size and the Parquet footer as they were. The resume must see the change; a byte-identical
+    copy elsewhere (new mtimes, as Ray's working-dir copy has) still resumes."""
+    from pipeline.data.input import _footer_sha256  # noqa: PLC2701 - the test shows the footer is the same
+
+    texts = ["w5 w6 w7 w8", "w9 w10 w11", "w12 w13 w14"]
+    kw = dict(compression="none", write_statistics=False, use_dictionary=False)
+    _corpus(str(tmp_path / "corpus"), ["a", "b", "c"], texts, **kw)
+    path = str(tmp_path / "corpus" / "c.parquet")
+    config = _config(tiny_chat_model, tmp_path)
+    _run(config, tokenizer)
+    shutil.copytree(tmp_path / "corpus", tmp_path / "copy", copy_function=shutil.copyfile)  # new mtimes
+    size, footer = os.path.getsize(path), _footer_sha256(__import__("pyarrow.fs").fs.LocalFileSystem(), path,
+                                                        os.path.getsize(path))
+    texts[1] = "w9 w10 w99"
+    _corpus(str(tmp_path / "corpus"), ["a", "b", "c"], texts, **kw)
+    assert os.path.getsize(path) == size
+    assert _footer_sha256(__import__("pyarrow.fs").fs.LocalFileSystem(), path, size) == footer
+    with pytest.raises(OutputError, match="input file c.parquet changed since"):
+        _run(config, tokenizer)
+
+    pool = FakePool()
+    summary = _run(_config(tiny_chat_model, tmp_path, input_path=str(tmp_path / "copy")), tokenizer, pool)
+    assert pool.order == [] and summary["documents"]["already_committed"] == 3
+
+
 def test_nightly_ids_and_partitions_do_not_depend_on_spelling(tiny_chat_model, tokenizer, tmp_path, capsys,
                                                               monkeypatch):
     from jobs.nightly import main
