@@ -102,9 +102,6 @@ class InstantEngineStage(EngineStage):
     def _start_engine(self):
         return InstantPool()
 
-    def _answer(self, requests):
-        return self.pool.run(requests, max_in_flight=len(requests))
-
 
 def _instant_unit_engine_stage():
     from pipeline.dataflows.units import UnitEngineStage

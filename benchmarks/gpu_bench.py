@@ -21,7 +21,8 @@ commit, every row, the issue's targets and whether each is met).
         # CPU, toy sizes, kernels through Triton's interpreter: checks the script runs end to end
         # (tests/test_gpu_bench_smoke.py); its timings mean nothing
 
-DCA_TRITON_BLOCKS=BM,BN,warps,stages overrides the prefill kernel's tiles (tuning runs).
+DCA_TRITON_BLOCKS=rows,BN,warps,stages overrides the prefill kernel's tiles (tuning runs); on a GPU the
+prefill tiles are swept first (TILE_CANDIDATES and the GPU's own list; --no-sweep keeps the list).
 """
 
 from __future__ import annotations
@@ -169,15 +170,17 @@ def bench_attention(shape, config, device, timer, results, before: bool):
         empty_cache(device)
 
 
-# Prefill tiles (BLOCK_M, BLOCK_N, warps, stages) tried on the GPU before the measurements.
-TILE_CANDIDATES = [(64, 64, 4, 2), (128, 64, 8, 2), (128, 64, 8, 3), (64, 64, 4, 3), (128, 32, 8, 3), (64, 32, 4, 2)]
+# Prefill tiles (rows = query heads x tokens, BLOCK_N, warps, stages) timed on the GPU before the
+# measurements, besides this GPU's own list (dca.triton_kernels.CUDA_TILES). 64x64x4 and 64x32x4
+# spill at head_dim 128 in the compile table: timed to see what that costs.
+TILE_CANDIDATES = [(128, 64, 8, 2), (128, 64, 8, 3), (64, 64, 8, 2), (128, 128, 8, 2), (128, 32, 8, 3),
+                   (64, 64, 4, 2), (64, 32, 4, 2)]
 
 
 def sweep_prefill_tiles(shape, config, device, timer, results, n=32768):
     """Times the DCA prefill kernel at n tokens with each candidate tile and makes the fastest the
-    default for the rest of the run (dca.triton_kernels.CUDA_TILES)."""
+    first of this GPU's prefill list for the rest of the run (dca.triton_kernels.CUDA_TILES)."""
     import torch
-    from triton.runtime.errors import OutOfResources
 
     from dca import triton_kernels
 
@@ -188,21 +191,23 @@ def sweep_prefill_tiles(shape, config, device, timer, results, n=32768):
     cos = torch.randn(config.chunk_size + 1, d, device=device, dtype=torch.bfloat16)
     zero = torch.zeros(1, dtype=torch.int32, device=device)
     scale = torch.full((1,), d**-0.5, device=device)
-    rows, default = [], list(triton_kernels.CUDA_TILES["prefill"])
-    for tiles in TILE_CANDIDATES:
-        triton_kernels.CUDA_TILES["prefill"] = [tiles]
-        triton_kernels._WORKING.clear()
+    major, minor = torch.cuda.get_device_capability(device)
+    lists = triton_kernels.CUDA_TILES[triton_kernels.arch_family(major * 10 + minor)]
+    default = list(lists["prefill"])
+    rows = []
+    for tiles in default + [t for t in TILE_CANDIDATES if t not in default]:
+        lists["prefill"] = [tiles]
         try:
             ms = timer(lambda: triton_kernels.prefill(q, k, k, zero, zero + n, scale, cos, cos, config), 3)
-            rows.append({"tiles": list(tiles), "ms": ms})
-        except OutOfResources as error:
-            rows.append({"tiles": list(tiles), "error": str(error)[:200]})
+            rows.append({"tiles": list(tiles), "ms": ms, "in_list": tiles in default})
+        except triton_kernels.KernelUnavailable as error:
+            rows.append({"tiles": list(tiles), "error": str(error)[:300], "in_list": tiles in default})
         print(f"  prefill tiles {tiles}: {rows[-1].get('ms', rows[-1].get('error'))}", flush=True)
     best = min((r for r in rows if "ms" in r), key=lambda r: r["ms"], default=None)
     chosen = [tuple(best["tiles"])] if best else []
-    triton_kernels.CUDA_TILES["prefill"] = chosen + [t for t in default if t not in chosen]
-    triton_kernels._WORKING.clear()
-    results["prefill_tile_sweep"] = {"tokens": n, "rows": rows, "chosen": best["tiles"] if best else None}
+    lists["prefill"] = chosen + [t for t in default if t not in chosen]
+    results["prefill_tile_sweep"] = {"tokens": n, "rows": rows, "chosen": best["tiles"] if best else None,
+                                     "list_before": [list(t) for t in default]}
     del q, k
 
 
@@ -423,6 +428,7 @@ def main(argv=None):
     p.add_argument("--smoke", action="store_true", help="toy sizes on CPU through Triton's interpreter")
     p.add_argument("--skip-before", action="store_true", help="skip the torch-backend ('before') rows")
     p.add_argument("--parts", nargs="*", default=["attention", "prefill", "decode"])
+    p.add_argument("--no-sweep", action="store_true", help="keep the tile lists (scripts/gpu_check.py sweeps first)")
     p.add_argument("--output", default=str(ROOT / "benchmarks" / "results" / "gpu_bench.json"))
     args = p.parse_args(argv)
     if args.smoke:
@@ -455,7 +461,7 @@ def main(argv=None):
     config = DCAConfig(shape["pretraining"])
     timer = Timer(device)
     before = not args.skip_before
-    if device.type == "cuda" and not os.environ.get("DCA_TRITON_BLOCKS"):
+    if device.type == "cuda" and not os.environ.get("DCA_TRITON_BLOCKS") and not args.no_sweep:
         sweep_prefill_tiles(shape, config, device, timer, results)
     if "attention" in args.parts:
         bench_attention(shape, config, device, timer, results, before)

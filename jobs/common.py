@@ -21,6 +21,7 @@ import sys
 from pipeline.config.job import DEFAULT_MAX_INPUT_TOKENS, DEFAULT_MAX_NEW_TOKENS, DEFAULT_PREFILL_BLOCK
 from pipeline.config.model import ModelSpec
 from pipeline.config.resolve import KV_CACHE_DTYPES
+from pipeline.config.task import TRUNCATION_POLICIES
 from pipeline.runtime.cluster import under_ray_job
 
 # Config-file keys and flags that map onto JobConfig fields under another name.
@@ -49,8 +50,9 @@ def add_common_flags(parser: argparse.ArgumentParser, *, task: str | None) -> No
         g.add_argument("--question-column",
                        help="'questions' (list<string>, default) or 'question' (string) column")
     g.add_argument("--templates", metavar="FILE", help="YAML/JSON prompt templates overriding the defaults")
-    g.add_argument("--truncation", choices=["middle", "end"],
-                   help="over-long documents: keep beginning and end (middle, default) or the beginning (end)")
+    g.add_argument("--truncation", choices=list(TRUNCATION_POLICIES),
+                   help="documents over --max-input-tokens: keep beginning and end (middle, default), the "
+                        "beginning (end), or answer them in sections and combine the answers (hierarchical)")
     g.add_argument("--base-template", dest="use_chat_template", action="store_const", const=False,
                    help="use the plain base-model template even when the tokenizer has a chat template")
     g = parser.add_argument_group("generation")

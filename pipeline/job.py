@@ -22,12 +22,15 @@ import dataclasses
 import hashlib
 import logging
 import os
+import sys
 from collections.abc import Callable
 
 from pipeline.config.job import JobConfig, check_parallelism, config_hash, job_fingerprint
+from pipeline.config.task import HIERARCHICAL
 from pipeline.data.input import (
     Document, InputSpec, check_input, check_output_apart, file_digests, iter_documents,
 )
+from pipeline.data.long_documents import LongDocumentPrompts, describe_hierarchical
 from pipeline.data.prompts import PromptBuilder, load_templates
 from pipeline.data.rows import dca_columns, job_columns
 from pipeline.data.writer import MANIFEST as MANIFEST_NAME
@@ -86,6 +89,12 @@ def _open_job(config: JobConfig, stopper: StopSignals, *, tokenizer, skip_factor
         tokenizer = load_tokenizer(config.model_spec)
     builder = PromptBuilder(tokenizer, task=config.task, templates=templates, max_input_tokens=config.max_input_tokens,
                             truncation=config.truncation, use_chat_template=config.use_chat_template)
+    long_prompts = None
+    if config.truncation == HIERARCHICAL:
+        long_prompts = LongDocumentPrompts(tokenizer, task=config.task, templates=templates,
+                                           max_input_tokens=config.max_input_tokens,
+                                           use_chat_template=config.use_chat_template)
+        print(describe_hierarchical(builder, long_prompts), file=sys.stderr, flush=True)
     cfg_hash = config_hash(config, templates, builder.template_kind, model_fingerprint(config.model_spec.model))
     fingerprint = job_fingerprint(config, cfg_hash, plan.identity)
     job_id = config.job_id or f"{config.task}-{fingerprint[:12]}"
@@ -111,7 +120,7 @@ def _open_job(config: JobConfig, stopper: StopSignals, *, tokenizer, skip_factor
                        dca=dca_cols)
     skip = skip_factory(cfg_hash) if skip_factory is not None else None
     return JobRun(config=config, plan=plan, builder=builder, writer=writer, metrics=metrics, base=base, skip=skip,
-                  stopper=stopper), extra
+                  stopper=stopper, long_prompts=long_prompts), extra
 
 
 def _run_job(config: JobConfig, stopper: StopSignals, *, pool_factory, tokenizer, skip_factory,

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from pipeline.config.engine import DEFAULT_MAX_BATCH_SIZE
 from pipeline.config.model import ModelError, ModelSpec
 from pipeline.config.resolve import KV_CACHE_DTYPES, check_prefill_block, normalize_prefill_block
-from pipeline.config.task import SamplingParams, sampling_params, settle_task_fields
+from pipeline.config.task import HIERARCHICAL, SamplingParams, sampling_params, settle_task_fields
 from pipeline.config.validate import check_choice, check_positive_ints
 
 # Production defaults, shared with the memory planner's flags (jobs.plan) so that a plan is made
@@ -50,7 +50,8 @@ class JobConfig:
     max_input_tokens: int = DEFAULT_MAX_INPUT_TOKENS
     # Tokens generated per output row at most.
     max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS
-    # "middle": keep beginning and end of the document; "end": keep the beginning only.
+    # Documents over max_input_tokens: "middle": keep beginning and end of the document; "end":
+    # keep the beginning only; "hierarchical": answer it in sections, then combine (nothing dropped).
     truncation: str = "middle"
     # YAML/JSON file overriding the prompt templates (pipeline.data.prompts.DEFAULT_TEMPLATES).
     templates_file: str | None = None
@@ -159,8 +160,11 @@ def config_hash(config: JobConfig, templates: dict, template_kind: str, model_fp
     """What determines a document's output besides its text: model (its content fingerprint, not
     its path), prompt, generation settings."""
     spec = {k: v for k, v in config.model_spec.to_dict().items() if k != "model"}
+    used = templates[config.task]
+    if config.truncation == HIERARCHICAL:  # the section and combine prompts shape its outputs too
+        used = {name: templates[name] for name in (config.task, f"{config.task}_section", f"{config.task}_combine")}
     return _hash({
-        "task": config.task, "model_spec": spec, "model_fingerprint": model_fp, "templates": templates[config.task],
+        "task": config.task, "model_spec": spec, "model_fingerprint": model_fp, "templates": used,
         "template_kind": template_kind, "max_input_tokens": config.max_input_tokens,
         "truncation": config.truncation, "sampling": dataclasses.asdict(config.sampling()),
     })[:16]

@@ -12,8 +12,11 @@ from dataclasses import dataclass
 from pipeline.config.validate import check_choice, check_int_at_least
 
 TASKS = ("summarize", "qa")
-# "middle": keep the beginning and the end of an over-long document; "end": keep the beginning.
-TRUNCATION_POLICIES = ("middle", "end")
+# What happens to a document longer than the prompt budget: "middle": its beginning and end are
+# kept; "end": its beginning is kept; "hierarchical": nothing is dropped, it is answered in sections
+# that are then combined (pipeline.data.long_documents).
+HIERARCHICAL = "hierarchical"
+TRUNCATION_POLICIES = ("middle", "end", HIERARCHICAL)
 
 # Per-task generation defaults (config fields left at None take these), shared by the jobs and the
 # processor so that both answer alike. Summaries: stop at the first blank line and keep the small

@@ -16,7 +16,9 @@ Every question of a document shares the prefix, which the engine prefills once.
 Truncation (documents only; instructions and questions are never cut):
 - "middle" (default): keep the beginning and the end of the document, drop the middle, and put a
   short marker (" [...] ") where text was dropped;
-- "end": keep the beginning, drop the end.
+- "end": keep the beginning, drop the end;
+- "hierarchical": nothing is dropped: a document over the budget is answered in sections
+  (pipeline.data.long_documents), with the template sets `{task}_section` and `{task}_combine`.
 The number of document tokens dropped is reported per row (truncated_tokens).
 """
 
@@ -27,7 +29,7 @@ import json
 import os
 from dataclasses import dataclass
 
-from pipeline.config.task import TASKS, TRUNCATION_POLICIES
+from pipeline.config.task import HIERARCHICAL, TASKS, TRUNCATION_POLICIES
 
 TRUNCATION_MARKER = " [...] "
 TEMPLATE_KEYS = ("system", "user", "response", "base")
@@ -54,6 +56,51 @@ DEFAULT_TEMPLATES: dict[str, dict[str, str]] = {
     },
 }
 
+# What a section answers when the question's answer is not in it (hierarchical QA), and the output
+# of a question no section could answer.
+NOT_FOUND = "NOT FOUND"
+
+# The template sets of the hierarchical policy, overridable in a templates file like the tasks':
+# `{task}_section` asks about one section of a long document, `{task}_combine` combines the
+# section outputs (its {document} is their list, in document order).
+HIERARCHICAL_TEMPLATES: dict[str, dict[str, str]] = {
+    "summarize_section": {
+        "system": "You are a careful assistant. You write short, faithful summaries.",
+        "user": "{document}\n\n---\nThe text above is one part of a longer document. Summarise this part in two "
+                "or three sentences, in your own words.",
+        "response": "Summary:",
+        "base": "Part of a longer document:\n{document}\n\nSummary of this part in two or three sentences:",
+    },
+    "summarize_combine": {
+        "system": "You are a careful assistant. You write short, faithful summaries.",
+        "user": "Summaries of consecutive parts of one document, in order:\n\n{document}\n\n---\nCombine them "
+                "into one summary of the whole document in two or three sentences, in your own words.",
+        "response": "Summary:",
+        "base": "Summaries of consecutive parts of one document, in order:\n{document}\n\n"
+                "One summary of the whole document in two or three sentences:",
+    },
+    "qa_section": {
+        "system": "You are a careful assistant. You answer questions using only the given text.",
+        "user": "Part of a longer document:\n{document}\n\nAnswer the question using only this part, in one or "
+                f"two sentences. If this part does not contain the answer, reply exactly: {NOT_FOUND}\n"
+                "Question: {question}",
+        "response": "",
+        "base": "Part of a longer document:\n{document}\n\nIf this part does not contain the answer, the answer "
+                f"is {NOT_FOUND}.\nQuestion: {{question}}\nAnswer:",
+    },
+    "qa_combine": {
+        "system": "You are a careful assistant. You answer questions using only the given notes.",
+        "user": "Answers to one question found in different parts of a document:\n{document}\n\n"
+                "Using only these answers, answer the question in one or two sentences.\nQuestion: {question}",
+        "response": "",
+        "base": "Answers to one question found in different parts of a document:\n{document}\n\n"
+                "Question: {question}\nAnswer:",
+    },
+}
+DEFAULT_TEMPLATES.update(HIERARCHICAL_TEMPLATES)
+# Every template set a templates file may override, and the task whose placeholders it takes.
+TEMPLATE_SETS = {**{task: task for task in TASKS}, **{name: name.split("_")[0] for name in HIERARCHICAL_TEMPLATES}}
+
 _DOC = "\ue000DOCUMENT\ue000"
 _QUESTION = "\ue000QUESTION\ue000"
 
@@ -77,8 +124,8 @@ def load_templates(path: str | None) -> dict[str, dict[str, str]]:
     if not isinstance(values, dict):
         raise ValueError(f"templates file {path}: expected a mapping {{task: {{system|user|response|base: text}}}}")
     for task, fields in values.items():
-        if task not in TASKS or not isinstance(fields, dict):
-            raise ValueError(f"templates file {path}: unknown task {task!r} (tasks: {TASKS})")
+        if task not in TEMPLATE_SETS or not isinstance(fields, dict):
+            raise ValueError(f"templates file {path}: unknown task {task!r} (template sets: {tuple(TEMPLATE_SETS)})")
         for key, text in fields.items():
             if key not in TEMPLATE_KEYS or not isinstance(text, str):
                 raise ValueError(f"templates file {path}: {task}.{key} must be one of {'/'.join(TEMPLATE_KEYS)}, "
@@ -88,13 +135,13 @@ def load_templates(path: str | None) -> dict[str, dict[str, str]]:
             # A user message of one's own comes without the default's answer start (written for
             # the default message).
             templates[task]["response"] = ""
-    for task in TASKS:
-        _check_template(task, templates[task], source=path)
+    for name, task in TEMPLATE_SETS.items():
+        _check_template(task, templates[name], source=path, name=name)
     return templates
 
 
-def _check_template(task: str, fields: dict[str, str], source: str | None = None) -> None:
-    where = f"templates{' file ' + source if source else ''}: {task}"
+def _check_template(task: str, fields: dict[str, str], source: str | None = None, name: str | None = None) -> None:
+    where = f"templates{' file ' + source if source else ''}: {name or task}"
     for key in ("user", "base"):
         text = fields[key]
         if text.count("{document}") != 1:
@@ -147,6 +194,7 @@ class PromptBuilder:
         self._between = self._encode(between)
         self._after = self._encode(after)
         self._marker = self._encode(TRUNCATION_MARKER) if truncation == "middle" else []
+        self.templates = fields
         self.template_tokens = len(self._before) + len(self._between) + len(self._after)
 
     @property
@@ -181,16 +229,31 @@ class PromptBuilder:
 
     def build(self, document: str, questions: list[str | None] | None = None) -> Prompt:
         """Token ids of one document's prompt; raises PromptError when even the template is too long."""
-        suffixes: list[list[int] | None]
+        return self.build_from_ids(self.encode(document), questions)
+
+    def encode(self, text: str) -> list[int]:
+        """A document's token ids as `build` tokenizes it (no special tokens)."""
+        return self._encode(text)
+
+    def suffixes(self, questions: list[str | None] | None) -> list[list[int] | None]:
+        """The suffix of each question (None for a question that is None); [[]] for summaries."""
         if self.task == "qa":
             if not questions:
                 raise PromptError("no question to answer")
-            suffixes = [self._encode(q) + self._after if q is not None else None for q in questions]
-        else:
-            suffixes = [[]]
+            return [self._encode(q) + self._after if q is not None else None for q in questions]
+        return [[]]
+
+    def document_budget(self, suffixes: list[list[int] | None]) -> int:
+        """Document tokens that fit beside the template and the longest of `suffixes`."""
         longest_suffix = max((len(s) for s in suffixes if s is not None), default=0)
-        doc_ids = self._encode(document)
-        budget = self.max_input_tokens - len(self._before) - len(self._between) - longest_suffix
+        return self.max_input_tokens - len(self._before) - len(self._between) - longest_suffix
+
+    def build_from_ids(self, doc_ids: list[int], questions: list[str | None] | None = None,
+                       suffixes: list[list[int] | None] | None = None) -> Prompt:
+        """`build` for a document already tokenized (`encode`; a section is a slice of a whole
+        document's ids); `suffixes`: the questions' suffixes when the caller has them already."""
+        suffixes = self.suffixes(questions) if suffixes is None else suffixes
+        budget = self.document_budget(suffixes)
         if budget < 16 + len(self._marker):
             raise PromptError(
                 f"the prompt template{' and question' if self.task == 'qa' else ''} alone take "
@@ -210,6 +273,9 @@ class PromptBuilder:
         """-> (ids that fit in `budget`, document tokens dropped)."""
         if len(ids) <= budget:
             return ids, 0
+        if self.truncation == HIERARCHICAL:
+            raise RuntimeError("under the hierarchical policy a document over the budget is answered in sections "
+                               "(pipeline.data.long_documents), never truncated")
         if self.truncation == "end":
             return ids[:budget], len(ids) - budget
         keep = budget - len(self._marker)

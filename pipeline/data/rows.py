@@ -2,10 +2,13 @@
 driver, the ray-data units, the Ray Data processor). Plain functions over plain data.
 
     prepared = prepare_document(doc, task=..., builder=..., base=..., sampling=...)
-    if prepared.request is None:                    # answered already: invalid input, prompt too long
-        emit(prepared.rows)
-    else:                                           # send prepared.request to the engine, then
+    if prepared.request is None and prepared.pending is None:   # answered already: invalid input,
+        emit(prepared.rows)                                      # prompt too long
+    elif prepared.request is not None:              # send prepared.request to the engine, then
         emit(result_rows(prepared.pending, results, base=..., builder=...))
+    else:                                           # split (hierarchical policy): drive
+        ...                                         # prepared.pending.split's calls, then
+        emit(split_rows(prepared.pending, base=...))
 
 A row is `base` (the columns every row of the run shares: task, model, hashes, job id, the DCA
 settings; `job_columns`, `dca_columns`) plus the document's own columns (`document_row`) plus what
@@ -27,6 +30,7 @@ from dataclasses import dataclass
 from pipeline.config.model import ModelError, ModelSpec, dca_config_for
 from pipeline.config.task import SamplingParams
 from pipeline.data.input import Document
+from pipeline.data.long_documents import LongDocumentPrompts, SplitDocument
 from pipeline.data.prompts import PromptBuilder, PromptError
 from pipeline.engine.requests import INTERNAL, INVALID_INPUT, PROMPT_TOO_LONG, GenerationRequest, GenerationResult
 
@@ -68,12 +72,15 @@ class PendingDocument:
     invalid_rows: list[dict]  # QA rows for questions that were not sent
     truncated_tokens: int
     prompt_tokens_sent: int
+    # A document answered in sections (hierarchical policy): its calls' state; None for one call.
+    split: SplitDocument | None = None
 
 
 @dataclass
 class PreparedDocument:
-    """A document made ready for the engine (`request`, and `pending` for its results), or
-    answered already (`request` None, `rows` its error rows)."""
+    """A document made ready for the engine (`request`, and `pending` for its results), split into
+    sections (`request` None, `pending.split` the calls to make), or answered already (`request`
+    and `pending` None, `rows` its error rows)."""
 
     rows: list[dict]
     request: GenerationRequest | None = None
@@ -120,9 +127,10 @@ def error_rows(base: dict, doc: Document, task: str, error_type: str, message: s
 
 
 def prepare_document(doc: Document, *, task: str, builder: PromptBuilder, base: dict, sampling: SamplingParams,
-                     rules: RowRules = JOB_ROWS) -> PreparedDocument:
+                     rules: RowRules = JOB_ROWS, long_prompts: LongDocumentPrompts | None = None) -> PreparedDocument:
     """`doc` made ready for the engine: its request (the request id is the document id as a
-    string: jobs send only documents with a unique id), or its error rows when it cannot be sent (a row error of
+    string: jobs send only documents with a unique id), its sections when it is over the budget
+    and `long_prompts` is given (the hierarchical policy), or its error rows when it cannot be sent (a row error of
     the input, every question invalid, a prompt too long)."""
     rejected = {"truncated_tokens": 0} if rules.truncated_tokens_on_rejected_rows else {}
     if doc.error_type:
@@ -136,8 +144,17 @@ def prepare_document(doc: Document, *, task: str, builder: PromptBuilder, base: 
     ] if questions else []
     if task == "qa" and not valid:
         return PreparedDocument(rows=invalid_rows)
+    sent_questions = [questions[i] for i in valid] if questions else None
     try:
-        prompt = builder.build(doc.text, [questions[i] for i in valid] if questions else None)
+        if long_prompts is None:
+            prompt = builder.build(doc.text, sent_questions)
+        else:
+            suffixes = builder.suffixes(sent_questions)
+            ids, offsets = long_prompts.tokenize(doc.text)
+            if len(ids) > builder.document_budget(suffixes):
+                return _split_document(doc, ids, offsets, sent_questions, valid, invalid_rows, long_prompts,
+                                       sampling)
+            prompt = builder.build_from_ids(ids, suffixes=suffixes)
     except PromptError as e:
         return PreparedDocument(rows=error_rows(base, doc, task, PROMPT_TOO_LONG,
                                                 f"{doc.source}: {rules.prompt_error_prefix}{e}", **rejected))
@@ -189,7 +206,44 @@ def result_rows(pending: PendingDocument, results: list[GenerationResult], *, ba
             truncated_tokens=pending.truncated_tokens, prefill_s=result.prefill_s, decode_s=result.decode_s,
             latency_s=result.wall_time_s, gpu_time_s=result.gpu_time_s,
             peak_memory_bytes=result.peak_memory_bytes, memory_kind=result.memory_kind,
-            replica=result.replica, attempts=result.attempts,
+            replica=result.replica, attempts=result.attempts, sections=1, levels=1, calls=1,
+        ))
+    rows.sort(key=lambda r: -1 if r["question_index"] is None else r["question_index"])
+    return rows
+
+
+def _split_document(doc: Document, ids: list[int], offsets, questions: list[str] | None, valid: list[int],
+                    invalid_rows: list[dict], long_prompts: LongDocumentPrompts,
+                    sampling: SamplingParams) -> PreparedDocument:
+    """A document over the budget under the hierarchical policy: its sections, ready to be driven."""
+    sections = long_prompts.cut(doc.text, offsets, long_prompts.section.suffixes(questions))
+    split = SplitDocument(key=str(doc.id), doc_ids=ids, sections=sections, questions=questions, sampling=sampling)
+    pending = PendingDocument(dataclasses.replace(doc, text=None), valid if questions else [None], invalid_rows,
+                              0, 0, split=split)
+    return PreparedDocument(rows=[], request=None, pending=pending)
+
+
+def split_rows(pending: PendingDocument, *, base: dict, rules: RowRules = JOB_ROWS) -> list[dict]:
+    """All output rows of a document answered in sections, in question order: one per question
+    sent (pending.split.outcomes, tokens and times summed over every call made for it), and the
+    rows of its questions that were not sent."""
+    doc, split = pending.doc, pending.split
+    rows = list(pending.invalid_rows)
+    for outcome, question_index in zip(split.outcomes, pending.question_indices):
+        error_message = outcome.error_message
+        if rules.source_in_engine_errors and error_message:
+            error_message = f"{doc.source}: {error_message}"
+        rows.append(document_row(
+            base, doc, question_index=question_index,
+            question=doc.questions[question_index] if question_index is not None else None,
+            output=outcome.output if outcome.status == "ok" else None, status=outcome.status,
+            error_type=outcome.error_type, error_message=error_message, prompt_tokens=outcome.prompt_tokens,
+            output_tokens=outcome.output_tokens, truncated_tokens=0, prefill_s=outcome.prefill_s,
+            decode_s=outcome.decode_s, latency_s=outcome.wall_time_s, gpu_time_s=outcome.gpu_time_s,
+            peak_memory_bytes=outcome.peak_memory_bytes, memory_kind=outcome.memory_kind, replica=outcome.replica,
+            attempts=outcome.attempts, sections=outcome.sections, levels=outcome.levels, calls=outcome.calls,
+            section_outputs=[piece.to_dict() for piece in sorted(outcome.section_outputs,
+                                                                  key=lambda p: (p.level, p.index))],
         ))
     rows.sort(key=lambda r: -1 if r["question_index"] is None else r["question_index"])
     return rows

@@ -11,6 +11,12 @@ from __future__ import annotations
 
 import pyarrow as pa
 
+# The output of each call made for a row answered in sections (pipeline.data.long_documents).
+SECTION_OUTPUTS_TYPE = pa.list_(pa.struct([
+    pa.field("level", pa.int32()), pa.field("index", pa.int32()), pa.field("first_token", pa.int64()),
+    pa.field("end_token", pa.int64()), pa.field("output", pa.string()),
+]))
+
 # One row per (document, question). Declared up front: every part has exactly this schema, even
 # a part whose rows are all ok (error columns typed and null) or all errors.
 OUTPUT_SCHEMA = pa.schema([
@@ -25,9 +31,18 @@ OUTPUT_SCHEMA = pa.schema([
     pa.field("status", pa.string(), nullable=False, metadata={"doc": "ok | error"}),
     pa.field("error_type", pa.string()),
     pa.field("error_message", pa.string()),
-    pa.field("prompt_tokens", pa.int64(), metadata={"doc": "tokens sent to the model (after truncation)"}),
+    pa.field("prompt_tokens", pa.int64(), metadata={"doc": "tokens sent to the model (after truncation; summed over calls)"}),
     pa.field("output_tokens", pa.int64()),
     pa.field("truncated_tokens", pa.int64(), metadata={"doc": "document tokens dropped to fit max_input_tokens"}),
+    pa.field("sections", pa.int32(), metadata={
+        "doc": "sections the document was answered in: 1 for one prompt, more under truncation=hierarchical"}),
+    pa.field("levels", pa.int32(), metadata={
+        "doc": "levels of engine calls: 1 = one prompt or the sections only, 2 = sections then one combine, ..."}),
+    pa.field("calls", pa.int32(), metadata={
+        "doc": "engine calls made for the row; tokens and times of the row are summed over them"}),
+    pa.field("section_outputs", SECTION_OUTPUTS_TYPE, metadata={
+        "doc": "hierarchical: every call's output for the row (level 0: a section; k: a combination of "
+               "level k-1), with the document tokens it covers; null for one prompt"}),
     pa.field("prefill_s", pa.float64(), metadata={"doc": "time to first token"}),
     pa.field("decode_s", pa.float64()),
     pa.field("latency_s", pa.float64(), metadata={"doc": "wall clock of the request on rank 0"}),

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 from pipeline.config.job import JobConfig
 from pipeline.data.input import Document, InputPlan
+from pipeline.data.long_documents import LongDocumentPrompts
 from pipeline.data.prompts import PromptBuilder
 from pipeline.data.writer import OutputWriter
 from pipeline.metrics.job import JobMetrics
@@ -17,7 +18,8 @@ from pipeline.runtime.stops import StopSignals
 class JobRun:
     """One run of a job: its settings, its checked input, its prompt builder, its output (opened:
     resumed or fresh), its metrics, the columns every row shares (`base`), the documents to leave
-    out (`skip`, nightly: already summarised) and its stop signals."""
+    out (`skip`, nightly: already summarised), its stop signals and, under the hierarchical
+    policy, the prompts of documents answered in sections."""
 
     config: JobConfig
     plan: InputPlan
@@ -27,3 +29,5 @@ class JobRun:
     base: dict
     skip: Callable[[Document], bool] | None
     stopper: StopSignals
+    # The section and combine prompts of the hierarchical policy (truncation="hierarchical"), else None.
+    long_prompts: LongDocumentPrompts | None = None

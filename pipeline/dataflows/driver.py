@@ -6,6 +6,11 @@ longest first (long documents do not trail at the end of the job), and at most `
 requests are inside the engine at any time (backpressure: the reader waits for the engine). The
 engine batches short prompts together inside a replica.
 
+Documents over the budget under the hierarchical policy (pipeline.data.long_documents) are several
+calls: their sections go into the window like any request, and the calls their results make
+possible (combinations) are sent before the next documents' requests; the document's rows are
+committed when its last call is answered.
+
 Exactly once: a document's rows are committed together by the output writer; a rerun skips
 committed documents. The engine retries requests of a failed replica on another one and returns
 one result list per request; a second answer for the same request is dropped (InFlight).
@@ -19,7 +24,8 @@ from collections.abc import Callable, Iterable, Iterator
 
 from pipeline.config.job import JobConfig
 from pipeline.data.input import Document, iter_documents
-from pipeline.data.rows import InFlight, PendingDocument, prepare_document, result_rows
+from pipeline.data.long_documents import requests_with_follow_ups
+from pipeline.data.rows import InFlight, PendingDocument, prepare_document, result_rows, split_rows
 from pipeline.dataflows.budget import FailureBudget
 from pipeline.dataflows.context import JobRun
 from pipeline.engine.requests import GenerationRequest, GenerationResult
@@ -49,6 +55,10 @@ class DriverDataflow:
         self.live = LiveMetrics(run=job.metrics.job_id)
         # Rows an earlier run committed, when this dataflow counts them itself (None: the writer's count).
         self.resumed_rows: int | None = None
+        # Split documents (hierarchical policy): calls their answers made possible, not yet sent,
+        # and the documents with calls outstanding.
+        self.follow_ups: list[GenerationRequest] = []
+        self.open_splits = 0
 
     @property
     def needs_ray(self) -> bool:
@@ -64,7 +74,9 @@ class DriverDataflow:
         stops; engine stats, read at the end by engine_stats())."""
         job = self.job
         self.progress = progress_bar(self.config, max(job.plan.num_rows - len(job.writer.committed), 0))
-        for results in self.pool.run(self.requests(iter_documents(job.plan)), self.config.in_flight):
+        source = requests_with_follow_ups(self.requests(iter_documents(job.plan)), self.follow_ups,
+                                          lambda: self.open_splits > 0 and not self.stop_reason)
+        for results in self.pool.run(source, self.config.in_flight):
             self.on_results(results)
             if self.stop_reason:
                 break
@@ -140,11 +152,15 @@ class DriverDataflow:
                 continue
             self.budget.documents_read += 1
             prepared = prepare_document(doc, task=self.config.task, builder=job.builder, base=job.base,
-                                        sampling=self.sampling)
-            if prepared.request is None:
+                                        sampling=self.sampling, long_prompts=job.long_prompts)
+            if prepared.request is not None:
+                window.append((prepared.request, prepared.pending))
+            elif prepared.pending is not None:  # split into sections: each a request of the window
+                self.open_splits += 1
+                window += [(request, prepared.pending) for request in prepared.pending.split.start(job.long_prompts)]
+            else:
                 self.emit(prepared.rows)
                 continue
-            window.append((prepared.request, prepared.pending))
             if len(window) >= self.config.window:
                 yield from self._release(window)
                 window = []
@@ -166,5 +182,16 @@ class DriverDataflow:
         if pending is None:
             return
         self.live.answered(results)
-        rows = result_rows(pending, results, base=self.job.base, builder=self.job.builder)
-        self.emit(rows, results, pending.prompt_tokens_sent)
+        split = pending.split
+        if split is None:
+            rows = result_rows(pending, results, base=self.job.base, builder=self.job.builder)
+            self.emit(rows, results, pending.prompt_tokens_sent)
+            return
+        follow = split.on_results(results[0].request_id, results, self.job.long_prompts)
+        for request in follow:
+            self.in_flight.add(request.request_id, pending)
+        self.live.queued(len(follow))
+        self.follow_ups.extend(follow)
+        if split.finished:
+            self.open_splits -= 1
+            self.emit(split_rows(pending, base=self.job.base), split.results, split.tokens_sent)

@@ -42,9 +42,11 @@ from collections.abc import Callable
 import pyarrow as pa
 
 from pipeline.config.processor import DCAProcessorConfig
+from pipeline.config.task import HIERARCHICAL
 from pipeline.data.input import cells_as_bytes, document_from_cells
+from pipeline.data.long_documents import LongDocumentPrompts, requests_with_follow_ups
 from pipeline.data.prompts import PromptBuilder, load_templates
-from pipeline.data.rows import PROCESSOR_ROWS, dca_columns, prepare_document, result_rows
+from pipeline.data.rows import PROCESSOR_ROWS, dca_columns, prepare_document, result_rows, split_rows
 from pipeline.data.schema import PROCESSOR_COLUMNS, PROCESSOR_FIELDS
 from pipeline.metrics.live import LiveMetrics
 
@@ -107,6 +109,14 @@ def _row_source(row: int) -> str:
     return f"row {row} of this batch"
 
 
+def _long_prompts(config: DCAProcessorConfig, tokenizer) -> LongDocumentPrompts | None:
+    """The prompts of documents answered in sections (truncation "hierarchical"), else None."""
+    if config.truncation != HIERARCHICAL:
+        return None
+    return LongDocumentPrompts(tokenizer, task=config.task, templates=load_templates(None),
+                               max_input_tokens=config.max_input_tokens, use_chat_template=config.use_chat_template)
+
+
 def _base_row(config: DCAProcessorConfig) -> dict:
     """The columns every row of the processor shares: the DCA settings in effect."""
     from pipeline.engine.models import load_model_config
@@ -123,11 +133,13 @@ class PromptStage:
 
         self.config = DCAProcessorConfig.from_dict(config)
         spec = self.config.model_spec()
+        tokenizer = load_tokenizer(spec)
         self.builder = PromptBuilder(
-            load_tokenizer(spec), task=self.config.task, templates=load_templates(None),
+            tokenizer, task=self.config.task, templates=load_templates(None),
             max_input_tokens=self.config.max_input_tokens, truncation=self.config.truncation,
             use_chat_template=self.config.use_chat_template,
         )
+        self.long_prompts = _long_prompts(self.config, tokenizer)
         self.base = _base_row(self.config)
         self.sampling = self.config.sampling()
 
@@ -152,7 +164,8 @@ class PromptStage:
             doc = document_from_cells(raw_id, raw_text, raw_q, source=where, has_questions=c.task == "qa",
                                       questions_are_lists=is_list)
             prepared.append(pickle.dumps(prepare_document(doc, task=c.task, builder=self.builder, base=self.base,
-                                                          sampling=self.sampling, rules=PROCESSOR_ROWS), protocol=5))
+                                                          sampling=self.sampling, rules=PROCESSOR_ROWS,
+                                                          long_prompts=self.long_prompts), protocol=5))
         return batch.append_column(PREPARED_COLUMN, pa.array(prepared, pa.large_binary()))
 
 
@@ -166,6 +179,11 @@ class EngineStage:
         self.config = DCAProcessorConfig.from_dict(config)
         self.base = _base_row(self.config)
         self.builder = None  # outputs are not stripped of the response prefix (PROCESSOR_ROWS)
+        self.long_prompts = None
+        if self.config.truncation == HIERARCHICAL:  # documents answered in sections: their later calls
+            from pipeline.engine.models import load_tokenizer
+
+            self.long_prompts = _long_prompts(self.config, load_tokenizer(self.config.model_spec()))
         self.name = f"dca-{os.getpid()}-{uuid.uuid4().hex[:6]}"
         self.metrics = LiveMetrics(run=run_id, replica=self.name)
         self.pool = self._start_engine()
@@ -175,34 +193,57 @@ class EngineStage:
 
         return ReplicaPool(self.config.engine_config()).start()
 
-    def _answer(self, requests):
-        """Results of each request (a list per request, in completion order)."""
-        return self.pool.run(requests, max_in_flight=max(1, len(requests)))
+    def _answer(self, requests, max_in_flight: int):
+        """Results of each request (a list per request, in completion order). `requests` is an
+        iterable that may yield None: wait for a result (ReplicaPool.run's contract)."""
+        return self.pool.run(requests, max_in_flight=max_in_flight)
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         prepared = [pickle.loads(p) for p in batch.column(PREPARED_COLUMN).to_pylist()]
         requests, row_of = [], {}
         for i, item in enumerate(prepared):
-            if item.request is None:
-                continue
-            request_id = f"{self.name}-{next(self._ids)}"  # ids may repeat in a processor's input
-            requests.append(dataclasses.replace(item.request, request_id=request_id))
-            row_of[request_id] = i
+            if item.request is not None:
+                request_id = f"{self.name}-{next(self._ids)}"  # ids may repeat in a processor's input
+                requests.append(dataclasses.replace(item.request, request_id=request_id))
+                row_of[request_id] = i
+            elif item.pending is not None:  # answered in sections: its first calls
+                item.pending.split.key = f"{self.name}-{next(self._ids)}"
+                for call in item.pending.split.start(self.long_prompts):
+                    requests.append(call)
+                    row_of[call.request_id] = i
         answers: dict[int, list] = {}
         self.metrics.queued(len(requests))
         start = time.monotonic()
-        for results in self._answer(requests):
+        follow_ups: list = []
+        open_splits = [sum(item.request is None and item.pending is not None for item in prepared)]
+        source = requests_with_follow_ups(requests, follow_ups, lambda: open_splits[0] > 0)
+        for results in self._answer(source, max(1, len(requests))):
             for result in results:
                 result.replica = f"{self.name}/{result.replica}"
-            answers[row_of[results[0].request_id]] = results
+            i = row_of[results[0].request_id]
             self.metrics.answered(results)
+            split = prepared[i].pending.split if prepared[i].pending is not None else None
+            if split is None:
+                answers[i] = results
+                continue
+            follow = split.on_results(results[0].request_id, results, self.long_prompts)
+            for call in follow:
+                row_of[call.request_id] = i
+            self.metrics.queued(len(follow))
+            follow_ups.extend(follow)
+            if split.finished:
+                open_splits[0] -= 1
+                answers[i] = split.results
         self.metrics.throughput(sum(r.output_tokens for rs in answers.values() for r in rs), time.monotonic() - start)
         # The input's own columns are carried with Arrow `take`, never decoded: a non-UTF-8 text
         # is an error row here, and must not break the rows around it.
         taken, out = [], []
         for i, item in enumerate(prepared):
-            rows = item.rows if item.request is None else result_rows(
-                item.pending, answers.get(i, []), base=self.base, builder=self.builder, rules=PROCESSOR_ROWS)
+            if item.request is None and item.pending is not None:
+                rows = split_rows(item.pending, base=self.base, rules=PROCESSOR_ROWS)
+            else:
+                rows = item.rows if item.request is None else result_rows(
+                    item.pending, answers.get(i, []), base=self.base, builder=self.builder, rules=PROCESSOR_ROWS)
             out.extend(rows)
             taken.extend([i] * len(rows))
             self.metrics.document(rows)

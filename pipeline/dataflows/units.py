@@ -36,9 +36,11 @@ import uuid
 import pyarrow as pa
 
 from pipeline.config.job import JobConfig
+from pipeline.config.task import HIERARCHICAL
 from pipeline.data.input import InputPlan, WorkUnit, parse_unit_key, plan_units, read_unit, unit_duplicates
+from pipeline.data.long_documents import LongDocumentPrompts, requests_with_follow_ups
 from pipeline.data.prompts import PromptBuilder, load_templates
-from pipeline.data.rows import InFlight, prepare_document, result_rows
+from pipeline.data.rows import InFlight, prepare_document, result_rows, split_rows
 from pipeline.data.schema import id_type_name
 from pipeline.data.writer import (
     STAGING, OutputWriteError, OutputWriter, commit_unit, committed_unit_keys, unit_part_name,
@@ -117,20 +119,28 @@ def _read_units(batch: pa.Table, *, plan: InputPlan, duplicates: dict) -> pa.Tab
     return pa.table({"key": pa.array(keys, pa.string()), "payload": pa.array(payloads, pa.large_binary())})
 
 
-def _builder(config: JobConfig) -> PromptBuilder:
+def _builders(config: JobConfig) -> tuple[PromptBuilder, LongDocumentPrompts | None]:
+    """The job's prompt builder, and the prompts of documents answered in sections (hierarchical)."""
     from pipeline.engine.models import load_tokenizer
 
-    return PromptBuilder(load_tokenizer(config.model_spec), task=config.task,
-                         templates=load_templates(config.templates_file), max_input_tokens=config.max_input_tokens,
-                         truncation=config.truncation, use_chat_template=config.use_chat_template)
+    tokenizer, templates = load_tokenizer(config.model_spec), load_templates(config.templates_file)
+    builder = PromptBuilder(tokenizer, task=config.task, templates=templates, max_input_tokens=config.max_input_tokens,
+                            truncation=config.truncation, use_chat_template=config.use_chat_template)
+    long_prompts = None
+    if config.truncation == HIERARCHICAL:
+        long_prompts = LongDocumentPrompts(tokenizer, task=config.task, templates=templates,
+                                           max_input_tokens=config.max_input_tokens,
+                                           use_chat_template=config.use_chat_template)
+    return builder, long_prompts
 
 
 class UnitPromptStage:
-    """CPU actor with the tokenizer: a unit's Documents -> its error rows and its requests."""
+    """CPU actor with the tokenizer: a unit's Documents -> its error rows and its requests (a
+    document answered in sections: no request, its pending document holds the split)."""
 
     def __init__(self, config: JobConfig, base_row: dict, skip, ledger) -> None:
         self.config, self.base_row, self.skip, self.ledger = config, base_row, skip, ledger
-        self.builder = _builder(config)
+        self.builder, self.long_prompts = _builders(config)
         self.sampling = config.sampling()
         self.live = LiveMetrics(run=base_row["job_id"])
 
@@ -148,8 +158,8 @@ class UnitPromptStage:
                     continue
                 read += 1
                 prepared = prepare_document(doc, task=self.config.task, builder=self.builder, base=self.base_row,
-                                            sampling=self.sampling)
-                if prepared.request is None:
+                                            sampling=self.sampling, long_prompts=self.long_prompts)
+                if prepared.request is None and prepared.pending is None:
                     self.live.document(prepared.rows)
                     emitted.append((prepared.rows, None, 0))
                 else:
@@ -170,7 +180,7 @@ class UnitEngineStage:
         self.config = dataclasses.replace(config, replicas=1, progress=False)
         self.base_row, self.ledger = base_row, ledger
         self.name = f"dca-{os.getpid()}-{uuid.uuid4().hex[:6]}"
-        self.builder = _builder(config)
+        self.builder, self.long_prompts = _builders(config)
         self.live = LiveMetrics(run=base_row["job_id"])
         self.pool = self._start_with_retries()
 
@@ -195,7 +205,8 @@ class UnitEngineStage:
         return start_pool(self.config)
 
     def _answer(self, requests):
-        """Results of each request (a list per request, in completion order)."""
+        """Results of each request (a list per request, in completion order). `requests` is an
+        iterable that may yield None: wait for a result (ReplicaPool.run's contract)."""
         return self.pool.run(requests, self.config.in_flight)
 
     def __call__(self, batch: pa.Table) -> pa.Table:
@@ -208,21 +219,44 @@ class UnitEngineStage:
             prepared = pickle.loads(payload)
             emitted = prepared["emitted"]
             in_flight = InFlight()
-            items = sorted(prepared["items"], key=lambda item: item[0].prompt_tokens, reverse=True)
+            items = []
+            for request, pending in prepared["items"]:
+                if request is not None:
+                    items.append((request, pending))
+                else:  # a document answered in sections: its first calls
+                    items += [(call, pending) for call in pending.split.start(self.long_prompts)]
+            items.sort(key=lambda item: item[0].prompt_tokens, reverse=True)
             for request, pending in items:
                 in_flight.add(request.request_id, pending)
             self.live.queued(len(items))
+            open_splits = [sum(pending.split is not None for _, pending in prepared["items"])]
+            follow_ups: list = []
             if items:
-                for results in self._answer([request for request, _ in items]):
+                source = requests_with_follow_ups([request for request, _ in items], follow_ups,
+                                                  lambda: open_splits[0] > 0)
+                for results in self._answer(source):
                     for result in results:  # which actor's replica answered (metrics per rank)
                         result.replica = f"{self.name}/{result.replica}"
                     pending = in_flight.answer(results)
                     if pending is None:
                         continue
                     self.live.answered(results)
-                    rows = result_rows(pending, results, base=self.base_row, builder=self.builder)
-                    self.live.document(rows)
-                    emitted.append((rows, results, pending.prompt_tokens_sent))
+                    if pending.split is None:
+                        rows = result_rows(pending, results, base=self.base_row, builder=self.builder)
+                        self.live.document(rows)
+                        emitted.append((rows, results, pending.prompt_tokens_sent))
+                        continue
+                    split = pending.split
+                    follow = split.on_results(results[0].request_id, results, self.long_prompts)
+                    for request in follow:
+                        in_flight.add(request.request_id, pending)
+                    self.live.queued(len(follow))
+                    follow_ups.extend(follow)
+                    if split.finished:
+                        open_splits[0] -= 1
+                        rows = split_rows(pending, base=self.base_row)
+                        self.live.document(rows)
+                        emitted.append((rows, split.results, split.tokens_sent))
             if len(in_flight):
                 raise RuntimeError(f"the engine finished without answering {len(in_flight)} request(s)")
             out.append(pickle.dumps({"emitted": emitted, "counts": prepared["counts"]}, protocol=5))

@@ -209,8 +209,14 @@ class ReplicaPool:
             self._fail(entry, *dead)
         return future
 
-    def run(self, requests: Iterable[GenerationRequest], max_in_flight: int = 16) -> Iterator[list[GenerationResult]]:
-        """Submits lazily (at most max_in_flight waiting or running) and yields results as they complete."""
+    def run(self, requests: Iterable[GenerationRequest | None],
+            max_in_flight: int = 16) -> Iterator[list[GenerationResult]]:
+        """Submits lazily (at most max_in_flight waiting or running) and yields results as they complete.
+
+        `requests` may yield None: nothing to submit until a result has come back (the next call of
+        a document answered in sections depends on the results of its earlier calls); it is asked
+        again after the next result. A None while nothing is in flight could never be followed by
+        a request: RuntimeError."""
         if max_in_flight < 1:
             raise ValueError(f"max_in_flight must be >= 1, got {max_in_flight}")
         done: queue.Queue = queue.Queue()
@@ -223,6 +229,10 @@ class ReplicaPool:
                     request = next(source)
                 except StopIteration:
                     exhausted = True
+                    break
+                if request is None:
+                    if in_flight == 0:
+                        raise RuntimeError("the request source waits for a result while no request is in flight")
                     break
                 self.submit(request).add_done_callback(done.put)
                 in_flight += 1

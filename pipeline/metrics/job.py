@@ -80,6 +80,10 @@ class JobMetrics:
         self.output_tokens = 0
         self.truncated_tokens = 0
         self.documents_truncated = 0
+        # Documents answered in sections (truncation hierarchical), and engine calls made (one per
+        # request: a document answered in one prompt is one call).
+        self.documents_split = 0
+        self.engine_calls = 0
         self.device_seconds = 0.0
         self.gpu_seconds = 0.0
         self.device_kinds: set[str] = set()
@@ -118,6 +122,8 @@ class JobMetrics:
         truncated = max((r.get("truncated_tokens") or 0) for r in rows)
         self.truncated_tokens += truncated
         self.documents_truncated += truncated > 0
+        self.documents_split += any((r.get("sections") or 0) > 1 for r in rows)
+        self.engine_calls += len({result.request_id for result in results or ()})
         for row in rows:
             if row["status"] == "ok":
                 self.rows_ok += 1
@@ -137,7 +143,8 @@ class JobMetrics:
         """Adds another accumulator's documents (the Ray Data dataflow counts its documents in a
         ledger actor, off the driver, and the driver merges the ledger's totals at the end)."""
         for name in ("documents_ok", "documents_error", "documents_skipped", "rows_ok", "rows_error", "prompt_tokens",
-                     "output_tokens", "truncated_tokens", "documents_truncated", "device_seconds", "gpu_seconds"):
+                     "output_tokens", "truncated_tokens", "documents_truncated", "documents_split", "engine_calls",
+                     "device_seconds", "gpu_seconds"):
             setattr(self, name, getattr(self, name) + getattr(other, name))
         self.error_types.update(other.error_types)
         for kind, message in other.first_errors.items():
@@ -224,7 +231,9 @@ class JobMetrics:
                 "skipped": self.documents_skipped,
                 "already_committed": self.documents_resumed,
                 "truncated": self.documents_truncated,
+                "split": self.documents_split,
             },
+            "engine_calls": self.engine_calls,
             "rows": {"ok": self.rows_ok, "error": self.rows_error, "error_types": dict(self.error_types),
                      "first_error_by_type": self.first_errors},
             "tokens": {
@@ -271,7 +280,8 @@ class JobMetrics:
             job[key] = round(sum(r.get(key) or 0.0 for r in runs), 3)
         job["documents"] = {"input_rows": latest["documents"]["input_rows"],
                             **{key: sum(r["documents"].get(key, 0) for r in runs)
-                               for key in ("ok", "error", "skipped", "truncated")}}
+                               for key in ("ok", "error", "skipped", "truncated", "split")}}
+        job["engine_calls"] = sum(r.get("engine_calls", 0) for r in runs)
         types: Counter = Counter()
         first: dict = {}
         for r in runs:

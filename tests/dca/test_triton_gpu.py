@@ -35,7 +35,7 @@ def rope_table(config, dim):
     return angles.cos(), angles.sin()
 
 
-@pytest.mark.parametrize("tq", [1, 4, 300, 2048])
+@pytest.mark.parametrize("tq", [1, 4, 16, 300, 2048])
 @pytest.mark.parametrize("int8", [False, True])
 def test_float32_kernels_match_the_float64_reference(tq, int8):
     from dca import triton_kernels
@@ -164,3 +164,100 @@ def test_chunked_prefill_at_64k_stays_linear_in_memory():
     kv = cache.nbytes()
     extra = torch.cuda.max_memory_allocated() - base - kv
     assert extra < 256 * 2**20, extra  # activations of one block, not of 64k tokens
+
+
+def test_packed_rows_in_one_launch_match_the_float64_reference_on_the_gpu():
+    """Decode rows split over many programs and merged by the last one (an atomic counter per
+    split group: only a GPU runs programs concurrently), prompt blocks, an empty row, int8."""
+    from dca import triton_kernels
+
+    config = DCAConfig(64, chunk_size=48, local_window=8)  # L = 40
+    g = torch.Generator().manual_seed(0)
+    hq, hkv, d = 8, 1, 128
+    q_len, past = [1, 1, 0, 300, 3, 16], [5000, 333, 12, 45, 90, 700]
+    q_start = [sum(q_len[:r]) for r in range(len(q_len))]
+    cos, sin = rope_table(config, d)
+    for int8 in (False, True):
+        caps = [p + n + 5 for p, n in zip(past, q_len)]
+        if int8:
+            keys = [torch.randint(-127, 128, (1, hkv, c, d), generator=g, dtype=torch.int8) for c in caps]
+            values = [torch.randint(-127, 128, (1, hkv, c, d), generator=g, dtype=torch.int8) for c in caps]
+            ks = [torch.rand(1, hkv, c, 1, generator=g) / 50 for c in caps]
+            vs = [torch.rand(1, hkv, c, 1, generator=g) / 50 for c in caps]
+        else:
+            keys = [torch.randn(1, hkv, c, d, generator=g) for c in caps]
+            values = [torch.randn(1, hkv, c, d, generator=g) for c in caps]
+            ks = vs = None
+        q = torch.randn(1, hq, sum(q_len), d, generator=g)
+        scale = [d**-0.5 * (1 + 0.1 * r) for r in range(len(q_len))]
+        rows = triton_kernels.PackedRows.build(q_start, q_len, past, scale, "cuda")
+        caches = triton_kernels.RowCaches.from_tensors([t.cuda() for t in keys], [t.cuda() for t in values],
+                                                       [t.cuda() for t in ks] if int8 else None,
+                                                       [t.cuda() for t in vs] if int8 else None)
+        for _ in range(2):  # the counters reset themselves: a second launch (the next layer) is right too
+            out = triton_kernels.packed_attention(q.cuda(), rows, caches, cos.float().cuda(), sin.float().cuda(), config)
+            out = out.cpu().double()
+            for r, (s0, n, p) in enumerate(zip(q_start, q_len, past)):
+                if n:
+                    ref = reference_cache_attention(q[:, :, s0 : s0 + n], keys[r], values[r],
+                                                    torch.zeros(1, dtype=torch.int32), p + n, torch.tensor([scale[r]]),
+                                                    cos, sin, config, ks[r][..., 0] if int8 else None,
+                                                    vs[r][..., 0] if int8 else None)
+                    assert (out[:, :, s0 : s0 + n] - ref).abs().max() <= 1e-5 * ref.abs().max()
+        tiles = triton_kernels._tile_choices("packed", torch.device("cuda"), torch.float32)[0]
+        items = rows.work(hq // hkv, hkv, tiles[0], tiles[1])[0]
+        assert int(items[:, 5].max()) > 1  # decode rows were split
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_int8_store_equals_kv_quant_bit_for_bit_on_the_gpu(dtype):
+    """Exactly rounded division in the compiled store (the approximate `/` is off by an ulp,
+    which moves values at rounding ties by one int8 step)."""
+    from dca import triton_kernels
+    from dca.kv_quant import quantize_int8
+
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(2, 4, 300, 128, generator=g) * 3
+    x[:, :, :20, 0] = 127.0  # scale exactly 1: the next columns are ties and near-ties
+    x[:, :, :20, 1:9] = torch.tensor([0.5, 1.5, 2.5, -0.5, -2.5, 0.49999997, 126.5, -3.5])
+    x = x.to(dtype)
+    cos = torch.ones(25, 128, dtype=dtype, device="cuda")
+    sin = torch.zeros(25, 128, dtype=dtype, device="cuda")
+    kq = torch.zeros(2, 4, 320, 128, dtype=torch.int8, device="cuda")
+    vq, ks, vs = torch.zeros_like(kq), torch.zeros(2, 4, 320, device="cuda"), torch.zeros(2, 4, 320, device="cuda")
+    zero = torch.zeros(1, dtype=torch.int32, device="cuda")
+    triton_kernels.store(x.cuda(), x.cuda(), kq, vq, cos, sin, torch.zeros(2, dtype=torch.int32, device="cuda"), zero,
+                         20, ks, vs)
+    ref, ref_scale = quantize_int8(x)
+    assert torch.equal(vq[:, :, :300].cpu(), ref) and torch.equal(kq[:, :, :300].cpu(), ref)
+    assert torch.equal(vs[:, :, :300].cpu(), ref_scale[..., 0])
+
+
+def test_output_in_place_and_every_tile_loads():
+    """out= a token-major buffer; and every tile of this GPU's lists compiles and loads (the
+    compile table says they do for sm_80 and sm_90a; this GPU's driver has the last word)."""
+    from dca import triton_kernels
+
+    config = DCAConfig(1024)
+    g = torch.Generator().manual_seed(2)
+    k = torch.randn(2, 2, 700, 128, generator=g).cuda().to(torch.bfloat16)
+    args = (torch.tensor([0, 30], dtype=torch.int32, device="cuda"), torch.tensor([700], dtype=torch.int32, device="cuda"),
+            torch.full((2,), 128**-0.5, device="cuda"), *(t.to(torch.bfloat16).cuda() for t in rope_table(config, 128)),
+            config)
+    major, minor = torch.cuda.get_device_capability()
+    lists = triton_kernels.CUDA_TILES[triton_kernels.arch_family(major * 10 + minor)]
+    for tq in (3, 200):
+        q = torch.randn(2, tq, 8, 128, generator=g).cuda().to(torch.bfloat16).transpose(1, 2)
+        want = triton_kernels.attention(q, k, k, *args)
+        buffer = torch.empty(2, tq, 8, 128, dtype=torch.bfloat16, device="cuda")
+        triton_kernels.attention(q, k, k, *args, out=buffer.transpose(1, 2))
+        assert torch.equal(buffer.transpose(1, 2), want)
+        kind = "decode" if tq <= triton_kernels.DECODE_MAX_QUERIES else "prefill"
+        saved = list(lists[kind])
+        try:
+            for tiles in saved:
+                lists[kind] = [tiles]
+                got = triton_kernels.attention(q, k, k, *args)  # raises KernelUnavailable if it cannot load
+                assert (got.float() - want.float()).abs().max() <= 2e-2 * want.float().abs().max()
+        finally:
+            lists[kind] = saved

@@ -124,6 +124,7 @@ class FakePool:
         self.max_seen_in_flight = 0
         self.order: list[str] = []
         self.prompt_tokens: list[int] = []
+        self.requests: list = []
         self.stopped = False
 
     def _answer(self, request):
@@ -150,8 +151,14 @@ class FakePool:
     def run(self, requests, max_in_flight):
         in_flight: deque = deque()
         for request in requests:
+            if request is None:  # the source waits for a result (ReplicaPool.run's contract)
+                if not in_flight:
+                    raise RuntimeError("the request source waits for a result while no request is in flight")
+                yield self._answer(in_flight.popleft())
+                continue
             self.order.append(request.request_id)
             self.prompt_tokens.append(request.prompt_tokens)
+            self.requests.append(request)
             in_flight.append(request)
             self.max_seen_in_flight = max(self.max_seen_in_flight, len(in_flight))
             if len(in_flight) >= max_in_flight:

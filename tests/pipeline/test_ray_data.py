@@ -178,3 +178,29 @@ def test_summaries_on_tp2_with_non_utf8_rows(ray_local, tiny_chat_model, tmp_pat
     assert rows["a"]["status"] == "ok" and rows["c"]["status"] == "ok"
     assert rows["b"]["error_type"] == "invalid_input" and "text is not valid UTF-8" in rows["b"]["error_message"]
     assert rows["a"]["question_index"] is None and len(rows) == 3
+
+
+def test_hierarchical_processor_answers_like_the_job(ray_local, tiny_chat_model, tmp_path):
+    """truncation="hierarchical" in the processor: documents over the budget answered in sections,
+    the same outputs, sections and calls as the job's (the processor keeps no response-prefix
+    stripping difference here: split outputs are stripped the same way in both)."""
+    import ray
+
+    from pipeline.config.job import JobConfig
+    from pipeline.config.model import ModelSpec
+    from pipeline.data.writer import read_output
+    from pipeline.job import run_job
+
+    write_corpus(str(tmp_path / "corpus"), 6, qa=True, bad_rows=False, min_words=200, max_words=500)
+    config = _config(tiny_chat_model, task="qa", batch_size=3, truncation="hierarchical", max_input_tokens=100)
+    rows = _read(build_processor(config)(ray.data.read_parquet(str(tmp_path / "corpus"))))
+    assert all(r["status"] == "ok" and r["sections"] > 1 and r["truncated_tokens"] == 0 for r in rows)
+    job = JobConfig(task="qa", input_path=str(tmp_path / "corpus"), output_dir=str(tmp_path / "out"),
+                    model_spec=ModelSpec(model=tiny_chat_model, dca=TINY_DCA), max_input_tokens=100,
+                    max_new_tokens=6, progress=False, device="cpu", truncation="hierarchical",
+                    job_id=f"qa-h-{os.getpid()}-{id(tmp_path):x}")
+    run_job(job)
+    fields = ("output", "sections", "levels", "calls", "prompt_tokens", "output_tokens")
+    expected = {(r["id"], r["question_index"]): tuple(r[f] for f in fields) for r in read_output(job.output_dir).to_pylist()}
+    got = {(r["id"], r["question_index"]): tuple(r[f] for f in fields) for r in rows}
+    assert got == expected

@@ -365,3 +365,40 @@ def test_a_worker_node_removed_mid_job_loses_and_duplicates_no_row(tiny_chat_mod
     finally:
         ray.shutdown()
         cluster.shutdown()
+
+
+HIERARCHICAL_KEY = KEY + ("sections", "levels", "calls", "section_outputs")
+
+
+def test_hierarchical_rows_are_the_driver_dataflows(ray_local, tiny_chat_model, tmp_path):
+    """Documents over the budget answered in sections (truncation hierarchical): the ray-data
+    dataflow's rows, sections and section outputs are the driver dataflow's, through the real engine
+    (summaries: combinations over levels; QA's sections are checked against the job in the processor's
+    test)."""
+    task = "summarize"
+    from pipeline.data.writer import read_output
+    from pipeline.job import run_job
+
+    write_corpus(str(tmp_path / "corpus"), 8, qa=task == "qa", min_words=20, max_words=500)
+    extra = {"question_column": "questions"} if task == "qa" else {}
+    common = dict(task=task, truncation="hierarchical", max_input_tokens=100, **extra)
+    driver = run_job(_config(tiny_chat_model, tmp_path, "driver", dataflow="driver", **common))
+    units = run_job(_config(tiny_chat_model, tmp_path, "units", **common))
+
+    def rows(name):
+        return sorted((tuple(json_key(r[k]) for k in HIERARCHICAL_KEY) for r in read_output(str(tmp_path / name))
+                       .to_pylist()), key=lambda r: (r[0], r[1], -1 if r[3] is None else r[3]))
+
+    expected = rows("driver")
+    assert rows("units") == expected
+    assert any(r[-4] and r[-4] > 1 for r in expected)  # some documents were split
+    assert all(r[11] == 0 for r in expected if r[6] == "ok")  # nothing truncated
+    assert units["documents"]["split"] == driver["documents"]["split"] > 0
+    assert units["engine_calls"] == driver["engine_calls"]
+    assert units["tokens"]["prompt"] == driver["tokens"]["prompt"]
+
+
+def json_key(value):
+    import json
+
+    return json.dumps(value, sort_keys=True) if isinstance(value, (list, dict)) else value

@@ -199,9 +199,6 @@ def test_the_processor_keeps_the_input_id_column_type(tiny_chat_model):
         def _start_engine(self):
             return FakePool()
 
-        def _answer(self, requests):
-            return self.pool.run(requests, max_in_flight=max(1, len(requests)))
-
     config = DCAProcessorConfig(model=tiny_chat_model, dca=TINY_DCA, max_input_tokens=120, max_new_tokens=4,
                                 device="cpu").to_dict()
     batch = pa.table({"id": pa.array([7, 8, None], pa.int64()), "text": ["w5 w6 w7", "w8 w9", "w10"]})
@@ -391,10 +388,20 @@ def words_of(i: int) -> str:
 
 def test_a_full_disk_while_committing_is_one_line_leaves_no_temporary_files_and_resumes(
         tiny_chat_model, tokenizer, tmp_path, monkeypatch):
-    """Space for a few parts, then none: the job fails with one line naming the output and the
-    lack of space, no `_manifest.json.tmp.*` or `_staging` is left, _metrics.json says what
-    happened (it fits once the failed part is removed), and the rerun is exactly once."""
-    config, disk, message = _disk_full_run(tiny_chat_model, tokenizer, tmp_path, monkeypatch, free_bytes=30_000)
+    """Space for a few parts, then not for another: the job fails with one line naming the output
+    and the lack of space, no `_manifest.json.tmp.*` or `_staging` is left, _metrics.json says
+    what happened (it fits once the failed part is removed), and the rerun is exactly once."""
+    # The sizes of this job's files, from a run on a disk with room: the disk fills at the third
+    # part with room for the metrics and a manifest rewrite, but not for a part.
+    _corpus(str(tmp_path / "corpus"), [f"d{i}" for i in range(40)], [words_of(i) for i in range(40)])
+    reference = _config(tiny_chat_model, tmp_path, part_rows=4, output_dir=str(tmp_path / "reference"))
+    _run(reference, tokenizer)
+    size = {name: os.path.getsize(os.path.join(reference.output_dir, name)) for name in os.listdir(reference.output_dir)}
+    room = size["_metrics.json"] + 2 * size["_manifest.json"] + 1000
+    smallest_part = min(n for name, n in size.items() if name.startswith("part-") and name != "part-00000.parquet")
+    assert room < smallest_part, (room, smallest_part)  # the test's premise: a part does not fit
+    config, disk, message = _disk_full_run(tiny_chat_model, tokenizer, tmp_path, monkeypatch, free_bytes=room,
+                                           fills_at="part-00003")
     out = config.output_dir
     assert disk.failures >= 1
     assert message.startswith(f"output {out}: cannot write part-") and "no space left for the output" in message

@@ -1,0 +1,320 @@
+"""Documents longer than the prompt budget, answered in sections (the "hierarchical" policy).
+
+Under `truncation="hierarchical"` a document whose prompt would need truncating is not cut: its
+tokens are split into sections at natural boundaries (pipeline.data.sections), each as large as
+the prompt budget allows, and it is answered in several engine calls:
+
+- summarize: every section is summarised (map); the section summaries, in document order, are
+  combined by a reduce prompt; when they do not fit one prompt, consecutive summaries are combined
+  in groups first, level after level, until one summary remains.
+- qa: every section is asked every question of the document (the section is the prefix its
+  questions share, one suffix per question: sections of one document share nothing else), with
+  an explicit way to say that the answer is not in it (NOT_FOUND). For each question the answers
+  that were found are combined by a reduce prompt that gives their positions in the document; no
+  answer found: the output is NOT_FOUND, with no reduce call; one answer: that answer.
+
+A document that fits is one ordinary call, exactly as under the other policies.
+
+`SplitDocument` is the state of one split document, plain picklable data (it travels from the
+prompt stage to the engine stage of the Ray Data dataflows); the prompts it needs come from the
+caller's `LongDocumentPrompts` (one per process, holding the tokenizer). `start()` gives its first
+calls, `on_results()` takes one call's results and gives the calls that became possible, and once
+`finished`, `outcomes` holds one `Outcome` per output row with tokens and times summed over every
+call made for it. Each call's results go to exactly one outcome per suffix, so summed over a
+job's rows the device time is the engine's, counted once.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
+
+from pipeline.config.task import SamplingParams
+from pipeline.data.prompts import NOT_FOUND, PromptBuilder, PromptError
+from pipeline.data.sections import Section, cut_sections
+from pipeline.engine.requests import INTERNAL, PROMPT_TOO_LONG, GenerationRequest, GenerationResult
+
+# A combine prompt lists its inputs as "Part i of n: ..." lines; room kept per input for the label
+# of the largest i and n (the size of a group is known only once it is packed).
+_LABEL_SLACK_TOKENS = 8
+
+
+def is_not_found(text: str | None) -> bool:
+    """A section's answer that says the answer is not in the section (or says nothing)."""
+    return text is None or not text.strip() or NOT_FOUND.lower() in text.lower()
+
+
+@dataclass(frozen=True)
+class SectionOutput:
+    """One call's output for one output row: level 0 answers a section of the document, level
+    k >= 1 combines outputs of level k - 1; tokens [first_token, end_token) of the document are
+    what it covers."""
+
+    level: int
+    index: int
+    first_token: int
+    end_token: int
+    output: str | None
+
+    def to_dict(self) -> dict:
+        return {"level": self.level, "index": self.index, "first_token": self.first_token,
+                "end_token": self.end_token, "output": self.output}
+
+
+@dataclass
+class Outcome:
+    """One output row of a split document (one per question for qa, one for summarize)."""
+
+    status: str = "ok"
+    output: str | None = None
+    error_type: str | None = None
+    error_message: str | None = None
+    sections: int = 0
+    levels: int = 1
+    calls: int = 0
+    prompt_tokens: int = 0
+    output_tokens: int = 0
+    prefill_s: float = 0.0
+    decode_s: float = 0.0
+    wall_time_s: float = 0.0
+    gpu_time_s: float | None = None
+    peak_memory_bytes: int | None = None
+    memory_kind: str | None = None
+    replica: str | None = None
+    attempts: int = 1
+    section_outputs: list[SectionOutput] = field(default_factory=list)
+
+    def add(self, result: GenerationResult) -> None:
+        """Sums one call's result for this row into it."""
+        self.calls += 1
+        self.prompt_tokens += result.prompt_tokens or 0
+        self.output_tokens += result.output_tokens or 0
+        self.prefill_s += result.prefill_s or 0.0
+        self.decode_s += result.decode_s or 0.0
+        self.wall_time_s += result.wall_time_s or 0.0
+        if result.gpu_time_s is not None:
+            self.gpu_time_s = (self.gpu_time_s or 0.0) + result.gpu_time_s
+        if result.peak_memory_bytes is not None:
+            self.peak_memory_bytes = max(self.peak_memory_bytes or 0, result.peak_memory_bytes)
+        self.memory_kind = self.memory_kind or result.memory_kind
+        self.replica = self.replica or result.replica
+        self.attempts = max(self.attempts, result.attempts or 1)
+
+
+class LongDocumentPrompts:
+    """The section and combine prompts of one task for one tokenizer (one per process)."""
+
+    def __init__(self, tokenizer, *, task: str, templates: dict, max_input_tokens: int,
+                 use_chat_template: bool | None = None) -> None:
+        def builder(kind: str) -> PromptBuilder:
+            # Never asked to truncate: sections and combine inputs are cut to fit first.
+            return PromptBuilder(tokenizer, task=task, templates={task: templates[f"{task}_{kind}"]},
+                                 max_input_tokens=max_input_tokens, truncation="end",
+                                 use_chat_template=use_chat_template)
+
+        self.task = task
+        self.tokenizer = tokenizer
+        self.max_input_tokens = max_input_tokens
+        self.section = builder("section")
+        self.combine = builder("combine")
+
+    def tokenize(self, text: str) -> tuple[list[int], list[tuple[int, int]]]:
+        """A document's token ids (the ids PromptBuilder.encode gives) and each token's character
+        span, from one tokenisation."""
+        encoded = self.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+        return list(encoded["input_ids"]), list(encoded["offset_mapping"])
+
+    def cut(self, text: str, offsets: list[tuple[int, int]], suffixes: list[list[int] | None]) -> list[Section]:
+        """The document's sections under the section prompt's budget for these question suffixes."""
+        budget = self.section.document_budget(suffixes)
+        if budget < 16:
+            raise PromptError(
+                f"the section prompt{' and question' if self.task == 'qa' else ''} leave {max(budget, 0)} tokens for "
+                f"the document under max_input_tokens={self.max_input_tokens}: raise --max-input-tokens")
+        return cut_sections(offsets, text, budget)
+
+    def listing(self, pieces: list[SectionOutput], with_positions: bool) -> list[int]:
+        """The token ids of a combine prompt's document: its inputs as labelled lines."""
+        ids: list[int] = []
+        for i, piece in enumerate(pieces):
+            label = f"Part {i + 1} of {len(pieces)}"
+            if with_positions:
+                label += f" (document tokens {piece.first_token:,}-{piece.end_token:,})"
+            ids += self.combine.encode(f"{label}: {(piece.output or '').strip()}\n")
+        return ids
+
+
+@dataclass
+class _Call:
+    level: int
+    index: int
+    first_token: int
+    end_token: int
+    rows: list[int]  # the output row of each suffix
+
+
+class SplitDocument:
+    """The calls of one document that does not fit the prompt budget, round by round."""
+
+    def __init__(self, *, key: str, doc_ids: list[int], sections: list[Section], questions: list[str] | None,
+                 sampling: SamplingParams) -> None:
+        if len(sections) < 2:
+            raise ValueError("a document that fits one prompt is answered by one ordinary call")
+        self.key = key
+        self.doc_ids = doc_ids
+        self.sections = sections
+        self.questions = questions
+        self.sampling = sampling
+        self.outcomes = [Outcome(sections=len(sections)) for _ in (questions or [None])]
+        self.outstanding: dict[str, _Call] = {}
+        self._collected: list[dict[int, SectionOutput]] = [{} for _ in self.outcomes]  # this level's outputs
+        self._expected: list[int] = [len(sections)] * len(self.outcomes)
+        self._done: list[bool] = [False] * len(self.outcomes)
+        self._calls_made = 0
+        # Every result of every call (the job metrics count the engine's work from them) and the
+        # prompt tokens sent (each call's prefix once, every suffix).
+        self.results: list[GenerationResult] = []
+        self.tokens_sent = 0
+
+    @property
+    def finished(self) -> bool:
+        return not self.outstanding and all(self._done)
+
+    @property
+    def document_tokens(self) -> int:
+        return len(self.doc_ids)
+
+    def start(self, prompts: LongDocumentPrompts) -> list[GenerationRequest]:
+        """The map round: one call per section (qa: the section is the prefix of every question)."""
+        suffixes = prompts.section.suffixes(self.questions)
+        rows = list(range(len(self.outcomes)))
+        return [self._request(_Call(0, s.index, s.first_token, s.end_token, rows),
+                              prompts.section.build_from_ids(self.doc_ids[s.first_token:s.end_token],
+                                                             suffixes=suffixes))
+                for s in self.sections]
+
+    def on_results(self, request_id: str, results: list[GenerationResult],
+                   prompts: LongDocumentPrompts) -> list[GenerationRequest]:
+        """One call's results (one per suffix) -> the calls that can start now."""
+        call = self.outstanding.pop(request_id)
+        self.results.extend(results)
+        by_suffix = {r.suffix_index: r for r in results}
+        builder = prompts.section if call.level == 0 else prompts.combine
+        follow: list[GenerationRequest] = []
+        for suffix, row in enumerate(call.rows):
+            outcome = self.outcomes[row]
+            result = by_suffix.get(suffix) or GenerationResult.error(
+                request_id, suffix, INTERNAL, f"the engine returned no result for suffix {suffix}")
+            outcome.add(result)
+            if self._done[row]:  # failed earlier: its other calls are counted, not used
+                continue
+            if result.status != "ok":
+                where = "section" if call.level == 0 else f"level-{call.level} combination"
+                outcome.status, outcome.error_type = "error", result.error_type
+                outcome.error_message = (f"{where} {call.index + 1} (document tokens {call.first_token:,}-"
+                                         f"{call.end_token:,}): {result.error_message}")
+                self._done[row] = True
+                continue
+            piece = SectionOutput(call.level, call.index, call.first_token, call.end_token,
+                                  builder.output_text(result.output))
+            outcome.section_outputs.append(piece)
+            self._collected[row][call.index] = piece
+            if len(self._collected[row]) == self._expected[row]:
+                follow += self._next_level(row, call.level, prompts)
+        return follow
+
+    # -- levels
+
+    def _next_level(self, row: int, level: int, prompts: LongDocumentPrompts) -> list[GenerationRequest]:
+        """Every output of `level` for this row is in: the next level's combine calls, or the
+        row's final output."""
+        outcome = self.outcomes[row]
+        pieces = [self._collected[row][i] for i in sorted(self._collected[row])]
+        self._collected[row] = {}
+        qa = self.questions is not None
+        if qa and level == 0:
+            pieces = [p for p in pieces if not is_not_found(p.output)]
+            if not pieces:
+                return self._finish(row, NOT_FOUND)
+        if len(pieces) == 1 and (level > 0 or qa):
+            return self._finish(row, pieces[0].output)
+        suffixes = prompts.combine.suffixes([self.questions[row]] if qa else None)
+        groups = _pack(pieces, [len(prompts.listing([p], qa)) + _LABEL_SLACK_TOKENS for p in pieces],
+                       prompts.combine.document_budget(suffixes))
+        if groups is None:
+            outcome.status, outcome.error_type = "error", PROMPT_TOO_LONG
+            outcome.error_message = (
+                f"the {len(pieces)} outputs of level {level} do not fit a combine prompt two at a time under "
+                f"max_input_tokens={prompts.max_input_tokens}: raise --max-input-tokens or lower --max-new-tokens")
+            self._done[row] = True
+            return []
+        outcome.levels = level + 2
+        self._expected[row] = len(groups)
+        requests = []
+        for index, group in enumerate(groups):
+            if len(group) == 1:  # nothing to combine: carried up as it is
+                piece = group[0]
+                self._collected[row][index] = SectionOutput(level + 1, index, piece.first_token, piece.end_token,
+                                                            piece.output)
+                continue
+            call = _Call(level + 1, index, group[0].first_token, group[-1].end_token, [row])
+            requests.append(self._request(call, prompts.combine.build_from_ids(prompts.listing(group, qa),
+                                                                             suffixes=suffixes)))
+        return requests  # never empty: _pack puts two pieces together at least once
+
+    def _finish(self, row: int, text: str | None) -> list[GenerationRequest]:
+        self.outcomes[row].output = text
+        self._done[row] = True
+        return []
+
+    def _request(self, call: _Call, prompt) -> GenerationRequest:
+        request_id = f"{self.key}#{call.level}.{call.index}.{self._calls_made}"
+        self._calls_made += 1
+        self.outstanding[request_id] = call
+        self.tokens_sent += len(prompt.prefix_ids) + sum(len(s) for s in prompt.suffix_ids)
+        return GenerationRequest(request_id=request_id, prefix_ids=prompt.prefix_ids, suffix_ids=prompt.suffix_ids,
+                                 sampling=self.sampling)
+
+
+def _pack(pieces: list[SectionOutput], sizes: list[int], budget: int) -> list[list[SectionOutput]] | None:
+    """Consecutive pieces packed greedily into groups of at most `budget` tokens; None when no
+    two pieces fit together (the levels could not converge)."""
+    if sum(sizes) <= budget:
+        return [pieces]
+    groups: list[list[SectionOutput]] = [[]]
+    used = 0
+    for piece, size in zip(pieces, sizes):
+        if groups[-1] and used + size > budget:
+            groups.append([])
+            used = 0
+        groups[-1].append(piece)
+        used += size
+    return None if all(len(g) == 1 for g in groups) else groups
+
+
+def requests_with_follow_ups(first: Iterable[GenerationRequest], follow_ups: list[GenerationRequest],
+                             waiting: Callable[[], bool]) -> Iterator[GenerationRequest | None]:
+    """A request source for ReplicaPool.run that also sends the calls split documents make
+    possible: follow-ups (appended to `follow_ups` by the caller as results come in) go first;
+    once `first` is exhausted, None ("wait for a result") while `waiting()` says split documents
+    still have calls outstanding."""
+    for request in first:
+        while follow_ups:
+            yield follow_ups.pop(0)
+        yield request
+    while True:
+        while follow_ups:
+            yield follow_ups.pop(0)
+        if not waiting():
+            return
+        yield None
+
+
+def describe_hierarchical(builder: PromptBuilder, prompts: LongDocumentPrompts) -> str:
+    """The job's start line under the hierarchical policy: which documents will be split."""
+    question = " less each question's tokens" if prompts.task == "qa" else ""
+    whole = builder.document_budget(builder.suffixes(["?"] if prompts.task == "qa" else None))
+    section = prompts.section.document_budget(prompts.section.suffixes(["?"] if prompts.task == "qa" else None))
+    return (f"long documents (truncation hierarchical): a document over {whole:,} tokens{question} (what "
+            f"--max-input-tokens {prompts.max_input_tokens:,} leaves beside the {prompts.task} prompt) is answered "
+            f"in sections of at most {section:,} tokens{question}, then combined; shorter documents are one prompt")
