@@ -446,7 +446,19 @@ class JobMetrics:
                    frameon=False)
         fig.suptitle(f"{self.task} job {self.job_id}")
         fig.tight_layout(rect=(0, 0.08 if len(handles) <= 3 else 0.12, 1, 1))
-        tmp = path + ".tmp.png"
-        fig.savefig(tmp, dpi=110)
-        plt.close(fig)
-        os.replace(tmp, path)
+        import uuid
+
+        from pipeline.data.writer import open_new_file
+
+        # Written aside under a fresh name (never through a link planted at a known name), then renamed.
+        tmp = f"{path}.tmp.{uuid.uuid4().hex[:8]}.png"
+        try:
+            with open_new_file(tmp) as f:
+                fig.savefig(f, dpi=110, format="png")
+            os.replace(tmp, path)
+        except BaseException:
+            if os.path.exists(tmp):
+                os.remove(tmp)
+            raise
+        finally:
+            plt.close(fig)
