@@ -348,7 +348,8 @@ def _run_job(config: JobConfig, stopper: StopSignals, *, pool_factory, tokenizer
                 _shutdown_ray()
         else:
             summary, write_error = _finish(config, job, dataflow, status, message, engine_stats, metrics_extra,
-                                           requested_gpus=requested_gpus, started_ray=started_ray)
+                                           requested_gpus=requested_gpus, started_ray=started_ray,
+                                           write_error=write_error)
             status, message = summary["status"], summary["message"]
     if write_error is not None:
         raise write_error
@@ -358,15 +359,15 @@ def _run_job(config: JobConfig, stopper: StopSignals, *, pool_factory, tokenizer
 
 
 def _finish(config, job: JobRun, dataflow, status, message, engine_stats, metrics_extra, *, requested_gpus,
-            started_ray) -> tuple[dict, OutputWriteError | None]:
+            started_ray, write_error: OutputWriteError | None = None) -> tuple[dict, OutputWriteError | None]:
     """Step 4, whatever happened: the output first (`ray job stop` sends SIGKILL a few seconds
     after SIGTERM), then the metrics, the manifest, the engine and Ray. Each step runs whatever
     the one before it did: after a failed write (a full disk) the metrics, the manifest, the
-    staging directory, the engine and Ray are still seen to. -> (the summary, the write error to
-    report in the job's one line, or None)."""
+    staging directory, the engine and Ray are still seen to. write_error: the run's own (a part
+    that could not be written). -> (the summary, the write error to report in the job's one line,
+    or None)."""
     writer, metrics = job.writer, job.metrics
     engine_stats = dataflow.engine_stats(engine_stats)
-    write_error: OutputWriteError | None = None
     not_written: list[str] = []
 
     def attempt(what: str, step) -> None:
@@ -395,7 +396,10 @@ def _finish(config, job: JobRun, dataflow, status, message, engine_stats, metric
         if started_ray:  # disconnect (and stop a local Ray) cleanly, also on SIGTERM
             _shutdown_ray()
         if write_error is None:
-            summary["metrics_files"].update(metrics.write_plot(config.output_dir))
+            try:
+                summary["metrics_files"].update(metrics.write_plot(config.output_dir))
+            except OSError as error:  # the plot is a picture of _metrics.json: never the job's failure
+                log.warning("_metrics.png not written in %s: %s", config.output_dir, error)
     if write_error is not None:
         unwritten = [w for w in not_written if w != "the last part"]
         write_error = OutputWriteError(str(write_error) + (f" ({' and '.join(unwritten)} could not be written "
