@@ -47,6 +47,9 @@ OUTPUT_SCHEMA = pa.schema([
     pa.field("decode_s", pa.float64()),
     pa.field("latency_s", pa.float64(), metadata={"doc": "wall clock of the request on rank 0"}),
     pa.field("gpu_time_s", pa.float64(), metadata={"doc": "CUDA-event time, max over ranks; null on CPU"}),
+    pa.field("device_time_s", pa.float64(), metadata={
+        "doc": "the row's share of the device busy time of every forward it took part in, summed over ranks and "
+               "calls (CUDA events on GPU, the forwards' wall clock on CPU): its cost, whatever it shared steps with"}),
     pa.field("peak_memory_bytes", pa.int64(), metadata={"doc": "max over ranks, see memory_kind"}),
     pa.field("memory_kind", pa.string(), metadata={"doc": "cuda_max_allocated | cpu_peak_rss"}),
     pa.field("replica", pa.string()),

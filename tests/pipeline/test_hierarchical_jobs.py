@@ -83,9 +83,13 @@ def test_long_documents_are_answered_in_sections_once_each_with_sums_that_match(
             assert r["calls"] == len(calls[r["id"]]) == len(outputs) - _carried(outputs)
             assert r["prompt_tokens"] == sum(calls[r["id"]])
             assert r["output_tokens"] == 4 * r["calls"]
+            # The fake engine's device-seconds per call: prompt x 1e-4 + 0.01 (tests/jobs/conftest.py).
+            assert r["device_time_s"] == pytest.approx(sum(calls[r["id"]]) * 1e-4 + 0.01 * r["calls"])
     # Job totals are the sums of the rows (every call counted once, never twice).
     assert summary["tokens"]["output"] == sum(r["output_tokens"] or 0 for r in rows)
     assert summary["engine_calls"] == len(pool.order)
+    assert summary["device"]["cpu_seconds_all_ranks"] == pytest.approx(
+        sum(r["device_time_s"] or 0.0 for r in rows), abs=1e-3)
     assert summary["documents"]["split"] == len({r["id"] for r in split})
     if task == "summarize":
         assert summary["tokens"]["prompt"] == sum(pool.prompt_tokens) == sum(r["prompt_tokens"] or 0 for r in rows)
