@@ -386,3 +386,16 @@ def _job_config(max_input_tokens: int, device: str | None = "cpu"):
 
     return JobConfig(task="summarize", input_path="in", output_dir="/tmp/out", model_spec=ModelSpec(),
                      max_input_tokens=max_input_tokens, max_new_tokens=256, device=device)
+
+
+def test_cli_estimates_a_split_document(capsys):
+    """jobs.plan --truncation hierarchical --document-tokens N: sections, levels and calls, every
+    call within --max-input-tokens; --document-tokens without the policy is a usage error."""
+    flags = ["--model", "smollm2", "--device", "cpu", "--max-input-tokens", "4096", "--max-new-tokens", "256"]
+    assert plan_cli.main([*flags, "--truncation", "hierarchical", "--document-tokens", "300000", "--json"]) == 0
+    split = json.loads(capsys.readouterr().out)["hierarchical"]
+    assert split == {"document_tokens": 300000, "section_tokens": 3896, "sections": 78, "levels": 3, "calls": 85}
+    assert plan_cli.main([*flags, "--truncation", "hierarchical", "--document-tokens", "300000", "--task", "qa"]) == 0
+    assert "at least 78 sections" in capsys.readouterr().out
+    assert plan_cli.main([*flags, "--document-tokens", "300000"]) == 2
+    assert "needs --truncation hierarchical" in capsys.readouterr().err
