@@ -3,7 +3,7 @@ and a plot, for the whole job across resumes.
 
 Written next to the output as `_metrics.json` and `_metrics.png` (names starting with `_` so
 pyarrow.dataset readers of the output skip them). Figures come from the engine's per-request
-measurements, under the engine's one rule for device time (`pipeline.engine.metering`, README
+measurements, under the engine's one rule for device time (`pipeline.engine.metering`, docs/jobs.md
 "Metrics"): on CPU the device time is CPU wall time of the forwards, labelled `cpu`, never `gpu`.
 
 A resumed run does not overwrite the earlier runs' figures: `summary()` is this run's summary

@@ -62,7 +62,7 @@ def _keys(table) -> Counter:
 
 def test_content_hash_is_the_full_sha256_and_nightly_matches_old_40_digit_partitions(tiny_chat_model, tokenizer,
                                                                                        tmp_path):
-    """The output holds all 64 hex digits of the sha256 of the text's UTF-8 bytes (as the README
+    """The output holds all 64 hex digits of the sha256 of the text's UTF-8 bytes (as docs/jobs.md
     says); a nightly root whose earlier partition holds 40-digit hashes (written so by an older
     version) still skips the unchanged documents and redoes the changed one."""
     texts = [f"w{5 + i} w9 w10 caf\u00e9" for i in range(6)]
