@@ -241,6 +241,23 @@ def test_int8_is_checked_with_an_int8_cache(gpu_like, monkeypatch):
     assert int8.ran == "torch" and "non-finite" in int8.fallback_reason
 
 
+@needs_interpreter
+def test_a_wrong_packed_kernel_fails_the_check(gpu_like, monkeypatch):
+    """The packed kernels (continuous batching: one store and one attention launch per layer for
+    all rows) are part of the check: a packed attention off by 1% makes "auto" fall back, found
+    at the packed step."""
+    packed_attention = gpu_like.packed_attention
+
+    def off(*args, **kwargs):
+        return packed_attention(*args, **kwargs).mul_(1.01)
+
+    monkeypatch.setattr(gpu_like, "packed_attention", off)
+    report = prepare_backend(apply_dca(tiny_model(), AUTO))
+    assert report.ran == "torch" and report.checked
+    assert report.fallback_reason.startswith("triton: packed step 1 (100 and 47 new tokens after 0 and 0): row 0's "
+                                             "attention off by 1.00e-02")
+
+
 # --- the Triton path on the engine's row caches ------------------------------------------------
 
 
