@@ -34,8 +34,8 @@ and 1e-4 / 1e-9 for float32 / float64 (the kernel tests hold 1e-5 / 1e-12). The 
 check is for (a lost head, a wrong rotation, a chunk off by one, garbage from a bad tile) give
 errors of order 1.
 
-Cost: 6-10 s in Triton's interpreter (the packed steps add about 2 s) on one CPU core (shared, loaded machine) for tiny test
-models (4-8 query heads, 2 KV heads, head_dim 16-32). On a GPU (estimated, not yet timed): a few
+Cost: 6-10 s in Triton's interpreter (the packed steps add about 2 s) on one CPU core (shared,
+loaded machine) for tiny test models (4-8 query heads, 2 KV heads, head_dim 16-32). On a GPU (estimated, not yet timed): a few
 milliseconds of kernels and of the float32 torch reference, after compiling the kernel variants,
 most of which the model launches anyway (the 3-token decode and the reduce over this cache's
 splits may be extra): seconds the first time on a machine, well under one with Triton's cache warm.
@@ -201,9 +201,11 @@ def run(backend, geometry: tuple[int, int, int], rope_build) -> CheckResult:
         cache_state(row_cache).prompt_length = prompt[r : r + 1]
     pasts = [0, 0]
     for step, lengths in enumerate(PACKED_STEPS):
-        where = f"packed step {step + 1} ({' and '.join(map(str, lengths))} new tokens after {' and '.join(map(str, pasts))})"
+        news, olds = " and ".join(map(str, lengths)), " and ".join(map(str, pasts))
+        where = f"packed step {step + 1} ({news} new tokens after {olds})"
         spans = [(r, pasts[r], pasts[r] + n) for r, n in enumerate(lengths)]
-        packed_q, packed_k, packed_v = (torch.cat([t[r : r + 1, :, a:b] for r, a, b in spans], dim=2) for t in (q, k, v))
+        packed_q, packed_k, packed_v = (torch.cat([t[r : r + 1, :, a:b] for r, a, b in spans], dim=2)
+                                        for t in (q, k, v))  # (1, H, T, D) each
         starts = [sum(lengths[:r]) for r in range(len(lengths))]
         segments = [(row_caches[r], at, at + n) for r, (at, n) in enumerate(zip(starts, lengths))]
         t = sum(lengths)
