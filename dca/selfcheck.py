@@ -35,10 +35,12 @@ check is for (a lost head, a wrong rotation, a chunk off by one, garbage from a 
 errors of order 1.
 
 Cost: 6-10 s in Triton's interpreter (the packed steps add about 2 s) on one CPU core (shared,
-loaded machine) for tiny test models (4-8 query heads, 2 KV heads, head_dim 16-32). On a GPU (estimated, not yet timed): a few
-milliseconds of kernels and of the float32 torch reference, after compiling the kernel variants,
-most of which the model launches anyway (the 3-token decode and the reduce over this cache's
-splits may be extra): seconds the first time on a machine, well under one with Triton's cache warm.
+loaded machine) for tiny test models (4-8 query heads, 2 KV heads, head_dim 16-32). On a GPU
+(estimated, not yet timed): a few milliseconds of kernels and of the float32 torch reference,
+after compiling the kernel variants, most of which the model launches anyway (the 3-token decode
+and the reduce over this cache's splits may be extra; the packed variants run only where the
+engine batches continuously): seconds the first time on a machine, well under one with Triton's
+cache warm.
 
 Where it runs (`required`): on CUDA devices; on CPU only when forced (`FORCE_ON_CPU`, or
 DCA_SELFCHECK=always in the environment), which is how the CPU tests drive it through Triton's
