@@ -411,9 +411,20 @@ class TritonForward(ForwardState):
     key_ids: torch.Tensor | None  # (B, T) key rotation ids j mod L, when keys are rotated in torch
 
 
+@dataclass(kw_only=True, eq=False)
+class TritonPacked(PackedForward):
+    """A packed forward on Triton: `one_launch` rows (forward None) run in one store and one
+    attention launch per layer over `layout` (triton_kernels.PackedRows, built once per forward);
+    the other rows have a row forward and run row by row."""
+
+    one_launch: list
+    layout: object | None  # None: no row in one launch
+
+
 class TritonBackend(DCABackend):
     """dca/triton_kernels.py: one cache-write kernel and one attention kernel per layer (two at
-    decode), whatever the number of DCA chunks; int8 dequantised inside the kernels."""
+    decode), whatever the number of DCA chunks; int8 dequantised inside the kernels. A packed
+    forward's rows with in-place caches share one store and one attention launch per layer."""
 
     name = "triton"
     left_padding_only = True
@@ -546,17 +557,90 @@ class TritonBackend(DCABackend):
         cos, sin = rope.tables(query.device, query.dtype)
         return self.kernels.attention(query, key, value, row_start, seq_end, scales, cos, sin, rope.config, out=out)
 
-    def attend_packed(self, packed: PackedForward, layer_idx, query, key, value, out) -> torch.Tensor:
-        """Row by row: per row one cache write and one attention launch (two at decode) on the
-        row's storage in place (StaticKVLayer, adopted DynamicCache / Int8KVCache, slot-layout
-        row caches: int8 is never dequantised outside the kernels).
+    def begin_packed(self, inputs: ForwardInputs, segments) -> TritonPacked:
+        """Per-forward bookkeeping of a packed forward, on the host: the rows whose caches the
+        kernels write in place get one `PackedRows` table (columns, cached lengths, softmax scale
+        x m^2 per row) shared by every layer; the others a row forward of their own.
 
-        TODO(issue 18, dca/triton_kernels.py): one launch per layer for all rows needs the
-        variable-length kernel (per-row query counts and sequence ends over the rows' storage);
-        when it exists, call it here with, per row, `in_place_layer(...).reserve(...)`'s buffers
-        and the row forward's `write_start`, `seq_end` and `scale` (all computed once per
-        forward in `begin_packed`)."""
-        return super().attend_packed(packed, layer_idx, query, key, value, out)
+        Which rows go into the one launch: a cache whose layers are written in place
+        (`dca.cache.writes_in_place`: StaticKVCache, an adopted DynamicCache / Int8KVCache, a
+        slot-layout row cache such as the engine's RowKV) and that stores keys as this backend's
+        KV dtype (the kernels read one storage dtype per launch). Any other row cache keeps the
+        row-by-row path: its `update` is the only way to write it (its storage is not exposed),
+        and it returns keys already rotated, which the one-launch kernels cannot take.
+
+        Bookkeeping of a one-launch row, compared with the row-by-row path (`begin_forward` per
+        row): the per-layer lengths are set the same way (in `attend_packed`); a prompt length
+        recorded at the row's first forward the same; a recorded row start is zeroed the same
+        (a row continues its cache unpadded), but none is created where none was; the device
+        write position (CacheState.length) is not advanced: it stays equal to the host length it
+        was set from (`length_host`), and `begin_forward` resets it when the host length moved,
+        so the next forward of any kind starts from the cache's true length. Nothing is read
+        from the GPU here except, once per request, a row's prompt length (kept in its state).
+        """
+        from dca import cache as kv_cache
+
+        config = inputs.rope.config
+        rows, one_launch = [], []
+        for cache, start, stop in segments:
+            past, q_len = cache.get_seq_length(0), stop - start
+            state = cache_state(cache)
+            if kv_cache.writes_in_place(cache, state) and kv_cache.kv_dtype_of(cache) == self.key.kv_dtype:
+                if prompt_length_of(cache, state) is None and past == 0:
+                    # as begin_forward: the first forward's real tokens are the temperature's n
+                    # (its m^2 memoised from the host count, so nothing is read back below)
+                    prompt = state.auto_prompt_length = torch.full((1,), q_len, dtype=torch.int32,
+                                                                   device=inputs.device)
+                    state.decode_temperature_memo = (prompt, positions.temperature_factor(q_len, config))
+                if state.row_start is not None:
+                    state.row_start.zero_()
+                temperature = _decode_temperature(cache, past + q_len, config)  # host float, memoised per request
+                row = PackedRow(cache=cache, start=start, stop=stop, past=past, forward=None, temperature=temperature)
+                one_launch.append(row)
+            else:
+                row_inputs = _row_inputs(inputs, cache, past, q_len)
+                row = PackedRow(cache=cache, start=start, stop=stop, past=past, forward=self.begin_forward(row_inputs))
+            rows.append(row)
+        layout = None
+        if one_launch:
+            # float64 models keep float64 scales, as the row-by-row path does
+            scale_dtype = torch.float64 if self.key.dtype == torch.float64 else torch.float32
+            layout = self.kernels.PackedRows.build(
+                [row.start for row in one_launch], [row.stop - row.start for row in one_launch],
+                [row.past for row in one_launch], [inputs.scaling * row.temperature for row in one_launch],
+                inputs.device, scale_dtype=scale_dtype)
+        return TritonPacked(inputs=inputs, rows=rows, one_launch=one_launch, layout=layout)
+
+    def attend_packed(self, packed: TritonPacked, layer_idx, query, key, value, out) -> torch.Tensor:
+        """One layer of a packed forward: the rows of `packed.one_launch` in one cache-write
+        launch (`triton_kernels.packed_store`) and one attention launch (`packed_attention`) over
+        their own storage in place, int8 dequantised inside the kernels only; any other row row
+        by row (`write` + `attend` on its row forward). Written into `out`, returned."""
+        from dca import cache as kv_cache
+
+        super().attend_packed(packed, layer_idx, query, key, value, out)  # the rows with a row forward
+        if packed.layout is None:
+            return out
+        rope = packed.inputs.rope
+        storages, buffers = [], []
+        for row in packed.one_launch:
+            state = cache_state(row.cache)
+            storage = kv_cache.in_place_layer(row.cache, layer_idx, state)
+            if storage.length != row.past:
+                raise RuntimeError(f"cache layer {layer_idx} holds {storage.length} tokens, layer 0 held {row.past}")
+            new = key[:, :, row.start : row.stop]  # (1, Hkv, t, D): shape, dtype, device of the storage
+            buffers.append(storage.reserve(new, row.stop - row.start + row.past, hint=state.capacity_hint))
+            storages.append(storage)
+        keys, values, k_scales, v_scales = (list(part) for part in zip(*buffers))
+        int8 = k_scales[0] is not None
+        caches = self.kernels.RowCaches.from_tensors(keys, values, k_scales if int8 else None,
+                                                     v_scales if int8 else None)  # (R, 8) addresses, one copy
+        cos, sin = rope.tables(query.device, query.dtype)
+        self.kernels.packed_store(key, value, packed.layout, caches, cos, sin, rope.config.chunk_len)
+        for row, storage in zip(packed.one_launch, storages):
+            storage.length = row.past + row.stop - row.start
+        self.kernels.packed_attention(query, packed.layout, caches, cos, sin, rope.config, out=out)
+        return out
 
 
 # --- choice ------------------------------------------------------------------------------------

@@ -22,7 +22,8 @@ Rows of different lengths (prefill blocks and decode tokens alike) then share on
 projections and MLP without padding (`DCABackend.attend_packed`). Continuous batching in
 `pipeline.engine` uses it. A row cache needs `get_seq_length(layer)`, `update(k, v, layer)`
 returning the row's whole keys and values, and may carry `dca_prompt_length`; one that also
-exposes the slot layout (dca.cache.has_slot_layout) is written in place on the Triton path.
+exposes the slot layout (dca.cache.has_slot_layout) is written in place on the Triton path,
+where such rows share one cache-write and one attention launch per layer.
 """
 
 from __future__ import annotations

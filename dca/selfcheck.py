@@ -14,7 +14,11 @@ contract (`begin_forward`, `write`, `attend`) on a StaticKVCache in the KV dtype
     a 100-token prefill (three chunks), a 47-token block with the cache (across 111),
     two one-token decode steps (the second across 148), and a 3-token step
 
-with the attention temperature on (alpha = 0.1, a different n per row). At each step:
+with the attention temperature on (alpha = 0.1, a different n per row); then the same rows as
+a packed forward of continuous batching (`begin_packed`, `attend_packed`: on Triton one store and
+one attention launch for all rows), each row its own StaticKVCache of batch one, unpadded
+(`PACKED_STEPS`: a 100-token prefill beside a 47-token one, then a decode step beside 3 tokens).
+At each step:
 
 1. every output is finite;
 2. the cache write: keys and values as stored (dequantised) against the torch rotation of the
@@ -30,11 +34,13 @@ and 1e-4 / 1e-9 for float32 / float64 (the kernel tests hold 1e-5 / 1e-12). The 
 check is for (a lost head, a wrong rotation, a chunk off by one, garbage from a bad tile) give
 errors of order 1.
 
-Cost: 6-10 s in Triton's interpreter on one CPU core (shared, loaded machine) for tiny test
-models (4-8 query heads, 2 KV heads, head_dim 16-32). On a GPU (estimated, not yet timed): a few
-milliseconds of kernels and of the float32 torch reference, after compiling the kernel variants,
-most of which the model launches anyway (the 3-token decode and the reduce over this cache's
-splits may be extra): seconds the first time on a machine, well under one with Triton's cache warm.
+Cost: 6-10 s in Triton's interpreter (the packed steps add about 2 s) on one CPU core (shared,
+loaded machine) for tiny test models (4-8 query heads, 2 KV heads, head_dim 16-32). On a GPU
+(estimated, not yet timed): a few milliseconds of kernels and of the float32 torch reference,
+after compiling the kernel variants, most of which the model launches anyway (the 3-token decode
+and the reduce over this cache's splits may be extra; the packed variants run only where the
+engine batches continuously): seconds the first time on a machine, well under one with Triton's
+cache warm.
 
 Where it runs (`required`): on CUDA devices; on CPU only when forced (`FORCE_ON_CPU`, or
 DCA_SELFCHECK=always in the environment), which is how the CPU tests drive it through Triton's
@@ -54,7 +60,8 @@ import torch
 from dca import kernels
 from dca.attention import RopeTable, chunked_dca, rotate_keys
 from dca.backends import (
-    FALLBACKS, BackendKey, BackendReport, BackendUnavailable, DCABackend, ForwardInputs, TorchBackend, create, dtype_name,
+    FALLBACKS, BackendKey, BackendReport, BackendUnavailable, DCABackend, ForwardInputs, LayerKV, TorchBackend, create,
+    dtype_name,
 )
 from dca.config import DCAConfig
 
@@ -67,6 +74,8 @@ FORCE_ON_CPU = os.environ.get("DCA_SELFCHECK", "") == "always"
 CHECK_CONFIG = DCAConfig(pretraining_length=64, chunk_size=45, local_window=8, temperature_alpha=0.1)
 STEPS = (100, 47, 1, 1, 3)  # tokens per forward: prefill, a block with the cache, decode steps
 PADS = 9  # left padding of the second row
+# Packed forwards (tokens per row): a prefill beside a block, then a decode step beside 3 tokens.
+PACKED_STEPS = ((100, 47), (1, 3))
 CAPACITY = 160  # cache slots (152 used)
 
 _UNIT_ROUNDOFF = {torch.bfloat16: 2.0**-8, torch.float16: 2.0**-11, torch.float32: 2.0**-24, torch.float64: 2.0**-53}
@@ -185,6 +194,54 @@ def run(backend, geometry: tuple[int, int, int], rope_build) -> CheckResult:
             return fail(f"{where}: attention off by {error:.2e} (relative to the torch backend; "
                         f"tolerance {attn_tol:.1e} in {str(dtype).removeprefix('torch.')})")
         past += n
+
+    # The packed forward of continuous batching (`begin_packed` / `attend_packed`; on Triton its
+    # own kernels, one store and one attention launch for all rows): each row its own cache of
+    # batch one, unpadded, the same inputs as row 0 and row 1 above.
+    row_caches = [StaticKVCache(max_tokens=CAPACITY, kv_dtype=key.kv_dtype) for _ in range(2)]
+    for r, row_cache in enumerate(row_caches):
+        cache_state(row_cache).prompt_length = prompt[r : r + 1]
+    pasts = [0, 0]
+    for step, lengths in enumerate(PACKED_STEPS):
+        news, olds = " and ".join(map(str, lengths)), " and ".join(map(str, pasts))
+        where = f"packed step {step + 1} ({news} new tokens after {olds})"
+        spans = [(r, pasts[r], pasts[r] + n) for r, n in enumerate(lengths)]
+        packed_q, packed_k, packed_v = (torch.cat([t[r : r + 1, :, a:b] for r, a, b in spans], dim=2)
+                                        for t in (q, k, v))  # (1, H, T, D) each
+        starts = [sum(lengths[:r]) for r in range(len(lengths))]
+        segments = [(row_caches[r], at, at + n) for r, (at, n) in enumerate(zip(starts, lengths))]
+        t = sum(lengths)
+        try:
+            packed = backend.begin_packed(ForwardInputs(
+                cache=None, padding_mask=None, position_ids=None, bsz=1, q_len=t, past=0, device=device,
+                scaling=scaling, rope=rope), segments)
+            out = torch.empty(1, t, hq, head_dim, dtype=dtype, device=device).transpose(1, 2)
+            got = backend.attend_packed(packed, 0, packed_q, packed_k, packed_v, out)
+            finite = bool(torch.isfinite(got).all())
+        except Exception as error:  # noqa: BLE001 -- any failure of the backend is a finding
+            return fail(f"{where}: {type(error).__name__}: {_one_line(error)}")
+        if not finite:
+            return fail(f"{where}: non-finite values in the output")
+        for (r, a, b), at in zip(spans, starts):
+            layer = row_caches[r].layers[0]
+            if layer.length != b:
+                return fail(f"{where}: row {r}'s cache holds {layer.length} tokens, expected {b}")
+            stored_k, stored_v = LayerKV(keys=layer.k, values=layer.v, length=b, key_scale=layer.k_scale,
+                                         value_scale=layer.v_scale).dense(ref_dtype)
+            if not bool(torch.isfinite(stored_k).all()):
+                return fail(f"{where}: non-finite values in row {r}'s cache")
+            index = torch.arange(b, device=device)[None]  # (1, b): unpadded
+            want_k = rotate_keys(k[r : r + 1, :, :b].to(ref_dtype), index, ref_rope)
+            error = max(_relative_error(stored_k, want_k), _relative_error(stored_v, v[r : r + 1, :, :b]))
+            if not error <= write_tol:
+                return fail(f"{where}: row {r}'s cache write off by {error:.2e} (relative; tolerance {write_tol:.1e})")
+            want = chunked_dca(q[r : r + 1, :, a:b].to(ref_dtype), stored_k, stored_v, index[:, a:], index, ref_rope,
+                               scaling, kernels.torch_attend, prompt[r : r + 1].to(device))
+            error = _relative_error(got[:, :, at : at + b - a], want)
+            if not error <= attn_tol:
+                return fail(f"{where}: row {r}'s attention off by {error:.2e} (relative to the torch backend; "
+                            f"tolerance {attn_tol:.1e} in {str(dtype).removeprefix('torch.')})")
+        pasts = [b for _, _, b in spans]
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     return CheckResult(True, None, time.perf_counter() - start)

@@ -947,13 +947,14 @@ class PackedRows:
     scale: list
     device: torch.device
     meta: torch.Tensor = None  # (R, 4) int32: q_start, q_len, past, 0
-    scales: torch.Tensor = None  # (R,) float32
+    scales: torch.Tensor = None  # (R,) float32 (float64 for a float64 model)
     token_row: torch.Tensor = None  # (T,) int32: packed column -> row (-1: none)
     _work: dict = field(default_factory=dict)
 
     @classmethod
-    def build(cls, q_start, q_len, past, scale, device) -> "PackedRows":
-        """Host lists (or tuples) of ints per row, scale floats per row; device: where the model runs.
+    def build(cls, q_start, q_len, past, scale, device, scale_dtype=torch.float32) -> "PackedRows":
+        """Host lists (or tuples) of ints per row, scale floats per row; device: where the model runs;
+        scale_dtype: float32, or float64 for a float64 model (the kernels accumulate in float64 then).
 
         Rows may have q_len 0 (nothing to compute); their columns must not overlap."""
         q_start, q_len, past, scale = (list(map(int, q_start)), list(map(int, q_len)), list(map(int, past)),
@@ -973,7 +974,7 @@ class PackedRows:
         rows = cls(q_start, q_len, past, scale, device)
         rows.meta = _to_device(torch.tensor([[s, n, p, 0] for s, n, p in zip(q_start, q_len, past)], dtype=torch.int32),
                                device)
-        rows.scales = _to_device(torch.tensor(scale, dtype=torch.float32), device)
+        rows.scales = _to_device(torch.tensor(scale, dtype=scale_dtype), device)
         rows.token_row = _to_device(torch.tensor(token_row or [-1], dtype=torch.int32), device)
         return rows
 

@@ -241,6 +241,23 @@ def test_int8_is_checked_with_an_int8_cache(gpu_like, monkeypatch):
     assert int8.ran == "torch" and "non-finite" in int8.fallback_reason
 
 
+@needs_interpreter
+def test_a_wrong_packed_kernel_fails_the_check(gpu_like, monkeypatch):
+    """The packed kernels (continuous batching: one store and one attention launch per layer for
+    all rows) are part of the check: a packed attention off by 1% makes "auto" fall back, found
+    at the packed step."""
+    packed_attention = gpu_like.packed_attention
+
+    def off(*args, **kwargs):
+        return packed_attention(*args, **kwargs).mul_(1.01)
+
+    monkeypatch.setattr(gpu_like, "packed_attention", off)
+    report = prepare_backend(apply_dca(tiny_model(), AUTO))
+    assert report.ran == "torch" and report.checked
+    assert report.fallback_reason.startswith("triton: packed step 1 (100 and 47 new tokens after 0 and 0): row 0's "
+                                             "attention off by 1.00e-02")
+
+
 # --- the Triton path on the engine's row caches ------------------------------------------------
 
 
@@ -289,6 +306,70 @@ def test_packed_rows_of_row_caches_are_written_in_place_never_dequantised(monkey
     got, rows = run(TRITON, True)
     assert calls == {"update": 0, "dequantize": 0}
     assert [row.length for row in rows] == [32, 47, 10]
+    for g, e in zip(got, expected):
+        assert_close(g, e, rtol=1e-9, atol=1e-9)
+
+
+@needs_interpreter
+@pytest.mark.usefixtures("one_torch_thread")
+@pytest.mark.parametrize("kv_dtype", ["auto", "int8"])
+def test_packed_rows_run_in_one_store_and_one_attention_launch_per_layer(monkeypatch, kv_dtype):
+    """Issue 18: on Triton, a packed forward whose rows' caches are written in place (the engine's
+    RowKV) is one `packed_store` and one `packed_attention` per layer over all rows, never the
+    per-row kernels; prompt rows and decode rows of different pasts (a row joining mid-way), int8
+    and model-dtype storage: the torch backend's logits, and each row's lengths as it leaves them."""
+    from pipeline.engine.kv_cache import PackedRows, RowKV
+
+    from dca import triton_kernels
+
+    layers = 2
+    prompts = (30, 45, 7)
+    steps = [[(0, 30), (1, 45)], [(0, 1), (1, 1), (2, 7)], [(0, 1), (1, 1), (2, 1)], [(2, 1), (0, 1)]]
+
+    def run(config, on_forward=None):
+        model = apply_dca(tiny_model(), config)
+        rows = [RowKV(layers, 64, kv_dtype) for _ in prompts]
+        for row, n in zip(rows, prompts):
+            row.dca_prompt_length = torch.tensor([n])
+        logits = []
+        for step, segments in enumerate(steps):
+            tokens = torch.cat([ids(n, seed=10 * step + r) for r, n in segments], dim=1)
+            at, packed = 0, []
+            for r, n in segments:
+                packed.append((rows[r], at, at + n))
+                at += n
+            positions = torch.cat([torch.arange(rows[r].length, rows[r].length + n) for r, n in segments])[None]
+            logits.append(model(tokens, position_ids=positions, cache=PackedRows(packed), use_cache=True).logits)
+            if on_forward is not None:
+                on_forward()
+        return logits, rows
+
+    expected, torch_rows = run(TORCH)
+
+    calls = {name: 0 for name in ("packed_store", "packed_attention", "store", "attention", "prefill", "decode")}
+
+    def counted(name):
+        original = getattr(triton_kernels, name)
+
+        def call(*args, **kwargs):
+            calls[name] += 1
+            return original(*args, **kwargs)
+
+        monkeypatch.setattr(triton_kernels, name, call)
+
+    for name in calls:
+        counted(name)
+    per_forward = []
+
+    def record():
+        per_forward.append(dict(calls))
+        calls.update({name: 0 for name in calls})
+
+    got, rows = run(TRITON, record)
+    one_per_layer = {"packed_store": layers, "packed_attention": layers, "store": 0, "attention": 0, "prefill": 0,
+                     "decode": 0}
+    assert per_forward == [one_per_layer] * len(steps)
+    assert [row.lengths for row in rows] == [row.lengths for row in torch_rows] == [[33, 33], [47, 47], [9, 9]]
     for g, e in zip(got, expected):
         assert_close(g, e, rtol=1e-9, atol=1e-9)
 
