@@ -8,7 +8,7 @@ Every document of the example corpora is summarised once per variant, greedily, 
 code a job runs (pipeline.data.prompts.PromptBuilder for the prompt, pipeline.engine.generation.generate_batch
 for the decoding loop, DCA on, chunked prefill), in this process (no Ray: the engine adds nothing
 to the tokens). Each output is labelled by evaluation.summary_check (summary / continuation /
-repetitive / empty). Corpora and prompt limits are those of the README's commands:
+repetitive / empty). Corpora and prompt limits are those of docs/jobs.md's commands:
 
 - examples/corpus (6 documents, 3.5k-29k tokens) capped at 2048 prompt tokens, as the quickstart
   ran them before (the issue that asked for this benchmark saw half of them continued);
@@ -43,7 +43,7 @@ BEFORE_TEMPLATES = {
     "user": "Summarise the following document in three to five sentences.\n\n{document}",
     "base": "Document:\n{document}\n\nSummary of the document in three sentences:",
 }
-# (corpus directory, max_input_tokens): the README's settings for each.
+# (corpus directory, max_input_tokens): docs/jobs.md's settings for each.
 CORPORA = {"examples/corpus": 2048, "examples/quickstart": 16384}
 
 

@@ -7,7 +7,7 @@
   summarises, un-truncated, with DCA (two, so that the whole quickstart stays near 5 minutes on
   2 CPU cores).
 - examples/corpus/: 6 documents of 3.5k-29k tokens in two Parquet files, columns id (string),
-  title (string), text (string) - the summarisation example of the README's other commands.
+  title (string), text (string) - the summarisation example of docs/jobs.md's commands.
 - examples/qa/: 3 documents with a `questions` column (list<string>) - the QA example.
 
 The texts are copies of Project Gutenberg / King James Bible files (public domain): Jonah, Ruth,

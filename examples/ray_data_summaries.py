@@ -1,4 +1,4 @@
-"""Summaries of the example corpus with the Ray Data processor (README: "Use it from Ray Data").
+"""Summaries of the example corpus with the Ray Data processor (docs/ray-data.md).
 
     .venv/bin/python examples/ray_data_summaries.py [OUTPUT_DIR]
 

@@ -25,21 +25,25 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(prog="python -m jobs.nightly", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     add_common_flags(parser, task="summarize")
-    parser.add_argument("--date", dest="run_date", help="run date YYYY-MM-DD (default: today, UTC)")
+    parser.add_argument("--date", dest="run_date",
+                        help="run date YYYY-MM-DD (default: today, UTC; other ISO spellings such as 20261127 are "
+                             "read as the same date)")
     parser.add_argument("--print-submission-id", action="store_true",
                         help="print the deterministic submission id of this corpus and date, and exit")
     args = parser.parse_args(argv)
     setup_logging(args.verbose)
-    run_date = args.run_date or datetime.datetime.now(datetime.timezone.utc).date().isoformat()
-    datetime.date.fromisoformat(run_date)  # ValueError on a malformed date
+    from pipeline.config.job import JobConfig
+    from pipeline.job import nightly_submission_id, normalize_run_date, run_nightly
+
+    # One spelling per night (2026-11-27, 20261127, ...): one partition, one submission id.
+    run_date = normalize_run_date(args.run_date or datetime.datetime.now(datetime.timezone.utc).date())
     print_id = args.print_submission_id
     del args.run_date, args.print_submission_id
-    from pipeline.config.job import JobConfig
-    from pipeline.job import nightly_submission_id, run_nightly
 
     values = build_values(args, required=("input",) if print_id else ("input", "output"))
     # The id comes from the input as written (not resolved): the same on the submitting machine
-    # and inside `ray job submit`, where relative paths resolve in a copy of the working dir.
+    # and inside `ray job submit`, where relative paths resolve in a copy of the working dir;
+    # `corpus`, `corpus/` and `./corpus` give one id (nightly_submission_id normalises).
     submission_id = nightly_submission_id(values.pop("input_as_given"), run_date)
     if print_id:
         print(submission_id)

@@ -12,11 +12,17 @@ flags (a job prints it at start). --model takes a preset (llama2-7b, llama2-13b,
 llama3-8b, llama3-70b, smollm2: shapes only, no weights needed), a Hugging Face directory, a
 config.json or a .gguf file. Nothing is loaded but the config. The model behind the numbers:
 pipeline/engine/memory_plan.py, docs/memory.md.
+
+Exit status, for scripts: 0 when the plan fits (or no --gpu-memory was given to check it against),
+1 when it does not fit (the table says DOES NOT FIT), 2 on bad flags; --compare always exits 0.
+A job checks the same plan at start against the memory one of its ranks has, and refuses (exit 2)
+a --max-input-tokens whose longest request cannot fit, naming the longest prompt that does.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 
@@ -26,6 +32,8 @@ from pipeline.config.model import dca_chunk_len
 from pipeline.config.resolve import (
     ATTENTION_BACKENDS, COMPUTE_DTYPES, normalize_prefill_block, planned_attention_backend, planned_weight_dtype,
 )
+from pipeline.config.task import HIERARCHICAL, TRUNCATION_POLICIES
+from pipeline.data.sections import estimate_split
 from pipeline.engine.memory_plan import (
     COMPONENTS, DEVICE_MEMORY, WEIGHT_BYTES, MemoryPlan, ModelShape, ServingConfig, fmt_bytes, parse_bytes,
 )
@@ -82,6 +90,13 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="the DCA backend to plan for (default: what --dca-backend resolves to on --device, as a "
                         "job's ranks choose it: triton on cuda, torch on cpu; flash and torch are what triton "
                         "falls back to when its start-up self-check fails)")
+    g.add_argument("--document-tokens", type=int, default=None, metavar="N",
+                   help="with --truncation hierarchical: how a document of N tokens is answered (sections, levels, "
+                        "engine calls)")
+    g.add_argument("--truncation", default="middle", choices=TRUNCATION_POLICIES,
+                   help="the job's --truncation (only hierarchical changes the plan: documents over the budget are "
+                        "answered in sections, each call within --max-input-tokens)")
+    g.add_argument("--task", default="summarize", choices=("summarize", "qa"), help="for --document-tokens")
     g.add_argument("--compare", action="store_true", help="print standard configurations side by side")
     g.add_argument("--json", action="store_true", help="machine-readable output")
     # Earlier names, still accepted (with a warning).
@@ -143,6 +158,11 @@ def compare_table(shape: ModelShape, args) -> tuple[str, list[dict]]:
     return "\n".join(lines), rows
 
 
+# Exit status: 0 the plan fits (or no --gpu-memory to check it against), 1 it does not fit,
+# 2 bad flags or an unreadable model. --compare is a table of alternatives and exits 0.
+EXIT_DOES_NOT_FIT = 1
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     try:
@@ -156,14 +176,29 @@ def main(argv=None) -> int:
     except (ValueError, FileNotFoundError) as e:
         print(f"jobs.plan: {e}", file=sys.stderr)
         return 2
+    split = None
+    if args.document_tokens is not None:
+        if args.truncation != HIERARCHICAL:
+            print("jobs.plan: --document-tokens needs --truncation hierarchical (the other policies send one "
+                  "prompt per document, the plan above)", file=sys.stderr)
+            return 2
+        try:
+            split = estimate_split(args.document_tokens, args.max_input_tokens, args.max_new_tokens)
+        except ValueError as e:
+            print(f"jobs.plan: {e}", file=sys.stderr)
+            return 2
     if args.json:
         out = {"model": shape.name, "serving": plan.config.to_dict(), **estimate.to_dict()}
         if args.gpu_memory:
             out["longest_prompt"] = plan.longest_prompt(args.max_new_tokens, args.batch)
+        if split is not None:
+            out["hierarchical"] = dataclasses.asdict(split)
         print(json.dumps(out, indent=2))
     else:
         print(plan.format_table(args.max_input_tokens, args.max_new_tokens, args.batch))
-    return 0
+        if split is not None:
+            print(split.describe(args.task))
+    return EXIT_DOES_NOT_FIT if estimate.fits is False else 0
 
 
 if __name__ == "__main__":

@@ -160,7 +160,10 @@ def show(output_dir: str, *, ids: list[str] | None = None, errors_only: bool = F
         raise FileNotFoundError(f"{output_dir} holds no committed output (part-*.parquet): is it a job's --output?")
     rows = read_output(output_dir, columns=ROW_COLUMNS).to_pylist()
     rows.sort(key=lambda r: (r["source_file"], r["source_row"], -1 if r["question_index"] is None else r["question_index"]))
-    shown = [r for r in rows if (not ids or r["id"] in ids) and (not errors_only or r["status"] != "ok")]
+    # --id is text; an output of integer ids keeps them as integers: compared as their digits.
+    wanted = {str(i) for i in ids} if ids else None
+    shown = [r for r in rows if (not wanted or (r["id"] is not None and str(r["id"]) in wanted))
+             and (not errors_only or r["status"] != "ok")]
     for row in shown:
         print(row_header(row), file=out)
         print(row_body(row, width), file=out)

@@ -3,7 +3,7 @@
     python -m jobs.summarize --input examples/corpus --output /tmp/summaries
     ray job submit --working-dir . -- python -m jobs.summarize --input examples/corpus --output /abs/dir
 
-One output row per document (see README "Output"). Rerunning the same command resumes.
+One output row per document (see docs/jobs.md "Output"). Rerunning the same command resumes.
 """
 
 from __future__ import annotations

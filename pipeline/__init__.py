@@ -8,7 +8,7 @@
     runtime/    Ray and GPU start-up, the job's engine, stops and signals, progress
     metrics/    per-job metrics beside the output, live metrics for the dashboard
 
-README.md "Architecture" has one line per module and how a document flows through them.
+docs/architecture.md has one line per module and how a document flows through them.
 Driver-side modules import no torch/transformers/deepspeed at module level; those load inside the
 processes that hold a model.
 """

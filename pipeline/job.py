@@ -32,19 +32,24 @@ from collections.abc import Callable
 
 from pipeline.config.job import JobConfig, check_parallelism, config_hash, job_fingerprint
 from pipeline.config.task import HIERARCHICAL
-from pipeline.data.input import Document, InputSpec, check_input, iter_documents, plan_units
+from pipeline.data.input import (
+    Document, InputSpec, check_input, check_output_apart, file_digests, iter_documents, plan_units,
+)
 from pipeline.data.long_documents import LongDocumentPrompts, describe_hierarchical
 from pipeline.data.prompts import PromptBuilder, load_templates
 from pipeline.data.rows import dca_columns, job_columns
-from pipeline.data.writer import MANIFEST, OutputWriter, read_manifest, write_json_atomic
+from pipeline.data.writer import (
+    MANIFEST, OutputError, OutputWriteError, OutputWriter, read_manifest, write_json_atomic,
+)
 from pipeline.dataflows.context import JobRun
 from pipeline.dataflows.driver import DriverDataflow
-from pipeline.dataflows.units import UnitsDataflow
+from pipeline.dataflows.units import UnitsDataflow, committed_unit_ranges
 from pipeline.engine.models import load_model_config, load_tokenizer, model_fingerprint, template_kind_from_files
 from pipeline.metrics.job import JobMetrics
 from pipeline.runtime.cluster import (
     RayStartError, check_devices, ensure_ray, ray_submission_id, release_gpu_request, wait_for_gpus,
 )
+from pipeline.runtime.pool import check_plan_fits
 from pipeline.runtime.stops import JobFailed, JobStopped, StopSignals
 
 log = logging.getLogger(__name__)
@@ -96,12 +101,14 @@ def _check_job(config: JobConfig, *, tokenizer, skip_factory) -> _Checked:
     the prompt's template kind: read from the model's files without the tokenizer when they tell
     (pipeline.engine.models.template_kind_from_files), else the tokenizer's own; whenever the
     tokenizer is loaded, its kind is the one used (see _with_tokenizer)."""
+    check_output_apart(config.input_path, config.output_dir)  # before anything is read, written or removed
     plan = check_input(InputSpec(
         path=config.input_path, id_column=config.id_column, text_column=config.text_column,
         question_column=config.question_column, batch_rows=config.input_batch_rows,
     ))
     model_config = load_model_config(config.model_spec)  # also checks that the model exists
     check_parallelism(config, model_config)
+    check_plan_fits(config)  # a --max-input-tokens the device cannot hold is refused here
     dca_cols = dca_columns(config.model_spec, model_config)
     templates = load_templates(config.templates_file)
     kind = None if tokenizer is not None else template_kind_from_files(config.model_spec, config.use_chat_template)
@@ -196,10 +203,11 @@ class _NoWorkDataflow:
 
     def run(self):
         job = self.job
-        units = plan_units(job.plan, job.config.unit_rows)
-        committed = job.writer.committed_units
-        job.metrics.documents_resumed += sum(u.num_rows for u in units if u.key in committed)
-        job.metrics.documents_skipped += sum(u.num_rows for u in units if u.key not in committed)
+        # Committed rows from the parts' names, whatever --unit-rows cut them (as UnitsDataflow resumes).
+        ranges = committed_unit_ranges(job.config.output_dir, job.plan, job.writer.committed_units)
+        todo = sum(u.num_rows for u in plan_units(job.plan, job.config.unit_rows, ranges))
+        job.metrics.documents_resumed += job.plan.num_rows - todo
+        job.metrics.documents_skipped += todo
         self.resumed_rows = job.metrics.documents_resumed
         return None, None
 
@@ -212,10 +220,16 @@ class _NoWorkDataflow:
 
 def _claim_output(config: JobConfig, checked: _Checked, stopper: StopSignals) -> tuple[JobRun, dict]:
     """Step 2: the output claimed (resumed, fresh, or refused as a different job)."""
+    # The input files' content digests, read again only for files whose size or mtime moved since
+    # the output recorded them (a resume only stats its files).
+    try:
+        recorded = (read_manifest(config.output_dir) or {}).get("input_files") if not config.overwrite else None
+    except (OSError, ValueError, OutputError):  # the writer says what is wrong with it
+        recorded = None
     writer = OutputWriter(
         config.output_dir, job_id=checked.job_id, fingerprint=checked.fingerprint, config=config.to_dict(),
         overwrite=config.overwrite, part_rows=config.part_rows, part_seconds=config.part_seconds,
-        dataflow=config.dataflow,
+        dataflow=config.dataflow, id_type=checked.plan.id_type, input_files=file_digests(checked.plan, recorded),
     )
     # The resolved DCA settings next to the job's (the metrics plot marks P; jobs.show prints them).
     metrics = JobMetrics(job_id=checked.job_id, task=config.task,
@@ -292,6 +306,8 @@ def _run_job(config: JobConfig, stopper: StopSignals, *, pool_factory, tokenizer
     metrics_extra["engine_started"] = False
     requested_gpus = started_ray = False
     status, message, engine_stats = "failed", None, None
+    write_error: OutputWriteError | None = None
+    summary: dict = {}
     try:
         if dataflow.needs_ray:
             import ray
@@ -320,6 +336,8 @@ def _run_job(config: JobConfig, stopper: StopSignals, *, pool_factory, tokenizer
         message = (f"stopped by {e} after committing the finished documents; "
                    "rerun the same command to resume")
         raise
+    except OutputWriteError as e:  # the output's storage is full (or failing): one line, exit 1
+        write_error, message = e, str(e)
     except BaseException as e:  # record what happened, keep what is committed, then re-raise
         message = f"{type(e).__name__}: {e}"
         raise
@@ -329,33 +347,64 @@ def _run_job(config: JobConfig, stopper: StopSignals, *, pool_factory, tokenizer
             if started_ray:
                 _shutdown_ray()
         else:
-            summary = _finish(config, job, dataflow, status, message, engine_stats, metrics_extra,
-                              requested_gpus=requested_gpus, started_ray=started_ray)
+            summary, write_error = _finish(config, job, dataflow, status, message, engine_stats, metrics_extra,
+                                           requested_gpus=requested_gpus, started_ray=started_ray,
+                                           write_error=write_error)
+            status, message = summary["status"], summary["message"]
+    if write_error is not None:
+        raise write_error
     if status != "complete":
         raise JobFailed(message)
     return summary
 
 
 def _finish(config, job: JobRun, dataflow, status, message, engine_stats, metrics_extra, *, requested_gpus,
-            started_ray) -> dict:
+            started_ray, write_error: OutputWriteError | None = None) -> tuple[dict, OutputWriteError | None]:
     """Step 4, whatever happened: the output first (`ray job stop` sends SIGKILL a few seconds
-    after SIGTERM), then the metrics, the manifest, the engine and Ray."""
+    after SIGTERM), then the metrics, the manifest, the engine and Ray. Each step runs whatever
+    the one before it did: after a failed write (a full disk) the metrics, the manifest, the
+    staging directory, the engine and Ray are still seen to. write_error: the run's own (a part
+    that could not be written). -> (the summary, the write error to report in the job's one line,
+    or None)."""
     writer, metrics = job.writer, job.metrics
     engine_stats = dataflow.engine_stats(engine_stats)
+    not_written: list[str] = []
+
+    def attempt(what: str, step) -> None:
+        nonlocal write_error
+        try:
+            step()
+        except OutputWriteError as error:  # reported in the job's one line, not as a traceback
+            write_error = write_error or error
+            not_written.append(what)
+
     summary = metrics.summary(status=status, message=message, engine_stats=engine_stats, extra=metrics_extra)
+    summary["metrics_files"] = {}
+    attempt("the last part", writer.flush)  # the last documents, before the metrics that count them
+    if write_error is not None and status != "stopped":
+        status, message = "failed", str(write_error)
+        summary.update(status=status, message=message)
+    attempt("_metrics.json", lambda: summary.__setitem__(
+        "metrics_files", metrics.write(config.output_dir, summary, plot=False)))
     try:
-        writer.flush()  # the last documents, before the metrics that count them
-        summary["metrics_files"] = metrics.write(config.output_dir, summary, plot=False)
+        attempt(MANIFEST, lambda: writer.close(complete=status == "complete", summary={
+            k: summary[k] for k in ("status", "message", "wall_s", "documents", "started_at")}))
     finally:
-        writer.close(complete=status == "complete", summary={
-            k: summary[k] for k in ("status", "message", "wall_s", "documents", "started_at")})
         dataflow.shutdown()
         if requested_gpus:
             release_gpu_request()
         if started_ray:  # disconnect (and stop a local Ray) cleanly, also on SIGTERM
             _shutdown_ray()
-        summary["metrics_files"].update(metrics.write_plot(config.output_dir))
-    return summary
+        if write_error is None:
+            try:
+                summary["metrics_files"].update(metrics.write_plot(config.output_dir))
+            except OSError as error:  # the plot is a picture of _metrics.json: never the job's failure
+                log.warning("_metrics.png not written in %s: %s", config.output_dir, error)
+    if write_error is not None:
+        unwritten = [w for w in not_written if w != "the last part"]
+        write_error = OutputWriteError(str(write_error) + (f" ({' and '.join(unwritten)} could not be written "
+                                                           "either)" if unwritten else ""))
+    return summary, write_error
 
 
 def _shutdown_ray() -> None:
@@ -367,9 +416,38 @@ def _shutdown_ray() -> None:
 # ------------------------------------------------------------------------------------ nightly
 
 
-def nightly_submission_id(input_path: str, run_date: str) -> str:
-    """Deterministic id of the nightly run of one corpus on one date (a Ray submission id)."""
-    return f"nightly-{hashlib.sha256(input_path.encode()).hexdigest()[:10]}-{run_date}"
+def normalize_run_date(run_date) -> str:
+    """A run date as YYYY-MM-DD (a datetime.date, or a string ISO 8601 reads as a date: also
+    20261127 or 2026-W48-5), so that one night has one partition and one submission id whatever
+    its spelling. ValueError (one line) for anything else."""
+    import datetime
+
+    if isinstance(run_date, datetime.datetime):
+        run_date = run_date.date()
+    if isinstance(run_date, datetime.date):
+        return run_date.isoformat()
+    try:
+        return datetime.date.fromisoformat(str(run_date).strip()).isoformat()
+    except ValueError:
+        raise ValueError(f"--date must be a date written YYYY-MM-DD, got {run_date!r}") from None
+
+
+def normalize_input_path(input_path: str) -> str:
+    """The input as written, without the spellings that name the same place: `corpus`,
+    `corpus/` and `./corpus` are `corpus` (os.path.normpath); a URI loses its trailing slashes.
+    Not resolved against the working directory: under `ray job submit` it is another one."""
+    if "://" in input_path:
+        scheme, rest = input_path.split("://", 1)
+        return f"{scheme}://{rest.rstrip('/') or rest}"
+    return os.path.normpath(input_path)
+
+
+def nightly_submission_id(input_path: str, run_date) -> str:
+    """Deterministic id of the nightly run of one corpus on one date (a Ray submission id): the
+    same for every spelling of the path and of the date (normalize_input_path,
+    normalize_run_date), so a night cannot run twice under two ids."""
+    digest = hashlib.sha256(normalize_input_path(input_path).encode()).hexdigest()[:10]
+    return f"nightly-{digest}-{normalize_run_date(run_date)}"
 
 
 def nightly_partition(output_root: str, run_date: str) -> str:
@@ -402,6 +480,7 @@ def run_nightly(config: JobConfig, *, output_root: str, run_date: str, **kwargs)
     this night committed, also when the job fails or is stopped part-way."""
     from pipeline.data.nightly_record import sync_record
 
+    run_date = normalize_run_date(run_date)
     decided: dict[str, NightlySkip] = {}
 
     def skip_factory(cfg_hash: str):
@@ -460,4 +539,5 @@ def run_nightly(config: JobConfig, *, output_root: str, run_date: str, **kwargs)
                 log.warning("nightly record of %s not updated after the night", output_root, exc_info=True)
 
 
-__all__ = ["run_job", "run_nightly", "nightly_submission_id", "nightly_partition", "NightlySkip"]
+__all__ = ["run_job", "run_nightly", "nightly_submission_id", "nightly_partition", "NightlySkip",
+           "normalize_run_date", "normalize_input_path"]

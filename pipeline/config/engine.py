@@ -59,8 +59,9 @@ class EngineConfig:
     # far above any legitimate batch at the defaults (max_input_tokens 32k, max_batch_tokens 8k):
     # on GPU a 100k-token request of a 70B model takes minutes; on 2 CPU cores SmolLM2-135M
     # prefills 16k tokens in about 100 s, and a 2k-token prompt plus 48 new tokens took up to
-    # 5.5 minutes on loaded cores (README). Each timeout costs a rebuild (max_restarts), so a
-    # limit close to real batch times would take healthy replicas down; raise it for slower setups.
+    # 5.5 minutes on loaded cores (measured on a shared 2-core machine). Each timeout costs a
+    # rebuild (max_restarts), so a limit close to real batch times would take healthy replicas
+    # down; raise it for slower setups.
     request_timeout_s: float | None = 3600.0
     # How long the other ranks may still run after one rank answered with an error before the
     # replica is considered stuck in a collective and rebuilt.

@@ -79,6 +79,7 @@ class Outcome:
     decode_s: float = 0.0
     wall_time_s: float = 0.0
     gpu_time_s: float | None = None
+    device_time_s: float | None = None
     peak_memory_bytes: int | None = None
     memory_kind: str | None = None
     replica: str | None = None
@@ -99,6 +100,8 @@ class Outcome:
         self.wall_time_s += result.wall_time_s or 0.0
         if result.gpu_time_s is not None:
             self.gpu_time_s = (self.gpu_time_s or 0.0) + result.gpu_time_s
+        if result.device_seconds_all_ranks is not None:
+            self.device_time_s = (self.device_time_s or 0.0) + result.device_seconds_all_ranks
         if result.peak_memory_bytes is not None:
             self.peak_memory_bytes = max(self.peak_memory_bytes or 0, result.peak_memory_bytes)
         self.memory_kind = self.memory_kind or result.memory_kind

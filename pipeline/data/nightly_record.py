@@ -95,7 +95,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from pipeline.data.writer import OutputError, committed_parts
+from pipeline.data.writer import OutputError, committed_parts, open_new_file
 
 log = logging.getLogger("pipeline.nightly_record")
 
@@ -574,9 +574,14 @@ def _read_parts(output_root: str, wanted: dict[str, Iterable[str]], listing, set
 
 
 def _open_lock(record_dir: str):
-    """The record's lock file, opened (OSError where the root cannot be written)."""
+    """The record's lock file, opened (OSError where the root cannot be written), never through a
+    link (O_NOFOLLOW: a link planted at its name is an error, ELOOP). Nothing is written into it."""
+    if os.path.islink(record_dir):
+        raise OSError(f"{record_dir} is a symbolic link")
     os.makedirs(record_dir, exist_ok=True)
-    return open(os.path.join(record_dir, "_lock"), "a+")
+    fd = os.open(os.path.join(record_dir, "_lock"),
+                 os.O_RDONLY | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0) | os.O_CLOEXEC, 0o644)
+    return os.fdopen(fd, "rb")
 
 
 @contextmanager
@@ -600,8 +605,8 @@ def _write_run(record_dir: str, run: _Run) -> None:
     run.name = f"run-{uuid.uuid4().hex[:16]}"
     for column in _COLUMNS:
         final = os.path.join(record_dir, f"{run.name}.{column}.npy")
-        tmp = f"{final}.tmp"
-        with open(tmp, "wb") as f:
+        tmp = f"{final}.tmp.{uuid.uuid4().hex[:8]}"
+        with open_new_file(tmp, "wb") as f:
             np.save(f, np.ascontiguousarray(getattr(run, column), dtype=_DTYPES[column]), allow_pickle=False)
             f.flush()
             os.fsync(f.fileno())
@@ -621,8 +626,8 @@ def _publish(record_dir: str, runs: list[_Run], listing: dict) -> None:
         "partitions": listing,
     }
     path = os.path.join(record_dir, RECORD_FILE)
-    tmp = f"{path}.tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
+    tmp = f"{path}.tmp.{uuid.uuid4().hex[:8]}"
+    with open_new_file(tmp, "w") as f:
         json.dump(state, f, separators=(",", ":"))
         f.flush()
         os.fsync(f.fileno())

@@ -148,9 +148,9 @@ def error_rows(base: dict, doc: Document, task: str, error_type: str, message: s
 
 def prepare_document(doc: Document, *, task: str, builder: PromptBuilder, base: dict, sampling: SamplingParams,
                      rules: RowRules = JOB_ROWS, long_prompts: LongDocumentPrompts | None = None) -> PreparedDocument:
-    """`doc` made ready for the engine: its request (the request id is the document id: jobs send
-    only documents with a unique id), its sections when it is over the budget and `long_prompts`
-    is given (the hierarchical policy), or its error rows when it cannot be sent (a row error of
+    """`doc` made ready for the engine: its request (the request id is the document id as a
+    string: jobs send only documents with a unique id), its sections when it is over the budget
+    and `long_prompts` is given (the hierarchical policy), or its error rows when it cannot be sent (a row error of
     the input, every question invalid, a prompt too long)."""
     rejected = {"truncated_tokens": 0} if rules.truncated_tokens_on_rejected_rows else {}
     if doc.error_type:
@@ -187,8 +187,8 @@ def prepare_document(doc: Document, *, task: str, builder: PromptBuilder, base: 
     if rules.truncated_tokens_on_rejected_rows:
         for row in invalid_rows:
             row["truncated_tokens"] = prompt.truncated_tokens
-    request = GenerationRequest(
-        request_id=doc.id, prefix_ids=prompt.prefix_ids, suffix_ids=prompt.suffix_ids, sampling=sampling,
+    request = GenerationRequest(  # an integer id's digits: request ids are strings
+        request_id=str(doc.id), prefix_ids=prompt.prefix_ids, suffix_ids=prompt.suffix_ids, sampling=sampling,
     )
     sent = len(prompt.prefix_ids) + sum(len(s) for s in prompt.suffix_ids)
     # The rows need the document's place, id, questions and hash, not its text: the pending copy
@@ -225,6 +225,7 @@ def result_rows(pending: PendingDocument, results: list[GenerationResult], *, ba
             prompt_tokens=result.prompt_tokens, output_tokens=result.output_tokens,
             truncated_tokens=pending.truncated_tokens, prefill_s=result.prefill_s, decode_s=result.decode_s,
             latency_s=result.wall_time_s, gpu_time_s=result.gpu_time_s,
+            device_time_s=result.device_seconds_all_ranks,
             peak_memory_bytes=result.peak_memory_bytes, memory_kind=result.memory_kind,
             replica=result.replica, attempts=result.attempts, sections=1, levels=1, calls=1,
             **_attention_of(result),
@@ -238,7 +239,7 @@ def _split_document(doc: Document, ids: list[int], offsets, questions: list[str]
                     sampling: SamplingParams) -> PreparedDocument:
     """A document over the budget under the hierarchical policy: its sections, ready to be driven."""
     sections = long_prompts.cut(doc.text, offsets, long_prompts.section.suffixes(questions))
-    split = SplitDocument(key=doc.id, doc_ids=ids, sections=sections, questions=questions, sampling=sampling)
+    split = SplitDocument(key=str(doc.id), doc_ids=ids, sections=sections, questions=questions, sampling=sampling)
     pending = PendingDocument(dataclasses.replace(doc, text=None), valid if questions else [None], invalid_rows,
                               0, 0, split=split)
     return PreparedDocument(rows=[], request=None, pending=pending)
@@ -261,6 +262,7 @@ def split_rows(pending: PendingDocument, *, base: dict, rules: RowRules = JOB_RO
             error_type=outcome.error_type, error_message=error_message, prompt_tokens=outcome.prompt_tokens,
             output_tokens=outcome.output_tokens, truncated_tokens=0, prefill_s=outcome.prefill_s,
             decode_s=outcome.decode_s, latency_s=outcome.wall_time_s, gpu_time_s=outcome.gpu_time_s,
+            device_time_s=outcome.device_time_s,
             peak_memory_bytes=outcome.peak_memory_bytes, memory_kind=outcome.memory_kind, replica=outcome.replica,
             attempts=outcome.attempts, sections=outcome.sections, levels=outcome.levels, calls=outcome.calls,
             section_outputs=[piece.to_dict() for piece in sorted(outcome.section_outputs,

@@ -99,3 +99,56 @@ def _best_cut(cuts: list[list[int]], first: int, limit: int) -> tuple[int, str]:
             return boundaries[i], level
     # Nothing but tokens in the second half of the window (a blob without spaces): cut there.
     return limit, "token"
+
+
+# What a prompt takes beside the document when no tokenizer is at hand (jobs.plan loads none):
+# the section and combine templates with a chat template and a short question, measured on the
+# embedded model at about 90-150 tokens; rounded up.
+ESTIMATED_TEMPLATE_TOKENS = 200
+# A combine prompt lists each input as a labelled line ("Part i of n: ..."): its label's tokens.
+LABEL_TOKENS = 8
+
+
+@dataclass(frozen=True)
+class SplitEstimate:
+    """How the hierarchical policy answers a document of `document_tokens` (pure arithmetic, no
+    tokenizer): at least `sections` sections (the cut keeps natural boundaries, so there can be
+    more), `levels` levels of calls (map, then combines), `calls` engine calls per output row
+    (QA: per question; its combine runs only over the sections that found an answer, so this
+    is the most). Every call is a prompt within max_input_tokens: the memory plan of one
+    --max-input-tokens request covers each."""
+
+    document_tokens: int
+    section_tokens: int
+    sections: int
+    levels: int
+    calls: int
+
+    def describe(self, task: str) -> str:
+        if self.sections <= 1:
+            return f"a document of {self.document_tokens:,} tokens fits one prompt: 1 call"
+        per = " per question (at most: only sections that find an answer are combined)" if task == "qa" else ""
+        return (f"a document of {self.document_tokens:,} tokens under --truncation hierarchical: at least "
+                f"{self.sections:,} sections of up to {self.section_tokens:,} tokens, {self.levels} levels, "
+                f"about {self.calls:,} engine calls{per}, each a prompt within --max-input-tokens (the plan above "
+                f"covers every call; templates assumed {ESTIMATED_TEMPLATE_TOKENS} tokens)")
+
+
+def estimate_split(document_tokens: int, max_input_tokens: int, max_new_tokens: int,
+                   template_tokens: int = ESTIMATED_TEMPLATE_TOKENS) -> SplitEstimate:
+    """The sections, levels and calls of one output row of a document under the hierarchical
+    policy: sections of the prompt budget less the template; each level's outputs (at most
+    max_new_tokens each, plus a label) combined as many per call as fit, until one remains."""
+    budget = max_input_tokens - template_tokens
+    if budget < 16:
+        raise ValueError(f"--max-input-tokens {max_input_tokens} leaves no room for a section beside its template")
+    if document_tokens <= budget:
+        return SplitEstimate(document_tokens, budget, 1, 1, 1)
+    sections = -(-document_tokens // budget)
+    fan_in = max(2, budget // (max_new_tokens + LABEL_TOKENS))
+    calls, levels, n = sections, 1, sections
+    while n > 1:
+        n = -(-n // fan_in)
+        calls += n
+        levels += 1
+    return SplitEstimate(document_tokens, budget, sections, levels, calls)

@@ -5,7 +5,8 @@
 
 The driver lists the files and their footers (pipeline.data.input.check_input), cuts the corpus
 into WORK UNITS (pipeline.data.input.WorkUnit: a slice of at most `unit_rows` rows of one row group, with a
-deterministic key) and skips the units already committed. One id-only pass in a Ray task finds
+deterministic key naming its rows) and leaves out the rows committed parts already hold (a resume
+works in rows, so --unit-rows may change between runs). One id-only pass in a Ray task finds
 the duplicate ids in corpus order, so every row gets the same error rows as the driver dataflow.
 
 A unit stays whole through the dataflow: each stage maps ONE Ray Data row holding a whole unit
@@ -35,14 +36,17 @@ import uuid
 import pyarrow as pa
 
 from pipeline.config.job import JobConfig
-from pipeline.data.input import InputPlan, WorkUnit, plan_units, read_unit, unit_duplicates
 from pipeline.config.task import HIERARCHICAL
+from pipeline.data.input import InputPlan, WorkUnit, parse_unit_key, plan_units, read_unit, unit_duplicates
 from pipeline.data.long_documents import LongDocumentPrompts, requests_with_follow_ups
 from pipeline.data.prompts import PromptBuilder, load_templates
 from pipeline.data.rows import (
     InFlight, prepare_document, result_rows, set_engine_attention, split_rows, stamp_engine_attention,
 )
-from pipeline.data.writer import STAGING, OutputWriter, commit_unit, committed_unit_keys
+from pipeline.data.schema import id_type_name
+from pipeline.data.writer import (
+    STAGING, OutputWriteError, OutputWriter, commit_unit, committed_unit_keys, unit_part_name,
+)
 from pipeline.dataflows.budget import FailureBudget
 from pipeline.dataflows.context import JobRun
 from pipeline.engine.attention_record import engine_record_of_stats
@@ -289,7 +293,7 @@ class UnitEngineStage:
                 pass
 
 
-def _datasink(output_dir: str, ledger):
+def _datasink(output_dir: str, ledger, id_type: str = "string"):
     from ray.data import Datasink
     from ray.data.block import BlockAccessor
 
@@ -297,7 +301,7 @@ def _datasink(output_dir: str, ledger):
         """Commits each unit as one part (commit_unit), then reports its counts to the ledger."""
 
         def __init__(self) -> None:
-            self.output_dir, self.ledger = output_dir, ledger
+            self.output_dir, self.ledger, self.id_type = output_dir, ledger, id_type
 
         def get_name(self) -> str:
             return "DCAJobUnits"
@@ -313,7 +317,7 @@ def _datasink(output_dir: str, ledger):
                         continue
                     unit = pickle.loads(payload)
                     rows = [row for doc_rows, _, _ in unit["emitted"] for row in doc_rows]
-                    written.append((key, commit_unit(self.output_dir, key, rows)))
+                    written.append((key, commit_unit(self.output_dir, key, rows, self.id_type)))
                     ray.get(self.ledger.add.remote(key, unit["emitted"], unit["counts"]))
             return written
 
@@ -413,14 +417,16 @@ def run_dataflow(config: JobConfig, *, plan: InputPlan, writer: OutputWriter, me
     from ray.data import ActorPoolStrategy
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-    units = plan_units(plan, config.unit_rows)
-    done = writer.committed_units
-    todo = [u for u in units if u.key not in done]
-    metrics.documents_resumed += sum(u.num_rows for u in units if u.key in done)
-    log.info("ray-data dataflow: %d work unit(s) of at most %d rows, %d already committed", len(units),
-             config.unit_rows, len(units) - len(todo))
+    # Resume works in rows: the committed parts' names say which rows they hold, whatever
+    # --unit-rows cut them; only the other rows are cut into units (a changed --unit-rows
+    # neither skips nor repeats a row).
+    todo = plan_units(plan, config.unit_rows, committed_unit_ranges(config.output_dir, plan, writer.committed_units))
+    metrics.documents_resumed += plan.num_rows - sum(u.num_rows for u in todo)
+    log.info("ray-data dataflow: %d work unit(s) of at most %d rows to run, %d part(s) already committed", len(todo),
+             config.unit_rows, len(writer.committed_units))
     if not todo:
         return None, None
+    units = todo
     check_shared_paths(config.output_dir, plan)
     here = NodeAffinitySchedulingStrategy(node_id=ray.get_runtime_context().get_node_id(), soft=False)
     ledger = ray.remote(UnitLedger).options(num_cpus=0, scheduling_strategy=here).remote(config, base_row["job_id"])
@@ -454,7 +460,12 @@ def run_dataflow(config: JobConfig, *, plan: InputPlan, writer: OutputWriter, me
     result = None
     try:
         with ray_data_console():  # not Ray Data's "Data sink ... finished. N rows": N counts units
-            ds.write_datasink(_datasink(config.output_dir, ledger))
+            ds.write_datasink(_datasink(config.output_dir, ledger, id_type_name(writer.schema.field("id").type)))
+    except Exception as error:  # a commit that failed for lack of space: its one line, not Ray's wrapping
+        cause = _write_error_in(error)
+        if cause is None:
+            raise
+        raise OutputWriteError(str(cause)) from None
     finally:
         finished.set()
         bar.join(timeout=15)  # its last read of the ledger (at most 10 s), before the ledger goes
@@ -477,6 +488,44 @@ def run_dataflow(config: JobConfig, *, plan: InputPlan, writer: OutputWriter, me
         return (f"{len(missing)} work unit(s) were not committed (first {missing[0]}); rerun the same command "
                 "to resume"), engine_stats
     return None, engine_stats
+
+
+def _write_error_in(error: BaseException) -> OutputWriteError | None:
+    """The OutputWriteError a failed Ray task raised (commit_unit), wherever Ray and Ray Data put
+    it: the exception itself (RayTaskError subclasses its cause), its `cause`, or its chain."""
+    seen = set()
+    todo = [error]
+    while todo:
+        e = todo.pop()
+        if e is None or id(e) in seen:
+            continue
+        seen.add(id(e))
+        if isinstance(e, OutputWriteError):
+            inner = getattr(e, "cause", None)
+            lines = str(inner if isinstance(inner, OutputWriteError) else e).strip().splitlines() or [""]
+            line = next((text for text in reversed(lines) if "output " in text), lines[-1])
+            return OutputWriteError(line[line.find("output "):] if "output " in line else line)
+        todo.extend([getattr(e, "cause", None), e.__cause__, e.__context__])
+    return None
+
+
+def committed_unit_ranges(output_dir: str, plan: InputPlan, keys) -> dict[tuple[int, int], list[tuple[int, int]]]:
+    """{(file index, row group): [(start, stop), ...] sorted}: the rows the committed unit parts hold, from
+    their names. A part named by an earlier version (no stop in its key) is read for its last
+    source_row (one column of one part; only outputs begun before the change have such parts)."""
+    import pyarrow.parquet as pq
+
+    ranges: dict[tuple[int, int], list[tuple[int, int]]] = {}
+    for key in keys:
+        file_index, group, start, stop = parse_unit_key(key)
+        if file_index >= len(plan.files) or group >= len(plan.files[file_index].row_group_rows):
+            continue  # not this corpus's (the fingerprint makes that impossible short of a hand edit)
+        if stop is None:
+            rows = pq.read_table(os.path.join(output_dir, unit_part_name(key)), columns=["source_row"])["source_row"]
+            offset = sum(plan.files[file_index].row_group_rows[:group])
+            stop = (max(rows.to_pylist()) - offset + 1) if len(rows) else start
+        ranges.setdefault((file_index, group), []).append((start, stop))
+    return {where: sorted(spans) for where, spans in ranges.items()}
 
 
 class UnitsDataflow:
@@ -523,4 +572,5 @@ class UnitsDataflow:
         pass
 
 
-__all__ = ["UnitsDataflow", "run_dataflow", "check_shared_paths", "UnitLedger", "UnitPromptStage", "UnitEngineStage"]
+__all__ = ["UnitsDataflow", "run_dataflow", "check_shared_paths", "committed_unit_ranges", "UnitLedger",
+           "UnitPromptStage", "UnitEngineStage"]

@@ -1,6 +1,6 @@
 """Device time and memory, one rule for every path of the engine.
 
-The rule (README "Metrics"):
+The rule (docs/jobs.md "Metrics"):
 
 - On every rank, the busy time of every model forward is measured: CUDA events recorded on the
   stream before and after it (`time_kind` "cuda_event"), or on CPU the wall clock around it

@@ -3,7 +3,7 @@ and a plot, for the whole job across resumes.
 
 Written next to the output as `_metrics.json` and `_metrics.png` (names starting with `_` so
 pyarrow.dataset readers of the output skip them). Figures come from the engine's per-request
-measurements, under the engine's one rule for device time (`pipeline.engine.metering`, README
+measurements, under the engine's one rule for device time (`pipeline.engine.metering`, docs/jobs.md
 "Metrics"): on CPU the device time is CPU wall time of the forwards, labelled `cpu`, never `gpu`.
 
 A resumed run does not overwrite the earlier runs' figures: `summary()` is this run's summary
@@ -96,7 +96,8 @@ class JobMetrics:
         self.runs_without_metrics = 0
         self.peak_memory_per_rank: dict[str, int] = {}
         self.memory_kinds: set[str] = set()
-        self.points: list[tuple[int, float, float | None, int | None]] = []  # (prompt, latency, prefill, mem)
+        # One per output row: (prompt tokens, latency, prefill, peak memory, device-seconds).
+        self.points: list[tuple[int, float, float | None, int | None, float | None]] = []
 
     @property
     def wall_s(self) -> float:
@@ -135,9 +136,8 @@ class JobMetrics:
                 self.first_errors.setdefault(row["error_type"], row.get("error_message") or "")
             self.output_tokens += row.get("output_tokens") or 0
             if row.get("latency_s") is not None and row.get("prompt_tokens"):
-                self.points.append(
-                    (row["prompt_tokens"], row["latency_s"], row.get("prefill_s"), row.get("peak_memory_bytes"))
-                )
+                self.points.append((row["prompt_tokens"], row["latency_s"], row.get("prefill_s"),
+                                    row.get("peak_memory_bytes"), row.get("device_time_s")))
         for result in results or ():
             self._add_result(result)
 
@@ -342,12 +342,9 @@ class JobMetrics:
 
         if not committed_parts(output_dir):
             return
-        columns = ["prompt_tokens", "latency_s", "prefill_s", "peak_memory_bytes"]
+        columns = ["prompt_tokens", "latency_s", "prefill_s", "peak_memory_bytes", "device_time_s"]
         table = read_output(output_dir, columns=columns).to_pydict()
-        self.previous_points = [
-            (p, latency, prefill, memory) for p, latency, prefill, memory in zip(*(table[c] for c in columns))
-            if latency is not None and p
-        ]
+        self.previous_points = [point for point in zip(*(table[c] for c in columns)) if point[1] is not None and point[0]]
 
     def write(self, output_dir: str, summary: dict, plot: bool = True) -> dict:
         """Writes _metrics.json (atomically) and _metrics.png; returns the paths written."""
@@ -374,7 +371,13 @@ class JobMetrics:
         return {"plot": path}
 
     def plot(self, path: str) -> None:
-        """Latency (and prefill) and peak memory against prompt length, one point per output row.
+        """Device time and peak memory against prompt length, one point per output row.
+
+        The left panel is each row's device-seconds (`device_time_s`: its shares of the forwards it
+        took part in): what a longer prompt costs. Its latency is not drawn: under continuous
+        batching rows share the engine's steps, so a short document's latency is that of the
+        batch it waited in. Rows without device time (outputs written before the column) are left
+        out, and the title says how many are drawn.
 
         Readable whatever the lengths: both axes start at 0 (a 5% memory difference is drawn as
         one, not as the whole height), the x axis always reaches the job's max_input_tokens and
@@ -405,26 +408,30 @@ class JobMetrics:
 
         fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4.8))
         style = dict(s=26, alpha=0.55, edgecolors="none")
-        prompt = [p[0] for p in points]
-        ax1.scatter(prompt, [p[1] for p in points], label="request (prefill + decode)", color="tab:blue", **style)
-        pre = [(p[0], p[2]) for p in points if p[2] is not None]
-        if pre:
-            ax1.scatter([a for a, _ in pre], [b for _, b in pre], marker="x", color="tab:orange", s=26,
-                        linewidths=1.2, alpha=0.8, label="prefill (time to first token)")
+        timed = [(p[0], p[4]) for p in points if len(p) > 4 and p[4] is not None]
+        if timed:
+            ax1.scatter([a for a, _ in timed], [b for _, b in timed], label="row (prefill + decode)", color="tab:blue",
+                        **style)
+        else:
+            ax1.text(0.5, 0.5, "no device time measured", ha="center", va="center", transform=ax1.transAxes,
+                     color="grey")
         mem = [(p[0], p[3] / 2**30) for p in points if p[3] is not None]
         if mem:
             ax2.scatter([a for a, _ in mem], [b for _, b in mem], color="tab:red", label="peak memory", **style)
         else:
             ax2.text(0.5, 0.5, "no memory measurements", ha="center", va="center", transform=ax2.transAxes,
                      color="grey")
-        y1 = max([p[1] for p in points] + [b for _, b in pre]) if points else 1.0
+        y1 = max((b for _, b in timed), default=1.0)
         y2 = max((b for _, b in mem), default=1.0)
         tokens = FuncFormatter(lambda x, _: f"{x:,.0f}")
-        what = f"{rows} row{'s' if rows != 1 else ''}" + (
+        drawn = len(timed)
+        what = f"{drawn} row{'s' if drawn != 1 else ''}" + (f" of {rows}" if drawn < rows else "") + (
             f", {len(lengths)} prompt length{'s' if len(lengths) != 1 else ''}" if len(lengths) < rows else "")
+        time_kind = ", ".join(sorted(self.time_kinds)) or "device"
         kind = ", ".join(sorted(self.memory_kinds)) or "n/a"
         for ax, top, ylabel, title in (
-            (ax1, y1, "seconds", f"Latency vs prompt length ({what})"),
+            (ax1, y1, f"device-seconds ({time_kind})",
+             f"Device time per row, summed over ranks, vs prompt length ({what})"),
             (ax2, y2, "GiB", f"Peak memory per request, max over ranks ({kind})"),
         ):
             for x, label, ls in references:
@@ -446,7 +453,19 @@ class JobMetrics:
                    frameon=False)
         fig.suptitle(f"{self.task} job {self.job_id}")
         fig.tight_layout(rect=(0, 0.08 if len(handles) <= 3 else 0.12, 1, 1))
-        tmp = path + ".tmp.png"
-        fig.savefig(tmp, dpi=110)
-        plt.close(fig)
-        os.replace(tmp, path)
+        import uuid
+
+        from pipeline.data.writer import open_new_file
+
+        # Written aside under a fresh name (never through a link planted at a known name), then renamed.
+        tmp = f"{path}.tmp.{uuid.uuid4().hex[:8]}.png"
+        try:
+            with open_new_file(tmp) as f:
+                fig.savefig(f, dpi=110, format="png")
+            os.replace(tmp, path)
+        except BaseException:
+            if os.path.exists(tmp):
+                os.remove(tmp)
+            raise
+        finally:
+            plt.close(fig)

@@ -1,5 +1,5 @@
 """`ray job submit --working-dir . -- python -m jobs.summarize ...` against a `ray start --head`
-cluster with token authentication, as the README shows it."""
+cluster with token authentication, as docs/ray-cluster.md shows it."""
 
 from __future__ import annotations
 

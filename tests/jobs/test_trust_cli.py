@@ -77,6 +77,9 @@ def _case(name, tmp_path, model):
         config.write_text(f"dca: {json.dumps(TINY_DCA)}\n" + "".join(
             f"{k}: {'.nan' if v != v else json.dumps(v)}\n" for k, v in values.items()))
         return base + out + ["--config", str(config)], [needle]
+    if name == "max_input_tokens_beyond_the_device":  # its own plan: hundreds of GiB per rank
+        return base + out + ["--device", "cpu", "--max-input-tokens", "2000000000"], \
+            ["--max-input-tokens 2000000000 cannot fit", "the longest prompt that fits is"]
     if name == "repetition_penalty_nan":
         return base + out + ["--repetition-penalty", "nan"], ["repetition_penalty must be a number >= 1"]
     raise AssertionError(name)
@@ -86,7 +89,7 @@ def _case(name, tmp_path, model):
                                   "broken_config_json", "misspelt_dca_key", "tp_above_kv_heads",
                                   "config_yaml_error", "max_error_fraction_string", "temperature_nan",
                                   "temperature_zero", "top_p_zero", "top_p_nan",
-                                  "repetition_penalty_nan"])
+                                  "repetition_penalty_nan", "max_input_tokens_beyond_the_device"])
 def test_misuse_is_one_line_exit_2_before_model_work(tiny_chat_model, tmp_path, name):
     write_corpus(str(tmp_path / "corpus"), 3, bad_rows=False, files=1)
     args, needles = _case(name, tmp_path, tiny_chat_model)

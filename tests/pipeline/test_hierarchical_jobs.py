@@ -83,9 +83,13 @@ def test_long_documents_are_answered_in_sections_once_each_with_sums_that_match(
             assert r["calls"] == len(calls[r["id"]]) == len(outputs) - _carried(outputs)
             assert r["prompt_tokens"] == sum(calls[r["id"]])
             assert r["output_tokens"] == 4 * r["calls"]
+            # The fake engine's device-seconds per call: prompt x 1e-4 + 0.01 (tests/jobs/conftest.py).
+            assert r["device_time_s"] == pytest.approx(sum(calls[r["id"]]) * 1e-4 + 0.01 * r["calls"])
     # Job totals are the sums of the rows (every call counted once, never twice).
     assert summary["tokens"]["output"] == sum(r["output_tokens"] or 0 for r in rows)
     assert summary["engine_calls"] == len(pool.order)
+    assert summary["device"]["cpu_seconds_all_ranks"] == pytest.approx(
+        sum(r["device_time_s"] or 0.0 for r in rows), abs=1e-3)
     assert summary["documents"]["split"] == len({r["id"] for r in split})
     if task == "summarize":
         assert summary["tokens"]["prompt"] == sum(pool.prompt_tokens) == sum(r["prompt_tokens"] or 0 for r in rows)
@@ -182,3 +186,41 @@ def test_templates_of_the_sections_are_overridable_and_part_of_the_config_hash(t
     with pytest.raises(ValueError, match="summarize_combine.user must contain {document} exactly once"):
         templates.write_text("summarize_combine:\n  user: \"no document\"\n")
         load_templates(str(templates))
+
+
+def test_a_nightly_run_answers_long_documents_in_sections_and_skips_them_the_next_night(
+        tiny_chat_model, tokenizer, tmp_path):
+    """The nightly job under the hierarchical policy: night 1 answers every document (the long ones
+    in sections, each call within the budget); night 2 over the same corpus sends nothing to the
+    engine; a changed long document is answered again, in sections, alone."""
+    from pipeline.job import run_nightly
+
+    write_corpus(str(tmp_path / "corpus"), 8, bad_rows=False, files=1, min_words=20, max_words=700)
+    first = FakePool()
+    config = _config(tiny_chat_model, tmp_path, output_dir=str(tmp_path / "unused"))
+    run_nightly(config, output_root=str(tmp_path / "nightly"), run_date="2026-12-01",
+                pool_factory=lambda c: first, tokenizer=tokenizer)
+    night1 = read_output(str(tmp_path / "nightly" / "run_date=2026-12-01")).to_pylist()
+    split = [r for r in night1 if r["sections"] > 1]
+    assert len(night1) == 8 and split and all(r["status"] == "ok" for r in night1)
+    assert all(tokens <= MAX_INPUT for tokens in first.prompt_tokens)
+
+    second = FakePool()
+    run_nightly(config, output_root=str(tmp_path / "nightly"), run_date="2026-12-02",
+                pool_factory=lambda c: second, tokenizer=tokenizer)
+    assert second.order == []  # nothing new: no call
+
+    table = pq.read_table(str(tmp_path / "corpus"))
+    long_id = split[0]["id"]
+    texts = [t + " A new closing sentence." if i == long_id else t
+             for i, t in zip(table["id"].to_pylist(), table["text"].to_pylist())]
+    for name in os.listdir(tmp_path / "corpus"):
+        os.remove(tmp_path / "corpus" / name)
+    pq.write_table(table.set_column(table.schema.get_field_index("text"), "text", pa.array(texts)),
+                   str(tmp_path / "corpus" / "part-0.parquet"))
+    third = FakePool()
+    run_nightly(config, output_root=str(tmp_path / "nightly"), run_date="2026-12-03",
+                pool_factory=lambda c: third, tokenizer=tokenizer)
+    night3 = read_output(str(tmp_path / "nightly" / "run_date=2026-12-03")).to_pylist()
+    assert [r["id"] for r in night3] == [long_id] and night3[0]["sections"] > 1
+    assert {request_id.split("#")[0] for request_id in third.order} == {long_id}

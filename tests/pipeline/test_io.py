@@ -73,8 +73,9 @@ def test_bad_rows_become_error_documents(tmp_path):
     )
     docs = list(iter_documents(check_input(InputSpec(path=str(tmp_path)))))
     got = [(d.id, d.error_type) for d in docs]
-    assert got == [("1", None), ("2", INVALID_INPUT), ("3", INVALID_INPUT), ("1", DUPLICATE_ID),
-                   (None, INVALID_INPUT), ("4", INVALID_INPUT)]
+    # Integer ids stay integers (the output keeps the input's id type).
+    assert got == [(1, None), (2, INVALID_INPUT), (3, INVALID_INPUT), (1, DUPLICATE_ID),
+                   (None, INVALID_INPUT), (4, INVALID_INPUT)]
     assert "row 1: text is empty" in docs[1].error_message
     assert "text is null" in docs[2].error_message
     assert "not valid UTF-8" in docs[5].error_message

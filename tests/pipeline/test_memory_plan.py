@@ -207,14 +207,17 @@ def test_planned_backend_is_what_dca_resolves_to():
 
 def test_cli_plans_for_the_backend_the_job_would_run(capsys):
     def serving(*flags):
-        assert plan_cli.main(["--model", "llama2-70b", "--tp", "2", "--gpu-memory", "a100-80g", "--json",
-                              "--kv-cache-dtype", "int8", *flags]) == 0
-        return json.loads(capsys.readouterr().out)
+        status = plan_cli.main(["--model", "llama2-70b", "--tp", "2", "--gpu-memory", "a100-80g", "--json",
+                                "--kv-cache-dtype", "int8", *flags])
+        plan = json.loads(capsys.readouterr().out)
+        assert status == (0 if plan["fits"] else 1)
+        return plan
 
     by_default = serving("--device", "cuda")
     assert by_default["serving"]["attention_backend"] == "triton"  # the job's "auto" on CUDA
     assert serving()["serving"]["attention_backend"] == "triton"  # --device auto plans for GPUs
-    assert serving("--device", "cpu")["serving"]["attention_backend"] == "torch"
+    on_cpu = serving("--device", "cpu")
+    assert on_cpu["serving"]["attention_backend"] == "torch" and on_cpu["fits"] is False  # fp32 70B weights
     assert serving("--device", "cuda", "--dca-backend", "flash")["serving"]["attention_backend"] == "flash"
     flash = serving("--device", "cuda", "--attention-backend", "flash")
     triton = serving("--device", "cuda", "--attention-backend", "triton")
@@ -328,3 +331,71 @@ def test_auto_prefill_block_is_the_engines():
                       vocab_size=16, pretraining_length=64)  # chunk_len 40
     assert MemoryPlan(tiny, ServingConfig(prefill_block="auto")).block_size(5000) == 1024
     assert MemoryPlan(tiny, ServingConfig(prefill_block="chunk")).block_size(5000) == 40
+
+
+def test_cli_exits_1_on_a_plan_that_does_not_fit(capsys):
+    """Scripts can tell: DOES NOT FIT is exit 1, a plan that fits (or has no device to check) 0."""
+    flags = ["--model", "smollm2", "--device", "cpu", "--max-input-tokens"]
+    assert plan_cli.main([*flags, "20000000", "--gpu-memory", "24GiB"]) == 1
+    assert "DOES NOT FIT" in capsys.readouterr().out
+    assert plan_cli.main([*flags, "32768", "--gpu-memory", "24GiB"]) == 0
+    assert "-> fits" in capsys.readouterr().out
+    assert plan_cli.main([*flags, "20000000"]) == 0  # nothing to check against
+    capsys.readouterr()
+    assert plan_cli.main([*flags, "20000000", "--gpu-memory", "24GiB", "--json"]) == 1
+    assert json.loads(capsys.readouterr().out)["fits"] is False
+
+
+def test_a_job_refuses_a_max_input_tokens_its_own_plan_cannot_fit():
+    """20,000,000 tokens need ~873 GiB per rank (the embedded model, CPU plan): refused before the
+    output is claimed, in one line naming the longest prompt that fits, which the planner agrees
+    does fit and one more thousand tokens does not."""
+    from pipeline.runtime.pool import PlanDoesNotFit, check_plan_fits
+
+    machine = (24 * GiB, "a 24 GiB test machine")
+    with pytest.raises(PlanDoesNotFit) as refused:
+        check_plan_fits(_job_config(20_000_000), machine)
+    message = str(refused.value)
+    assert "\n" not in message and "--max-input-tokens 20000000 cannot fit" in message
+    assert "24.00 GiB (a 24 GiB test machine)" in message and "GiB per rank" in message
+    longest = int(message.split("the longest prompt that fits is ")[1].split(" ")[0])
+    assert 100_000 < longest < 20_000_000
+    check_plan_fits(_job_config(longest), machine)
+    with pytest.raises(PlanDoesNotFit):
+        check_plan_fits(_job_config(longest + 1000), machine)
+
+
+def test_a_job_on_this_machine_checks_its_plan_against_its_memory(monkeypatch):
+    """No device_memory given: the check uses what one rank has here (CPU: this machine's memory
+    over its ranks), so the default settings pass and an absurd prompt is refused; on a remote
+    cluster whose device is not known before Ray starts, nothing is refused here."""
+    from pipeline.runtime.pool import PlanDoesNotFit, check_plan_fits, local_device_memory
+
+    memory, where = local_device_memory("cpu", ranks=2)
+    assert 0 < memory and "over 2 rank(s)" in where
+    check_plan_fits(_job_config(32768, device="cpu"))
+    with pytest.raises(PlanDoesNotFit):
+        check_plan_fits(_job_config(2_000_000_000, device="cpu"))
+    monkeypatch.setenv("RAY_ADDRESS", "ray://elsewhere:10001")
+    check_plan_fits(_job_config(2_000_000_000, device=None))
+
+
+def _job_config(max_input_tokens: int, device: str | None = "cpu"):
+    from pipeline.config.job import JobConfig
+    from pipeline.config.model import ModelSpec
+
+    return JobConfig(task="summarize", input_path="in", output_dir="/tmp/out", model_spec=ModelSpec(),
+                     max_input_tokens=max_input_tokens, max_new_tokens=256, device=device)
+
+
+def test_cli_estimates_a_split_document(capsys):
+    """jobs.plan --truncation hierarchical --document-tokens N: sections, levels and calls, every
+    call within --max-input-tokens; --document-tokens without the policy is a usage error."""
+    flags = ["--model", "smollm2", "--device", "cpu", "--max-input-tokens", "4096", "--max-new-tokens", "256"]
+    assert plan_cli.main([*flags, "--truncation", "hierarchical", "--document-tokens", "300000", "--json"]) == 0
+    split = json.loads(capsys.readouterr().out)["hierarchical"]
+    assert split == {"document_tokens": 300000, "section_tokens": 3896, "sections": 78, "levels": 3, "calls": 85}
+    assert plan_cli.main([*flags, "--truncation", "hierarchical", "--document-tokens", "300000", "--task", "qa"]) == 0
+    assert "at least 78 sections" in capsys.readouterr().out
+    assert plan_cli.main([*flags, "--document-tokens", "300000"]) == 2
+    assert "needs --truncation hierarchical" in capsys.readouterr().err

@@ -109,3 +109,22 @@ def test_bad_budget_and_empty_document():
     with pytest.raises(ValueError, match="at least 1"):
         cut_sections([(0, 1)], "a", 0)
     assert cut_sections([], "", 10) == []
+
+
+def test_the_split_estimate_of_jobs_plan():
+    """estimate_split: one call up to the budget; one token over it, two sections and one combine;
+    many sections combined as many per call as fit (budget // (max_new_tokens + label))."""
+    from pipeline.data.sections import LABEL_TOKENS, estimate_split
+
+    budget = 4096 - 200
+    at = estimate_split(budget, 4096, 256)
+    assert (at.sections, at.levels, at.calls) == (1, 1, 1)
+    over = estimate_split(budget + 1, 4096, 256)
+    assert (over.sections, over.levels, over.calls) == (2, 2, 3)
+    fan_in = budget // (256 + LABEL_TOKENS)  # 14
+    big = estimate_split(300_000, 4096, 256)
+    assert big.sections == -(-300_000 // budget) == 78
+    assert big.levels == 3 and big.calls == 78 + -(-78 // fan_in) + 1
+    assert "at least 78 sections" in big.describe("summarize") and "per question" in big.describe("qa")
+    with pytest.raises(ValueError, match="no room"):
+        estimate_split(1000, 200, 16)

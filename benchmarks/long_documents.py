@@ -1,0 +1,259 @@
+"""Documents longer than the prompt: truncation "middle" against the hierarchical policy.
+
+    .venv/bin/python benchmarks/long_documents.py            # about 30-60 min on 2 idle CPU cores
+    .venv/bin/python benchmarks/long_documents.py --tasks qa --depths 0.1 0.5 0.9
+
+Two documents built from the public-domain texts in examples/texts (about 32k and 50k tokens of
+the embedded model), each with facts planted at depths 0.1 .. 0.9 of its text (at the paragraph
+break nearest that fraction of its characters), run through the real jobs (`python -m jobs.qa`,
+`python -m jobs.summarize`) with a small prompt budget, once per policy:
+
+- qa: each planted fact ("The pass key of the blue door is 71432. ...") is asked for ("What is the
+  pass key of the blue door?"). A row is correct when its final output holds the number. For the
+  hierarchical policy the table also says in how many rows the section that holds the fact found
+  it (its section output holds the number): what the map step found, before the reduce step.
+- summarize: the facts are unusual sentences ("A pangolin named Bartholomew ..."); the table says
+  which facts' key word reaches the final summary, and (hierarchical) a section summary.
+- cost: tokens sent and generated, engine calls, the rows' summed device time (prefill + decode;
+  on CPU there is no CUDA-event time) and the job's wall clock, per policy.
+
+The prompt budget defaults to 1024 tokens: the embedded 135M model finds a planted pass key in a
+~1,000-token part but not in a ~3,500-token one (it answers "The pass key is the pass key."), so a
+budget of 4096 would measure the model, not the policy. The model also rarely answers NOT FOUND
+for a part without the answer; the reduce step then sees wrong answers beside the right one, which
+is why the map step's finding is reported separately.
+
+Writes benchmarks/results/long_documents.json and .md (the table the README quotes).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+ROOT = Path(__file__).resolve().parent.parent
+TEXTS = ROOT / "examples" / "texts"
+RESULTS = ROOT / "benchmarks" / "results"
+
+DOCUMENTS = {
+    "kjv-mark-esther-ruth": ["kjv-mark.txt", "kjv-esther.txt", "kjv-ruth.txt"],
+    "alice-arden-loc": ["alice-chapters-1-4.txt", "as-you-like-it-act-1.txt",
+                        "loc-workshop-electronic-texts-part-1.txt"],
+}
+DEPTHS = [0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9]
+DOORS = ["blue", "red", "green", "yellow", "white", "black", "orange", "purple", "grey"]
+KEYS = ["71432", "58219", "90367", "24851", "63094", "37518", "81276", "46903", "15748"]
+# (planted sentence, key word that must reach the summary)
+STORY_FACTS = [
+    ("A pangolin named Bartholomew was crowned king of the valley that morning.", "Bartholomew"),
+    ("Then a lighthouse made of green glass rose out of the sea near the town.", "lighthouse"),
+    ("Everyone agreed that the stolen violin had been hidden inside a giant pumpkin.", "violin"),
+    ("At noon a zeppelin full of oranges landed in the middle of the market.", "zeppelin"),
+    ("The old astronomer declared that the comet would return in exactly nine days.", "astronomer"),
+    ("A walrus wearing a top hat opened a bakery beside the river.", "walrus"),
+    ("The children discovered a tunnel of crystal running under the whole city.", "crystal"),
+    ("That winter the volcano on the island began to sing like a choir.", "volcano"),
+    ("A dragon made of paper guarded the library door every night.", "dragon"),
+]
+
+
+def plant(text: str, sentences: list[str], depths: list[float]) -> str:
+    """`text` with each sentence inserted as its own paragraph at the paragraph break nearest
+    depth x len(text) (characters)."""
+    cuts = []
+    for depth in depths:
+        at = int(depth * len(text))
+        before, after = text.rfind("\n\n", 0, at), text.find("\n\n", at)
+        candidates = [c for c in (before, after) if c >= 0]
+        cuts.append(min(candidates, key=lambda c: abs(c - at)) if candidates else at)
+    out, last = [], 0
+    for cut, sentence in sorted(zip(cuts, sentences)):
+        out += [text[last:cut], f"\n\n{sentence}"]
+        last = cut
+    out.append(text[last:])
+    return "".join(out)
+
+
+def base_text(name: str) -> str:
+    return "\n\n".join((TEXTS / f).read_text(encoding="utf-8").strip() for f in DOCUMENTS[name])
+
+
+def qa_corpus(depths: list[float]) -> tuple[pa.Table, dict]:
+    ids, texts, questions, truth = [], [], [], {}
+    for name in DOCUMENTS:
+        facts = [f"The pass key of the {DOORS[i]} door is {KEYS[i]}. Remember it. {KEYS[i]} is the pass key of "
+                 f"the {DOORS[i]} door." for i in range(len(depths))]
+        ids.append(name)
+        texts.append(plant(base_text(name), facts, depths))
+        questions.append([f"What is the pass key of the {DOORS[i]} door?" for i in range(len(depths))])
+        truth[name] = [(depths[i], KEYS[i]) for i in range(len(depths))]
+    return pa.table({"id": ids, "text": texts, "questions": questions}), truth
+
+
+def summary_corpus(depths: list[float]) -> tuple[pa.Table, dict]:
+    ids, texts, truth = [], [], {}
+    for name in DOCUMENTS:
+        facts = STORY_FACTS[: len(depths)]
+        ids.append(name)
+        texts.append(plant(base_text(name), [s for s, _ in facts], depths))
+        truth[name] = [(depths[i], facts[i][1]) for i in range(len(depths))]
+    return pa.table({"id": ids, "text": texts}), truth
+
+
+def run_job(task: str, corpus: Path, output: Path, policy: str, args) -> float:
+    command = [sys.executable, "-m", f"jobs.{task}", "--input", str(corpus), "--output", str(output),
+               "--max-input-tokens", str(args.budget), "--truncation", policy, "--no-progress",
+               "--max-new-tokens", str(args.qa_new_tokens if task == "qa" else args.summary_new_tokens)]
+    print("$", " ".join(command[1:]), flush=True)
+    start = time.perf_counter()
+    done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True)
+    seconds = time.perf_counter() - start
+    if done.returncode != 0:
+        sys.exit(f"{task} ({policy}) failed with exit {done.returncode}:\n{done.stderr[-3000:]}")
+    print(done.stdout.strip().splitlines()[-1] if done.stdout.strip() else "", flush=True)
+    return seconds
+
+
+def read_rows(output: Path) -> list[dict]:
+    return pq.read_table(output, columns=[
+        "id", "question_index", "output", "status", "prompt_tokens", "output_tokens", "truncated_tokens", "sections",
+        "levels", "calls", "section_outputs", "prefill_s", "decode_s"]).to_pylist()
+
+
+def cost(rows: list[dict], wall: float) -> dict:
+    return {
+        "rows": len(rows),
+        "errors": sum(r["status"] != "ok" for r in rows),
+        "prompt_tokens": sum(r["prompt_tokens"] or 0 for r in rows),
+        "output_tokens": sum(r["output_tokens"] or 0 for r in rows),
+        "calls": sum(r["calls"] or 0 for r in rows),
+        "device_s": round(sum((r["prefill_s"] or 0) + (r["decode_s"] or 0) for r in rows), 1),
+        "wall_s": round(wall, 1),
+    }
+
+
+def score_qa(rows: list[dict], truth: dict) -> list[dict]:
+    scored = []
+    for row in rows:
+        depth, key = truth[row["id"]][row["question_index"]]
+        found_by_map = any(key in (s["output"] or "") for s in row["section_outputs"] or [] if s["level"] == 0)
+        scored.append({"id": row["id"], "depth": depth, "correct": key in (row["output"] or ""),
+                       "found_by_map": found_by_map, "output": row["output"]})
+    return scored
+
+
+def score_summaries(rows: list[dict], truth: dict) -> list[dict]:
+    scored = []
+    for row in rows:
+        sections = " ".join(s["output"] or "" for s in row["section_outputs"] or [] if s["level"] == 0).lower()
+        for depth, word in truth[row["id"]]:
+            scored.append({"id": row["id"], "depth": depth, "word": word,
+                           "in_summary": word.lower() in (row["output"] or "").lower(),
+                           "in_section_summary": word.lower() in sections})
+    return scored
+
+
+def by_depth(scored: list[dict], field: str, depths: list[float]) -> dict:
+    table = {}
+    for depth in depths:
+        hits = [s[field] for s in scored if s["depth"] == depth]
+        table[str(depth)] = f"{sum(hits)}/{len(hits)}"
+    total = [s[field] for s in scored]
+    table["all"] = f"{sum(total)}/{len(total)}"
+    return table
+
+
+def markdown(results: dict, depths: list[float]) -> str:
+    head = "| policy | " + " | ".join(f"{d:g}" for d in depths) + " | all | prompt tokens | generated | calls | device s | wall s |"
+    rule = "|---" * (len(depths) + 7) + "|"
+    lines = []
+    for task, title, fields in (("qa", "QA: planted pass keys answered, by depth", [("correct", "")]),
+                                ("summarize", "Summaries: planted facts in the final summary, by depth",
+                                 [("in_summary", "")])):
+        if task not in results:
+            continue
+        lines += [f"**{title}** (budget {results['budget']} tokens; documents of "
+                  f"{', '.join(str(n) for n in results['document_tokens'])} tokens)", "", head, rule]
+        for policy, entry in results[task].items():
+            for field, _ in fields:
+                row = entry["by_depth"][field]
+                c = entry["cost"]
+                lines.append(f"| {policy} | " + " | ".join(row[str(d)] for d in depths) + f" | {row['all']} | "
+                             f"{c['prompt_tokens']:,} | {c['output_tokens']:,} | {c['calls']} | {c['device_s']} | "
+                             f"{c['wall_s']} |")
+            extra = "found_by_map" if task == "qa" else "in_section_summary"
+            if extra in entry["by_depth"] and policy == "hierarchical":
+                row = entry["by_depth"][extra]
+                what = "(map step: the section found it)" if task == "qa" else "(in a section summary)"
+                lines.append(f"| {policy} {what} | " + " | ".join(row[str(d)] for d in depths) + f" | {row['all']} |"
+                             + " |" * 5)
+        lines.append("")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--tasks", nargs="+", default=["qa", "summarize"], choices=["qa", "summarize"])
+    parser.add_argument("--policies", nargs="+", default=["middle", "hierarchical"])
+    parser.add_argument("--depths", nargs="+", type=float, default=DEPTHS)
+    parser.add_argument("--budget", type=int, default=1024, help="--max-input-tokens of the jobs (default 1024)")
+    parser.add_argument("--qa-new-tokens", type=int, default=24)
+    parser.add_argument("--summary-new-tokens", type=int, default=96)
+    parser.add_argument("--out", default=str(RESULTS / "long_documents"), help="results path without extension")
+    args = parser.parse_args(argv)
+    if len(args.depths) > len(DOORS):
+        parser.error(f"at most {len(DOORS)} depths")
+
+    from pipeline.config.model import ModelSpec
+    from pipeline.engine.models import load_tokenizer
+
+    tokenizer = load_tokenizer(ModelSpec())
+    results = {"budget": args.budget, "depths": args.depths, "model": "smollm2 (embedded)",
+               "document_tokens": [len(tokenizer(base_text(n))["input_ids"]) for n in DOCUMENTS],
+               "command": "python benchmarks/long_documents.py " + " ".join(argv if argv is not None else sys.argv[1:])}
+    with tempfile.TemporaryDirectory(prefix="long-docs-") as tmp:
+        tmp = Path(tmp)
+        for task in args.tasks:
+            table, truth = qa_corpus(args.depths) if task == "qa" else summary_corpus(args.depths)
+            corpus = tmp / f"{task}.parquet"
+            pq.write_table(table, corpus)
+            results[task] = {}
+            for policy in args.policies:
+                output = tmp / f"{task}-{policy}"
+                wall = run_job(task, corpus, output, policy, args)
+                rows = read_rows(output)
+                if task == "qa":
+                    scored = score_qa(rows, truth)
+                    fields = ["correct"] + (["found_by_map"] if policy == "hierarchical" else [])
+                else:
+                    scored = score_summaries(rows, truth)
+                    fields = ["in_summary"] + (["in_section_summary"] if policy == "hierarchical" else [])
+                results[task][policy] = {
+                    "cost": cost(rows, wall),
+                    "by_depth": {f: by_depth(scored, f, args.depths) for f in fields},
+                    "rows": scored if task == "qa" else [dict(s, summary=None) for s in scored],
+                    "outputs": {r["id"]: r["output"] for r in rows} if task == "summarize" else None,
+                    "sections": {r["id"]: [r["sections"], r["levels"]] for r in rows},
+                }
+                print(json.dumps({task: {policy: results[task][policy]["by_depth"]}}), flush=True)
+    text = markdown(results, args.depths)
+    print(text)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.with_suffix(".json").write_text(json.dumps(results, indent=1) + "\n")
+    out.with_suffix(".md").write_text(text + "\n")
+    print(f"wrote {out.with_suffix('.json')} and {out.with_suffix('.md')}")
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    main()
