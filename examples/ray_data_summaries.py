@@ -8,10 +8,12 @@ and writes Parquet (one file per block) to OUTPUT_DIR (default /tmp/dca-ray-data
 
 import sys
 
+import pyarrow.parquet as pq
 import ray
 
 from pipeline.config.processor import DCAProcessorConfig
 from pipeline.dataflows.processor import build_processor
+from pipeline.runtime.ray_data_output import ray_data_console
 
 output = sys.argv[1] if len(sys.argv) > 1 else "/tmp/dca-ray-data"
 ray.init(address="local", include_dashboard=False)  # or ray.init() inside `ray job submit`
@@ -24,6 +26,7 @@ processor = build_processor(
                                                  "prefill_s", "decode_s", "dca_chunk_size")},
 )
 summaries = processor(ray.data.read_parquet("examples/corpus"))
-summaries.write_parquet(output)
-for row in ray.data.read_parquet(output).take_all():
+with ray_data_console():  # Ray Data's warnings only (its INFO reports go to its log file); a terminal shows its bar
+    summaries.write_parquet(output)
+for row in pq.read_table(output).to_pylist():  # read back without a second Ray Data execution
     print(f"{row['id']} [{row['status']}] {row['prompt_tokens']} tok: {(row['output'] or '')[:100]!r}")

@@ -52,6 +52,7 @@ from pipeline.data.rows import (
 )
 from pipeline.data.schema import PROCESSOR_COLUMNS, PROCESSOR_FIELDS
 from pipeline.metrics.live import LiveMetrics
+from pipeline.runtime.ray_data_output import quiet_execution
 
 # The column the prompt stage adds for the engine stage (dropped from the output): each input
 # row's prepared document (pickled pipeline.data.rows.PreparedDocument).
@@ -95,6 +96,10 @@ class Processor:
         )
         if self.postprocess is not None:
             ds = ds.map(self.postprocess)
+        # Ray Data's one global progress bar, no plan and no per-operator bars on the console (its
+        # log file keeps them): the DataContext is the input dataset's own, which Ray Data shares
+        # with every dataset derived from it (pipeline.runtime.ray_data_output).
+        quiet_execution(ds.context, progress=True)
         return ds
 
 
@@ -212,6 +217,26 @@ class EngineStage:
         return self.pool.run(requests, max_in_flight=max_in_flight)
 
     def __call__(self, batch: pa.Table) -> pa.Table:
+        try:
+            return self._answer_batch(batch)
+        except BaseException:
+            # A batch that raises fails the run (Ray Data does not retry a UDF's exception), but Ray
+            # Data may keep this actor alive after the failed execution (restartable, referenced
+            # by what it produced), and with it the replica's placement group: a later run in the
+            # same Ray session would find those CPUs/GPUs taken. Release it now; a later batch to
+            # this actor starts a new engine.
+            self._release_engine()
+            raise
+
+    def _release_engine(self) -> None:
+        pool, self.pool = self.pool, None
+        if pool is not None:
+            try:
+                pool.shutdown()  # kills the ranks and removes the placement group
+            except Exception:  # noqa: BLE001 - the failure that brought us here is the one to report
+                pass
+
+    def _answer_batch(self, batch: pa.Table) -> pa.Table:
         prepared = [pickle.loads(p) for p in batch.column(PREPARED_COLUMN).to_pylist()]
         requests, row_of = [], {}
         for i, item in enumerate(prepared):
@@ -271,12 +296,9 @@ class EngineStage:
         return table
 
     def __del__(self) -> None:
-        pool = getattr(self, "pool", None)
-        if pool is not None:
-            try:
-                pool.shutdown()
-            except Exception:  # noqa: BLE001 - the actor is going away
-                pass
+        # Ray Data deletes the UDF when its actor exits gracefully (_MapWorker.__ray_shutdown__).
+        if getattr(self, "pool", None) is not None:
+            self._release_engine()
 
 
 __all__ = ["Processor", "build_processor", "PromptStage", "EngineStage"]

@@ -53,6 +53,7 @@ from pipeline.engine.attention_record import engine_record_of_stats
 from pipeline.metrics.job import JobMetrics
 from pipeline.metrics.live import LiveMetrics
 from pipeline.runtime.progress import progress_bar
+from pipeline.runtime.ray_data_output import quiet_execution, ray_data_console
 
 log = logging.getLogger("pipeline.dataflows.units")
 
@@ -327,21 +328,30 @@ def _datasink(output_dir: str, ledger, id_type: str = "string"):
 
 
 def _progress(config: JobConfig, total: int, ledger, done_event) -> None:
+    """The job's bar over `total` documents, fed from the ledger's counts once a second until
+    `done_event`, then once more: the last units' documents are on it when it closes (without that
+    last read a short job's bar ended at 8/10 or 0/2 over a complete job)."""
     import ray
 
     bar = progress_bar(config, total)
     if bar is None:
         return
     t0, shown = time.monotonic(), 0
+
+    def show() -> None:
+        nonlocal shown
+        try:
+            done, ok, error, tokens = ray.get(ledger.progress.remote(), timeout=10)
+        except Exception:  # noqa: BLE001 - progress is best effort
+            return
+        bar.update(done - shown)
+        shown = done
+        bar.set_postfix(ok=ok, err=error, tok_s=f"{tokens / max(time.monotonic() - t0, 1e-9):.0f}", refresh=False)
+
     try:
         while not done_event.wait(1.0):
-            try:
-                done, ok, error, tokens = ray.get(ledger.progress.remote(), timeout=10)
-            except Exception:  # noqa: BLE001 - progress is best effort
-                continue
-            bar.update(done - shown)
-            shown = done
-            bar.set_postfix(ok=ok, err=error, tok_s=f"{tokens / max(time.monotonic() - t0, 1e-9):.0f}", refresh=False)
+            show()
+        show()
     finally:
         bar.close()
 
@@ -421,8 +431,9 @@ def run_dataflow(config: JobConfig, *, plan: InputPlan, writer: OutputWriter, me
     here = NodeAffinitySchedulingStrategy(node_id=ray.get_runtime_context().get_node_id(), soft=False)
     ledger = ray.remote(UnitLedger).options(num_cpus=0, scheduling_strategy=here).remote(config, base_row["job_id"])
     duplicates = ray.get(ray.remote(unit_duplicates).options(num_cpus=0, scheduling_strategy=here).remote(plan, units))
-    context = ray.data.DataContext.get_current()
-    context.enable_progress_bars = False
+    # No Ray Data plan or progress on the console: the job's own bar counts documents (Ray Data
+    # would count work units), and Ray Data's log file keeps its reports (pipeline.runtime.ray_data_output).
+    quiet_execution(ray.data.DataContext.get_current(), progress=False)
     items = [{"file_index": u.file_index, "row_group": u.row_group, "start": u.start, "stop": u.stop,
               "first_row": u.first_row} for u in todo]
     ds = ray.data.from_items(items, override_num_blocks=len(items))
@@ -448,7 +459,8 @@ def run_dataflow(config: JobConfig, *, plan: InputPlan, writer: OutputWriter, me
     bar.start()
     result = None
     try:
-        ds.write_datasink(_datasink(config.output_dir, ledger, id_type_name(writer.schema.field("id").type)))
+        with ray_data_console():  # not Ray Data's "Data sink ... finished. N rows": N counts units
+            ds.write_datasink(_datasink(config.output_dir, ledger, id_type_name(writer.schema.field("id").type)))
     except Exception as error:  # a commit that failed for lack of space: its one line, not Ray's wrapping
         cause = _write_error_in(error)
         if cause is None:
@@ -456,7 +468,7 @@ def run_dataflow(config: JobConfig, *, plan: InputPlan, writer: OutputWriter, me
         raise OutputWriteError(str(cause)) from None
     finally:
         finished.set()
-        bar.join(timeout=5)
+        bar.join(timeout=15)  # its last read of the ledger (at most 10 s), before the ledger goes
         try:
             result = ray.get(ledger.result.remote(), timeout=60)
             metrics.merge(result["metrics"])

@@ -93,7 +93,10 @@ class _RecordingDataset:
     """Stands in for a ray.data.Dataset: records each transform's keyword arguments."""
 
     def __init__(self) -> None:
+        from ray.data import DataContext
+
         self.calls: list[tuple[str, dict]] = []
+        self.context = DataContext()  # a Dataset's own context (the processor sets what Ray Data prints)
 
     def map_batches(self, fn, **kwargs):
         self.calls.append(("map_batches", kwargs))
@@ -118,6 +121,9 @@ def test_the_processor_passes_ray_data_no_deprecated_remote_args(tiny_chat_model
     ds = _RecordingDataset()
     build_processor(config, preprocess=lambda r: r, postprocess=lambda r: r)(ds)
     assert [name for name, _ in ds.calls] == ["map", "map_batches", "map_batches", "map"]
+    # What Ray Data prints for the processor's dataset: its one global bar, no plan (issue 22 item 3).
+    assert (ds.context.print_on_execution_start, ds.context.enable_operator_progress_bars,
+            ds.context.enable_progress_bars) == (False, False, True)
     for name, kwargs in ds.calls:
         named = {p.name for p in inspect.signature(getattr(ray.data.Dataset, name)).parameters.values()
                  if p.kind is not inspect.Parameter.VAR_KEYWORD}
