@@ -245,13 +245,17 @@ def main(argv=None) -> None:
                     "sections": {r["id"]: [r["sections"], r["levels"]] for r in rows},
                 }
                 print(json.dumps({task: {policy: results[task][policy]["by_depth"]}}), flush=True)
-    text = markdown(results, args.depths)
-    print(text)
+                write_results(results, args)  # after every job: an interrupted run keeps what it measured
+    print(markdown(results, args.depths))
+    print(f"wrote {write_results(results, args)}")
+
+
+def write_results(results: dict, args) -> str:
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".json").write_text(json.dumps(results, indent=1) + "\n")
-    out.with_suffix(".md").write_text(text + "\n")
-    print(f"wrote {out.with_suffix('.json')} and {out.with_suffix('.md')}")
+    out.with_suffix(".md").write_text(markdown(results, args.depths) + "\n")
+    return f"{out.with_suffix('.json')} and {out.with_suffix('.md')}"
 
 
 if __name__ == "__main__":
