@@ -14,8 +14,8 @@ break nearest that fraction of its characters), run through the real jobs (`pyth
   it (its section output holds the number): what the map step found, before the reduce step.
 - summarize: the facts are unusual sentences ("A pangolin named Bartholomew ..."); the table says
   which facts' key word reaches the final summary, and (hierarchical) a section summary.
-- cost: tokens sent and generated, engine calls, the rows' summed device time (prefill + decode;
-  on CPU there is no CUDA-event time) and the job's wall clock, per policy.
+- cost: tokens sent and generated, engine calls, the job's device-seconds (busy time of the
+  forwards, summed over ranks: CPU wall time of the forwards on CPU) and its wall clock, per policy.
 
 The prompt budget defaults to 1024 tokens: the embedded 135M model finds a planted pass key in a
 ~1,000-token part but not in a ~3,500-token one (it answers "The pass key is the pass key."), so a
@@ -126,17 +126,24 @@ def run_job(task: str, corpus: Path, output: Path, policy: str, args) -> float:
 def read_rows(output: Path) -> list[dict]:
     return pq.read_table(output, columns=[
         "id", "question_index", "output", "status", "prompt_tokens", "output_tokens", "truncated_tokens", "sections",
-        "levels", "calls", "section_outputs", "prefill_s", "decode_s"]).to_pylist()
+        "levels", "calls", "section_outputs"]).to_pylist()
 
 
-def cost(rows: list[dict], wall: float) -> dict:
+def cost(rows: list[dict], output: Path, wall: float) -> dict:
+    """What the engine did for the job, from its _metrics.json: prompt tokens sent (a QA section's
+    prefix once for all its questions), tokens generated, engine calls, device-seconds (busy time
+    of the forwards summed over ranks; CPU wall time of the forwards on CPU) and the job's wall
+    clock. Rows' own prefill_s + decode_s are latencies shared with the rows batched alongside:
+    summed they would count the same second many times."""
+    metrics = json.loads((output / "_metrics.json").read_text())
     return {
         "rows": len(rows),
         "errors": sum(r["status"] != "ok" for r in rows),
-        "prompt_tokens": sum(r["prompt_tokens"] or 0 for r in rows),
-        "output_tokens": sum(r["output_tokens"] or 0 for r in rows),
-        "calls": sum(r["calls"] or 0 for r in rows),
-        "device_s": round(sum((r["prefill_s"] or 0) + (r["decode_s"] or 0) for r in rows), 1),
+        "prompt_tokens": metrics["tokens"]["prompt"],
+        "output_tokens": metrics["tokens"]["output"],
+        "calls": metrics["engine_calls"],
+        "device_s": round(metrics["device"]["busy_seconds_all_ranks"], 1),
+        "job_wall_s": round(metrics["wall_s"], 1),
         "wall_s": round(wall, 1),
     }
 
@@ -173,7 +180,7 @@ def by_depth(scored: list[dict], field: str, depths: list[float]) -> dict:
 
 
 def markdown(results: dict, depths: list[float]) -> str:
-    head = "| policy | " + " | ".join(f"{d:g}" for d in depths) + " | all | prompt tokens | generated | calls | device s | wall s |"
+    head = "| policy | " + " | ".join(f"{d:g}" for d in depths) + " | all | prompt tokens sent | generated | engine calls | device s | wall s |"
     rule = "|---" * (len(depths) + 7) + "|"
     lines = []
     for task, title, fields in (("qa", "QA: planted pass keys answered, by depth", [("correct", "")]),
@@ -238,7 +245,7 @@ def main(argv=None) -> None:
                     scored = score_summaries(rows, truth)
                     fields = ["in_summary"] + (["in_section_summary"] if policy == "hierarchical" else [])
                 results[task][policy] = {
-                    "cost": cost(rows, wall),
+                    "cost": cost(rows, output, wall),
                     "by_depth": {f: by_depth(scored, f, args.depths) for f in fields},
                     "rows": scored if task == "qa" else [dict(s, summary=None) for s in scored],
                     "outputs": {r["id"]: r["output"] for r in rows} if task == "summarize" else None,
