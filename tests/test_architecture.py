@@ -279,3 +279,11 @@ def test_the_checker_finds_imports_against_the_flow(module, source):
 def test_the_checker_allows_imports_with_the_flow():
     assert not _backward({"jobs.common": _scan_source("jobs.common", "from pipeline.job import run_job"),
                           "evaluation.run": _scan_source("evaluation.run", "import dca")})
+
+
+def test_the_planners_attention_backends_are_dcas():
+    # pipeline.config.resolve writes the list out so that the driver imports nothing of dca.
+    from dca.config import BACKENDS
+    from pipeline.config.resolve import ATTENTION_BACKENDS
+
+    assert ATTENTION_BACKENDS == tuple(name for name in BACKENDS if name != "auto")

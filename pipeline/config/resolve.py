@@ -15,7 +15,6 @@ job plans for, what it prints and what its ranks run are the same by constructio
 
 from __future__ import annotations
 
-from dca.config import BACKENDS as DCA_BACKENDS
 from pipeline.config.validate import is_int
 
 # Prompt tokens per continuous-batching step when prefill_block is "auto": one DCA chunk, but at
@@ -88,9 +87,10 @@ def planned_weight_dtype(dtype: str, device: str) -> str:
     return dtype
 
 
-# DCA attention backends (DCAConfig.backend's names less "auto"), each planned for by the memory
-# planner. dca.config is plain Python: no torch comes with it.
-ATTENTION_BACKENDS = tuple(name for name in DCA_BACKENDS if name != "auto")
+# DCA attention backends (dca.config.BACKENDS less "auto"), each planned for by the memory planner.
+# Written out rather than imported so that a driver that only validates settings loads nothing of
+# dca; tests/test_architecture.py checks that the two lists agree.
+ATTENTION_BACKENDS = ("torch", "flash", "triton")
 
 
 def planned_attention_backend(device: str, requested: str = "auto", *, dtype: str | None = None,
