@@ -35,7 +35,9 @@ from evaluation.run import (
     ResultWriter, equivalence_key, git_commit, record_identity, resolved_dca, resumed_meta, run_evaluation,
     run_evaluation_tp,
 )
-from evaluation.runners import InProcessRunner, ReplicaRunner, perplexity_summary, sequence_nll
+from evaluation.runners import (
+    InProcessRunner, ReplicaRunner, perplexity_summary, sequence_nll, shared_prefix, shared_prefix_nll,
+)
 from evaluation.texts import (
     PASSKEY_INSTRUCTION, PASSKEY_NEEDLE, PASSKEY_QUESTION, REPEAT_FILLER, TEXTS_DIR, PasskeyPrompt,
     build_passkey_prompt, encode, filler_ids, leading_special_ids, make_passkey, passkey_correct, perplexity_windows,
@@ -46,7 +48,8 @@ __all__ = [
     "FILLERS", "TASKS", "EvalConfig", "Variant", "document_comparison", "summarize", "summary_markdown", "write_plots",
     "write_summary", "ResultWriter", "equivalence_key", "git_commit", "record_identity", "resolved_dca",
     "resumed_meta", "run_evaluation", "run_evaluation_tp", "InProcessRunner", "ReplicaRunner", "perplexity_summary",
-    "sequence_nll", "PASSKEY_INSTRUCTION", "PASSKEY_NEEDLE", "PASSKEY_QUESTION", "REPEAT_FILLER", "TEXTS_DIR",
+    "sequence_nll", "shared_prefix", "shared_prefix_nll", "PASSKEY_INSTRUCTION", "PASSKEY_NEEDLE", "PASSKEY_QUESTION",
+    "REPEAT_FILLER", "TEXTS_DIR",
     "PasskeyPrompt", "build_passkey_prompt", "encode", "filler_ids", "leading_special_ids", "make_passkey",
     "passkey_correct", "perplexity_windows", "read_book",
 ]

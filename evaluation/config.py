@@ -77,6 +77,9 @@ class EvalConfig:
     position_bucket: int = 1024
     # Reuse the plain (or an equal DCA) result where DCA provably gives the same numbers.
     skip_identical: bool = True
+    # Perplexity in this process: the tokens where the plain model and every DCA variant compute
+    # alike (DCA's first chunk_len tokens) run once, the variants continue from that cache.
+    share_prefix: bool = True
     # torch intra-op threads (None: torch's default).
     threads: int | None = None
     # "cpu", "cuda", or None (cuda if available).

@@ -16,7 +16,9 @@ from pathlib import Path
 
 from evaluation.config import EvalConfig, Variant
 from evaluation.report import write_plots, write_summary
-from evaluation.runners import InProcessRunner, ReplicaRunner, perplexity_summary, rank_model_info
+from evaluation.runners import (
+    InProcessRunner, ReplicaRunner, perplexity_summary, rank_model_info, shared_prefix, shared_prefix_nll,
+)
 from evaluation.texts import (
     PASSKEY_INSTRUCTION, PASSKEY_NEEDLE, PASSKEY_QUESTION, REPEAT_FILLER, REPO_ROOT, build_passkey_prompt, encode,
     make_passkey, passkey_correct, perplexity_windows, read_book,
@@ -63,7 +65,7 @@ class ResultWriter:
     CSV_FIELDS = (
         "task", "variant", "length", "depth", "seed", "filler", "window", "book", "start",
         "ppl", "ppl_last_quarter", "nll", "nll_last_quarter", "key", "answer", "correct",
-        "needle_start", "seconds", "same_as",
+        "needle_start", "seconds", "same_as", "shared_prefix", "shared_prefix_seconds",
     )
 
     def __init__(self, out_dir: str | os.PathLike, meta: dict, write: bool = True):
@@ -235,38 +237,58 @@ def run_evaluation(
             if (v.max_length is None or length <= v.max_length) and (not v.native_only or length <= max_pos)
         ]
         done: dict = {}  # equivalence key -> variant computed for this sample
+        compute, copies = [], []  # variants to compute; (variant, key) to copy from one computed
         for v in active:
             eq = equivalence_key(dca_configs[v.name], length, extra)
-            record = {"task": task, "variant": v.name, "length": length, **info}
-            identity = record_identity(record)
+            identity = record_identity({"task": task, "variant": v.name, "length": length, **info})
             if identity in done_ids:
                 prior = next(r for r in writer.records if record_identity(r) == identity)
                 if not prior.get("same_as"):
                     done.setdefault(eq, v.name)
                 continue
-            if config.skip_identical and eq in done:
-                src_id = record_identity({**record, "variant": done[eq]})
-                src = next(r for r in writer.records if record_identity(r) == src_id)
-                copied = {k: src[k] for k in src if k not in ("variant", "same_as", "seconds")}
-                writer.add({**copied, "variant": v.name, "same_as": done[eq], "seconds": 0.0})
-                done_ids.add(identity)
+            if config.skip_identical and (eq in done or any(eq == k for _, k in compute)):
+                copies.append((v, eq))
                 continue
+            compute.append((v, eq))
+        where = {k: info[k] for k in info if k in ("window", "book", "depth", "seed", "filler")}
+        shared, prefix = None, 0
+        if task == "perplexity" and config.share_prefix and all(isinstance(runners[v.name], InProcessRunner) for v, _ in compute):
+            prefix = shared_prefix([dca_configs[v.name] for v, _ in compute], length)
+        if prefix:
+            shared = shared_prefix_nll([runners[v.name].ctx.model for v, _ in compute], ids, prefix, config.loss_slice)
+            log(f"{task} n={length} {where}: the first {prefix:,} tokens computed once for "
+                f"{' and '.join(v.name for v, _ in compute)}, plain attention in each ({shared.prefix_seconds:.1f}s)")
+        for i, (v, eq) in enumerate(compute):
+            record = {"task": task, "variant": v.name, "length": length, **info}
             t0 = time.time()
-            if task == "perplexity":
-                nll = runners[v.name].nll(ids, config.loss_slice)
-                record.update(perplexity_summary(nll, length, config.position_bucket))
-                what = f"ppl {record['ppl']:.3f} last-quarter {record['ppl_last_quarter']:.3f}"
+            if shared is not None:
+                record.update(perplexity_summary(shared.nll[i], length, config.position_bucket))
+                # Each forward's time counted once: the prefix's goes to the first variant.
+                record.update(shared_prefix=prefix, shared_prefix_seconds=round(shared.prefix_seconds, 4) if i == 0 else 0.0)
+                seconds = shared.seconds[i]
+            elif task == "perplexity":
+                record.update(perplexity_summary(runners[v.name].nll(ids, config.loss_slice), length, config.position_bucket))
+                seconds = time.time() - t0
             else:
                 answer = runners[v.name].answer(ids, config.answer_tokens)
                 record.update(answer=answer, correct=passkey_correct(answer, info["key"]))
-                what = f"answer {answer!r} key {info['key']} correct={record['correct']}"
-            record["seconds"] = round(time.time() - t0, 2)
+                seconds = time.time() - t0
+            if task == "perplexity":
+                what = f"ppl {record['ppl']:.3f} last-quarter {record['ppl_last_quarter']:.3f}"
+            else:
+                what = f"answer {record['answer']!r} key {info['key']} correct={record['correct']}"
+            record["seconds"] = round(seconds, 2)
             record["same_as"] = None
             done[eq] = v.name
-            done_ids.add(identity)
+            done_ids.add(record_identity(record))
             writer.add(record)
-            where = {k: info[k] for k in info if k in ("window", "book", "depth", "seed", "filler")}
             log(f"{task} n={length} {v.name} {where}: {what} ({record['seconds']:.1f}s)")
+        for v, eq in copies:
+            record = {"task": task, "variant": v.name, "length": length, **info}
+            src = next(r for r in writer.records if record_identity(r) == record_identity({**record, "variant": done[eq]}))
+            copied = {k: src[k] for k in src if k not in ("variant", "same_as", "seconds", "shared_prefix_seconds")}
+            writer.add({**copied, "variant": v.name, "same_as": done[eq], "seconds": 0.0})
+            done_ids.add(record_identity(record))
     writer.meta["finished"] = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
     writer.flush()
     results = {"meta": writer.meta, "records": writer.records}

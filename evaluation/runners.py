@@ -4,7 +4,9 @@ engine replica (`ReplicaRunner`, tensor parallelism). torch is imported inside t
 
 from __future__ import annotations
 
+import dataclasses
 import math
+import time
 
 
 def sequence_nll(model, input_ids, loss_slice: int = 1024):
@@ -14,23 +16,113 @@ def sequence_nll(model, input_ids, loss_slice: int = 1024):
     `loss_slice` positions: peak extra memory is (loss_slice, vocab), never (n, vocab).
     """
     import torch
+
+    ids = _as_row(model, input_ids)
+    with torch.inference_mode():
+        hidden = _base(model)(input_ids=ids, use_cache=False).last_hidden_state  # (1, n, H)
+        return _hidden_nll(model, hidden[:, :-1], ids[0, 1:], loss_slice).cpu()
+
+
+@dataclasses.dataclass
+class SharedPrefixNLL:
+    """What `shared_prefix_nll` computed: per model its NLL (n - 1,) and the seconds of its own
+    forward over the tokens past the prefix; the prefix's forward counted once."""
+
+    nll: list
+    seconds: list
+    prefix_seconds: float
+
+
+def shared_prefix_nll(models: list, input_ids, prefix: int, loss_slice: int = 1024) -> SharedPrefixNLL:
+    """`sequence_nll` of every model in `models` over the same ids, the first `prefix` tokens
+    computed once: one forward of models[0] over them fills a KV cache, then each model continues
+    from its own copy of that cache over the rest.
+
+    For the plain model and DCA variants whose chunk_len is at least `prefix`, the first `prefix`
+    tokens are the same computation: DCA is plain attention over them (queries before chunk_size)
+    and caches keys rotated at j mod chunk_len = j, as the plain model does. So the results equal
+    separate `sequence_nll` runs within float tolerance (tests/pipeline/test_evaluation.py), at
+    `prefix` fewer token-forwards per extra model.
+    """
+    import copy
+
+    import torch
+    from transformers import DynamicCache
+
+    from dca import set_prompt_length
+
+    ids = _as_row(models[0], input_ids)
+    n = ids.shape[1]
+    if not 0 < prefix < n - 1:
+        raise ValueError(f"the shared prefix must leave tokens to each model: prefix {prefix}, sequence {n}")
+    out = SharedPrefixNLL(nll=[], seconds=[], prefix_seconds=0.0)
+    with torch.inference_mode():
+        t0 = time.perf_counter()
+        cache = DynamicCache(config=models[0].config)
+        hidden = _base(models[0])(input_ids=ids[:, :prefix], cache=cache, use_cache=True).last_hidden_state
+        # Positions 0 .. prefix-1 predict tokens 1 .. prefix.
+        head = _hidden_nll(models[0], hidden, ids[0, 1 : prefix + 1], loss_slice)
+        del hidden
+        _synchronize(head.device)
+        out.prefix_seconds = time.perf_counter() - t0
+        for i, model in enumerate(models):
+            t0 = time.perf_counter()
+            own = cache if i == len(models) - 1 else copy.deepcopy(cache)
+            # DCA's attention temperature takes n of the whole sequence, as one forward over it would.
+            set_prompt_length(own, n)
+            hidden = _base(model)(input_ids=ids[:, prefix:], cache=own, use_cache=True).last_hidden_state
+            tail = _hidden_nll(model, hidden[:, :-1], ids[0, prefix + 1 :], loss_slice)
+            out.nll.append(torch.cat([head, tail]).cpu())  # .cpu() waits for the device
+            out.seconds.append(time.perf_counter() - t0)
+            del hidden, own
+    return out
+
+
+def shared_prefix(dca_configs: list, length: int) -> int:
+    """Tokens at the start of a `length`-token sequence that the plain model and every DCA
+    variant of `dca_configs` (None: plain) compute alike, so `shared_prefix_nll` may run them
+    once; 0 when nothing is to be shared. DCA with chunk_len L is plain attention over its first L
+    tokens (keys rotated at j mod L = j), unless its attention temperature is on (alpha > 0 for a
+    sequence longer than pretraining_length scales every logit, spec section 5)."""
+    dcas = [c for c in dca_configs if c is not None]
+    if len(dca_configs) < 2 or not dcas:
+        return 0
+    if any(c.temperature_alpha > 0 and length > c.pretraining_length for c in dcas):
+        return 0
+    prefix = min(c.chunk_len for c in dcas)
+    return prefix if prefix < length - 1 else 0
+
+
+def _synchronize(device) -> None:
+    import torch
+
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _as_row(model, input_ids):
+    import torch
+
+    return torch.as_tensor(input_ids).reshape(1, -1).to(next(model.parameters()).device)
+
+
+def _base(model):
+    return model.get_decoder() if hasattr(model, "get_decoder") else model.model
+
+
+def _hidden_nll(model, hidden, targets, loss_slice: int):
+    """NLL (T,) of `targets` (T,) from the hidden states (1, T, H) that predict them, in slices."""
+    import torch
     import torch.nn.functional as F
 
-    ids = torch.as_tensor(input_ids).reshape(1, -1)
-    device = next(model.parameters()).device
-    ids = ids.to(device)
-    base = model.get_decoder() if hasattr(model, "get_decoder") else model.model
     head = model.get_output_embeddings()
-    with torch.inference_mode():
-        hidden = base(input_ids=ids, use_cache=False).last_hidden_state  # (1, n, H)
-        targets = ids[0, 1:]  # (n-1,)
-        nll = torch.empty(targets.shape[0], dtype=torch.float32, device=device)
-        for s in range(0, targets.shape[0], loss_slice):
-            e = min(s + loss_slice, targets.shape[0])
-            # (1, slice, H) in: AutoTP's sharded lm_head slices the last dim of a 3D input.
-            logits = head(hidden[:, s:e])[0].float()  # (slice, V)
-            nll[s:e] = F.cross_entropy(logits, targets[s:e], reduction="none")
-    return nll.cpu()
+    nll = torch.empty(targets.shape[0], dtype=torch.float32, device=hidden.device)
+    for s in range(0, targets.shape[0], loss_slice):
+        e = min(s + loss_slice, targets.shape[0])
+        # (1, slice, H) in: AutoTP's sharded lm_head slices the last dim of a 3D input.
+        logits = head(hidden[:, s:e])[0].float()  # (slice, V)
+        nll[s:e] = F.cross_entropy(logits, targets[s:e], reduction="none")
+    return nll
 
 
 def perplexity_summary(nll, length: int, position_bucket: int = 0) -> dict:

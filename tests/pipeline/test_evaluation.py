@@ -156,6 +156,46 @@ def test_perplexity_equals_direct_computation(use_dca):
     assert len(summary["nll_by_position"]) == math.ceil((n - 1) / 25)
 
 
+def test_a_shared_prefix_gives_each_models_own_perplexity():
+    import copy
+
+    from dca import DCAConfig, apply_dca
+
+    plain = tiny_llama(max_position_embeddings=32)
+    config = DCAConfig(pretraining_length=32, chunk_size=24, local_window=4)  # chunk_len 20
+    dca = apply_dca(copy.deepcopy(plain), config)
+    ids = CharTokenizer()(ev.read_book("alice29.txt")[5000:5101])["input_ids"]
+    assert ev.shared_prefix([None, config], len(ids)) == config.chunk_len == 20
+    with torch.no_grad():
+        alone = [ev.sequence_nll(m, ids, loss_slice=7) for m in (plain, dca)]
+        shared = ev.shared_prefix_nll([plain, dca], ids, 20, loss_slice=7)
+        # DCA first: its cache serves the plain model just as well over the first chunk_len tokens.
+        dca_first = ev.shared_prefix_nll([dca, plain], ids, 20, loss_slice=7)
+        # Past chunk_len DCA caches keys at j mod chunk_len: a longer prefix would be wrong.
+        too_long = ev.shared_prefix_nll([plain, dca], ids, 30, loss_slice=7)
+    for got in (shared.nll, dca_first.nll[::-1]):
+        for nll, expected in zip(got, alone):
+            assert nll.shape == (len(ids) - 1,)
+            torch.testing.assert_close(nll, expected, rtol=1e-4, atol=1e-4)
+    assert (alone[1] - alone[0]).abs().max() > 1e-2  # the two models differ past chunk_size
+    assert (too_long.nll[1] - alone[1]).abs().max() > 1e-2
+    assert shared.prefix_seconds > 0 and len(shared.seconds) == 2 and min(shared.seconds) > 0
+
+
+def test_what_may_be_shared_follows_the_spec():
+    from dca import DCAConfig
+
+    wide, narrow = DCAConfig(pretraining_length=8192), DCAConfig(pretraining_length=4096)  # L 5120, 2560
+    hot = DCAConfig(pretraining_length=8192, temperature_alpha=0.1)
+    assert ev.shared_prefix([None, wide], 12000) == 5120
+    assert ev.shared_prefix([None, wide, narrow], 12000) == 2560
+    assert ev.shared_prefix([wide], 12000) == 0  # nothing to share with
+    assert ev.shared_prefix([None, None], 12000) == 0
+    assert ev.shared_prefix([None, hot], 12000) == 0  # the temperature scales every logit past P
+    assert ev.shared_prefix([None, hot], 8000) == 5120  # ... and none up to P
+    assert ev.shared_prefix([None, wide], 5121) == 0  # no token would be left to a variant
+
+
 def test_perplexity_windows_are_prefixes_across_lengths():
     book_ids = {"a": list(range(1000)), "b": list(range(5000, 5300))}
     short = ev.perplexity_windows(book_ids, ("a", "b"), 100, 3)
@@ -242,6 +282,19 @@ def test_run_reuses_results_dca_provably_shares(tiny_run):
     assert abs(nll["dca"] - nll["dca_alpha0.1"]) > 1e-3, nll
     nll_300 = {r["variant"]: r["nll"] for r in recs if r["task"] == "perplexity" and r["length"] == 300}
     assert abs(nll_300["dca_p128"] - nll_300["plain"]) > 1e-3, nll_300
+
+
+def test_run_computes_a_shared_prefix_once_and_counts_its_time_once(tiny_run):
+    _, _, results, logs = tiny_run
+    at_300 = [r for r in results["records"] if r["task"] == "perplexity" and r["length"] == 300 and not r["same_as"]]
+    # plain and the P=128 ablation (chunk_len 96 - 16 = 80): the first 80 tokens run once.
+    assert sorted(r["variant"] for r in at_300) == ["dca_p128", "plain"]
+    assert {r["shared_prefix"] for r in at_300} == {80}
+    assert sorted(r["shared_prefix_seconds"] > 0 for r in at_300) == [False, True]
+    assert sum("the first 80 tokens computed once for plain and dca_p128" in m for m in logs) == 1
+    # At 600 the temperature variant scales every logit past P: nothing shared there.
+    at_600 = [r for r in results["records"] if r["task"] == "perplexity" and r["length"] == 600]
+    assert at_600 and all("shared_prefix" not in r for r in at_600)
 
 
 def test_summary_averages_windows_in_log_space_and_keeps_fillers_apart():
