@@ -32,6 +32,33 @@ class ReplicaOutOfMemory(Exception):
         self.message, self.lost, self.reports = message, lost, reports or {}
 
 
+class RankNeverStarted(Exception):
+    """Ray stopped a rank's actor before it ran (its worker process died or was killed while
+    starting); the message is Ray's reason, in one line."""
+
+
+# Tries of a replica start whose ranks Ray stopped before they ran (`Replica.start`).
+START_ATTEMPTS = 3
+# What Ray appends to an ActorDiedError whose actor was stopped before its creation task ran
+# (ray.exceptions.ActorDiedError, cause.never_started; the flag itself is not kept on the error).
+NEVER_STARTED = "The actor never ran - it was cancelled before it started running."
+
+
+def _never_started(error: BaseException) -> bool:
+    import ray
+
+    return isinstance(error, ray.exceptions.ActorDiedError) and NEVER_STARTED in str(error)
+
+
+def _ray_reason(error: BaseException) -> str:
+    """Ray's reason of an ActorDiedError in one line: its own message lines, without the actor's
+    coordinates (the tab-indented class_name, actor_id, pid ... lines) and the generic ones."""
+    generic = ("The actor died unexpectedly before finishing this task.", NEVER_STARTED)
+    lines = [line.strip() for line in str(error).splitlines()
+             if line.strip() and not line.startswith("\t") and line.strip() not in generic]
+    return " ".join(lines) or NEVER_STARTED
+
+
 class Replica:
     """Driver-side handle of one replica: its placement group, its rank actors, its counters."""
 
@@ -65,6 +92,31 @@ class Replica:
         self.to_drop: list[int] = []
 
     def start(self) -> None:
+        """Places the ranks, starts their actors and loads the model on them; EngineStartupError
+        (one line) when it cannot.
+
+        Ray may stop a rank's worker process before the actor ever runs: on a loaded machine, a
+        process that takes longer than Ray's worker_register_timeout_seconds (60 s by default) to
+        start is killed and its actor reported "never ran - cancelled before it started". That is
+        the machine, not the job: the start is tried again, up to START_ATTEMPTS times, each
+        retry logged with Ray's reason. Any other failure is not retried here."""
+        for attempt in range(1, START_ATTEMPTS + 1):
+            try:
+                self._start_once()
+                return
+            except RankNeverStarted as error:
+                if attempt == START_ATTEMPTS:
+                    raise EngineStartupError(
+                        f"replica {self.name}: Ray stopped a rank's process before it ran, {attempt} times in a row "
+                        f"(Ray: {error}). On a loaded machine Ray kills worker processes that take longer than "
+                        "worker_register_timeout_seconds to start: run when the machine is less busy, or start Ray "
+                        "with a longer limit (RAY_worker_register_timeout_seconds=300 in the environment of "
+                        "`ray start`)"
+                    ) from None
+                log.warning("replica %s: Ray stopped a rank's process before it ran (%s); starting the replica "
+                            "again (attempt %d of %d)", self.name, error, attempt + 1, START_ATTEMPTS)
+
+    def _start_once(self) -> None:
         import ray
         from ray.util.placement_group import placement_group, remove_placement_group
         from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
@@ -117,6 +169,8 @@ class Replica:
                 raise AttentionBackendUnavailable(f"replica {self.name} {cause}") from None
             if isinstance(error, EngineStartupError):
                 raise
+            if _never_started(error):
+                raise RankNeverStarted(_ray_reason(error)) from None
             if isinstance(error, ray.exceptions.GetTimeoutError):
                 raise EngineStartupError(
                     f"replica {self.name}: loading did not finish within startup_timeout_s={config.startup_timeout_s:g}"
