@@ -78,7 +78,8 @@ class EvalConfig:
     # Reuse the plain (or an equal DCA) result where DCA provably gives the same numbers.
     skip_identical: bool = True
     # Perplexity in this process: the tokens where the plain model and every DCA variant compute
-    # alike (DCA's first chunk_len tokens) run once, the variants continue from that cache.
+    # alike (DCA's first chunk_len tokens) run once, in the plain model's forward; the DCA
+    # variants continue from its KV cache (evaluation.runners.shared_prefix_nll).
     share_prefix: bool = True
     # torch intra-op threads (None: torch's default).
     threads: int | None = None

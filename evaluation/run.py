@@ -65,7 +65,7 @@ class ResultWriter:
     CSV_FIELDS = (
         "task", "variant", "length", "depth", "seed", "filler", "window", "book", "start",
         "ppl", "ppl_last_quarter", "nll", "nll_last_quarter", "key", "answer", "correct",
-        "needle_start", "seconds", "same_as", "shared_prefix", "shared_prefix_seconds",
+        "needle_start", "seconds", "same_as", "shared_prefix",
     )
 
     def __init__(self, out_dir: str | os.PathLike, meta: dict, write: bool = True):
@@ -255,16 +255,17 @@ def run_evaluation(
         if task == "perplexity" and config.share_prefix and all(isinstance(runners[v.name], InProcessRunner) for v, _ in compute):
             prefix = shared_prefix([dca_configs[v.name] for v, _ in compute], length)
         if prefix:
+            # The plain model first: it runs the whole sequence, the DCA variants continue its cache.
+            compute.sort(key=lambda item: dca_configs[item[0].name] is not None)
             shared = shared_prefix_nll([runners[v.name].ctx.model for v, _ in compute], ids, prefix, config.loss_slice)
-            log(f"{task} n={length} {where}: the first {prefix:,} tokens computed once for "
-                f"{' and '.join(v.name for v, _ in compute)}, plain attention in each ({shared.prefix_seconds:.1f}s)")
+            log(f"{task} n={length} {where}: {' and '.join(v.name for v, _ in compute[1:])} continue(s) the "
+                f"{compute[0][0].name} model's KV cache of the first {prefix:,} tokens (plain attention in each)")
         for i, (v, eq) in enumerate(compute):
             record = {"task": task, "variant": v.name, "length": length, **info}
             t0 = time.time()
             if shared is not None:
                 record.update(perplexity_summary(shared.nll[i], length, config.position_bucket))
-                # Each forward's time counted once: the prefix's goes to the first variant.
-                record.update(shared_prefix=prefix, shared_prefix_seconds=round(shared.prefix_seconds, 4) if i == 0 else 0.0)
+                record["shared_prefix"] = prefix  # seconds: this variant's own forward only
                 seconds = shared.seconds[i]
             elif task == "perplexity":
                 record.update(perplexity_summary(runners[v.name].nll(ids, config.loss_slice), length, config.position_bucket))
@@ -286,7 +287,7 @@ def run_evaluation(
         for v, eq in copies:
             record = {"task": task, "variant": v.name, "length": length, **info}
             src = next(r for r in writer.records if record_identity(r) == record_identity({**record, "variant": done[eq]}))
-            copied = {k: src[k] for k in src if k not in ("variant", "same_as", "seconds", "shared_prefix_seconds")}
+            copied = {k: src[k] for k in src if k not in ("variant", "same_as", "seconds")}
             writer.add({**copied, "variant": v.name, "same_as": done[eq], "seconds": 0.0})
             done_ids.add(record_identity(record))
     writer.meta["finished"] = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")

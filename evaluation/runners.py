@@ -26,53 +26,58 @@ def sequence_nll(model, input_ids, loss_slice: int = 1024):
 @dataclasses.dataclass
 class SharedPrefixNLL:
     """What `shared_prefix_nll` computed: per model its NLL (n - 1,) and the seconds of its own
-    forward over the tokens past the prefix; the prefix's forward counted once."""
+    forward (the first model's over the whole sequence, every other's over the rest)."""
 
     nll: list
     seconds: list
-    prefix_seconds: float
 
 
 def shared_prefix_nll(models: list, input_ids, prefix: int, loss_slice: int = 1024) -> SharedPrefixNLL:
     """`sequence_nll` of every model in `models` over the same ids, the first `prefix` tokens
-    computed once: one forward of models[0] over them fills a KV cache, then each model continues
-    from its own copy of that cache over the rest.
+    computed once. models[0], the plain model, runs the whole sequence once keeping its KV cache;
+    every other model continues from a copy of that cache cut to the first `prefix` tokens, over
+    the rest, and takes the plain model's losses for the prefix's targets.
 
-    For the plain model and DCA variants whose chunk_len is at least `prefix`, the first `prefix`
-    tokens are the same computation: DCA is plain attention over them (queries before chunk_size)
-    and caches keys rotated at j mod chunk_len = j, as the plain model does. So the results equal
-    separate `sequence_nll` runs within float tolerance (tests/pipeline/test_evaluation.py), at
-    `prefix` fewer token-forwards per extra model.
+    For DCA variants whose chunk_len is at least `prefix` the first `prefix` tokens are the same
+    computation as the plain model's: DCA is plain attention over them (queries before
+    chunk_size) and caches keys rotated at j mod chunk_len = j, as the plain model does. So the
+    results equal separate `sequence_nll` runs within float tolerance (tests/pipeline/
+    test_evaluation.py), at `prefix` fewer token-forwards per DCA model. Why the plain model goes
+    first, over everything: a plain forward continuing a cache gets an explicit attention mask
+    (no causal fast path) and took longer on CPU than one over the whole sequence.
     """
     import copy
 
     import torch
     from transformers import DynamicCache
 
-    from dca import set_prompt_length
+    from dca import dca_config_of, set_prompt_length
 
+    if dca_config_of(models[0]) is not None:
+        raise ValueError("the first model of a shared prefix must be the plain model (no DCA)")
     ids = _as_row(models[0], input_ids)
     n = ids.shape[1]
     if not 0 < prefix < n - 1:
         raise ValueError(f"the shared prefix must leave tokens to each model: prefix {prefix}, sequence {n}")
-    out = SharedPrefixNLL(nll=[], seconds=[], prefix_seconds=0.0)
+    out = SharedPrefixNLL(nll=[], seconds=[])
     with torch.inference_mode():
         t0 = time.perf_counter()
         cache = DynamicCache(config=models[0].config)
-        hidden = _base(models[0])(input_ids=ids[:, :prefix], cache=cache, use_cache=True).last_hidden_state
-        # Positions 0 .. prefix-1 predict tokens 1 .. prefix.
-        head = _hidden_nll(models[0], hidden, ids[0, 1 : prefix + 1], loss_slice)
+        hidden = _base(models[0])(input_ids=ids, cache=cache, use_cache=True).last_hidden_state
+        first = _hidden_nll(models[0], hidden[:, :-1], ids[0, 1:], loss_slice)
         del hidden
-        _synchronize(head.device)
-        out.prefix_seconds = time.perf_counter() - t0
-        for i, model in enumerate(models):
+        out.nll.append(first.cpu())  # .cpu() waits for the device
+        out.seconds.append(time.perf_counter() - t0)
+        cache.crop(-(n - prefix))  # the first `prefix` tokens' keys and values
+        for i, model in enumerate(models[1:], start=1):
             t0 = time.perf_counter()
             own = cache if i == len(models) - 1 else copy.deepcopy(cache)
             # DCA's attention temperature takes n of the whole sequence, as one forward over it would.
             set_prompt_length(own, n)
             hidden = _base(model)(input_ids=ids[:, prefix:], cache=own, use_cache=True).last_hidden_state
+            # Positions prefix .. n-2 predict tokens prefix+1 .. n-1; the ones before, the plain model's.
             tail = _hidden_nll(model, hidden[:, :-1], ids[0, prefix + 1 :], loss_slice)
-            out.nll.append(torch.cat([head, tail]).cpu())  # .cpu() waits for the device
+            out.nll.append(torch.cat([out.nll[0][:prefix], tail.cpu()]))
             out.seconds.append(time.perf_counter() - t0)
             del hidden, own
     return out
@@ -80,24 +85,18 @@ def shared_prefix_nll(models: list, input_ids, prefix: int, loss_slice: int = 10
 
 def shared_prefix(dca_configs: list, length: int) -> int:
     """Tokens at the start of a `length`-token sequence that the plain model and every DCA
-    variant of `dca_configs` (None: plain) compute alike, so `shared_prefix_nll` may run them
-    once; 0 when nothing is to be shared. DCA with chunk_len L is plain attention over its first L
-    tokens (keys rotated at j mod L = j), unless its attention temperature is on (alpha > 0 for a
-    sequence longer than pretraining_length scales every logit, spec section 5)."""
+    variant of `dca_configs` (None: the plain model, which must be among them) compute alike, so
+    `shared_prefix_nll` may run them once; 0 when nothing is to be shared. DCA with chunk_len L is
+    plain attention over its first L tokens (keys rotated at j mod L = j), unless its attention
+    temperature is on (alpha > 0 for a sequence longer than pretraining_length scales every
+    logit, spec section 5)."""
     dcas = [c for c in dca_configs if c is not None]
-    if len(dca_configs) < 2 or not dcas:
+    if None not in dca_configs or not dcas:
         return 0
     if any(c.temperature_alpha > 0 and length > c.pretraining_length for c in dcas):
         return 0
     prefix = min(c.chunk_len for c in dcas)
     return prefix if prefix < length - 1 else 0
-
-
-def _synchronize(device) -> None:
-    import torch
-
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def _as_row(model, input_ids):
