@@ -250,7 +250,9 @@ def run_evaluation(
                 copies.append((v, eq))
                 continue
             compute.append((v, eq))
-        where = {k: info[k] for k in info if k in ("window", "book", "depth", "seed", "filler")}
+        # For the log: the book by its file name (the records keep the path).
+        where = {k: os.path.basename(info[k]) if k == "book" else info[k]
+                 for k in info if k in ("window", "book", "depth", "seed", "filler")}
         shared, prefix = None, 0
         if task == "perplexity" and config.share_prefix and all(isinstance(runners[v.name], InProcessRunner) for v, _ in compute):
             prefix = shared_prefix([dca_configs[v.name] for v, _ in compute], length)
