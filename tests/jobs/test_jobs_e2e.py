@@ -81,6 +81,7 @@ def test_summarize_job_two_replicas(ray_local, tiny_chat_model, tmp_path):
     assert {(r["attention_backend"], r["attention_backend_fallback"]) for r in rows} == {("torch", None)}
 
 
+@pytest.mark.slow
 def test_qa_job_base_model_with_its_own_local_ray(tiny_base_model, tmp_path):
     """The CLI as a user runs it: no Ray given, so the job starts (and stops) a local one."""
     valid = write_corpus(str(tmp_path / "corpus"), 8, qa=True)

@@ -120,6 +120,7 @@ def test_ray_job_submit_summarize(ray_head, tiny_chat_model, tmp_path):
     assert time.monotonic() - begin < 240
 
 
+@pytest.mark.slow
 def test_ray_job_submit_qa_and_nightly_with_its_submission_id(ray_head, tiny_chat_model, tmp_path):
     """jobs.qa and jobs.nightly under the job API (submitted together), the nightly one with its
     deterministic submission id; a second submission of the same night is refused by Ray."""

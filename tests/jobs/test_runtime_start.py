@@ -82,6 +82,7 @@ def test_local_ray_start_is_retried_after_a_timeout_and_the_failed_node_is_remov
         ray.shutdown()
 
 
+@pytest.mark.slow
 def test_ray_that_cannot_start_is_one_line_exit_2_and_claims_nothing(tiny_chat_model, tmp_path):
     """Every try times out: one line naming the cause and what to do, exit 2, and the output (a
     fresh one, and an earlier run's) as it was: no directory, manifest, part or lock made."""

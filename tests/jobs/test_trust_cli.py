@@ -85,11 +85,18 @@ def _case(name, tmp_path, model):
     raise AssertionError(name)
 
 
-@pytest.mark.parametrize("name", ["output_is_a_file", "output_under_a_file", "output_unwritable",
-                                  "broken_config_json", "misspelt_dca_key", "tp_above_kv_heads",
-                                  "config_yaml_error", "max_error_fraction_string", "temperature_nan",
-                                  "temperature_zero", "top_p_zero", "top_p_nan",
-                                  "repetition_penalty_nan", "max_input_tokens_beyond_the_device"])
+# The default run keeps one case per layer that validates (output, config file, dca block, engine,
+# sampling, memory plan); the other cases of a layer run with -m slow.
+_MORE = pytest.mark.slow
+
+
+@pytest.mark.parametrize("name", ["output_is_a_file", pytest.param("output_under_a_file", marks=_MORE),
+                                  pytest.param("output_unwritable", marks=_MORE), "broken_config_json",
+                                  "misspelt_dca_key", "tp_above_kv_heads", pytest.param("config_yaml_error", marks=_MORE),
+                                  pytest.param("max_error_fraction_string", marks=_MORE), "temperature_nan",
+                                  pytest.param("temperature_zero", marks=_MORE), pytest.param("top_p_zero", marks=_MORE),
+                                  pytest.param("top_p_nan", marks=_MORE), pytest.param("repetition_penalty_nan", marks=_MORE),
+                                  "max_input_tokens_beyond_the_device"])
 def test_misuse_is_one_line_exit_2_before_model_work(tiny_chat_model, tmp_path, name):
     write_corpus(str(tmp_path / "corpus"), 3, bad_rows=False, files=1)
     args, needles = _case(name, tmp_path, tiny_chat_model)
@@ -153,7 +160,7 @@ def _signal_once_committed(job: str, args, tmp_path, committed, signum) -> tuple
             proc.kill()
 
 
-@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+@pytest.mark.parametrize("signum", [signal.SIGTERM, pytest.param(signal.SIGINT, marks=pytest.mark.slow)])
 def test_stop_signal_commits_writes_metrics_and_resumes(tiny_chat_model, tmp_path, signum):
     """The job starts its own local Ray, as a user's does: ray.init installs a SIGTERM handler
     that kills the Ray processes and exits before anything is committed (exit 134 was seen)."""
@@ -183,6 +190,7 @@ def test_stop_signal_commits_writes_metrics_and_resumes(tiny_chat_model, tmp_pat
     assert resumed["status"] == "complete" and resumed["documents"]["already_committed"] == committed
 
 
+@pytest.mark.slow
 def test_qa_job_with_null_and_repeated_ids_survives_sigkill_exactly_once(tiny_chat_model, tmp_path):
     """The QA job over documents of 2-3 questions whose ids are often null or repeated, committed
     in parts of 2 rows, SIGKILLed mid-run, then run again: every (input row, question) once."""

@@ -137,7 +137,7 @@ def _check_record(output_dir: str, *, ran: str, requested: str, reason: str | No
 
 
 @needs_triton
-@pytest.mark.parametrize("fault", sorted(FAULTS))
+@pytest.mark.parametrize("fault", [f if f == "compile_error" else pytest.param(f, marks=pytest.mark.slow) for f in sorted(FAULTS)])
 def test_driver_job_falls_back_and_records_why(ray_shared, hook, tiny_chat_model, tmp_path, fault):
     from pipeline.job import run_job
 
@@ -203,6 +203,7 @@ def test_explicit_backend_not_installed_here_stops_the_job_at_start(ray_shared, 
 
 
 @needs_triton
+@pytest.mark.slow
 def test_ray_data_job_falls_back_and_records_why(tiny_chat_model, tmp_path):
     from pipeline.job import run_job
 
@@ -214,6 +215,7 @@ def test_ray_data_job_falls_back_and_records_why(tiny_chat_model, tmp_path):
 
 
 @needs_triton
+@pytest.mark.slow
 def test_processor_rows_record_the_fallback(tiny_chat_model, tmp_path):
     import ray
 

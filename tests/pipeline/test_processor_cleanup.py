@@ -43,6 +43,7 @@ def _engine_groups(ray) -> list[dict]:
     return [g for g in placement_group_table().values() if g["state"] not in ("REMOVED",)]
 
 
+@pytest.mark.slow
 def test_a_failed_processor_run_releases_its_engines_placement_group(ray_two_cpus, tiny_chat_model, tmp_path):
     ray = ray_two_cpus
     write_corpus(str(tmp_path / "corpus"), 4, bad_rows=False, max_words=40)

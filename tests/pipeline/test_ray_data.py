@@ -110,6 +110,7 @@ def _read(ds) -> list[dict]:
     return ds.take_all()
 
 
+@pytest.mark.slow
 def test_qa_processor_answers_like_the_job(ray_local, tiny_chat_model, tmp_path):
     import ray
 
@@ -180,6 +181,7 @@ def test_summaries_on_tp2_with_non_utf8_rows(ray_local, tiny_chat_model, tmp_pat
     assert rows["a"]["question_index"] is None and len(rows) == 3
 
 
+@pytest.mark.slow
 def test_hierarchical_processor_answers_like_the_job(ray_local, tiny_chat_model, tmp_path):
     """truncation="hierarchical" in the processor: documents over the budget answered in sections,
     the same outputs, sections and calls as the job's (the processor keeps no response-prefix

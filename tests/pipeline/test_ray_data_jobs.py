@@ -89,7 +89,7 @@ def test_dataflow_settings_are_checked_up_front(tmp_path, capsys):
     assert exit_info.value.code == 2 and "invalid choice: 'spark'" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("task", ["summarize", "qa"])
+@pytest.mark.parametrize("task", [pytest.param("summarize", marks=pytest.mark.slow), "qa"])
 def test_same_rows_as_the_driver_dataflow(ray_local, tiny_chat_model, tmp_path, task):
     import json
 
@@ -219,6 +219,7 @@ def _normalised(message: str) -> str:
     return re.sub(r"\d+(\.\d+)?", "N", message)
 
 
+@pytest.mark.slow
 def test_failure_budget_trips_with_the_driver_message(ray_local, tiny_chat_model, tmp_path, capsys):
     import pyarrow as pa
     import pyarrow.parquet as pq
@@ -287,6 +288,7 @@ def test_lock_overwrite_and_the_other_dataflow(ray_local, tiny_chat_model, tmp_p
             for p in committed_parts(config.output_dir)} == mtimes
 
 
+@pytest.mark.slow
 def test_nightly_on_ray_data_skips_what_earlier_nights_summarised(ray_local, tiny_chat_model, tmp_path):
     import json
 

@@ -7,6 +7,8 @@ from __future__ import annotations
 import threading
 from collections import Counter
 
+import pytest
+
 from pipeline.dataflows.processor import Processor, EngineStage
 from tests.jobs.conftest import tiny_chat_model, write_corpus  # noqa: F401 (fixture)
 from tests.pipeline.test_ray_data import _config
@@ -68,6 +70,7 @@ def _remove_a_serving_node(cluster, list_actors, workers, nodes, gate, removed: 
         gate.touch()
 
 
+@pytest.mark.slow
 def test_a_worker_node_removed_mid_run_loses_no_row(tiny_chat_model, tmp_path):
     """A head and two worker nodes on this machine; the node of a serving rank leaves after the
     first batch is answered (and before the rest can be), and every document still comes out exactly
