@@ -7,8 +7,6 @@ import json
 import re
 import subprocess
 
-import pytest
-
 from tests.jobs.conftest import PYTHON, REPO, TINY_DCA, job_env, write_corpus
 
 # Ray Core's error-level line for any Ray Data actor pool (ray-project/ray#53727): Ray Data gives its
@@ -17,7 +15,6 @@ from tests.jobs.conftest import PYTHON, REPO, TINY_DCA, job_env, write_corpus
 RAY_DATA_ACTOR_ARGS_LINE = "has constructor arguments in the object store and max_restarts > 0"
 
 
-@pytest.mark.slow
 def test_a_ray_data_job_prints_its_progress_and_result_in_documents_and_little_else(tiny_chat_model, tmp_path):
     valid = write_corpus(str(tmp_path / "corpus"), 10, bad_rows=False, max_words=60)
     config = tmp_path / "job.yaml"
