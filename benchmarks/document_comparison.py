@@ -5,13 +5,14 @@
 
 `python -m jobs.evaluate --document` computes the perplexity of the plain model and of DCA over
 every token of a text. DCA is plain attention over its first chunk_len tokens (and caches their
-keys as the plain model does), so the evaluation runs those tokens once and lets each variant
-continue from a copy of that KV cache (`evaluation.shared_prefix_nll`). This script times both
-ways in one process, alternating them, on the same model and tokens:
+keys as the plain model does), so the evaluation runs the plain model over the whole text once,
+keeping its KV cache, and DCA continues from that cache cut to the first chunk_len tokens
+(`evaluation.shared_prefix_nll`). This script times both ways in one process, alternating them, on
+the same model and tokens:
 
 - separate: `evaluation.sequence_nll` per variant, one cacheless forward over the whole text each
   (what the evaluation did before);
-- shared: `evaluation.shared_prefix_nll`, the prefix once, then one forward per variant over the rest.
+- shared: `evaluation.shared_prefix_nll`, the plain model over everything, DCA over the rest only.
 
 It checks that both give the same perplexities (per block of P/8 tokens, to 1e-3 relative), prints
 a table (seconds, token-forwards, the ratio) and writes benchmarks/results/document_comparison.json.
