@@ -289,7 +289,7 @@ def test_run_computes_a_shared_prefix_once(tiny_run):
     at_300 = [r for r in results["records"] if r["task"] == "perplexity" and r["length"] == 300 and not r["same_as"]]
     # plain and the P=128 ablation (chunk_len 96 - 16 = 80): the first 80 tokens run once.
     assert sorted(r["variant"] for r in at_300) == ["dca_p128", "plain"]
-    assert {r["shared_prefix"] for r in at_300} == {80} and all(r["seconds"] >= 0 for r in at_300)
+    assert {r["shared_prefix"] for r in at_300} == {80}
     assert sum("dca_p128 continue(s) the plain model's KV cache of the first 80 tokens" in m for m in logs) == 1
     # At 600 the temperature variant scales every logit past P: nothing shared there.
     at_600 = [r for r in results["records"] if r["task"] == "perplexity" and r["length"] == 600]
