@@ -338,6 +338,7 @@ class ContinuousBatch:
         return FinishedRow(
             seq=row.seq, suffix_index=row.suffix_index, request_id=row.request.request_id,
             prompt_tokens=row.prompt_tokens, output_ids=list(row.token.output_ids), output=output,
+            cumulative_logprob=row.token.cumulative_logprob,
             prefill_s=first - row.admitted, decode_s=now - first, wall_time_s=now - row.admitted,
             prefix_prefill_s=row.prefix_prefill_s,
         )

@@ -38,6 +38,7 @@ class FinishedRow:
     decode_s: float = 0.0
     wall_time_s: float = 0.0
     prefix_prefill_s: float | None = None
+    cumulative_logprob: float | None = None
 
 
 @dataclass
@@ -56,7 +57,7 @@ def result_of(row: FinishedRow) -> GenerationResult:
     """The GenerationResult of a finished row, without device metrics (the ledger adds them)."""
     return GenerationResult(
         request_id=row.request_id, suffix_index=row.suffix_index, output=row.output,
-        output_ids=list(row.output_ids), prompt_tokens=row.prompt_tokens, output_tokens=len(row.output_ids),
-        prefill_s=row.prefill_s, decode_s=row.decode_s, wall_time_s=row.wall_time_s,
+        output_ids=list(row.output_ids), cumulative_logprob=row.cumulative_logprob,
+        prompt_tokens=row.prompt_tokens, output_tokens=len(row.output_ids), prefill_s=row.prefill_s, decode_s=row.decode_s, wall_time_s=row.wall_time_s,
         prefix_prefill_s=row.prefix_prefill_s,
     )

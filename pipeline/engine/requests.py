@@ -72,6 +72,9 @@ class GenerationResult:
     attempts: int = 1
     # The generated token ids (eos excluded; tokens after a stop string included).
     output_ids: list[int] = field(default_factory=list)
+    # Sum of their log-probabilities under the model's own distribution (before the repetition
+    # guard and sampling settings), as vLLM's cumulative_logprob; None when nothing reported it.
+    cumulative_logprob: float | None = None
     # Requests with several suffixes: seconds from the request's start to the end of the one
     # prefix prefill they all share. None for single-suffix requests.
     prefix_prefill_s: float | None = None
@@ -83,6 +86,14 @@ class GenerationResult:
     # its ranks chose at start-up, with the reason for a fallback); None when no replica did.
     attention_backend: str | None = None
     attention_backend_fallback: str | None = None
+
+    @property
+    def mean_logprob(self) -> float | None:
+        """The model's confidence in the output: mean log-probability per output token (None
+        without output tokens or a reported sum)."""
+        if self.cumulative_logprob is None or not self.output_ids:
+            return None
+        return self.cumulative_logprob / len(self.output_ids)
 
     @classmethod
     def error(cls, request_id: str, suffix_index: int, error_type: str, message: str, **kw) -> GenerationResult:

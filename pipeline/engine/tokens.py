@@ -23,6 +23,13 @@ class TokenState:
     output_ids: list[int] = field(default_factory=list)
     text: str | None = None
     done: bool = False
+    # Sum of the log-probabilities of output_ids under the model's own distribution (its logits
+    # before the repetition guard, temperature and top-p): the answer's confidence, which the
+    # hierarchical QA's "confidence" combine ranks section answers by. `chosen_logprob` holds the
+    # last chosen token's until advance_tokens keeps or drops it (an end-of-sequence token is not
+    # an output token).
+    cumulative_logprob: float = 0.0
+    chosen_logprob: float = 0.0
 
 
 def repetition_guard(logits: torch.Tensor, output_ids: list[int], params) -> torch.Tensor:
@@ -66,6 +73,11 @@ def choose_tokens(ctx, rows: list[TokenState], logits: torch.Tensor) -> torch.Te
             sorted_probs = torch.where(keep, sorted_probs, torch.zeros_like(sorted_probs))
             probs = torch.zeros_like(probs).scatter(0, order, sorted_probs)
         next_ids[i] = torch.multinomial(probs, 1, generator=row.generator)[0]
+    # The chosen tokens' log-probabilities under the model's logits, for the whole batch at once.
+    scores = logits.float()
+    chosen = scores.gather(-1, next_ids[:, None].to(scores.device))[:, 0] - torch.logsumexp(scores, -1)
+    for row, logprob in zip(rows, chosen.tolist()):
+        row.chosen_logprob = logprob
     return next_ids
 
 
@@ -80,6 +92,7 @@ def advance_tokens(ctx, rows: list[TokenState], next_ids: list[int]) -> list[boo
             row.done = True
             continue
         row.output_ids.append(token)
+        row.cumulative_logprob += row.chosen_logprob
         if params.stop and ctx.tokenizer is not None:
             text = ctx.tokenizer.decode(row.output_ids, skip_special_tokens=True)
             start = len(text) - len(text.lstrip())  # leading whitespace never stops a row

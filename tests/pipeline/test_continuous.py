@@ -84,6 +84,31 @@ def test_mixed_lengths_get_exactly_their_greedy_tokens_alone(model_and_ctx, pref
     assert all(r.prefix_prefill_s is not None and r.prefix_prefill_s <= r.prefill_s for r in qa)
 
 
+def _teacher_forced_logprob(model, prompt: list[int], output_ids: list[int]) -> float:
+    """Sum of log p(output token | everything before it) from one forward over prompt + output."""
+    with torch.no_grad():
+        logits = model(torch.tensor([prompt + output_ids])).logits[0, len(prompt) - 1:-1].float()
+    return torch.log_softmax(logits, -1).gather(-1, torch.tensor(output_ids)[:, None]).sum().item()
+
+
+@pytest.mark.parametrize("path", ["continuous", "static"])
+def test_each_row_reports_the_log_probability_of_its_own_tokens(model_and_ctx, path):
+    model, ctx = model_and_ctx
+    if path == "continuous":  # rows joining and leaving, a QA prefix shared by three suffixes
+        requests = _mixed_requests()[:5]
+        results = generate_continuous(ctx, requests, max_rows=3)
+    else:  # one left-padded batch
+        requests = [_request(f"s{i}", p, max_new_tokens=n) for i, (p, n) in enumerate(zip(_prompts(60, 9, 130), (7, 12, 4)))]
+        results = generate_batch(ctx, requests)
+    for request, rows in zip(requests, results):
+        for suffix, result in zip(request.suffix_ids, rows):
+            assert result.output_ids
+            expected = _teacher_forced_logprob(model, request.prefix_ids + suffix, result.output_ids)
+            assert result.cumulative_logprob == pytest.approx(expected, abs=1e-3)
+            assert result.cumulative_logprob < 0
+            assert result.mean_logprob == pytest.approx(result.cumulative_logprob / len(result.output_ids))
+
+
 def test_several_suffixes_without_a_shared_prefix(model_and_ctx):
     model, ctx = model_and_ctx
     s1, s2 = _prompts(30, 55, seed=9)
