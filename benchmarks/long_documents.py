@@ -8,10 +8,16 @@ the embedded model), each with facts planted at depths 0.1 .. 0.9 of its text (a
 break nearest that fraction of its characters), run through the real jobs (`python -m jobs.qa`,
 `python -m jobs.summarize`) with a small prompt budget, once per policy:
 
-- qa: each planted fact ("The pass key of the blue door is 71432. ...") is asked for ("What is the
-  pass key of the blue door?"). A row is correct when its final output holds the number. For the
-  hierarchical policy the table also says in how many rows the section that holds the fact found
-  it (its section output holds the number): what the map step found, before the reduce step.
+- qa: the pass-key test of the DCA paper: each document holds one pass key ("The pass key is
+  71432. Remember it. 71432 is the pass key.") at one depth, and is asked "What is the pass key?";
+  2 texts x the depths = one document each. A row is correct when its final output holds the
+  number. The hierarchical policy runs with each way of combining section answers (--qa-combine
+  reduce and confidence: policies `hierarchical` and `hierarchical-confidence`), and the table
+  also says in how many rows the section that holds the key found it (its section output holds the
+  number): what the map step found, before the combine step.
+  `--qa-corpus doors` is a harder variant: five keys of five doors in one document ("The pass key
+  of the blue door is 71432. ..."), one question per door; a section that holds another door's key
+  answers with that key, so it measures telling near-identical facts apart as well.
 - summarize: the facts are unusual sentences ("A pangolin named Bartholomew ..."); the table says
   which facts' key word reaches the final summary, and (hierarchical) a section summary.
 - cost: tokens sent and generated, engine calls, the job's device-seconds (busy time of the
@@ -31,6 +37,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import random
 import subprocess
 import sys
 import tempfile
@@ -50,6 +57,10 @@ DOCUMENTS = {
                         "loc-workshop-electronic-texts-part-1.txt"],
 }
 DEPTHS = [0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9]
+# Policies: the job's --truncation, and for hierarchical QA its --qa-combine.
+POLICY_FLAGS = {"middle": ["--truncation", "middle"], "end": ["--truncation", "end"],
+                "hierarchical": ["--truncation", "hierarchical"],
+                "hierarchical-confidence": ["--truncation", "hierarchical", "--qa-combine", "confidence"]}
 DOORS = ["blue", "red", "green", "yellow", "white", "black", "orange", "purple", "grey"]
 KEYS = ["71432", "58219", "90367", "24851", "63094", "37518", "81276", "46903", "15748"]
 # (planted sentence, key word that must reach the summary)
@@ -87,7 +98,27 @@ def base_text(name: str) -> str:
     return "\n\n".join((TEXTS / f).read_text(encoding="utf-8").strip() for f in DOCUMENTS[name])
 
 
+def pass_key(name: str, depth: float) -> str:
+    """A 5-digit key of its own for each document (seeded: the same on every run)."""
+    return str(random.Random(f"{name}@{depth}").randrange(10_000, 100_000))
+
+
 def qa_corpus(depths: list[float]) -> tuple[pa.Table, dict]:
+    """One document per (text, depth), each with one pass key at that depth."""
+    ids, texts, questions, truth = [], [], [], {}
+    for name in DOCUMENTS:
+        base = base_text(name)
+        for depth in depths:
+            key = pass_key(name, depth)
+            ids.append(f"{name}@{depth:g}")
+            texts.append(plant(base, [f"The pass key is {key}. Remember it. {key} is the pass key."], [depth]))
+            questions.append(["What is the pass key?"])
+            truth[ids[-1]] = [(depth, key)]
+    return pa.table({"id": ids, "text": texts, "questions": questions}), truth
+
+
+def doors_corpus(depths: list[float]) -> tuple[pa.Table, dict]:
+    """One document per text with a key per door, one door per depth, one question per door."""
     ids, texts, questions, truth = [], [], [], {}
     for name in DOCUMENTS:
         facts = [f"The pass key of the {DOORS[i]} door is {KEYS[i]}. Remember it. {KEYS[i]} is the pass key of "
@@ -111,7 +142,7 @@ def summary_corpus(depths: list[float]) -> tuple[pa.Table, dict]:
 
 def run_job(task: str, corpus: Path, output: Path, policy: str, args) -> float:
     command = [sys.executable, "-m", f"jobs.{task}", "--input", str(corpus), "--output", str(output),
-               "--max-input-tokens", str(args.budget), "--truncation", policy, "--no-progress",
+               "--max-input-tokens", str(args.budget), *POLICY_FLAGS[policy], "--no-progress",
                "--max-new-tokens", str(args.qa_new_tokens if task == "qa" else args.summary_new_tokens)]
     print("$", " ".join(command[1:]), flush=True)
     start = time.perf_counter()
@@ -183,7 +214,10 @@ def markdown(results: dict, depths: list[float]) -> str:
     head = "| policy | " + " | ".join(f"{d:g}" for d in depths) + " | all | prompt tokens sent | generated | engine calls | device s | wall s |"
     rule = "|---" * (len(depths) + 7) + "|"
     lines = []
-    for task, title, fields in (("qa", "QA: planted pass keys answered, by depth", [("correct", "")]),
+    for task, title, fields in (("qa", "QA: one planted pass key per document, answered, by depth",
+                                 [("correct", "")]),
+                                ("qa_doors", "QA, five doors' pass keys in one document: the right door's key "
+                                 "answered, by depth", [("correct", "")]),
                                 ("summarize", "Summaries: planted facts in the final summary, by depth",
                                  [("in_summary", "")])):
         if task not in results:
@@ -197,10 +231,10 @@ def markdown(results: dict, depths: list[float]) -> str:
                 lines.append(f"| {policy} | " + " | ".join(row[str(d)] for d in depths) + f" | {row['all']} | "
                              f"{c['prompt_tokens']:,} | {c['output_tokens']:,} | {c['calls']} | {c['device_s']} | "
                              f"{c['wall_s']} |")
-            extra = "found_by_map" if task == "qa" else "in_section_summary"
-            if extra in entry["by_depth"] and policy == "hierarchical":
+            extra = "in_section_summary" if task == "summarize" else "found_by_map"
+            if extra in entry["by_depth"] and policy.startswith("hierarchical"):
                 row = entry["by_depth"][extra]
-                what = "(map step: the section found it)" if task == "qa" else "(in a section summary)"
+                what = "(in a section summary)" if task == "summarize" else "(map step: the section found it)"
                 lines.append(f"| {policy} {what} | " + " | ".join(row[str(d)] for d in depths) + f" | {row['all']} |"
                              + " |" * 5)
         lines.append("")
@@ -210,7 +244,11 @@ def markdown(results: dict, depths: list[float]) -> str:
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--tasks", nargs="+", default=["qa", "summarize"], choices=["qa", "summarize"])
-    parser.add_argument("--policies", nargs="+", default=["middle", "hierarchical"])
+    parser.add_argument("--policies", nargs="+", choices=list(POLICY_FLAGS),
+                        default=["middle", "hierarchical", "hierarchical-confidence"],
+                        help="hierarchical-confidence: QA only (summaries have no --qa-combine)")
+    parser.add_argument("--qa-corpus", choices=["one-key", "doors"], default="one-key",
+                        help="one-key: one pass key per document (default); doors: five doors' keys in one document")
     parser.add_argument("--depths", nargs="+", type=float, default=DEPTHS)
     parser.add_argument("--budget", type=int, default=1024, help="--max-input-tokens of the jobs (default 1024)")
     parser.add_argument("--qa-new-tokens", type=int, default=24)
@@ -224,34 +262,49 @@ def main(argv=None) -> None:
     from pipeline.engine.models import load_tokenizer
 
     tokenizer = load_tokenizer(ModelSpec())
+    command = "python benchmarks/long_documents.py " + " ".join(argv if argv is not None else sys.argv[1:])
     results = {"budget": args.budget, "depths": args.depths, "model": "smollm2 (embedded)",
-               "document_tokens": [len(tokenizer(base_text(n))["input_ids"]) for n in DOCUMENTS],
-               "command": "python benchmarks/long_documents.py " + " ".join(argv if argv is not None else sys.argv[1:])}
+               "document_tokens": [len(tokenizer(base_text(n))["input_ids"]) for n in DOCUMENTS]}
+    earlier = Path(args.out).with_suffix(".json")
+    if earlier.exists():
+        # A run of some tasks or policies adds to the results of earlier runs with the same budget
+        # and depths (each entry keeps the command that measured it); other results are replaced.
+        kept = json.loads(earlier.read_text())
+        if all(kept.get(k) == results[k] for k in ("budget", "depths", "document_tokens")):
+            results = kept
+    results.pop("command", None)
     with tempfile.TemporaryDirectory(prefix="long-docs-") as tmp:
         tmp = Path(tmp)
         for task in args.tasks:
-            table, truth = qa_corpus(args.depths) if task == "qa" else summary_corpus(args.depths)
+            if task == "qa":
+                table, truth = (qa_corpus if args.qa_corpus == "one-key" else doors_corpus)(args.depths)
+            else:
+                table, truth = summary_corpus(args.depths)
             corpus = tmp / f"{task}.parquet"
             pq.write_table(table, corpus)
-            results[task] = {}
+            entry_name = "qa_doors" if task == "qa" and args.qa_corpus == "doors" else task
+            results.setdefault(entry_name, {})
             for policy in args.policies:
+                if task == "summarize" and policy == "hierarchical-confidence":
+                    continue
                 output = tmp / f"{task}-{policy}"
                 wall = run_job(task, corpus, output, policy, args)
                 rows = read_rows(output)
                 if task == "qa":
                     scored = score_qa(rows, truth)
-                    fields = ["correct"] + (["found_by_map"] if policy == "hierarchical" else [])
+                    fields = ["correct"] + (["found_by_map"] if policy.startswith("hierarchical") else [])
                 else:
                     scored = score_summaries(rows, truth)
                     fields = ["in_summary"] + (["in_section_summary"] if policy == "hierarchical" else [])
-                results[task][policy] = {
+                results[entry_name][policy] = {
+                    "command": command,
                     "cost": cost(rows, output, wall),
                     "by_depth": {f: by_depth(scored, f, args.depths) for f in fields},
                     "rows": scored if task == "qa" else [dict(s, summary=None) for s in scored],
                     "outputs": {r["id"]: r["output"] for r in rows} if task == "summarize" else None,
                     "sections": {r["id"]: [r["sections"], r["levels"]] for r in rows},
                 }
-                print(json.dumps({task: {policy: results[task][policy]["by_depth"]}}), flush=True)
+                print(json.dumps({entry_name: {policy: results[entry_name][policy]["by_depth"]}}), flush=True)
                 write_results(results, args)  # after every job: an interrupted run keeps what it measured
     print(markdown(results, args.depths))
     print(f"wrote {write_results(results, args)}")

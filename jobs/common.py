@@ -21,7 +21,7 @@ import sys
 from pipeline.config.job import DEFAULT_MAX_INPUT_TOKENS, DEFAULT_MAX_NEW_TOKENS, DEFAULT_PREFILL_BLOCK
 from pipeline.config.model import ModelSpec
 from pipeline.config.resolve import ATTENTION_BACKENDS, KV_CACHE_DTYPES
-from pipeline.config.task import TRUNCATION_POLICIES
+from pipeline.config.task import QA_COMBINES, TRUNCATION_POLICIES
 from pipeline.runtime.cluster import under_ray_job
 
 # Config-file keys and flags that map onto JobConfig fields under another name.
@@ -53,6 +53,11 @@ def add_common_flags(parser: argparse.ArgumentParser, *, task: str | None) -> No
     g.add_argument("--truncation", choices=list(TRUNCATION_POLICIES),
                    help="documents over --max-input-tokens: keep beginning and end (middle, default), the "
                         "beginning (end), or answer them in sections and combine the answers (hierarchical)")
+    if task == "qa":
+        g.add_argument("--qa-combine", choices=list(QA_COMBINES),
+                       help="with --truncation hierarchical: combine a question's section answers with a prompt "
+                            "(reduce, default) or take the one the model is most confident of (confidence: no "
+                            "extra call; better for small models)")
     g.add_argument("--base-template", dest="use_chat_template", action="store_const", const=False,
                    help="use the plain base-model template even when the tokenizer has a chat template")
     g = parser.add_argument_group("generation")

@@ -253,7 +253,7 @@ def _long_prompts(config: JobConfig, checked: _Checked) -> LongDocumentPrompts |
         return None
     long_prompts = LongDocumentPrompts(checked.builder.tokenizer, task=config.task, templates=checked.templates,
                                        max_input_tokens=config.max_input_tokens,
-                                       use_chat_template=config.use_chat_template)
+                                       use_chat_template=config.use_chat_template, qa_combine=config.qa_combine)
     print(describe_hierarchical(checked.builder, long_prompts), file=sys.stderr, flush=True)
     return long_prompts
 

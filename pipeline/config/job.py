@@ -53,6 +53,9 @@ class JobConfig:
     # Documents over max_input_tokens: "middle": keep beginning and end of the document; "end":
     # keep the beginning only; "hierarchical": answer it in sections, then combine (nothing dropped).
     truncation: str = "middle"
+    # QA under truncation "hierarchical": how a question's section answers become one: "reduce" (a
+    # combine prompt) or "confidence" (the answer the model was most confident of, no extra call).
+    qa_combine: str = "reduce"
     # YAML/JSON file overriding the prompt templates (pipeline.data.prompts.DEFAULT_TEMPLATES).
     templates_file: str | None = None
     # None: the tokenizer's chat template when it has one; False: always the base template.
@@ -167,12 +170,15 @@ def config_hash(config: JobConfig, templates: dict, template_kind: str, model_fp
     if isinstance(spec.get("dca"), dict):
         spec["dca"] = {k: v for k, v in spec["dca"].items() if k != "backend"}
     used = templates[config.task]
+    combine = {}
     if config.truncation == HIERARCHICAL:  # the section and combine prompts shape its outputs too
         used = {name: templates[name] for name in (config.task, f"{config.task}_section", f"{config.task}_combine")}
+        if config.qa_combine != "reduce":  # (left out when "reduce": earlier outputs keep their hash)
+            combine = {"qa_combine": config.qa_combine}
     return _hash({
         "task": config.task, "model_spec": spec, "model_fingerprint": model_fp, "templates": used,
         "template_kind": template_kind, "max_input_tokens": config.max_input_tokens,
-        "truncation": config.truncation, "sampling": dataclasses.asdict(config.sampling()),
+        "truncation": config.truncation, "sampling": dataclasses.asdict(config.sampling()), **combine,
     })[:16]
 
 

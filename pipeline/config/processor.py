@@ -48,6 +48,9 @@ class DCAProcessorConfig:
     question_column: str | None = None
     # "middle" keeps beginning and end of an over-long document, "end" the beginning.
     truncation: str = "middle"
+    # QA under truncation "hierarchical": "reduce" (a combine prompt) or "confidence" (the section
+    # answer the model was most confident of).
+    qa_combine: str = "reduce"
     # Prompt tokens per prefill forward: "auto" (the engine's default: prompt blocks interleaved
     # with the running decode steps), None one shot, "chunk" one DCA chunk, or a number.
     prefill_block: int | str | None = "auto"

@@ -17,6 +17,10 @@ TASKS = ("summarize", "qa")
 # that are then combined (pipeline.data.long_documents).
 HIERARCHICAL = "hierarchical"
 TRUNCATION_POLICIES = ("middle", "end", HIERARCHICAL)
+# How hierarchical QA turns the sections' answers to a question into one: "reduce" asks the model
+# to combine them; "confidence" takes the one the model was most confident of, with no further call.
+REDUCE, CONFIDENCE = "reduce", "confidence"
+QA_COMBINES = (REDUCE, CONFIDENCE)
 
 # Per-task generation defaults (config fields left at None take these), shared by the jobs and the
 # processor so that both answer alike. Summaries: stop at the first blank line and keep the small
@@ -56,10 +60,14 @@ class SamplingParams:
 
 def settle_task_fields(config) -> None:
     """The task fields shared by the jobs' and the processor's configs (frozen dataclasses with
-    task, truncation, question_column, stop, repetition_penalty and no_repeat_ngram_size):
-    checked, and defaults filled in place."""
+    task, truncation, qa_combine, question_column, stop, repetition_penalty and
+    no_repeat_ngram_size): checked, and defaults filled in place."""
     check_choice("task", config.task, TASKS)
     check_choice("truncation", config.truncation, TRUNCATION_POLICIES)
+    check_choice("qa_combine", config.qa_combine, QA_COMBINES)
+    if config.qa_combine != REDUCE and (config.task != "qa" or config.truncation != HIERARCHICAL):
+        raise ValueError(f"qa_combine={config.qa_combine!r} is for the qa task with truncation={HIERARCHICAL!r} "
+                         f"(it chooses among the answers of a document's sections)")
     if config.task == "qa" and not config.question_column:
         object.__setattr__(config, "question_column", "questions")
     if config.task == "summarize" and config.question_column:

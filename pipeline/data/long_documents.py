@@ -10,8 +10,15 @@ the prompt budget allows, and it is answered in several engine calls:
 - qa: every section is asked every question of the document (the section is the prefix its
   questions share, one suffix per question: sections of one document share nothing else), with
   an explicit way to say that the answer is not in it (NOT_FOUND). For each question the answers
-  that were found are combined by a reduce prompt that gives their positions in the document; no
+  that were found are combined (`qa_combine`): "reduce" (default) by a reduce prompt that gives
+  their positions in the document; "confidence": the answer the model was most confident of (the
+  highest mean log-probability per output token; the earliest on a tie), with no reduce call. No
   answer found: the output is NOT_FOUND, with no reduce call; one answer: that answer.
+
+A reduce prompt lets a model that reads well combine answers spread over several sections; a small
+model given many sections' answers (most sections answer something rather than NOT_FOUND) is better
+served by "confidence": a section that holds the answer copies it with a far higher log-probability
+than one that makes an answer up (benchmarks/long_documents.py measures both).
 
 A document that fits is one ordinary call, exactly as under the other policies.
 
@@ -29,7 +36,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 
-from pipeline.config.task import SamplingParams
+from pipeline.config.task import CONFIDENCE, QA_COMBINES, REDUCE, SamplingParams
 from pipeline.data.prompts import NOT_FOUND, PromptBuilder, PromptError
 from pipeline.data.sections import Section, cut_sections
 from pipeline.engine.attention_record import MIXED
@@ -56,10 +63,11 @@ class SectionOutput:
     first_token: int
     end_token: int
     output: str | None
+    mean_logprob: float | None = None
 
     def to_dict(self) -> dict:
         return {"level": self.level, "index": self.index, "first_token": self.first_token,
-                "end_token": self.end_token, "output": self.output}
+                "end_token": self.end_token, "output": self.output, "mean_logprob": self.mean_logprob}
 
 
 @dataclass
@@ -121,14 +129,17 @@ class LongDocumentPrompts:
     """The section and combine prompts of one task for one tokenizer (one per process)."""
 
     def __init__(self, tokenizer, *, task: str, templates: dict, max_input_tokens: int,
-                 use_chat_template: bool | None = None) -> None:
+                 use_chat_template: bool | None = None, qa_combine: str = REDUCE) -> None:
         def builder(kind: str) -> PromptBuilder:
             # Never asked to truncate: sections and combine inputs are cut to fit first.
             return PromptBuilder(tokenizer, task=task, templates={task: templates[f"{task}_{kind}"]},
                                  max_input_tokens=max_input_tokens, truncation="end",
                                  use_chat_template=use_chat_template)
 
+        if qa_combine not in QA_COMBINES:
+            raise ValueError(f"qa_combine must be one of {QA_COMBINES}, not {qa_combine!r}")
         self.task = task
+        self.qa_combine = qa_combine
         self.tokenizer = tokenizer
         self.max_input_tokens = max_input_tokens
         self.section = builder("section")
@@ -232,7 +243,7 @@ class SplitDocument:
                 self._done[row] = True
                 continue
             piece = SectionOutput(call.level, call.index, call.first_token, call.end_token,
-                                  builder.output_text(result.output))
+                                  builder.output_text(result.output), result.mean_logprob)
             outcome.section_outputs.append(piece)
             self._collected[row][call.index] = piece
             if len(self._collected[row]) == self._expected[row]:
@@ -252,6 +263,8 @@ class SplitDocument:
             pieces = [p for p in pieces if not is_not_found(p.output)]
             if not pieces:
                 return self._finish(row, NOT_FOUND)
+            if prompts.qa_combine == CONFIDENCE:  # max keeps the first of equals: the earliest
+                return self._finish(row, max(pieces, key=_confidence).output)
         if len(pieces) == 1 and (level > 0 or qa):
             return self._finish(row, pieces[0].output)
         suffixes = prompts.combine.suffixes([self.questions[row]] if qa else None)
@@ -290,6 +303,10 @@ class SplitDocument:
         self.tokens_sent += len(prompt.prefix_ids) + sum(len(s) for s in prompt.suffix_ids)
         return GenerationRequest(request_id=request_id, prefix_ids=prompt.prefix_ids, suffix_ids=prompt.suffix_ids,
                                  sampling=self.sampling)
+
+
+def _confidence(piece: SectionOutput) -> float:
+    return piece.mean_logprob if piece.mean_logprob is not None else float("-inf")
 
 
 def _pack(pieces: list[SectionOutput], sizes: list[int], budget: int) -> list[list[SectionOutput]] | None:

@@ -15,6 +15,8 @@ import pyarrow as pa
 SECTION_OUTPUTS_TYPE = pa.list_(pa.struct([
     pa.field("level", pa.int32()), pa.field("index", pa.int32()), pa.field("first_token", pa.int64()),
     pa.field("end_token", pa.int64()), pa.field("output", pa.string()),
+    # The model's confidence in the output: mean log-probability per output token.
+    pa.field("mean_logprob", pa.float64()),
 ]))
 
 # One row per (document, question). Declared up front: every part has exactly this schema, even
@@ -42,7 +44,8 @@ OUTPUT_SCHEMA = pa.schema([
         "doc": "engine calls made for the row; tokens and times of the row are summed over them"}),
     pa.field("section_outputs", SECTION_OUTPUTS_TYPE, metadata={
         "doc": "hierarchical: every call's output for the row (level 0: a section; k: a combination of "
-               "level k-1), with the document tokens it covers; null for one prompt"}),
+               "level k-1), with the document tokens it covers and the model's mean log-probability per "
+               "output token; null for one prompt"}),
     pa.field("prefill_s", pa.float64(), metadata={"doc": "time to first token"}),
     pa.field("decode_s", pa.float64()),
     pa.field("latency_s", pa.float64(), metadata={"doc": "wall clock of the request on rank 0"}),

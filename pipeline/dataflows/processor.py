@@ -124,7 +124,8 @@ def _long_prompts(config: DCAProcessorConfig, tokenizer) -> LongDocumentPrompts 
     if config.truncation != HIERARCHICAL:
         return None
     return LongDocumentPrompts(tokenizer, task=config.task, templates=load_templates(None),
-                               max_input_tokens=config.max_input_tokens, use_chat_template=config.use_chat_template)
+                               max_input_tokens=config.max_input_tokens, use_chat_template=config.use_chat_template,
+                               qa_combine=config.qa_combine)
 
 
 def _base_row(config: DCAProcessorConfig) -> dict:

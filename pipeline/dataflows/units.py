@@ -134,7 +134,7 @@ def _builders(config: JobConfig) -> tuple[PromptBuilder, LongDocumentPrompts | N
     if config.truncation == HIERARCHICAL:
         long_prompts = LongDocumentPrompts(tokenizer, task=config.task, templates=templates,
                                            max_input_tokens=config.max_input_tokens,
-                                           use_chat_template=config.use_chat_template)
+                                           use_chat_template=config.use_chat_template, qa_combine=config.qa_combine)
     return builder, long_prompts
 
 

@@ -176,3 +176,77 @@ def test_documents_share_rounds(tokenizer):
     answer_in_rounds(docs, prompts, engine)
     assert all(d.finished for d in docs)
     assert rounds[0] == {"doc0", "doc1", "doc2"}  # every document's sections in the first round
+
+
+def _answers_everywhere(tokenizer, calls, confidence):
+    """An engine whose every section answers (never NOT FOUND, as small models do): section i
+    answers "w{40 + i}" with a mean log-probability of confidence(i); a combine call answers
+    "w99"."""
+    def generate(requests):
+        out = []
+        for request in requests:
+            calls.append(request)
+            level, index, _ = request.request_id.rsplit("#", 1)[1].split(".")
+            results = []
+            for i, suffix in enumerate(request.suffix_ids):
+                text, logprob = ("w99", -1.0) if level != "0" else (f"w{40 + int(index)}", confidence(int(index)))
+                results.append(GenerationResult(
+                    request_id=request.request_id, suffix_index=i, output=text, output_ids=[7, 8],
+                    cumulative_logprob=2 * logprob, prompt_tokens=len(request.prefix_ids) + len(suffix),
+                    output_tokens=2, wall_time_s=0.3, gpu_time_s=0.05))
+            out.append(results)
+        return out
+    return generate
+
+
+@pytest.mark.parametrize("qa_combine", ["reduce", "confidence"])
+def test_qa_combine_reduces_or_takes_the_most_confident_section_answer(tokenizer, qa_combine):
+    text = document(12)
+    prompts = LongDocumentPrompts(tokenizer, task="qa", templates=TEMPLATES, max_input_tokens=80,
+                                  qa_combine=qa_combine)
+    ids, offsets = prompts.tokenize(text)
+    questions = ["w30", "w31"]
+    sections = prompts.cut(text, offsets, prompts.section.suffixes(questions))
+    doc = SplitDocument(key="doc", doc_ids=ids, sections=sections, questions=questions,
+                        sampling=SamplingParams(max_new_tokens=8))
+    best = len(sections) // 2
+    calls = []
+    # Section `best` is the most confident; the two sections after it tie just below it.
+    answer_in_rounds([doc], prompts, _answers_everywhere(
+        tokenizer, calls, lambda i: -0.1 if i == best else -0.5 if i in (best + 1, best + 2) else -2.0 - i))
+    level0 = len(sections)
+    for outcome in doc.outcomes:
+        assert outcome.status == "ok"
+        pieces = [p for p in outcome.section_outputs if p.level == 0]
+        assert [p.mean_logprob for p in pieces][best] == pytest.approx(-0.1)
+        if qa_combine == "reduce":  # a combine call answered
+            assert outcome.output == "w99" and outcome.calls > level0 and outcome.levels >= 2
+        else:  # the most confident section's answer, no further call
+            assert outcome.output == f"w{40 + best}"
+            assert outcome.calls == level0 and outcome.levels == 1
+    assert (len(calls) == level0) == (qa_combine == "confidence")
+    if qa_combine == "confidence":  # a tie goes to the earlier section
+        doc = SplitDocument(key="tie", doc_ids=ids, sections=sections, questions=questions[:1],
+                            sampling=SamplingParams(max_new_tokens=8))
+        answer_in_rounds([doc], prompts, _answers_everywhere(tokenizer, [], lambda i: -0.5 if i in (2, 3) else -3.0))
+        assert doc.outcomes[0].output == "w42"
+
+
+def test_qa_combine_is_checked_and_only_for_hierarchical_qa(tokenizer, tmp_path):
+    from pipeline.config.job import JobConfig
+
+    with pytest.raises(ValueError, match="qa_combine must be one of"):
+        LongDocumentPrompts(tokenizer, task="qa", templates=TEMPLATES, max_input_tokens=80, qa_combine="vote")
+    base = dict(input_path=str(tmp_path), output_dir=str(tmp_path / "out"))
+    with pytest.raises(ValueError, match="qa_combine must be one of"):
+        JobConfig(task="qa", truncation="hierarchical", qa_combine="vote", **base)
+    for task, truncation in (("summarize", "hierarchical"), ("qa", "middle")):
+        with pytest.raises(ValueError, match="is for the qa task with truncation='hierarchical'"):
+            JobConfig(task=task, truncation=truncation, qa_combine="confidence", **base)
+    # A job's outputs under one combine are not resumed under the other (the config hash differs);
+    # "reduce", the default, leaves the hash of outputs made before the setting existed as it was.
+    from pipeline.config.job import config_hash
+
+    hashes = {c: config_hash(JobConfig(task="qa", truncation="hierarchical", qa_combine=c, **base), TEMPLATES, "chat",
+                             "fp") for c in ("reduce", "confidence")}
+    assert hashes["reduce"] != hashes["confidence"]
