@@ -35,7 +35,7 @@ from pipeline.config.task import HIERARCHICAL
 from pipeline.data.input import (
     Document, InputSpec, check_input, check_output_apart, file_digests, iter_documents, plan_units,
 )
-from pipeline.data.long_documents import LongDocumentPrompts, describe_hierarchical
+from pipeline.data.long_documents import LongDocumentPrompts, describe_hierarchical, split_census
 from pipeline.data.prompts import PromptBuilder, load_templates
 from pipeline.data.rows import dca_columns, job_columns
 from pipeline.data.writer import (
@@ -242,19 +242,25 @@ def _claim_output(config: JobConfig, checked: _Checked, stopper: StopSignals) ->
     base = job_columns(task=config.task, model=config.model_spec.model, config_hash=checked.cfg_hash,
                        job_id=checked.job_id, dca=checked.dca_cols)
     return JobRun(config=config, plan=checked.plan, builder=checked.builder, writer=writer, metrics=metrics,
-                  base=base, skip=checked.skip, stopper=stopper, long_prompts=_long_prompts(config, checked)), extra
+                  base=base, skip=checked.skip, stopper=stopper,
+                  long_prompts=_long_prompts(config, checked, writer)), extra
 
 
-def _long_prompts(config: JobConfig, checked: _Checked) -> LongDocumentPrompts | None:
+def _long_prompts(config: JobConfig, checked: _Checked, writer: OutputWriter) -> LongDocumentPrompts | None:
     """The prompts of documents answered in sections (truncation hierarchical), for a run whose
     engine will run (its tokenizer is loaded); None otherwise (a run with nothing to do sends no
-    document to a model)."""
+    document to a model). Says on stderr which documents this run will split."""
     if config.truncation != HIERARCHICAL or checked.builder is None:
         return None
     long_prompts = LongDocumentPrompts(checked.builder.tokenizer, task=config.task, templates=checked.templates,
                                        max_input_tokens=config.max_input_tokens,
                                        use_chat_template=config.use_chat_template, qa_combine=config.qa_combine)
-    print(describe_hierarchical(checked.builder, long_prompts), file=sys.stderr, flush=True)
+    committed = writer.committed  # (None for a fresh output, and for the ray-data dataflow's units)
+    to_answer = (doc for doc in iter_documents(checked.plan)
+                 if not (committed is not None and committed.is_committed(doc.key))
+                 and not (checked.skip is not None and checked.skip(doc)))
+    census = split_census(to_answer, checked.builder, long_prompts)
+    print(describe_hierarchical(checked.builder, long_prompts, census), file=sys.stderr, flush=True)
     return long_prompts
 
 

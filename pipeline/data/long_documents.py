@@ -33,6 +33,7 @@ job's rows the device time is the engine's, counted once.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 
@@ -343,11 +344,68 @@ def requests_with_follow_ups(first: Iterable[GenerationRequest], follow_ups: lis
         yield None
 
 
-def describe_hierarchical(builder: PromptBuilder, prompts: LongDocumentPrompts) -> str:
-    """The job's start line under the hierarchical policy: which documents will be split."""
+@dataclass
+class SplitCensus:
+    """Which documents of a job's input will be answered in sections (`split_census`)."""
+
+    looked_at: int = 0
+    # (id, document tokens, sections) of each document over the budget; sections None when its
+    # section prompt cannot be built (the row will say why).
+    split: list[tuple[str | int, int, int | None]] = field(default_factory=list)
+    # False: the census stopped at its time limit before the end of the input.
+    complete: bool = True
+
+
+def split_census(documents: Iterable, builder: PromptBuilder, prompts: LongDocumentPrompts, *,
+                 seconds: float = 10.0) -> SplitCensus:
+    """The documents (pipeline.data.input.Document, those the job will send) that are over the
+    prompt budget, by the rule the job applies to each (pipeline.data.rows.prepare_document), for
+    the start line. It tokenizes each document once more, so it stops after `seconds`: a large
+    input gets a count of its first documents."""
+    census = SplitCensus()
+    start = time.perf_counter()
+    for doc in documents:
+        if time.perf_counter() - start > seconds:
+            census.complete = False
+            break
+        census.looked_at += 1
+        if doc.error_type or doc.text is None:
+            continue
+        questions = None
+        if prompts.task == "qa":
+            questions = [q for q, e in zip(doc.questions or [], doc.question_errors) if e is None]
+            if not questions:
+                continue
+        ids, offsets = prompts.tokenize(doc.text)
+        if len(ids) <= builder.document_budget(builder.suffixes(questions)):
+            continue
+        try:
+            sections = len(prompts.cut(doc.text, offsets, prompts.section.suffixes(questions)))
+        except PromptError:
+            sections = None
+        census.split.append((doc.id, len(ids), sections))
+    return census
+
+
+def describe_hierarchical(builder: PromptBuilder, prompts: LongDocumentPrompts, census: SplitCensus | None = None,
+                          *, listed: int = 8) -> str:
+    """The job's start line under the hierarchical policy: the rule, and which documents will be
+    split (the first `listed` by id, then a count) when a census was taken."""
     question = " less each question's tokens" if prompts.task == "qa" else ""
     whole = builder.document_budget(builder.suffixes(["?"] if prompts.task == "qa" else None))
     section = prompts.section.document_budget(prompts.section.suffixes(["?"] if prompts.task == "qa" else None))
-    return (f"long documents (truncation hierarchical): a document over {whole:,} tokens{question} (what "
-            f"--max-input-tokens {prompts.max_input_tokens:,} leaves beside the {prompts.task} prompt) is answered "
-            f"in sections of at most {section:,} tokens{question}, then combined; shorter documents are one prompt")
+    rule = (f"a document over {whole:,} tokens{question} (what --max-input-tokens {prompts.max_input_tokens:,} leaves "
+            f"beside the {prompts.task} prompt) is answered in sections of at most {section:,} tokens{question}, then "
+            f"combined; shorter documents are one prompt")
+    if census is None:
+        return f"long documents (truncation hierarchical): {rule}"
+    where = (f"of the {census.looked_at:,} documents to answer" if census.complete else
+             f"of the first {census.looked_at:,} documents to answer (the rest were not counted: the count stops "
+             f"after a few seconds)")
+    if not census.split:
+        return f"long documents (truncation hierarchical): none {where} is over the budget; {rule}"
+    names = ", ".join(f"{doc_id} ({tokens:,} tokens, {sections if sections is not None else '?'} sections)"
+                      for doc_id, tokens, sections in census.split[:listed])
+    more = f" and {len(census.split) - listed:,} more" if len(census.split) > listed else ""
+    return (f"long documents (truncation hierarchical): {len(census.split):,} {where} will be answered in sections: "
+            f"{names}{more}; {rule}")

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import re
 from collections import Counter, defaultdict
 
 import pyarrow as pa
@@ -49,7 +50,7 @@ def _calls_by_document(pool: FakePool) -> dict[str, list[int]]:
 
 @pytest.mark.parametrize("task", ["summarize", "qa"])
 def test_long_documents_are_answered_in_sections_once_each_with_sums_that_match(tiny_chat_model, tokenizer,
-                                                                                 tmp_path, task):
+                                                                                 tmp_path, task, capsys):
     write_corpus(str(tmp_path / "corpus"), 16, qa=task == "qa", min_words=20, max_words=700)
     pool = FakePool()
     extra = {"question_column": "questions"} if task == "qa" else {}
@@ -96,6 +97,15 @@ def test_long_documents_are_answered_in_sections_once_each_with_sums_that_match(
     metrics = json.loads(open(os.path.join(config.output_dir, "_metrics.json")).read())
     assert metrics["documents"]["split"] == summary["documents"]["split"]
     assert metrics["documents"]["truncated"] == 0
+    # The start line names the documents that were split, in input order, with their sections.
+    line = next(x for x in capsys.readouterr().err.splitlines() if x.startswith("long documents (truncation"))
+    split_ids = list(dict.fromkeys(r["id"] for r in sorted(split, key=lambda r: (r["source_file"], r["source_row"]))))
+    assert f": {len(split_ids)} of the " in line and " will be answered in sections: " in line
+    named = re.findall(r"(\S+) \(([\d,]+) tokens, (\d+) sections\)", line)
+    assert [doc_id for doc_id, _, _ in named] == split_ids[:8]
+    sections_of = {r["id"]: r["sections"] for r in split}
+    assert all(int(sections) == sections_of[doc_id] for doc_id, _, sections in named)
+    assert all(int(tokens.replace(",", "")) > MAX_INPUT for _, tokens, _ in named)
     latency_rows = sum(r["latency_s"] or 0.0 for r in rows)
     assert latency_rows == pytest.approx(sum(tokens * 1e-4 + 0.01 for tokens in _result_tokens(pool, task)), rel=1e-6)
 
