@@ -285,7 +285,7 @@ class SplitDocument:
             if len(group) == 1:  # nothing to combine: carried up as it is
                 piece = group[0]
                 self._collected[row][index] = SectionOutput(level + 1, index, piece.first_token, piece.end_token,
-                                                            piece.output)
+                                                            piece.output, piece.mean_logprob)
                 continue
             call = _Call(level + 1, index, group[0].first_token, group[-1].end_token, [row])
             requests.append(self._request(call, prompts.combine.build_from_ids(prompts.listing(group, qa),

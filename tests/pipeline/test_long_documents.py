@@ -234,6 +234,7 @@ def test_qa_combine_reduces_or_takes_the_most_confident_section_answer(tokenizer
 
 def test_qa_combine_is_checked_and_only_for_hierarchical_qa(tokenizer, tmp_path):
     from pipeline.config.job import JobConfig
+    from pipeline.config.processor import DCAProcessorConfig
 
     with pytest.raises(ValueError, match="qa_combine must be one of"):
         LongDocumentPrompts(tokenizer, task="qa", templates=TEMPLATES, max_input_tokens=80, qa_combine="vote")
@@ -243,6 +244,9 @@ def test_qa_combine_is_checked_and_only_for_hierarchical_qa(tokenizer, tmp_path)
     for task, truncation in (("summarize", "hierarchical"), ("qa", "middle")):
         with pytest.raises(ValueError, match="is for the qa task with truncation='hierarchical'"):
             JobConfig(task=task, truncation=truncation, qa_combine="confidence", **base)
+        with pytest.raises(ValueError, match="is for the qa task with truncation='hierarchical'"):
+            DCAProcessorConfig(task=task, truncation=truncation, qa_combine="confidence")
+    assert DCAProcessorConfig(task="qa", truncation="hierarchical", qa_combine="confidence").qa_combine == "confidence"
     # A job's outputs under one combine are not resumed under the other (the config hash differs);
     # "reduce", the default, leaves the hash of outputs made before the setting existed as it was.
     from pipeline.config.job import config_hash
@@ -250,3 +254,39 @@ def test_qa_combine_is_checked_and_only_for_hierarchical_qa(tokenizer, tmp_path)
     hashes = {c: config_hash(JobConfig(task="qa", truncation="hierarchical", qa_combine=c, **base), TEMPLATES, "chat",
                              "fp") for c in ("reduce", "confidence")}
     assert hashes["reduce"] != hashes["confidence"]
+
+
+def test_confidence_ranks_the_real_engines_answers(tiny_chat_model, tokenizer):
+    """Through the real engine (tiny model, continuous batching): each section answer carries the
+    model's mean log-probability of its tokens, and "confidence" answers with the found one that
+    has the highest."""
+    import torch
+
+    from pipeline.config.model import ModelSpec
+    from pipeline.engine.continuous import generate_continuous
+    from pipeline.engine.generation import RankContext
+    from pipeline.engine.models import load_model
+    from tests.jobs.conftest import TINY_DCA
+
+    model = load_model(ModelSpec(model=tiny_chat_model, dca=TINY_DCA), "cpu")
+    ctx = RankContext(model=model, device=torch.device("cpu"), tokenizer=tokenizer,
+                      eos_token_ids=frozenset({tokenizer.eos_token_id}), pad_token_id=tokenizer.pad_token_id or 0)
+    text = document(10)
+    prompts = LongDocumentPrompts(tokenizer, task="qa", templates=TEMPLATES, max_input_tokens=80,
+                                  qa_combine="confidence")
+    ids, offsets = prompts.tokenize(text)
+    questions = ["w30 w31", "w44"]
+    sections = prompts.cut(text, offsets, prompts.section.suffixes(questions))
+    doc = SplitDocument(key="doc", doc_ids=ids, sections=sections, questions=questions,
+                        sampling=SamplingParams(max_new_tokens=5))
+    answer_in_rounds([doc], prompts, lambda requests: generate_continuous(ctx, requests, max_rows=4))
+    assert doc.finished and len(doc.outcomes) == 2
+    for outcome in doc.outcomes:
+        assert outcome.status == "ok" and outcome.calls == len(sections) >= 3
+        found = [p for p in outcome.section_outputs if p.output and NOT_FOUND not in p.output]
+        assert found and all(p.mean_logprob is not None and p.mean_logprob < 0 for p in found)
+        best = max(found, key=lambda p: p.mean_logprob)
+        assert outcome.output == best.output
+    # The sections' answers differ, and the chosen one is not simply the first section's.
+    assert any(len({p.output for p in o.section_outputs}) > 1 for o in doc.outcomes)
+    assert any(o.output != min(o.section_outputs, key=lambda p: p.index).output for o in doc.outcomes)

@@ -394,12 +394,27 @@ def test_hierarchical_rows_are_the_driver_dataflows(ray_local, tiny_chat_model, 
     driver = run_job(_config(tiny_chat_model, tmp_path, "driver", dataflow="driver", **common))
     units = run_job(_config(tiny_chat_model, tmp_path, "units", **common))
 
+    logprobs = {}
+
     def rows(name):
-        return sorted((tuple(json_key(r[k]) for k in HIERARCHICAL_KEY) for r in read_output(str(tmp_path / name))
-                       .to_pylist()), key=lambda r: (r[0], r[1], -1 if r[3] is None else r[3]))
+        table = read_output(str(tmp_path / name)).to_pylist()
+        # The section outputs' mean_logprob is a float of the forwards, whose rounding may differ
+        # with what else shared them: compared to a tolerance, the rest exactly.
+        logprobs[name] = {(r["id"], o["level"], o["index"]): o["mean_logprob"]
+                          for r in table for o in r["section_outputs"] or []}
+        for r in table:
+            for o in r["section_outputs"] or []:
+                o.pop("mean_logprob")
+        return sorted((tuple(json_key(r[k]) for k in HIERARCHICAL_KEY) for r in table),
+                      key=lambda r: (r[0], r[1], -1 if r[3] is None else r[3]))
 
     expected = rows("driver")
     assert rows("units") == expected
+    assert logprobs["units"].keys() == logprobs["driver"].keys()
+    assert any(value is not None for value in logprobs["driver"].values())
+    for key, value in logprobs["driver"].items():  # None: an output of no tokens
+        assert (logprobs["units"][key] is None) if value is None else (
+            value < 0 and logprobs["units"][key] == pytest.approx(value, abs=1e-3))
     assert any(r[-4] and r[-4] > 1 for r in expected)  # some documents were split
     assert all(r[11] == 0 for r in expected if r[6] == "ok")  # nothing truncated
     assert units["documents"]["split"] == driver["documents"]["split"] > 0
