@@ -63,6 +63,16 @@ POLICY_FLAGS = {"middle": ["--truncation", "middle"], "end": ["--truncation", "e
                 "hierarchical-confidence": ["--truncation", "hierarchical", "--qa-combine", "confidence"]}
 DOORS = ["blue", "red", "green", "yellow", "white", "black", "orange", "purple", "grey"]
 KEYS = ["71432", "58219", "90367", "24851", "63094", "37518", "81276", "46903", "15748"]
+# Names that only one source text of a document uses: a summary that names one speaks of that
+# part of the document (the texts are consecutive: the first is the head, the last the tail).
+PART_NAMES = {
+    "kjv-mark.txt": ["jesus", "disciple", "baptis"],
+    "kjv-esther.txt": ["esther", "ahasuerus", "mordecai", "haman"],
+    "kjv-ruth.txt": ["ruth", "naomi", "boaz"],
+    "alice-chapters-1-4.txt": ["alice", "rabbit", "wonderland"],
+    "as-you-like-it-act-1.txt": ["orlando", "rosalind", "celia", "oliver"],
+    "loc-workshop-electronic-texts-part-1.txt": ["library", "digital", "electronic", "scanning"],
+}
 # (planted sentence, key word that must reach the summary)
 STORY_FACTS = [
     ("A pangolin named Bartholomew was crowned king of the valley that morning.", "Bartholomew"),
@@ -200,6 +210,12 @@ def score_summaries(rows: list[dict], truth: dict) -> list[dict]:
     return scored
 
 
+def parts_named(summary: str | None, name: str) -> list[str]:
+    """The source texts of document `name` that `summary` names (PART_NAMES), in document order."""
+    text = (summary or "").lower()
+    return [f.removesuffix(".txt") for f in DOCUMENTS[name] if any(word in text for word in PART_NAMES[f])]
+
+
 def by_depth(scored: list[dict], field: str, depths: list[float]) -> dict:
     table = {}
     for depth in depths:
@@ -238,6 +254,16 @@ def markdown(results: dict, depths: list[float]) -> str:
                 lines.append(f"| {policy} {what} | " + " | ".join(row[str(d)] for d in depths) + f" | {row['all']} |"
                              + " |" * 5)
         lines.append("")
+        if task == "summarize" and any(e.get("parts_named") for e in results[task].values()):
+            lines += ["**Summaries: the source texts each final summary speaks of** (a name only that text uses; "
+                      "the first text is the document's head, the last its tail)", "",
+                      "| policy | " + " | ".join(DOCUMENTS) + " |", "|---" * (len(DOCUMENTS) + 1) + "|"]
+            for policy, entry in results[task].items():
+                named = entry.get("parts_named") or {}
+                lines.append(f"| {policy} | " + " | ".join(
+                    f"{len(named.get(n, []))}/{len(DOCUMENTS[n])}: {', '.join(named.get(n, [])) or '-'}"
+                    for n in DOCUMENTS) + " |")
+            lines.append("")
     return "\n".join(lines)
 
 
@@ -302,6 +328,8 @@ def main(argv=None) -> None:
                     "by_depth": {f: by_depth(scored, f, args.depths) for f in fields},
                     "rows": scored if task == "qa" else [dict(s, summary=None) for s in scored],
                     "outputs": {r["id"]: r["output"] for r in rows} if task == "summarize" else None,
+                    "parts_named": ({r["id"]: parts_named(r["output"], r["id"]) for r in rows}
+                                    if task == "summarize" else None),
                     "sections": {r["id"]: [r["sections"], r["levels"]] for r in rows},
                 }
                 print(json.dumps({entry_name: {policy: results[entry_name][policy]["by_depth"]}}), flush=True)

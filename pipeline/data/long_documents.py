@@ -33,6 +33,7 @@ job's rows the device time is the engine's, counted once.
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
@@ -46,6 +47,9 @@ from pipeline.engine.requests import INTERNAL, PROMPT_TOO_LONG, GenerationReques
 # A combine prompt lists its inputs as "Part i of n: ..." lines; room kept per input for the label
 # of the largest i and n (the size of a group is known only once it is packed).
 _LABEL_SLACK_TOKENS = 8
+# A combine call also stops where its output starts another "Part" line: a small model continues
+# the list it was shown ("... Part 1 of 5: In the") instead of ending its summary.
+COMBINE_STOP = "\nPart "
 
 
 def is_not_found(text: str | None) -> bool:
@@ -289,7 +293,8 @@ class SplitDocument:
                 continue
             call = _Call(level + 1, index, group[0].first_token, group[-1].end_token, [row])
             requests.append(self._request(call, prompts.combine.build_from_ids(prompts.listing(group, qa),
-                                                                             suffixes=suffixes)))
+                                                                             suffixes=suffixes),
+                                          sampling=self._combine_sampling))
         return requests  # never empty: _pack puts two pieces together at least once
 
     def _finish(self, row: int, text: str | None) -> list[GenerationRequest]:
@@ -297,13 +302,18 @@ class SplitDocument:
         self._done[row] = True
         return []
 
-    def _request(self, call: _Call, prompt) -> GenerationRequest:
+    @property
+    def _combine_sampling(self) -> SamplingParams:
+        stop = tuple(self.sampling.stop)
+        return dataclasses.replace(self.sampling, stop=stop if COMBINE_STOP in stop else (*stop, COMBINE_STOP))
+
+    def _request(self, call: _Call, prompt, sampling: SamplingParams | None = None) -> GenerationRequest:
         request_id = f"{self.key}#{call.level}.{call.index}.{self._calls_made}"
         self._calls_made += 1
         self.outstanding[request_id] = call
         self.tokens_sent += len(prompt.prefix_ids) + sum(len(s) for s in prompt.suffix_ids)
         return GenerationRequest(request_id=request_id, prefix_ids=prompt.prefix_ids, suffix_ids=prompt.suffix_ids,
-                                 sampling=self.sampling)
+                                 sampling=sampling or self.sampling)
 
 
 def _confidence(piece: SectionOutput) -> float:

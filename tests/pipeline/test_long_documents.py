@@ -115,6 +115,10 @@ def test_summary_maps_every_section_then_reduces_to_one(tokenizer):
     assert [p.index for p in outcome.section_outputs if p.level == 0] == list(range(len(sections)))
     top = [p for p in outcome.section_outputs if p.level == outcome.levels - 1]
     assert len(top) == 1 and (top[0].first_token, top[0].end_token) == (0, len(doc.doc_ids))
+    # Combine calls also stop where a new "Part" line would start; section calls do not.
+    for call in engine.calls:
+        assert ("\nPart " in call.sampling.stop) == ("#0." not in call.request_id)
+        assert set(doc.sampling.stop) <= set(call.sampling.stop)
 
 
 def test_summaries_that_do_not_fit_one_reduce_are_combined_in_levels(tokenizer):
