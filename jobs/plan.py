@@ -32,7 +32,7 @@ from pipeline.config.model import dca_chunk_len
 from pipeline.config.resolve import (
     ATTENTION_BACKENDS, COMPUTE_DTYPES, normalize_prefill_block, planned_attention_backend, planned_weight_dtype,
 )
-from pipeline.config.task import HIERARCHICAL, TRUNCATION_POLICIES
+from pipeline.config.task import CONFIDENCE, HIERARCHICAL, QA_COMBINES, TRUNCATION_POLICIES
 from pipeline.data.sections import estimate_split
 from pipeline.engine.memory_plan import (
     COMPONENTS, DEVICE_MEMORY, WEIGHT_BYTES, MemoryPlan, ModelShape, ServingConfig, fmt_bytes, parse_bytes,
@@ -97,6 +97,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="the job's --truncation (only hierarchical changes the plan: documents over the budget are "
                         "answered in sections, each call within --max-input-tokens)")
     g.add_argument("--task", default="summarize", choices=("summarize", "qa"), help="for --document-tokens")
+    g.add_argument("--qa-combine", default="reduce", choices=QA_COMBINES,
+                   help="for --document-tokens --task qa: the job's --qa-combine (confidence makes no combine call)")
     g.add_argument("--compare", action="store_true", help="print standard configurations side by side")
     g.add_argument("--json", action="store_true", help="machine-readable output")
     # Earlier names, still accepted (with a warning).
@@ -183,7 +185,8 @@ def main(argv=None) -> int:
                   "prompt per document, the plan above)", file=sys.stderr)
             return 2
         try:
-            split = estimate_split(args.document_tokens, args.max_input_tokens, args.max_new_tokens)
+            split = estimate_split(args.document_tokens, args.max_input_tokens, args.max_new_tokens,
+                                   combine=not (args.task == "qa" and args.qa_combine == CONFIDENCE))
         except ValueError as e:
             print(f"jobs.plan: {e}", file=sys.stderr)
             return 2

@@ -127,7 +127,10 @@ class SplitEstimate:
     def describe(self, task: str) -> str:
         if self.sections <= 1:
             return f"a document of {self.document_tokens:,} tokens fits one prompt: 1 call"
-        per = " per question (at most: only sections that find an answer are combined)" if task == "qa" else ""
+        per = ""
+        if task == "qa":
+            per = (" per question (at most: only sections that find an answer are combined)" if self.levels > 1 else
+                   " per question (the section calls; --qa-combine confidence makes no combine call)")
         return (f"a document of {self.document_tokens:,} tokens under --truncation hierarchical: at least "
                 f"{self.sections:,} sections of up to {self.section_tokens:,} tokens, {self.levels} levels, "
                 f"about {self.calls:,} engine calls{per}, each a prompt within --max-input-tokens (the plan above "
@@ -135,10 +138,11 @@ class SplitEstimate:
 
 
 def estimate_split(document_tokens: int, max_input_tokens: int, max_new_tokens: int,
-                   template_tokens: int = ESTIMATED_TEMPLATE_TOKENS) -> SplitEstimate:
+                   template_tokens: int = ESTIMATED_TEMPLATE_TOKENS, combine: bool = True) -> SplitEstimate:
     """The sections, levels and calls of one output row of a document under the hierarchical
     policy: sections of the prompt budget less the template; each level's outputs (at most
-    max_new_tokens each, plus a label) combined as many per call as fit, until one remains."""
+    max_new_tokens each, plus a label) combined as many per call as fit, until one remains.
+    combine=False: the sections' outputs are not combined by calls (QA's --qa-combine confidence)."""
     budget = max_input_tokens - template_tokens
     if budget < 16:
         raise ValueError(f"--max-input-tokens {max_input_tokens} leaves no room for a section beside its template")
@@ -147,7 +151,7 @@ def estimate_split(document_tokens: int, max_input_tokens: int, max_new_tokens: 
     sections = -(-document_tokens // budget)
     fan_in = max(2, budget // (max_new_tokens + LABEL_TOKENS))
     calls, levels, n = sections, 1, sections
-    while n > 1:
+    while combine and n > 1:
         n = -(-n // fan_in)
         calls += n
         levels += 1

@@ -397,5 +397,10 @@ def test_cli_estimates_a_split_document(capsys):
     assert split == {"document_tokens": 300000, "section_tokens": 3896, "sections": 78, "levels": 3, "calls": 85}
     assert plan_cli.main([*flags, "--truncation", "hierarchical", "--document-tokens", "300000", "--task", "qa"]) == 0
     assert "at least 78 sections" in capsys.readouterr().out
+    # --qa-combine confidence: the section calls only.
+    assert plan_cli.main([*flags, "--truncation", "hierarchical", "--document-tokens", "300000", "--task", "qa",
+                          "--qa-combine", "confidence", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["hierarchical"] == {
+        "document_tokens": 300000, "section_tokens": 3896, "sections": 78, "levels": 1, "calls": 78}
     assert plan_cli.main([*flags, "--document-tokens", "300000"]) == 2
     assert "needs --truncation hierarchical" in capsys.readouterr().err
