@@ -299,6 +299,8 @@ def main(argv=None) -> None:
         if all(kept.get(k) == results[k] for k in ("budget", "depths", "document_tokens")):
             results = kept
     results.pop("command", None)
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
+                            text=True).stdout.strip() or None
     with tempfile.TemporaryDirectory(prefix="long-docs-") as tmp:
         tmp = Path(tmp)
         for task in args.tasks:
@@ -324,6 +326,7 @@ def main(argv=None) -> None:
                     fields = ["in_summary"] + (["in_section_summary"] if policy == "hierarchical" else [])
                 results[entry_name][policy] = {
                     "command": command,
+                    "commit": commit,
                     "cost": cost(rows, output, wall),
                     "by_depth": {f: by_depth(scored, f, args.depths) for f in fields},
                     "rows": scored if task == "qa" else [dict(s, summary=None) for s in scored],
