@@ -20,7 +20,7 @@ from pipeline.engine.errors import EngineError, EngineStartupError, short_error
 from pipeline.engine.metering import Ledger
 from pipeline.engine.models import locate_model
 from pipeline.engine.out_of_memory import out_of_memory_message
-from pipeline.engine.replica import RankError, Replica, ReplicaDown, ReplicaOutOfMemory
+from pipeline.engine.replica import RankError, Replica, ReplicaDown, ReplicaOutOfMemory, local_ray_system_config
 from pipeline.engine.requests import (
     INTERNAL, INVALID_INPUT, OUT_OF_MEMORY, PROMPT_TOO_LONG, REPLICA_FAILED, WONT_FIT, GenerationRequest,
     GenerationResult,
@@ -101,7 +101,10 @@ class ReplicaPool:
         if not ray.is_initialized():
             # None means a private local cluster: ray.init(None) would join whatever RAY_ADDRESS or
             # the last `ray start` on this machine points to.
-            ray.init(address="local" if config.ray_address is None else config.ray_address)
+            if config.ray_address is None:
+                ray.init(address="local", _system_config=local_ray_system_config())
+            else:
+                ray.init(address=config.ray_address)
         self._device_type = self._check_resources()
         names = [f"replica-{i}" for i in range(config.replicas)]
         self._replicas = [Replica(name, config, self._device_type) for name in names]

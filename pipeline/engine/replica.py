@@ -18,6 +18,20 @@ from pipeline.engine.scheduler import budget_of
 
 log = logging.getLogger("pipeline.engine")
 
+# Seconds Ray gives a new worker process of a local Ray the project starts (a job's, or a
+# ReplicaPool's when nothing started Ray) to register before killing it (Ray's
+# worker_register_timeout_seconds, 60 by default): a rank's process importing torch on a loaded
+# 2-core machine can take longer, and its actor then "never ran". RAY_worker_register_timeout_seconds
+# in the environment wins.
+LOCAL_WORKER_REGISTER_TIMEOUT_S = 300
+
+
+def local_ray_system_config() -> dict:
+    """The `_system_config` of a local Ray the project starts."""
+    if os.environ.get("RAY_worker_register_timeout_seconds"):
+        return {}
+    return {"worker_register_timeout_seconds": LOCAL_WORKER_REGISTER_TIMEOUT_S}
+
 
 class ReplicaDown(Exception):
     """The replica lost a rank (or hung); its batch must run elsewhere."""

@@ -14,6 +14,7 @@ import time
 from pipeline.config.job import JobConfig
 from pipeline.config.model import ModelError
 from pipeline.engine.errors import EngineStartupError
+from pipeline.engine.replica import local_ray_system_config
 from pipeline.runtime.stops import JobFailed, JobStopped
 
 log = logging.getLogger("pipeline.job")
@@ -23,11 +24,6 @@ log = logging.getLogger("pipeline.job")
 # try usually gets through.
 LOCAL_START_ATTEMPTS = 3
 LOCAL_START_BACKOFF_S = 2.0
-# Seconds Ray gives a new worker process of our own local Ray to register before killing it (Ray's
-# worker_register_timeout_seconds, 60 by default): a rank's process importing torch on a loaded
-# 2-core machine can take longer, and its actor then "never ran". RAY_worker_register_timeout_seconds
-# in the environment wins.
-LOCAL_WORKER_REGISTER_TIMEOUT_S = 300
 
 
 class RayStartError(EngineStartupError):
@@ -118,7 +114,7 @@ def start_local_ray(num_cpus: int, *, log_to_driver: bool = True, on_started=Non
         before = _child_pids()
         try:
             _init_ray(lambda: ray.init(address="local", num_cpus=num_cpus, include_dashboard=False,
-                                       log_to_driver=log_to_driver, _system_config=_local_system_config()),
+                                       log_to_driver=log_to_driver, _system_config=local_ray_system_config()),
                       on_started)
             return
         except BaseException as caught:  # noqa: BLE001 - every way out removes the half-started node
@@ -135,12 +131,6 @@ def start_local_ray(num_cpus: int, *, log_to_driver: bool = True, on_started=Non
         "probably overloaded. Rerun when it is less busy, or start Ray yourself (`ray start --head`) and pass "
         "its address with --ray-address"
     )
-
-
-def _local_system_config() -> dict:
-    if os.environ.get("RAY_worker_register_timeout_seconds"):
-        return {}
-    return {"worker_register_timeout_seconds": LOCAL_WORKER_REGISTER_TIMEOUT_S}
 
 
 def _init_ray(init, on_started) -> None:

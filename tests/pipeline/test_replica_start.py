@@ -106,3 +106,35 @@ def test_a_replica_whose_ranks_never_run_stops_with_the_reason(ray_cluster, tiny
     message = str(caught.value)
     assert "3 times in a row" in message and "did not register in time" in message
     assert "RAY_worker_register_timeout_seconds" in message and "\n" not in message
+
+
+def test_a_pool_that_starts_its_own_local_ray_gives_workers_time_to_register(tiny_model_dir, monkeypatch):
+    """ReplicaPool.start with no Ray running starts a private local Ray whose workers get 300 s
+    to register, as a job's local Ray does; RAY_worker_register_timeout_seconds wins."""
+    import ray
+
+    from pipeline.runtime import cluster
+
+    class Started(Exception):
+        pass
+
+    calls = []
+
+    def init(**kwargs):
+        calls.append(kwargs)
+        raise Started
+
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(ray, "init", init)
+    monkeypatch.delenv("RAY_worker_register_timeout_seconds", raising=False)
+    with pytest.raises(Started):
+        ReplicaPool(_config(tiny_model_dir, 1)).start()
+    assert calls[-1] == {"address": "local", "_system_config": {"worker_register_timeout_seconds": 300}}
+    assert cluster.local_ray_system_config() == calls[-1]["_system_config"]  # the jobs' local Ray: the same
+    monkeypatch.setenv("RAY_worker_register_timeout_seconds", "90")
+    with pytest.raises(Started):
+        ReplicaPool(_config(tiny_model_dir, 1)).start()
+    assert calls[-1] == {"address": "local", "_system_config": {}}
+    with pytest.raises(Started):  # a cluster's address: its own settings
+        ReplicaPool(_config(tiny_model_dir, 1, ray_address="ray://head:10001")).start()
+    assert calls[-1] == {"address": "ray://head:10001"}
