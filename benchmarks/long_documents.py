@@ -226,6 +226,13 @@ def by_depth(scored: list[dict], field: str, depths: list[float]) -> dict:
     return table
 
 
+def _label(policy: str, task: str) -> str:
+    """A policy's name in the tables: hierarchical QA with its --qa-combine."""
+    if task == "summarize" or not policy.startswith("hierarchical"):
+        return policy
+    return "hierarchical, --qa-combine " + ("confidence" if policy.endswith("confidence") else "reduce")
+
+
 def markdown(results: dict, depths: list[float]) -> str:
     head = "| policy | " + " | ".join(f"{d:g}" for d in depths) + " | all | prompt tokens sent | generated | engine calls | device s | wall s |"
     rule = "|---" * (len(depths) + 7) + "|"
@@ -240,25 +247,29 @@ def markdown(results: dict, depths: list[float]) -> str:
             continue
         lines += [f"**{title}** (budget {results['budget']} tokens; documents of "
                   f"{', '.join(str(n) for n in results['document_tokens'])} tokens)", "", head, rule]
-        for policy, entry in results[task].items():
+        mapped = None
+        for policy in sorted(results[task], key=list(POLICY_FLAGS).index):
+            entry = results[task][policy]
             for field, _ in fields:
                 row = entry["by_depth"][field]
                 c = entry["cost"]
-                lines.append(f"| {policy} | " + " | ".join(row[str(d)] for d in depths) + f" | {row['all']} | "
-                             f"{c['prompt_tokens']:,} | {c['output_tokens']:,} | {c['calls']} | {c['device_s']} | "
-                             f"{c['wall_s']} |")
+                lines.append(f"| {_label(policy, task)} | " + " | ".join(row[str(d)] for d in depths) +
+                             f" | {row['all']} | {c['prompt_tokens']:,} | {c['output_tokens']:,} | {c['calls']} | "
+                             f"{c['device_s']} | {c['wall_s']} |")
             extra = "in_section_summary" if task == "summarize" else "found_by_map"
-            if extra in entry["by_depth"] and policy.startswith("hierarchical"):
+            if extra in entry["by_depth"] and mapped is None:  # the map step: the same in every hierarchical run
                 row = entry["by_depth"][extra]
-                what = "(in a section summary)" if task == "summarize" else "(map step: the section found it)"
-                lines.append(f"| {policy} {what} | " + " | ".join(row[str(d)] for d in depths) + f" | {row['all']} |"
-                             + " |" * 5)
+                what = ("hierarchical: in a section summary" if task == "summarize" else
+                        "hierarchical, map step: the section holding it found it")
+                mapped = f"| {what} | " + " | ".join(row[str(d)] for d in depths) + f" | {row['all']} |" + " |" * 5
+        if mapped is not None:
+            lines.append(mapped)
         lines.append("")
         if task == "summarize" and any(e.get("parts_named") for e in results[task].values()):
             lines += ["**Summaries: the source texts each final summary speaks of** (a name only that text uses; "
                       "the first text is the document's head, the last its tail)", "",
                       "| policy | " + " | ".join(DOCUMENTS) + " |", "|---" * (len(DOCUMENTS) + 1) + "|"]
-            for policy, entry in results[task].items():
+            for policy, entry in sorted(results[task].items(), key=lambda item: list(POLICY_FLAGS).index(item[0])):
                 named = entry.get("parts_named") or {}
                 lines.append(f"| {policy} | " + " | ".join(
                     f"{len(named.get(n, []))}/{len(DOCUMENTS[n])}: {', '.join(named.get(n, [])) or '-'}"
