@@ -248,7 +248,8 @@ def _results(ctx: RankContext, rows: list[TokenState], info: dict) -> list[Gener
         results.append(GenerationResult(
             request_id=row.request.request_id, suffix_index=row.suffix_index, output=output,
             output_ids=list(row.output_ids), cumulative_logprob=row.cumulative_logprob,
-            prompt_tokens=row.prompt_tokens, output_tokens=len(row.output_ids), prefill_s=first - timing.start, decode_s=end - first, wall_time_s=end - timing.start,
+            prompt_tokens=row.prompt_tokens, output_tokens=len(row.output_ids),
+            prefill_s=first - timing.start, decode_s=end - first, wall_time_s=end - timing.start,
             gpu_time_s=seconds if report.time_kind == CUDA_TIME_KIND else None,
             device_time_s=seconds, device_time_kind=report.time_kind, device_seconds_all_ranks=seconds,
             peak_memory_bytes=peak, memory_kind=report.memory_kind,

@@ -58,6 +58,7 @@ def result_of(row: FinishedRow) -> GenerationResult:
     return GenerationResult(
         request_id=row.request_id, suffix_index=row.suffix_index, output=row.output,
         output_ids=list(row.output_ids), cumulative_logprob=row.cumulative_logprob,
-        prompt_tokens=row.prompt_tokens, output_tokens=len(row.output_ids), prefill_s=row.prefill_s, decode_s=row.decode_s, wall_time_s=row.wall_time_s,
+        prompt_tokens=row.prompt_tokens, output_tokens=len(row.output_ids),
+        prefill_s=row.prefill_s, decode_s=row.decode_s, wall_time_s=row.wall_time_s,
         prefix_prefill_s=row.prefix_prefill_s,
     )
