@@ -39,6 +39,7 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 
 from pipeline.config.task import CONFIDENCE, QA_COMBINES, REDUCE, SamplingParams
+from pipeline.config.validate import check_choice
 from pipeline.data.prompts import NOT_FOUND, PromptBuilder, PromptError
 from pipeline.data.sections import Section, cut_sections
 from pipeline.engine.attention_record import MIXED
@@ -50,6 +51,13 @@ _LABEL_SLACK_TOKENS = 8
 # A combine call also stops where its output starts another "Part" line: a small model continues
 # the list it was shown ("... Part 1 of 5: In the") instead of ending its summary.
 COMBINE_STOP = "\nPart "
+
+
+def answered_in_sections(builder: PromptBuilder, document_tokens: int, suffixes: list[list[int] | None]) -> bool:
+    """The policy's rule: a document longer than what the task's prompt (with these question
+    suffixes) leaves under max_input_tokens is answered in sections; shorter, in one prompt.
+    The rows (pipeline.data.rows.prepare_document) and the start line's count both apply it."""
+    return document_tokens > builder.document_budget(suffixes)
 
 
 def is_not_found(text: str | None) -> bool:
@@ -141,8 +149,7 @@ class LongDocumentPrompts:
                                  max_input_tokens=max_input_tokens, truncation="end",
                                  use_chat_template=use_chat_template)
 
-        if qa_combine not in QA_COMBINES:
-            raise ValueError(f"qa_combine must be one of {QA_COMBINES}, not {qa_combine!r}")
+        check_choice("qa_combine", qa_combine, QA_COMBINES)
         self.task = task
         self.qa_combine = qa_combine
         self.tokenizer = tokenizer
@@ -387,7 +394,7 @@ def split_census(documents: Iterable, builder: PromptBuilder, prompts: LongDocum
             if not questions:
                 continue
         ids, offsets = prompts.tokenize(doc.text)
-        if len(ids) <= builder.document_budget(builder.suffixes(questions)):
+        if not answered_in_sections(builder, len(ids), builder.suffixes(questions)):
             continue
         try:
             sections = len(prompts.cut(doc.text, offsets, prompts.section.suffixes(questions)))

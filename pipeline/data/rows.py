@@ -31,7 +31,7 @@ from dataclasses import dataclass
 from pipeline.config.model import ModelError, ModelSpec, dca_config_for
 from pipeline.config.task import SamplingParams
 from pipeline.data.input import Document
-from pipeline.data.long_documents import LongDocumentPrompts, SplitDocument
+from pipeline.data.long_documents import LongDocumentPrompts, SplitDocument, answered_in_sections
 from pipeline.data.prompts import PromptBuilder, PromptError
 from pipeline.engine.attention_record import columns_of
 from pipeline.engine.requests import INTERNAL, INVALID_INPUT, PROMPT_TOO_LONG, GenerationRequest, GenerationResult
@@ -171,7 +171,7 @@ def prepare_document(doc: Document, *, task: str, builder: PromptBuilder, base: 
         else:
             suffixes = builder.suffixes(sent_questions)
             ids, offsets = long_prompts.tokenize(doc.text)
-            if len(ids) > builder.document_budget(suffixes):
+            if answered_in_sections(builder, len(ids), suffixes):
                 return _split_document(doc, ids, offsets, sent_questions, valid, invalid_rows, long_prompts,
                                        sampling)
             prompt = builder.build_from_ids(ids, suffixes=suffixes)
